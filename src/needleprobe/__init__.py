@@ -1,0 +1,14 @@
+"""needleprobe: token-level linear probes on language-model activations.
+
+Two stages: ``extract`` runs the model once into a Zarr cache; ``fit`` trains
+probes from the cache as often as you like.  Importing this package does not
+import transformers, so fitting works where only the cache is available.
+"""
+
+__version__ = "0.1.0"
+
+from .cache import Cache, open_cache  # noqa: E402
+from .config import Config, load_config  # noqa: E402
+from .errors import NeedleprobeError  # noqa: E402
+
+__all__ = ["Cache", "Config", "NeedleprobeError", "load_config", "open_cache", "__version__"]

@@ -1,0 +1,450 @@
+"""The activation cache: one Zarr v3 group per (dataset, model, site).
+
+Layout (a contract read by fit, the monitor and notebooks)::
+
+    {cache_dir}/{name}_{version}/{model_slug}/{activation_site}/   zarr group, attrs: metadata
+        train/ val/                                                split groups, attrs: counts, commit state
+            layer_{L}     [N, d_model]  float32 | float16 | uint16 (bfloat16 bits)
+            labels        [N] int8      1 = needle token, 0 = sampled negative
+            doc_index     [N] int32     row of the split's doc table
+            token_index   [N] int32     position in the model input (BOS included)
+            token_id      [N] int32
+            doc_ids       [D] str       the split's doc table (file order)
+            doc_n_tokens  [D] int32     model input length after truncation
+            doc_n_needles [D] int32     needle spans in the document
+
+Rows are known before the model runs (labels depend only on tokens), so every
+array is created at its final shape and the layer arrays are filled in whole
+chunks.  ``committed_rows`` advances only after the chunk data is written: a
+killed run resumes from it and rewrites the same bytes, so nothing past the
+counter is ever trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .config import Config, load_config
+from .errors import NeedleprobeError
+
+CACHE_FORMAT = 1
+TARGET_CHUNK_BYTES = 4 << 20
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
+BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+_FAULT_HITS: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Crash-test hook: ``NEEDLEPROBE_FAULT=name:k`` SIGKILLs this process at the k-th pass here.
+
+    The resume tests use it to kill an extract at exact moments (mid-flush,
+    between splits); unset, it costs one dictionary lookup per chunk.
+    """
+    spec = os.environ.get("NEEDLEPROBE_FAULT")
+    if not spec:
+        return
+    point, _, k = spec.partition(":")
+    if point == name:
+        _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
+        if _FAULT_HITS[name] == int(k or 1):
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def cache_path(cfg: Config, slug: str | None = None) -> Path:
+    from .hooks import model_slug
+
+    return (
+        Path(cfg.probe.cache_dir)
+        / cfg.dataset.key
+        / (slug or model_slug(cfg.model.name))
+        / cfg.probe.activation_site
+    )
+
+
+def fingerprint_fields(cfg: Config, dataset_sha256: str) -> dict[str, Any]:
+    """Everything that determines the cached rows, and nothing else.
+
+    Training settings (L2 grid, seeds, solver, balance) are absent on purpose:
+    changing them must never invalidate a cache.
+    """
+    p, m = cfg.probe, cfg.model
+    return {
+        "dataset_sha256": dataset_sha256,
+        "dataset": cfg.dataset.key,
+        "val_fraction": cfg.dataset.val_fraction,
+        "model_name": m.name,
+        "model_revision": m.revision,
+        "tokenizer": f"{m.name}@{m.revision or 'default'}",
+        "model_dtype": p.model_dtype,
+        "max_length": m.max_length,
+        "chat_template": m.chat_template,
+        "activation_site": p.activation_site,
+        "layers": sorted(p.layers_to_probe),
+        "negatives_per_doc": p.negatives_per_doc,
+        "sampling_seed": p.sampling_seed,
+        "max_train_docs": p.max_train_docs,
+        "max_val_docs": p.max_val_docs,
+        "max_train_tokens": p.max_train_tokens,
+        "max_val_tokens": p.max_val_tokens,
+        "feature_dtype": p.feature_dtype,
+    }
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_fields(cached: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Fields whose change would alter the rows; asking for a subset of cached layers is no change."""
+    out = []
+    for k in sorted(set(cached) | set(wanted)):
+        a, b = cached.get(k), wanted.get(k)
+        if k == "layers" and a is not None and b is not None and set(b) <= set(a):
+            continue
+        if a != b:
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
+
+
+def chunk_rows_for(d_model: int, feature_dtype: str) -> int:
+    """Rows per chunk: a power of two near 4 MiB of full-width rows (fast to read whole).
+
+    ``NEEDLEPROBE_CHUNK_ROWS`` overrides it (tests use small chunks to get many of them).
+    """
+    if os.environ.get("NEEDLEPROBE_CHUNK_ROWS"):
+        return int(os.environ["NEEDLEPROBE_CHUNK_ROWS"])
+    rows = max(1, TARGET_CHUNK_BYTES // (d_model * BYTES_PER_VALUE[feature_dtype]))
+    return max(64, 1 << (rows.bit_length() - 1))
+
+
+def to_float32(raw: np.ndarray, feature_dtype: str) -> np.ndarray:
+    """Stored values → float32; bfloat16 bits are widened exactly."""
+    if feature_dtype == "bfloat16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# writing
+
+
+@dataclass
+class SplitPlan:
+    """What one split's group will hold, computed before the model runs."""
+
+    name: str
+    doc_ids: list[str]
+    doc_n_tokens: np.ndarray
+    doc_n_needles: np.ndarray
+    labels: np.ndarray
+    doc_index: np.ndarray
+    token_index: np.ndarray
+    token_id: np.ndarray
+    stats: dict[str, Any]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class CacheWriter:
+    """Creates or resumes a cache group; one writer per cache (see ``records.FileLock``)."""
+
+    def __init__(self, path: Path, fields: dict[str, Any], metadata: dict[str, Any]):
+        self.path = Path(path)
+        self.fields = fields
+        self.metadata = metadata
+        self.root: zarr.Group | None = None
+
+    def open(self) -> None:
+        if self.path.exists():
+            self.root = zarr.open_group(str(self.path), mode="r+")
+        else:
+            # Built under a temporary name and renamed, so the real path never holds a group without its fingerprint.
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".creating-{os.getpid()}")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            zarr.open_group(str(tmp), mode="w", attributes={
+                "needleprobe_cache_format": CACHE_FORMAT,
+                "fingerprint": fingerprint(self.fields),
+                "fingerprint_fields": self.fields,
+                "metadata": self.metadata,
+                "splits": [],
+                "complete": False,
+            })
+            os.replace(tmp, self.path)
+            self.root = zarr.open_group(str(self.path), mode="r+")
+
+    def prepare_split(self, plan: SplitPlan, layers: list[int], d_model: int, feature_dtype: str) -> tuple[zarr.Group, int]:
+        """The split group, created with its label arrays if new; returns it and its committed rows."""
+        assert self.root is not None
+        if plan.name in self.root.group_keys():
+            g = self.root[plan.name]
+            if g.attrs.get("initialized") and g.attrs.get("n_rows") == plan.n_rows:
+                return g, int(g.attrs.get("committed_rows", 0))
+        g = self.root.create_group(plan.name, overwrite=True)
+        chunk = chunk_rows_for(d_model, feature_dtype)
+        n = plan.n_rows
+        for layer in layers:
+            g.create_array(
+                f"layer_{layer}",
+                shape=(n, d_model),
+                chunks=(chunk, d_model),
+                dtype=STORAGE_DTYPES[feature_dtype],
+                fill_value=0,
+                compressors=None,
+                attributes={"logical_dtype": feature_dtype, "layer": layer},
+            )
+
+        def small(name: str, values: np.ndarray, dtype: Any) -> None:
+            a = g.create_array(name, shape=values.shape, chunks=(max(1, min(len(values), 1 << 18)),), dtype=dtype)
+            if len(values):
+                a[:] = values
+
+        small("labels", plan.labels, "int8")
+        small("doc_index", plan.doc_index, "int32")
+        small("token_index", plan.token_index, "int32")
+        small("token_id", plan.token_id, "int32")
+        small("doc_ids", np.asarray(plan.doc_ids, dtype=str), str)
+        small("doc_n_tokens", plan.doc_n_tokens, "int32")
+        small("doc_n_needles", plan.doc_n_needles, "int32")
+        fault_point("split_prepared")
+        g.attrs.update(
+            {
+                "n_rows": n,
+                "n_docs": len(plan.doc_ids),
+                "chunk_rows": chunk,
+                "stats": plan.stats,
+                "committed_rows": 0,
+                "complete": False,
+                "initialized": True,
+            }
+        )
+        return g, 0
+
+    def finish(self, split_names: list[str], extra: dict[str, Any]) -> None:
+        assert self.root is not None
+        self.root.attrs.update({"splits": split_names, "complete": True, **extra})
+
+
+class ChunkStream:
+    """Buffers rows of several same-length 2-D arrays and writes whole chunks, then advances the commit counter.
+
+    Writes run on one background thread (in order), so the next forward pass
+    overlaps the Zarr I/O; at most two flushes are in flight to bound memory.
+    The group's attrs hold ``chunk_rows``, ``n_rows`` and ``committed_rows``.
+    """
+
+    def __init__(self, group: zarr.Group, names: list[str], start_row: int, executor):
+        self.g = group
+        self.names = names
+        self.chunk = int(group.attrs["chunk_rows"])
+        self.n_rows = int(group.attrs["n_rows"])
+        assert start_row % self.chunk == 0 or start_row == self.n_rows
+        self.flushed = start_row
+        self.arrays = {n: group[n] for n in names}
+        self.buf = {n: np.empty((self.chunk, *a.shape[1:]), dtype=a.dtype) for n, a in self.arrays.items()}
+        self.fill = 0
+        self.executor = executor
+        self.pending: list = []
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        i = 0
+        while i < n:
+            take = min(n - i, self.chunk - self.fill)
+            for name in self.names:
+                self.buf[name][self.fill : self.fill + take] = rows[name][i : i + take]
+            self.fill += take
+            i += take
+            if self.fill == self.chunk:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.fill == 0:
+            return
+        start, n = self.flushed, self.fill
+        data = {name: self.buf[name][:n].copy() for name in self.names}
+        self.flushed += n
+        self.fill = 0
+        while len(self.pending) >= 2:
+            self.pending.pop(0).result()
+        self.pending.append(self.executor.submit(self._write, start, n, data))
+
+    def _write(self, start: int, n: int, data: dict[str, np.ndarray]) -> None:
+        for i, name in enumerate(self.names):
+            self.arrays[name][start : start + n] = data[name]
+            if i == 0:
+                fault_point("chunk_partly_written")
+        self.g.attrs["committed_rows"] = start + n
+        fault_point("chunk_committed")
+
+    def close(self) -> None:
+        self._flush()
+        for f in self.pending:
+            f.result()
+        self.pending.clear()
+        if self.flushed != self.n_rows:
+            raise RuntimeError(f"wrote {self.flushed} rows, planned {self.n_rows}")
+        self.g.attrs["complete"] = True
+        fault_point("split_complete")
+
+
+def remove_cache(path: Path) -> None:
+    """Delete a cache, renaming it first so a crash never leaves half a tree under the real name."""
+    if not path.exists():
+        return
+    trash = path.with_name(path.name + f".deleting-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash)
+
+
+# ---------------------------------------------------------------------------
+# reading
+
+
+class SplitView:
+    """One split of a cache, as arrays."""
+
+    def __init__(self, group: zarr.Group, feature_dtype: str):
+        self.group = group
+        self.feature_dtype = feature_dtype
+        self.attrs = dict(group.attrs)
+
+    def activations(self, layer: int) -> zarr.Array:
+        """The raw Zarr array (bfloat16 is stored as uint16 bits: use :meth:`to_numpy`)."""
+        key = f"layer_{layer}"
+        if key not in self.group.array_keys():
+            raise NeedleprobeError(f"layer {layer} is not in the cache (cached: {self.layers})")
+        return self.group[key]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(int(k.split("_", 1)[1]) for k in self.group.array_keys() if k.startswith("layer_"))
+
+    def to_numpy(self, layer: int, dtype: Any = np.float32, rows: slice | None = None) -> np.ndarray:
+        """Activations as a dense array, read in contiguous chunk blocks (Zarr has no memory map)."""
+        arr = self.activations(layer)
+        start, stop, _ = (rows or slice(None)).indices(arr.shape[0])
+        out = np.empty((stop - start, arr.shape[1]), dtype=dtype)
+        step = arr.chunks[0] * 16
+        for s in range(start, stop, step):
+            e = min(stop, s + step)
+            out[s - start : e - start] = to_float32(arr[s:e], self.feature_dtype)
+        return out
+
+    def _small(self, name: str) -> np.ndarray:
+        return self.group[name][:]
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.attrs["n_rows"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._small("labels")
+
+    @property
+    def doc_index(self) -> np.ndarray:
+        return self._small("doc_index")
+
+    @property
+    def token_index(self) -> np.ndarray:
+        return self._small("token_index")
+
+    @property
+    def token_id(self) -> np.ndarray:
+        return self._small("token_id")
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [str(x) for x in self._small("doc_ids")]
+
+    @property
+    def doc_n_tokens(self) -> np.ndarray:
+        return self._small("doc_n_tokens")
+
+    @property
+    def doc_n_needles(self) -> np.ndarray:
+        return self._small("doc_n_needles")
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return dict(self.attrs.get("stats", {}))
+
+
+class Cache:
+    """A finished activation cache (``needleprobe.open_cache``)."""
+
+    def __init__(self, path: Path, root: zarr.Group):
+        self.path = path
+        self.root = root
+        self.attrs = dict(root.attrs)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return {**self.attrs.get("metadata", {}), "fingerprint": self.fingerprint, "fingerprint_fields": self.fields}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return dict(self.attrs["fingerprint_fields"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.attrs.get("splits", []))
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.fields["layers"])
+
+    @property
+    def feature_dtype(self) -> str:
+        return self.fields["feature_dtype"]
+
+    def split(self, name: str) -> SplitView:
+        if name not in self.splits:
+            raise NeedleprobeError(f"{self.path}: split {name!r} is not in the cache (has {self.splits})")
+        return SplitView(self.root[name], self.feature_dtype)
+
+    def __repr__(self) -> str:
+        return f"Cache({str(self.path)!r}, layers={self.layers}, splits={self.splits}, fingerprint={self.fingerprint})"
+
+
+def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = False) -> Cache:
+    """Open a cache from a config file, a loaded :class:`Config`, or the cache directory itself."""
+    if isinstance(source, Config):
+        path = cache_path(source)
+    else:
+        p = Path(source)
+        path = cache_path(load_config(p)) if p.suffix in (".yaml", ".yml") else p
+    if not (path / "zarr.json").is_file():
+        raise NeedleprobeError(f"{path}: no activation cache here (run `needleprobe extract` first)")
+    root = zarr.open_group(str(path), mode="r")
+    if "fingerprint" not in root.attrs:
+        raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
+    cache = Cache(path, root)
+    if not cache.complete and not allow_incomplete:
+        raise NeedleprobeError(f"{path}: cache is incomplete (an extract was interrupted: run extract again to resume)")
+    return cache

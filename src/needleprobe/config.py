@@ -1,0 +1,318 @@
+"""Typed, validated configuration.
+
+One YAML file (``configs/*.yaml``) drives every stage.  Its keys are a contract
+with the seed specification, so they are declared once here as dataclass fields,
+each documented where it is declared.  Validation lives here and nowhere else:
+an unknown key, a wrong type or an impossible value is a
+:class:`~needleprobe.errors.NeedleprobeError` naming the file, line and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from .errors import NeedleprobeError
+
+EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "needles_main"
+    """Dataset name; outputs are keyed by ``{name}_{version}``."""
+    version: str = "v1"
+    """Dataset version (Task 1 output version)."""
+    path: Optional[str] = None
+    """JSONL path; ``null`` means ``data/datasets/{name}_{version}.jsonl``."""
+    val_fraction: float = 0.2
+    """Share of documents without a ``split`` field assigned to val (by a hash of doc_id)."""
+
+    def resolved_path(self) -> Path:
+        return Path(self.path) if self.path else Path("data/datasets") / f"{self.name}_{self.version}.jsonl"
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}_{self.version}"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "google/gemma-3-4b-it"
+    """HF hub id, a local model directory, or ``embedded:all-MiniLM-L6-v2`` (packaged, offline)."""
+    revision: Optional[str] = None
+    """HF revision (branch, tag or commit) for hub ids."""
+    max_length: int = 2048
+    """Documents longer than this many tokens are truncated (losses are reported)."""
+    chat_template: bool = False
+    """Wrap each document as a user turn with the tokenizer's chat template."""
+
+
+@dataclass
+class ProbeConfig:
+    layers_to_probe: list[int] = field(default_factory=lambda: [8, 16, 24])
+    """Block indices (0-based) whose output (resid_post) is cached and probed."""
+    activation_site: Literal["resid_post"] = "resid_post"
+    """Where activations come from; ``resid_post`` is the output of block L."""
+    negatives_per_doc: int = 32
+    """Non-needle tokens sampled per document as negatives."""
+    max_train_docs: Optional[int] = None
+    """Keep only the first N train documents (file order)."""
+    max_val_docs: Optional[int] = None
+    """Keep only the first N val documents (file order)."""
+    max_train_tokens: Optional[int] = None
+    """Keep train documents (file order) while their total input tokens stay within N."""
+    max_val_tokens: Optional[int] = None
+    """Keep val documents (file order) while their total input tokens stay within N."""
+    batch_size: int = 4096
+    """Rows per step of the ``minibatch`` solver."""
+    num_epochs: int = 20
+    """Epochs of the ``minibatch`` solver."""
+    learning_rate: float = 0.001
+    """Adam learning rate of the ``minibatch`` solver."""
+    l2_grid: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 1.0])
+    """L2 strengths tried; the one with the best val AUROC is selected."""
+    class_balance: Literal["weighted", "downsample"] = "weighted"
+    """``weighted``: balanced sample weights; ``downsample``: 1:1 negatives drawn with the training seed."""
+    train_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """One probe per seed and layer."""
+    sampling_seed: int = 0
+    """Seed of the negative-token sampling, independent of training seeds."""
+    solver: Literal["auto", "lbfgs", "minibatch"] = "auto"
+    """``lbfgs`` (full batch, exact), ``minibatch`` (streams from the cache), or ``auto``."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where the model and the probe fits run; ``auto`` prefers CUDA, then MPS."""
+    model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype of the model weights during extraction."""
+    feature_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype activations are stored in (bfloat16 is stored bit-exactly as uint16)."""
+    doc_batch_size: int = 8
+    """Documents per forward pass (``--doc-batch-size``); rows never depend on it."""
+    max_batch_tokens: Optional[int] = None
+    """Alternative batch budget: padded tokens per forward (``--max-batch-tokens``)."""
+    cache_dir: str = "cache/activations"
+    """Root of the Zarr activation caches."""
+    output_dir: str = "results/probes"
+    """Probe weights, metadata and metrics go to ``{output_dir}/{name}_{version}/``."""
+    run_record_dir: str = "results/run_records"
+    """Run records go here."""
+
+
+@dataclass
+class MonitorConfig:
+    top_k: int = 5
+    """k of the top-k-mean aggregation."""
+    window: int = 40
+    """Window (tokens) of the max-of-rolling-mean aggregation."""
+    temperature: float = 5.0
+    """Temperature of the softmax-weighted mean aggregation."""
+    split: str = "test"
+    """Split the monitor scores by default."""
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    source: Optional[str] = field(default=None, compare=False)
+    """File the config was read from (not a config key)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# ---------------------------------------------------------------------------
+# loading and validation
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    bad = NeedleprobeError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except NeedleprobeError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise TypeError(f"unsupported annotation {tp}")
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each YAML key path to its 1-based line, so errors can point at it."""
+    lines: dict[tuple[str, ...], int] = {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (str(k.value),)
+                lines[p] = k.start_mark.line + 1
+                walk(v, p)
+
+    walk(root, ())
+    return lines
+
+
+def _build(cls: type, data: Any, path: tuple[str, ...], loc: "_Locator") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise NeedleprobeError(f"{loc(path)}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in data:
+        if key not in names:
+            raise NeedleprobeError(
+                f"{loc(path + (str(key),))}: unknown key (allowed: {', '.join(sorted(names))})"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], path + (name,), loc)
+        else:
+            kwargs[name] = _coerce(data[name], tp, loc(path + (name,)))
+    return cls(**kwargs)
+
+
+class _Locator:
+    def __init__(self, source: str | None, lines: dict[tuple[str, ...], int]):
+        self.source, self.lines = source, lines
+
+    def __call__(self, path: tuple[str, ...]) -> str:
+        key = ".".join(path) or "<root>"
+        if self.source is None:
+            return f"config key {key}"
+        line = self.lines.get(path)
+        return f"{self.source}:{line}: {key}" if line else f"{self.source}: {key}"
+
+
+def validate(cfg: Config, loc: _Locator | None = None) -> Config:
+    """Value checks that types cannot express; raises naming the key."""
+    loc = loc or _Locator(cfg.source, {})
+
+    def need(ok: bool, path: str, msg: str) -> None:
+        if not ok:
+            raise NeedleprobeError(f"{loc(tuple(path.split('.')))}: {msg}")
+
+    d, m, p, mon = cfg.dataset, cfg.model, cfg.probe, cfg.monitor
+    need(0.0 <= d.val_fraction < 1.0, "dataset.val_fraction", f"must be in [0, 1), got {d.val_fraction}")
+    for key in ("name", "version"):
+        v = getattr(d, key)
+        need(bool(v) and "/" not in v and v.strip() == v, f"dataset.{key}", f"must be a non-empty name without '/', got {v!r}")
+    need(bool(m.name), "model.name", "must not be empty")
+    need(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
+    need(len(p.layers_to_probe) > 0, "probe.layers_to_probe", "must list at least one layer")
+    need(all(x >= 0 for x in p.layers_to_probe), "probe.layers_to_probe", f"layers must be >= 0, got {p.layers_to_probe}")
+    need(len(set(p.layers_to_probe)) == len(p.layers_to_probe), "probe.layers_to_probe", f"duplicate layers in {p.layers_to_probe}")
+    need(p.negatives_per_doc >= 0, "probe.negatives_per_doc", f"must be >= 0, got {p.negatives_per_doc}")
+    for key in ("max_train_docs", "max_val_docs", "max_train_tokens", "max_val_tokens", "max_batch_tokens"):
+        v = getattr(p, key)
+        need(v is None or v > 0, f"probe.{key}", f"must be positive or null, got {v}")
+    need(p.batch_size > 0, "probe.batch_size", f"must be positive, got {p.batch_size}")
+    need(p.num_epochs > 0, "probe.num_epochs", f"must be positive, got {p.num_epochs}")
+    need(p.learning_rate > 0, "probe.learning_rate", f"must be positive, got {p.learning_rate}")
+    need(len(p.l2_grid) > 0, "probe.l2_grid", "must list at least one value")
+    need(all(x > 0 for x in p.l2_grid), "probe.l2_grid", f"values must be > 0, got {p.l2_grid}")
+    need(len(p.train_seeds) > 0, "probe.train_seeds", "must list at least one seed")
+    need(len(set(p.train_seeds)) == len(p.train_seeds), "probe.train_seeds", f"duplicate seeds in {p.train_seeds}")
+    need(p.doc_batch_size > 0, "probe.doc_batch_size", f"must be positive, got {p.doc_batch_size}")
+    need(mon.top_k > 0, "monitor.top_k", f"must be positive, got {mon.top_k}")
+    need(mon.window > 0, "monitor.window", f"must be positive, got {mon.window}")
+    need(mon.temperature > 0, "monitor.temperature", f"must be positive, got {mon.temperature}")
+    need(mon.split in ("train", "val", "test"), "monitor.split", f"must be train, val or test, got {mon.split!r}")
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config; every error names the file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise NeedleprobeError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise NeedleprobeError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise NeedleprobeError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    loc = _Locator(str(path), _key_lines(text))
+    cfg = _build(Config, data, (), loc)
+    cfg.source = str(path)
+    return validate(cfg, loc)
+
+
+def with_overrides(cfg: Config, **probe_overrides: Any) -> Config:
+    """Apply command-line overrides (``None`` means "not given") and re-validate."""
+    given = {k: v for k, v in probe_overrides.items() if v is not None}
+    if not given:
+        return cfg
+    hints = typing.get_type_hints(ProbeConfig)
+    for k, v in given.items():
+        given[k] = _coerce(v, hints[k], f"--{k.replace('_', '-')}")
+    new = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, **given))
+    new.source = cfg.source
+    return validate(new)

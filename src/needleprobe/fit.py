@@ -1,0 +1,307 @@
+"""Stage 2: train one probe per layer and seed from the cache, never the model.
+
+Per layer the train and val rows are read once, standardised once with train
+statistics, and every seed and L2 value is served from that one matrix; the
+matrix is released before the next layer, so peak memory is one layer's
+train+val rows in float32.
+
+Objective (identical for every solver, see :mod:`needleprobe.solvers`)::
+
+    J(w, b) = (1/n) Σ_i s_i · logloss(y_i, x_i·w + b) + (l2 / 2) · ||w||²
+
+on standardised features, bias unpenalised; ``class_balance: weighted`` sets
+s_i = n / (2 n_{y_i}), ``downsample`` keeps all positives and an equal number
+of negatives drawn with the training seed (s_i = 1).  Saved weights are mapped
+back to raw activations: logit = x·w + b.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import Cache, changed_fields, fingerprint_fields, open_cache
+from .config import Config
+from .data import file_sha256
+from .errors import NeedleprobeError
+from .metrics import binary_metrics, bootstrap_auroc_ci
+from .records import FileLock, atomic_write_bytes, atomic_write_json, console, sha256_file, update_run_record
+from .solvers import fit_l2_path
+
+CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected")
+
+
+def output_dir(cfg: Config) -> Path:
+    return Path(cfg.probe.output_dir) / cfg.dataset.key
+
+
+def probe_paths(cfg: Config, layer: int, seed: int) -> tuple[Path, Path]:
+    stem = output_dir(cfg) / f"probe_layer_{layer}_seed_{seed}"
+    return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+
+def load_probe(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [d_model], bias []) from a ``.pt`` file; logit = x · weight + bias on raw activations."""
+    d = torch.load(path, weights_only=True)
+    return d["weight"], d["bias"]
+
+
+def verify_cache(cfg: Config, cache: Cache) -> None:
+    """Refuse a cache that no longer matches the config or the dataset file (a stale cache is never used)."""
+    data_path = cfg.dataset.resolved_path()
+    if not data_path.is_file():
+        raise NeedleprobeError(f"{data_path}: dataset not found, so the cache at {cache.path} cannot be verified")
+    diff = changed_fields(cache.fields, fingerprint_fields(cfg, file_sha256(data_path)))
+    if diff:
+        raise NeedleprobeError(
+            f"{cache.path}: cache is stale for this config ({'; '.join(diff)}); run `needleprobe extract` "
+            "(with --overwrite) to rebuild it"
+        )
+
+
+@dataclass
+class LayerData:
+    """One layer's rows: train standardised for fitting, val raw for scoring saved probes."""
+
+    x_train: torch.Tensor  # float32 [n_train, d], standardised
+    y_train: np.ndarray  # int8 [n_train]
+    x_val: np.ndarray  # float32 [n_val, d], raw
+    y_val: np.ndarray  # int8 [n_val]
+    val_groups: np.ndarray  # int32 [n_val], document of each row
+    mean: np.ndarray  # float64 [d]
+    std: np.ndarray  # float64 [d]
+
+
+def load_layer(cache: Cache, layer: int, device: torch.device) -> LayerData:
+    train, val = cache.split("train"), cache.split("val")
+    x = train.to_numpy(layer)
+    mean = x.mean(axis=0, dtype=np.float64)
+    std = x.std(axis=0, dtype=np.float64)
+    std[std < 1e-12] = 1.0  # constant features carry no signal; avoid dividing by zero
+    x -= mean.astype(np.float32)
+    x /= std.astype(np.float32)
+    return LayerData(
+        torch.from_numpy(x).to(device), train.labels, val.to_numpy(layer), val.labels, val.doc_index, mean, std
+    )
+
+
+def to_raw(w_std: np.ndarray, b_std: float, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights on standardised features → weights on raw activations."""
+    w = w_std.astype(np.float64) / std
+    return w.astype(np.float32), float(b_std - np.dot(w, mean))
+
+
+def score(x_raw: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    return x_raw @ w + np.float32(b)
+
+
+def _split_stats(split, labels: np.ndarray) -> dict[str, int]:
+    s = split.stats
+    return {
+        "docs": int(s.get("docs", 0)),
+        "docs_with_needles": int(s.get("docs_with_needles", 0)),
+        "tokens": int(s.get("tokens", 0)),
+        "positives": int(labels.sum()),
+        "negatives": int(labels.size - labels.sum()),
+    }
+
+
+def _training_rows(y: np.ndarray, class_balance: str, seed: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(row subset or None for all, sample weights or None) for one seed."""
+    n = y.size
+    n_pos = int(y.sum())
+    if class_balance == "weighted":
+        w = np.where(y == 1, n / (2.0 * n_pos), n / (2.0 * (n - n_pos))).astype(np.float32)
+        return None, w
+    pos = np.flatnonzero(y == 1)
+    neg = np.flatnonzero(y == 0)
+    rng = np.random.default_rng(seed)
+    keep = np.sort(np.concatenate([pos, rng.choice(neg, size=min(len(pos), len(neg)), replace=False)]))
+    return keep, None
+
+
+def seed_is_random(cfg: Config) -> bool:
+    """Whether the seed changes anything: only downsampling draws randomly for the lbfgs solver."""
+    return cfg.probe.class_balance == "downsample"
+
+
+@dataclass
+class FitResult:
+    output_dir: str
+    probes: dict[tuple[int, int], dict[str, Any]] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def fit(cfg: Config, *, device: str | None = None) -> FitResult:
+    """Fit every (layer, seed) over the L2 grid and write probes, metrics and the run record."""
+    from .hooks import resolve_device
+
+    t_start = time.perf_counter()
+    con = console()
+    cache = open_cache(cfg)
+    verify_cache(cfg, cache)
+    missing = [layer for layer in cfg.probe.layers_to_probe if layer not in cache.layers]
+    if missing:
+        raise NeedleprobeError(f"layers {missing} are not in the cache {cache.path} (cached: {cache.layers})")
+    for name in ("train", "val"):
+        labels = cache.split(name).labels
+        if labels.sum() == 0 or labels.sum() == labels.size:
+            raise NeedleprobeError(f"{cache.path}: split {name!r} has only one class; cannot fit or validate a probe")
+    dev = resolve_device(device or cfg.probe.device)
+    out = output_dir(cfg)
+    grid = list(cfg.probe.l2_grid)
+    result = FitResult(str(out))
+    csv_rows: dict[tuple[int, int], list[dict[str, Any]]] = {}
+
+    with FileLock(out / ".lock", what=f"fit into {out}"):
+        for layer in sorted(cfg.probe.layers_to_probe):
+            t0 = time.perf_counter()
+            data = load_layer(cache, layer, dev)
+            train_stats = _split_stats(cache.split("train"), data.y_train)
+            val_stats = _split_stats(cache.split("val"), data.y_val)
+            shared: dict[str, Any] | None = None
+            for seed in cfg.probe.train_seeds:
+                if shared is None or seed_is_random(cfg):
+                    shared = _fit_one(cfg, data, grid, seed, dev)
+                    shared["fitted_with_seed"] = seed
+                rec = _write_probe(cfg, cache, layer, seed, shared, train_stats, val_stats)
+                result.probes[(layer, seed)] = rec
+                csv_rows[(layer, seed)] = [
+                    {
+                        "layer": layer,
+                        "seed": seed,
+                        "l2": r["l2"],
+                        "val_auroc": r["val_auroc"],
+                        "val_average_precision": r["val_average_precision"],
+                        "selected": int(r["l2"] == rec["selected_l2"]),
+                    }
+                    for r in rec["l2_results"]
+                ]
+            del data
+            result.timings[f"layer_{layer}"] = round(time.perf_counter() - t0, 3)
+        csv_path = out / "probe_metrics.csv"
+        _write_csv(csv_path, csv_rows)
+        result.timings["fit_total"] = round(time.perf_counter() - t_start, 3)
+        files = sorted(out.glob("probe_layer_*_seed_*.*")) + [csv_path]
+        update_run_record(
+            cfg,
+            "fit",
+            {
+                "cache_path": str(cache.path),
+                "cache_fingerprint": cache.fingerprint,
+                "dataset_sha256": cache.fields["dataset_sha256"],
+                "device": str(dev),
+                "timings_s": result.timings,
+                "outputs": {str(p): sha256_file(p) for p in files},
+            },
+        )
+    _print_table(con, cfg, result)
+    return result
+
+
+def _fit_one(cfg: Config, data: LayerData, grid: list[float], seed: int, dev: torch.device) -> dict[str, Any]:
+    rows, weights = _training_rows(data.y_train, cfg.probe.class_balance, seed)
+    x = data.x_train if rows is None else data.x_train[torch.from_numpy(rows).to(dev)]
+    y = data.y_train if rows is None else data.y_train[rows]
+    y_t = torch.from_numpy(y.astype(np.float32)).to(dev)
+    w_t = None if weights is None else torch.from_numpy(weights).to(dev)
+    path = fit_l2_path(x, y_t, grid, sample_weight=w_t)
+    l2_results, raw = [], []
+    for r in path:
+        w, b = to_raw(r.weight, r.bias, data.mean, data.std)
+        s = score(data.x_val, w, b)
+        m = binary_metrics(data.y_val, s)
+        raw.append((w, b, s))
+        l2_results.append(
+            {
+                "l2": float(r.l2),
+                "val_auroc": m["auroc"],
+                "val_average_precision": m["average_precision"],
+                "train_objective": float(r.loss),
+                "grad_max_abs": float(r.grad_norm),
+                "n_iter": int(r.n_iter),
+                "converged": bool(r.converged),
+            }
+        )
+    # best val AUROC; ties go to the stronger regularisation
+    best = max(range(len(grid)), key=lambda i: (l2_results[i]["val_auroc"], grid[i]))
+    w, b, s = raw[best]
+    metrics = binary_metrics(data.y_val, s)
+    metrics["auroc_ci95"] = list(bootstrap_auroc_ci(data.y_val, s, data.val_groups, n_boot=1000, seed=0))
+    return {
+        "selected_l2": float(grid[best]),
+        "weight": w,
+        "bias": b,
+        "l2_results": l2_results,
+        "val_metrics": metrics,
+        "train_rows_used": int(y.size),
+    }
+
+
+def _write_probe(cfg, cache, layer, seed, fitted, train_stats, val_stats) -> dict[str, Any]:
+    pt, js = probe_paths(cfg, layer, seed)
+    buf = io.BytesIO()
+    torch.save({"weight": torch.from_numpy(fitted["weight"].copy()), "bias": torch.tensor(fitted["bias"], dtype=torch.float32)}, buf)
+    atomic_write_bytes(pt, buf.getvalue())
+    meta = {
+        "layer": layer,
+        "seed": seed,
+        "activation_site": cfg.probe.activation_site,
+        "selected_l2": fitted["selected_l2"],
+        "l2_results": fitted["l2_results"],
+        "train_stats": {**train_stats, "rows_used": fitted["train_rows_used"]},
+        "val_stats": val_stats,
+        "val_metrics": fitted["val_metrics"],
+        "solver": "lbfgs",
+        "class_balance": cfg.probe.class_balance,
+        "fitted_with_seed": fitted["fitted_with_seed"],
+        "seed_dependent": seed_is_random(cfg),
+        "probe_applies_to": "raw activations: logit = x @ weight + bias",
+        "cache_fingerprint": cache.fingerprint,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_json(js, meta)
+    return meta
+
+
+def _write_csv(path: Path, rows: dict[tuple[int, int], list[dict[str, Any]]]) -> None:
+    """Rows of this fit, merged with earlier rows of (layer, seed) pairs it did not refit."""
+    merged: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    if path.is_file():
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                key = (int(r["layer"]), int(r["seed"]))
+                if key not in rows:
+                    merged.setdefault(key, []).append(r)
+    merged.update(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for key in sorted(merged):
+        for r in merged[key]:
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def _print_table(con, cfg: Config, result: FitResult) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2")
+    for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR@1%FPR", "L2"):
+        t.add_column(c, justify="right")
+    for layer in sorted(cfg.probe.layers_to_probe):
+        for s in cfg.probe.train_seeds:
+            m = result.probes[(layer, s)]
+            v = m["val_metrics"]
+            lo, hi = v["auroc_ci95"]
+            t.add_row(str(layer), str(s), f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
+                      f"{v['tpr_at_1pct_fpr']:.3f}", f"{m['selected_l2']:g}")
+    con.print(t)
+    con.print(f"probes, metadata and probe_metrics.csv in {result.output_dir}")

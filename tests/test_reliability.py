@@ -1,0 +1,281 @@
+"""Reliability: resume after SIGKILL, fingerprints, locks, and the bad-input matrix."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import small_docs, write_config, write_jsonl
+
+from needleprobe import open_cache
+from needleprobe.cli import main
+from needleprobe.config import load_config
+from needleprobe.records import FileLock
+
+CHUNK = "64"
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+
+
+def _cli(cfg_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "needleprobe", *args, "--config", str(cfg_path), "--no-progress"],
+        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def extract_status(cfg_path: Path) -> str:
+    from needleprobe.extract import extract
+
+    return extract(load_config(cfg_path), show_progress=False).status
+
+
+@pytest.fixture(scope="module")
+def resume_setup(tmp_path_factory):
+    """An uninterrupted reference cache with 64-row chunks (many commits per split)."""
+    tmp = tmp_path_factory.mktemp("resume")
+    data = write_jsonl(tmp / "d.jsonl", small_docs(14, 6))
+    ref_dir = tmp / "ref"
+    ref_dir.mkdir()
+    ref_cfg = write_config(ref_dir, data, layers_to_probe=[1, 4])
+    r = _cli(ref_cfg, "extract")
+    assert r.returncode == 0, r.stderr
+    cache = open_cache(ref_cfg)
+    n_chunks = {s: -(-cache.split(s).n_rows // int(CHUNK)) for s in cache.splits}
+    assert n_chunks["train"] >= 4 and n_chunks["val"] >= 2
+    return tmp, data, _files(cache.path), n_chunks
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "split_prepared:1",  # early: train's label arrays written, not yet marked initialised
+        "chunk_partly_written:3",  # mid-split, one layer's chunk written, counter not advanced
+        "chunk_committed:2",  # mid-split, right after a commit
+        "split_complete:1",  # between splits
+        "last",  # during the last flush of the last split
+    ],
+)
+def test_killed_extract_resumes_to_identical_cache(resume_setup, fault, tmp_path):
+    tmp, data, ref_files, n_chunks = resume_setup
+    if fault == "last":
+        fault = f"chunk_partly_written:{n_chunks['train'] + n_chunks['val']}"
+    cfg = write_config(tmp_path, data, layers_to_probe=[1, 4])
+    killed = _cli(cfg, "extract", env={"NEEDLEPROBE_FAULT": fault})
+    assert killed.returncode == -9, killed.stderr
+    with pytest.raises(Exception, match="incomplete|no activation cache"):
+        open_cache(cfg)
+    again = _cli(cfg, "extract")
+    assert again.returncode == 0, again.stderr
+    if not fault.startswith("split_prepared"):
+        assert "resuming" in again.stderr
+    assert _files(open_cache(cfg).path) == ref_files
+    assert extract_status(cfg) == "up to date"
+
+
+def test_fingerprint_refuses_changed_settings_and_overwrite_rebuilds(minilm_run, tmp_path, capsys):
+    cfg_path, cfg = minilm_run
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["probe"]["negatives_per_doc"] = 3
+    raw["probe"]["layers_to_probe"] = [1, 2]
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(raw))
+    before = _files(open_cache(cfg).path)
+    assert main(["extract", "--config", str(changed), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "negatives_per_doc: 16 -> 3" in err and "layers: [1, 5] -> [1, 2]" in err and "--overwrite" in err
+    assert main(["fit", "--config", str(changed)]) == 2
+    assert "cache is stale" in capsys.readouterr().err
+    assert _files(open_cache(cfg).path) == before
+    # a subset of the cached layers is not a change: fit works, extract is up to date
+    raw["probe"]["negatives_per_doc"] = 16
+    raw["probe"]["layers_to_probe"] = [5]
+    raw["probe"]["output_dir"] = str(tmp_path / "sub")
+    raw["probe"]["run_record_dir"] = str(tmp_path / "rr")
+    changed.write_text(yaml.safe_dump(raw))
+    assert main(["extract", "--config", str(changed), "--no-progress"]) == 0
+    assert "up to date" in capsys.readouterr().err
+    assert main(["fit", "--config", str(changed)]) == 0
+
+
+def test_overwrite_rebuilds(tmp_path, small_dataset, capsys):
+    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0], max_train_docs=4, max_val_docs=3)
+    assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 0
+    cfg2 = write_config(tmp_path, small_dataset, layers_to_probe=[0], max_train_docs=5, max_val_docs=3)
+    assert main(["extract", "--config", str(cfg2), "--no-progress"]) == 2
+    assert main(["extract", "--config", str(cfg2), "--no-progress", "--overwrite"]) == 0
+    assert open_cache(cfg2).split("train").stats["docs"] == 5
+
+
+def test_second_extract_or_fit_is_refused_while_one_runs(minilm_run, tmp_path, small_dataset, capsys):
+    from needleprobe.cache import cache_path
+
+    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0])
+    path = cache_path(load_config(cfg_path))
+    path.parent.mkdir(parents=True)
+    with FileLock(path.with_name(path.name + ".lock"), what="test"):
+        assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 2
+    assert "another extract of" in capsys.readouterr().err
+    assert not path.exists()
+    cfg_path, cfg = minilm_run
+    out_dir = Path(cfg.probe.output_dir) / cfg.dataset.key
+    before = _files(out_dir)
+    with FileLock(out_dir / ".lock", what="test"):
+        assert main(["fit", "--config", str(cfg_path)]) == 2
+    assert "another fit into" in capsys.readouterr().err
+    assert _files(out_dir) == before
+
+
+def test_lock_released_when_owner_is_killed(tmp_path):
+    lock = tmp_path / "x.lock"
+    p = subprocess.Popen(
+        [sys.executable, "-c", f"from needleprobe.records import FileLock; import time\nwith FileLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert p.stdout.readline().strip() == "held"
+    with pytest.raises(Exception, match="another x is running"):
+        with FileLock(lock, "x"):
+            pass
+    p.kill()
+    p.wait()
+    with FileLock(lock, "x"):  # no stale lock after SIGKILL
+        pass
+
+
+# ---------------------------------------------------------------------------
+# bad input: one line, exit 2, no traceback, nothing written
+
+
+def _bad_dataset(tmp: Path, lines: list) -> Path:
+    p = tmp / "bad.jsonl"
+    p.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return p
+
+
+GOOD = small_docs(3, 2)
+
+
+def _case(name: str, tmp: Path) -> tuple[list[str], str]:
+    """(argv, expected message regex) for one bad-input case."""
+    no_pos = [dict(d, needle_spans=[]) if d["split"] == "train" else d for d in GOOD]
+    datasets = {
+        "malformed_json": (GOOD[:1] + ['{"doc_id": "x", "text": '], r"bad.jsonl:2: invalid JSON"),
+        "missing_text": (GOOD[:1] + [{"doc_id": "x"}], r"bad.jsonl:2: missing field 'text'"),
+        "span_reversed": (GOOD[:1] + [{"doc_id": "x", "text": "abcdef", "needle_spans": [[4, 2]]}], r"bad.jsonl:2: field 'needle_spans\[0\]' is reversed"),
+        "span_empty": (GOOD[:1] + [{"doc_id": "x", "text": "abcdef", "needle_spans": [[2, 2]]}], r"'needle_spans\[0\]' is empty"),
+        "span_out_of_range": (GOOD[:1] + [{"doc_id": "x", "text": "abcdef", "needle_spans": [[2, 60]]}], r"'needle_spans\[0\]' = \[2, 60\] is out of range"),
+        "duplicate_doc_id": (GOOD + [dict(GOOD[0])], rf"bad.jsonl:{len(GOOD) + 1}: field 'doc_id' .* duplicates line 1"),
+        "empty_dataset": ([""], r"bad.jsonl: dataset is empty"),
+        "split_without_docs": ([d for d in GOOD if d["split"] == "train"], r"split 'val' has no documents"),
+        "train_without_positives": (no_pos, r"split 'train' has no needle tokens"),
+    }
+    if name in datasets:
+        lines, msg = datasets[name]
+        cfg = write_config(tmp, _bad_dataset(tmp, lines))
+        return ["extract", "--config", str(cfg)], msg
+    data = write_jsonl(tmp / "good.jsonl", GOOD)
+    cfg = write_config(tmp, data)
+    text = cfg.read_text()
+    if name == "unknown_config_key":
+        cfg.write_text(text.replace("negatives_per_doc:", "negative_per_doc:"))
+        return ["extract", "--config", str(cfg)], r"config.yaml:\d+: probe.negative_per_doc: unknown key"
+    if name == "wrong_type":
+        cfg.write_text(text.replace("negatives_per_doc: 16", "negatives_per_doc: many"))
+        return ["extract", "--config", str(cfg)], r"probe.negatives_per_doc: expected int, got str 'many'"
+    if name == "bad_dtype":
+        cfg.write_text(text.replace("feature_dtype: float32", "feature_dtype: float8"))
+        return ["extract", "--config", str(cfg)], r"probe.feature_dtype: expected 'float32' or 'bfloat16' or 'float16'"
+    if name == "layer_too_high":
+        return ["extract", "--config", str(cfg), "--layers", "1,6"], r"layer\(s\) \[6\] out of range: .* has 6 blocks"
+    if name == "unknown_model_offline":
+        cfg = write_config(tmp, data, model="nobody/no-such-model-xyz")
+        return ["extract", "--config", str(cfg)], r"model.name 'nobody/no-such-model-xyz': cannot load the tokenizer: .*HF_HUB_OFFLINE"
+    if name == "unwritable_output":
+        (tmp / "a_file").write_text("x")
+        cfg = write_config(tmp, data, cache_dir=str(tmp / "a_file" / "cache"))
+        return ["extract", "--config", str(cfg)], r"a_file/cache/.*: cannot create the cache directory \(Not a directory\)"
+    raise KeyError(name)
+
+
+BAD_CASES = [
+    "malformed_json", "missing_text", "span_reversed", "span_empty", "span_out_of_range", "duplicate_doc_id",
+    "empty_dataset", "split_without_docs", "train_without_positives", "unknown_config_key", "wrong_type",
+    "bad_dtype", "layer_too_high", "unknown_model_offline", "unwritable_output",
+]
+
+
+@pytest.mark.parametrize("name", BAD_CASES)
+def test_bad_input_is_one_line_exit_2_nothing_written(name, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv, msg = _case(name, tmp_path)
+    before = _files(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("needleprobe: error: ")
+    import re
+
+    assert re.search(msg, err), err
+    assert _files(tmp_path) == before  # nothing written (lock files aside)
+    assert not (tmp_path / "results").exists()
+
+
+def test_float16_overflow_names_the_layer_and_leaves_no_cache(tmp_path, capsys):
+    import torch
+    from tiny_models import make_tiny_model
+    from transformers import AutoModel
+
+    d = make_tiny_model("llama", tmp_path / "m", n_layers=2)
+    model = AutoModel.from_pretrained(d)
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(1e6)  # residual stream far beyond float16's 65504
+    model.save_pretrained(d)
+    cfg = write_config(tmp_path, write_jsonl(tmp_path / "d.jsonl", GOOD), model=str(d), layers_to_probe=[1], feature_dtype="float16")
+    assert main(["extract", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 1: activations are not finite after casting to float16 (use feature_dtype: bfloat16 or float32)" in err
+    assert not list((tmp_path / "cache").rglob("zarr.json"))
+
+
+def test_stale_cache_after_dataset_edit(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", GOOD)
+    cfg = write_config(tmp_path, data, layers_to_probe=[0])
+    assert main(["extract", "--config", str(cfg), "--no-progress"]) == 0
+    write_jsonl(data, GOOD[:-1] + [dict(GOOD[-1], text=GOOD[-1]["text"] + " More.")])
+    assert main(["fit", "--config", str(cfg)]) == 2
+    assert "dataset_sha256" in capsys.readouterr().err
+
+
+def test_debug_shows_traceback(tmp_path):
+    cfg = write_config(tmp_path, tmp_path / "missing.jsonl")
+    r = subprocess.run([sys.executable, "-m", "needleprobe", "extract", "--config", str(cfg), "--debug"], capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "dataset not found" in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# determinism
+
+
+def test_two_runs_give_identical_outputs(tmp_path, small_dataset):
+    outs = []
+    for run in ("a", "b"):
+        d = tmp_path / run
+        d.mkdir()
+        cfg = write_config(d, small_dataset, layers_to_probe=[2], class_balance="downsample", train_seeds=[0, 1])
+        assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+        outs.append(_files(d / "results" / "probes"))
+        outs[-1].update({f"cache/{k}": v for k, v in _files(open_cache(cfg).path).items()})
+    assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 10
+    for k in outs[0]:
+        assert outs[0][k] == outs[1][k], k
+    # downsampling makes seeds differ; each seed's probe is its own
+    probes = [k for k in outs[0] if k.endswith(".pt")]
+    assert outs[0][probes[0]] != outs[0][probes[1]]
