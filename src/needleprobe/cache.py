@@ -37,6 +37,7 @@ from .config import Config, load_config
 from .errors import NeedleprobeError
 
 CACHE_FORMAT = 1
+"""Bumped whenever a code change alters cached values (padding, labelling), so old caches read as stale."""
 TARGET_CHUNK_BYTES = 4 << 20
 STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -82,6 +83,7 @@ def fingerprint_fields(cfg: Config, dataset_sha256: str) -> dict[str, Any]:
     """
     p, m = cfg.probe, cfg.model
     return {
+        "cache_format": CACHE_FORMAT,
         "dataset_sha256": dataset_sha256,
         "dataset": cfg.dataset.key,
         "val_fraction": cfg.dataset.val_fraction,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
-from .config import Config
+from .config import RUNTIME_ONLY, Config
 from .fit import output_dir, probe_paths
 from .records import run_record_path, sha256_file
 
@@ -52,8 +52,11 @@ def check(cfg: Config) -> list[str]:
         problems.append(f"{rec_path}: run record missing")
         return problems
     rec = json.loads(rec_path.read_text())
-    if rec.get("config") != cfg.to_dict():
-        diff = _diff(rec.get("config", {}), cfg.to_dict())
+    recorded = dict(rec.get("config", {}))
+    for section, key in RUNTIME_ONLY:
+        recorded.get(section, {}).pop(key, None)
+    if recorded != cfg.outcome_dict():
+        diff = _diff(recorded, cfg.outcome_dict())
         problems.append(f"{rec_path}: config differs from the current config ({'; '.join(diff[:5])})")
     outputs = rec.get("stages", {}).get("fit", {}).get("outputs", {})
     if not outputs:

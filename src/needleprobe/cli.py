@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
+    _common(sub.add_parser("inspect", help="summarise the activation cache (and whether it matches the config)"), False, False)
+    _common(sub.add_parser("report", help="write the self-contained HTML report"), False, False)
     dd = sub.add_parser("demo-data", help="write the offline demo dataset")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl")
     dd.add_argument("--seed", type=int, default=0)
@@ -129,6 +131,14 @@ def run(args) -> int:
         from .monitor import monitor
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, show_progress=not args.no_progress)
+    if args.command == "inspect":
+        from .summary import cache_summary
+
+        con.print(cache_summary(cfg))
+    if args.command == "report":
+        from .report import write_report
+
+        con.print(f"wrote {write_report(cfg)}")
     if args.command == "check":
         from .check import check
 

@@ -21,6 +21,8 @@ import yaml
 from .errors import NeedleprobeError
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device")})
+"""Settings that change how fast a run goes, never what it writes."""
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -129,6 +131,13 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        return d
+
+    def outcome_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the runtime-only settings: what must match for outputs to match."""
+        d = self.to_dict()
+        for section, key in RUNTIME_ONLY:
+            d[section].pop(key)
         return d
 
 
@@ -274,6 +283,7 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     need(p.learning_rate > 0, "probe.learning_rate", f"must be positive, got {p.learning_rate}")
     need(len(p.l2_grid) > 0, "probe.l2_grid", "must list at least one value")
     need(all(x > 0 for x in p.l2_grid), "probe.l2_grid", f"values must be > 0, got {p.l2_grid}")
+    need(len(set(p.l2_grid)) == len(p.l2_grid), "probe.l2_grid", f"duplicate values in {p.l2_grid}")
     need(len(p.train_seeds) > 0, "probe.train_seeds", "must list at least one seed")
     need(len(set(p.train_seeds)) == len(p.train_seeds), "probe.train_seeds", f"duplicate seeds in {p.train_seeds}")
     need(p.doc_batch_size > 0, "probe.doc_batch_size", f"must be positive, got {p.doc_batch_size}")

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from .data import file_sha256
 from .errors import NeedleprobeError
 from .metrics import binary_metrics, bootstrap_auroc_ci
 from .records import FileLock, atomic_write_bytes, atomic_write_json, console, sha256_file, update_run_record
-from .solvers import fit_l2_path
+from .solvers import PathResult, fit_l2_path
 
 CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected")
 
@@ -67,19 +68,26 @@ def verify_cache(cfg: Config, cache: Cache) -> None:
 
 
 @dataclass
-class LayerData:
-    """One layer's rows: train standardised for fitting, val raw for scoring saved probes."""
+class LayerFit:
+    """One layer's fitting context: labels, standardisation, and how to fit and score.
 
-    x_train: torch.Tensor  # float32 [n_train, d], standardised
+    ``lbfgs`` holds the standardised train matrix in memory (read once, shared by
+    every seed and L2 value) and the raw val matrix; ``minibatch`` streams both
+    from the cache in contiguous blocks.
+    """
+
     y_train: np.ndarray  # int8 [n_train]
-    x_val: np.ndarray  # float32 [n_val, d], raw
     y_val: np.ndarray  # int8 [n_val]
     val_groups: np.ndarray  # int32 [n_val], document of each row
     mean: np.ndarray  # float64 [d]
     std: np.ndarray  # float64 [d]
+    fit_path: Callable[[np.ndarray | None, np.ndarray | None, int], list[PathResult]]
+    """(row subset or None, sample weights or None, seed) → one result per grid value"""
+    val_scores: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    """(raw weights [d, K], raw biases [K]) → val logits [n_val, K]"""
 
 
-def load_layer(cache: Cache, layer: int, device: torch.device) -> LayerData:
+def lbfgs_layer(cache: Cache, layer: int, grid: list[float], device: torch.device) -> LayerFit:
     train, val = cache.split("train"), cache.split("val")
     x = train.to_numpy(layer)
     mean = x.mean(axis=0, dtype=np.float64)
@@ -87,9 +95,66 @@ def load_layer(cache: Cache, layer: int, device: torch.device) -> LayerData:
     std[std < 1e-12] = 1.0  # constant features carry no signal; avoid dividing by zero
     x -= mean.astype(np.float32)
     x /= std.astype(np.float32)
-    return LayerData(
-        torch.from_numpy(x).to(device), train.labels, val.to_numpy(layer), val.labels, val.doc_index, mean, std
-    )
+    x_t = torch.from_numpy(x).to(device)
+    y = train.labels
+    x_val = val.to_numpy(layer)
+
+    def fit_path(rows, weights, seed):
+        xs = x_t if rows is None else x_t[torch.from_numpy(rows).to(device)]
+        ys = torch.from_numpy((y if rows is None else y[rows]).astype(np.float32)).to(device)
+        sw = None if weights is None else torch.from_numpy(weights).to(device)
+        return fit_l2_path(xs, ys, grid, sample_weight=sw)
+
+    return LayerFit(y, val.labels, val.doc_index, mean, std, fit_path, lambda w, b: x_val @ w + b)
+
+
+def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device) -> LayerFit:
+    from .minibatch import fit_minibatch, streaming_moments
+
+    train, val = cache.split("train"), cache.split("val")
+    block = train.activations(layer).chunks[0] * 4
+    n = train.n_rows
+    read = lambda a, b: train.to_numpy(layer, rows=slice(a, b))  # noqa: E731
+    mean, std = streaming_moments(read, n, block)
+    p = cfg.probe
+
+    def fit_path(rows, weights, seed):
+        if rows is not None:
+            raise NeedleprobeError("probe.class_balance: downsample needs solver lbfgs (row subsets are not streamed)")
+        return fit_minibatch(read, n, block, train.labels, weights, mean, std, p.l2_grid, batch_size=p.batch_size,
+                             num_epochs=p.num_epochs, learning_rate=p.learning_rate, seed=seed, device=device)
+
+    def val_scores(w, b):
+        out = []
+        for a in range(0, val.n_rows, block):
+            out.append(val.to_numpy(layer, rows=slice(a, a + block)) @ w + b)
+        return np.concatenate(out)
+
+    return LayerFit(train.labels, val.labels, val.doc_index, mean, std, fit_path, val_scores)
+
+
+def choose_solver(cfg: Config, cache: Cache, layer: int, device: torch.device) -> str:
+    """``auto``: lbfgs when one layer's train+val float32 matrices fit in half the free memory."""
+    if cfg.probe.solver != "auto":
+        return cfg.probe.solver
+    d = cache.split("train").activations(layer).shape[1]
+    need = (cache.split("train").n_rows + cache.split("val").n_rows) * d * 4
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = _available_memory()
+    return "lbfgs" if need < 0.5 * free else "minibatch"
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def to_raw(w_std: np.ndarray, b_std: float, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, float]:
@@ -99,6 +164,7 @@ def to_raw(w_std: np.ndarray, b_std: float, mean: np.ndarray, std: np.ndarray) -
 
 
 def score(x_raw: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
+    """Probe logits for raw activation rows [n, d] (what the saved ``.pt`` computes)."""
     return x_raw @ w + np.float32(b)
 
 
@@ -127,9 +193,9 @@ def _training_rows(y: np.ndarray, class_balance: str, seed: int) -> tuple[np.nda
     return keep, None
 
 
-def seed_is_random(cfg: Config) -> bool:
-    """Whether the seed changes anything: only downsampling draws randomly for the lbfgs solver."""
-    return cfg.probe.class_balance == "downsample"
+def seed_is_random(cfg: Config, solver: str) -> bool:
+    """Whether the seed changes anything: downsampling, or the minibatch solver's shuffles and init."""
+    return cfg.probe.class_balance == "downsample" or solver == "minibatch"
 
 
 @dataclass
@@ -163,14 +229,16 @@ def fit(cfg: Config, *, device: str | None = None) -> FitResult:
     with FileLock(out / ".lock", what=f"fit into {out}"):
         for layer in sorted(cfg.probe.layers_to_probe):
             t0 = time.perf_counter()
-            data = load_layer(cache, layer, dev)
+            solver = choose_solver(cfg, cache, layer, dev)
+            data = lbfgs_layer(cache, layer, grid, dev) if solver == "lbfgs" else minibatch_layer(cache, layer, cfg, dev)
             train_stats = _split_stats(cache.split("train"), data.y_train)
             val_stats = _split_stats(cache.split("val"), data.y_val)
             shared: dict[str, Any] | None = None
             for seed in cfg.probe.train_seeds:
-                if shared is None or seed_is_random(cfg):
-                    shared = _fit_one(cfg, data, grid, seed, dev)
+                if shared is None or seed_is_random(cfg, solver):
+                    shared = _fit_one(cfg, data, grid, seed)
                     shared["fitted_with_seed"] = seed
+                    shared["solver"] = solver
                 rec = _write_probe(cfg, cache, layer, seed, shared, train_stats, val_stats)
                 result.probes[(layer, seed)] = rec
                 csv_rows[(layer, seed)] = [
@@ -206,19 +274,14 @@ def fit(cfg: Config, *, device: str | None = None) -> FitResult:
     return result
 
 
-def _fit_one(cfg: Config, data: LayerData, grid: list[float], seed: int, dev: torch.device) -> dict[str, Any]:
+def _fit_one(cfg: Config, data: LayerFit, grid: list[float], seed: int) -> dict[str, Any]:
     rows, weights = _training_rows(data.y_train, cfg.probe.class_balance, seed)
-    x = data.x_train if rows is None else data.x_train[torch.from_numpy(rows).to(dev)]
-    y = data.y_train if rows is None else data.y_train[rows]
-    y_t = torch.from_numpy(y.astype(np.float32)).to(dev)
-    w_t = None if weights is None else torch.from_numpy(weights).to(dev)
-    path = fit_l2_path(x, y_t, grid, sample_weight=w_t)
-    l2_results, raw = [], []
-    for r in path:
-        w, b = to_raw(r.weight, r.bias, data.mean, data.std)
-        s = score(data.x_val, w, b)
-        m = binary_metrics(data.y_val, s)
-        raw.append((w, b, s))
+    path = data.fit_path(rows, weights, seed)
+    raw = [to_raw(r.weight, r.bias, data.mean, data.std) for r in path]
+    scores = data.val_scores(np.stack([w for w, _ in raw], 1), np.array([b for _, b in raw], np.float32))
+    l2_results = []
+    for k, r in enumerate(path):
+        m = binary_metrics(data.y_val, scores[:, k])
         l2_results.append(
             {
                 "l2": float(r.l2),
@@ -232,7 +295,8 @@ def _fit_one(cfg: Config, data: LayerData, grid: list[float], seed: int, dev: to
         )
     # best val AUROC; ties go to the stronger regularisation
     best = max(range(len(grid)), key=lambda i: (l2_results[i]["val_auroc"], grid[i]))
-    w, b, s = raw[best]
+    w, b = raw[best]
+    s = scores[:, best]
     metrics = binary_metrics(data.y_val, s)
     metrics["auroc_ci95"] = list(bootstrap_auroc_ci(data.y_val, s, data.val_groups, n_boot=1000, seed=0))
     return {
@@ -241,7 +305,7 @@ def _fit_one(cfg: Config, data: LayerData, grid: list[float], seed: int, dev: to
         "bias": b,
         "l2_results": l2_results,
         "val_metrics": metrics,
-        "train_rows_used": int(y.size),
+        "train_rows_used": int(data.y_train.size if rows is None else rows.size),
     }
 
 
@@ -259,10 +323,10 @@ def _write_probe(cfg, cache, layer, seed, fitted, train_stats, val_stats) -> dic
         "train_stats": {**train_stats, "rows_used": fitted["train_rows_used"]},
         "val_stats": val_stats,
         "val_metrics": fitted["val_metrics"],
-        "solver": "lbfgs",
+        "solver": fitted["solver"],
         "class_balance": cfg.probe.class_balance,
         "fitted_with_seed": fitted["fitted_with_seed"],
-        "seed_dependent": seed_is_random(cfg),
+        "seed_dependent": seed_is_random(cfg, fitted["solver"]),
         "probe_applies_to": "raw activations: logit = x @ weight + bias",
         "cache_fingerprint": cache.fingerprint,
         "config": cfg.to_dict(),

@@ -78,7 +78,9 @@ _CHUNK_ROWS = 4096  # rows per chunk of the X^T r product (float64 accumulation)
 _C1 = 1e-4  # Armijo constant
 _C2 = 0.9  # curvature constant (strong Wolfe)
 _MAX_LS = 30  # trial steps per line search (each O(n) per column)
-_MEMORY = 10  # L-BFGS history length
+_MEMORY = 100  # L-BFGS history length (pairs)
+_STRATEGY = "joint"
+_NEWTON_START = True  # first line-search trial at the 1-D Newton step
 
 
 @dataclass
@@ -95,7 +97,7 @@ class PathResult:
 
 
 # --------------------------------------------------------------------------- #
-# Small numerical kernels
+# Data and the two products with X
 # --------------------------------------------------------------------------- #
 
 
@@ -114,6 +116,8 @@ class _Data:
     """X plus the per-row constants, with the two matrix products the solver uses."""
 
     def __init__(self, X: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor | None):
+        if not isinstance(X, torch.Tensor):
+            X = torch.as_tensor(np.asarray(X))
         if X.ndim != 2:
             raise ValueError(f"X must be 2-D [n, d], got shape {tuple(X.shape)}")
         n, d = X.shape
@@ -141,17 +145,28 @@ class _Data:
             s = s.to(device=self.dev, dtype=_F64)
             if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
                 raise ValueError("sample_weight must be finite and non-negative")
-        self.y = y[:, None]  # [n, 1] float64
-        self.c = (s / n)[:, None]  # [n, 1] float64: per-row weight of the mean loss
+        c = s / n
+        self.c = c[:, None]  # [n, 1]: weight of row i in the mean loss
+        self.cy = (c * y)[:, None]  # [n, 1]
+        self.c_row = c[None, :]  # [1, n] (for gemv reductions)
+        self.cny_row = (c * (1 - y))[None, :]  # [1, n]
         self.mm_dtype = self.X.dtype
+        self.cuda = self.X.is_cuda
 
-    # X @ P for P [d, K] (float64 in, float64 out).
     def xp(self, P: torch.Tensor) -> torch.Tensor:
-        Pm = P.to(self.mm_dtype)
-        return torch.nn.functional.linear(self.X, Pm.T.contiguous()).to(_F64)
+        """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out)."""
+        K = P.shape[1]
+        Pt = P[:-1].T.to(self.mm_dtype).contiguous()  # [K, d]
+        if self.cuda or K == 1:
+            out = self.X @ Pt.T
+        elif K == 2:
+            out = torch.nn.functional.linear(self.X, Pt)  # MKL has a fast N=2 path
+        else:
+            out = (Pt @ self.X.T).T
+        return out.to(_F64) + P[-1]
 
-    # X^T R for R [n, K] (float64 in, float64 out), float64 sums over row chunks.
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
+        """X^T R for R [n, K] (float64 in and out), float64 sums over row chunks."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
         if self.mm_dtype == _F64 or self.n <= _CHUNK_ROWS:
             return (Rt @ self.X).to(_F64).T
@@ -160,18 +175,14 @@ class _Data:
             acc += (Rt[:, i : i + _CHUNK_ROWS] @ self.X[i : i + _CHUNK_ROWS]).to(_F64)
         return acc.T
 
-    def margins(self, theta: torch.Tensor) -> torch.Tensor:
-        """z = X w + b for theta [d + 1, K] (bias in the last row)."""
-        return self.xp(theta[:-1]) + theta[-1]
+    def loss(self, Z: torch.Tensor) -> torch.Tensor:
+        """Data term (1/n) sum_i s_i logloss(y_i, z_i) for each column of Z [n, K]."""
+        # logloss(y, z) = -log sigmoid(z) + (1 - y) z
+        return (self.cny_row @ Z)[0] - (self.c_row @ torch.nn.functional.logsigmoid(Z))[0]
 
-    def point(self, Z: torch.Tensor):
-        """Data loss [K], residual R = c (sigmoid(z) - y) [n, K], curvature c s (1 - s) [n, K]."""
-        e = torch.exp(-Z.abs())
-        loss = (self.c * (Z.clamp_min(0) + torch.log1p(e) - self.y * Z)).sum(0)
-        sig = torch.where(Z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-        R = self.c * (sig - self.y)
-        H = self.c * sig * (1.0 - sig)
-        return loss, R, H
+    def residual(self, sig: torch.Tensor) -> torch.Tensor:
+        """R = c (sigmoid(z) - y), the derivative of the data term in z."""
+        return torch.addcmul(-self.cy, self.c, sig)
 
 
 def objective(X: torch.Tensor, y: torch.Tensor, weight, bias: float, l2: float,
@@ -180,8 +191,8 @@ def objective(X: torch.Tensor, y: torch.Tensor, weight, bias: float, l2: float,
     data = _Data(X, y, sample_weight)
     w = torch.as_tensor(np.asarray(weight), dtype=_F64, device=data.dev).reshape(-1, 1)
     theta = torch.cat([w, torch.tensor([[float(bias)]], dtype=_F64, device=data.dev)])
-    with _exact_float32_matmul():
-        loss, _, _ = data.point(data.margins(theta))
+    with torch.no_grad(), _exact_float32_matmul():
+        loss = data.loss(data.xp(theta))
     return float(loss[0]) + 0.5 * float(l2) * float((w * w).sum())
 
 
@@ -190,288 +201,391 @@ def objective(X: torch.Tensor, y: torch.Tensor, weight, bias: float, l2: float,
 # --------------------------------------------------------------------------- #
 
 
+class _Memory:
+    """L-BFGS history of K columns in compact form.
+
+    S, Y [K, m, D] hold the pairs (slot order is a ring buffer; ``slots`` lists the
+    slots oldest first) and SY[k, i, j] = s_i . y_j, YY[k, i, j] = y_i . y_j are kept
+    up to date, so the two-loop recursion becomes two small triangular solves and
+    four batched matrix-vector products, whatever the history length.  A pair with
+    rho = 0 (failed curvature test) is inert.
+    """
+
+    def __init__(self, m: int, D: int, K: int, dev):
+        self.S = torch.zeros(K, m, D, dtype=_F64, device=dev)
+        self.Y = torch.zeros(K, m, D, dtype=_F64, device=dev)
+        self.SY = torch.zeros(K, m, m, dtype=_F64, device=dev)
+        self.YY = torch.zeros(K, m, m, dtype=_F64, device=dev)
+        self.rho = torch.zeros(K, m, dtype=_F64, device=dev)
+        self.gamma = torch.ones(K, dtype=_F64, device=dev)
+        self.slots: list[int] = []  # oldest first
+        self.m = m
+
+    def keep(self, idx: torch.Tensor) -> None:
+        self.S, self.Y, self.SY, self.YY = self.S[idx], self.Y[idx], self.SY[idx], self.YY[idx]
+        self.rho, self.gamma = self.rho[idx], self.gamma[idx]
+
+    def reset(self, mask: torch.Tensor) -> None:
+        self.rho[mask] = 0.0
+        self.gamma[mask] = 1.0
+
+    def empty(self) -> torch.Tensor:
+        return (self.rho == 0).all(1)
+
+    def direction(self, G: torch.Tensor) -> torch.Tensor:
+        """-H G for G [D, K]: the L-BFGS two-loop recursion in matrix form."""
+        if not self.slots:
+            return -self.gamma * G
+        o = torch.as_tensor(self.slots, device=G.device)
+        g = G.T.unsqueeze(2)  # [K, D, 1]
+        S, Y = self.S[:, o], self.Y[:, o]  # [K, L, D]
+        a = torch.bmm(S, g).squeeze(2)  # s_i . g
+        b = torch.bmm(Y, g).squeeze(2)  # y_i . g
+        SY = self.SY[:, o][:, :, o]
+        YY = self.YY[:, o][:, :, o]
+        rho = self.rho[:, o]
+        # First loop: alpha_i = rho_i (s_i . g - sum_{j > i} alpha_j s_i . y_j).
+        eye = torch.eye(len(self.slots), dtype=_F64, device=G.device)
+        U = eye + rho.unsqueeze(2) * torch.triu(SY, 1)
+        alpha = torch.linalg.solve_triangular(U, (rho * a).unsqueeze(2), upper=True,
+                                              unitriangular=True)  # [K, L, 1]
+        # Second loop: delta = alpha - beta with
+        # beta_i = rho_i (gamma y_i . (g - Y^T alpha) + sum_{j < i} y_i . s_j delta_j).
+        gam = self.gamma[:, None]
+        c = gam * (b - torch.bmm(YY, alpha).squeeze(2))
+        Lo = eye + rho.unsqueeze(2) * torch.tril(SY.transpose(1, 2), -1)
+        delta = torch.linalg.solve_triangular(Lo, alpha - (rho * c).unsqueeze(2), upper=False,
+                                              unitriangular=True)
+        # r = gamma (g - Y^T alpha) + S^T delta;  direction = -r.
+        r = gam * (G.T - torch.bmm(Y.transpose(1, 2), alpha).squeeze(2))
+        r += torch.bmm(S.transpose(1, 2), delta).squeeze(2)
+        return -r.T
+
+    def _set_rho(self, slot: int, allowed: torch.Tensor | None = None) -> None:
+        sy = self.SY[:, slot, slot]
+        yy = self.YY[:, slot, slot]
+        ss = (self.S[:, slot] * self.S[:, slot]).sum(1)
+        ok = (sy > 1e-12 * torch.sqrt(ss * yy)) & (yy > 0)
+        if allowed is not None:
+            ok &= allowed
+        self.rho[:, slot] = torch.where(ok, 1.0 / torch.where(ok, sy, 1.0), 0.0)
+        self.gamma = torch.where(ok, sy / torch.where(ok, yy, 1.0), self.gamma)
+
+    def push(self, s: torch.Tensor, yv: torch.Tensor) -> None:
+        """Add the pair (s, y) [D, K] as the newest one."""
+        slot = len(self.slots) if len(self.slots) < self.m else self.slots.pop(0)
+        self.slots.append(slot)
+        self.S[:, slot] = s.T
+        self.Y[:, slot] = yv.T
+        ys = torch.bmm(self.Y, s.T.unsqueeze(2)).squeeze(2)  # y_j . s_new
+        sy = torch.bmm(self.S, yv.T.unsqueeze(2)).squeeze(2)  # s_i . y_new
+        yy = torch.bmm(self.Y, yv.T.unsqueeze(2)).squeeze(2)
+        self.SY[:, slot, :] = ys
+        self.SY[:, :, slot] = sy
+        self.YY[:, slot, :] = yy
+        self.YY[:, :, slot] = yy
+        self._set_rho(slot)
+
+    def shift_l2(self, delta: torch.Tensor) -> None:
+        """Re-target the history to l2 + delta: y = y_data + l2 s_w, so y += delta s_w.
+
+        The data term is the same for every grid value, so its curvature pairs carry
+        over exactly from one fit of the path to the next.
+        """
+        active = self.rho != 0
+        self.Y[:, :, :-1] += delta[:, None, None] * self.S[:, :, :-1]
+        self.SY = torch.bmm(self.S, self.Y.transpose(1, 2))
+        self.YY = torch.bmm(self.Y, self.Y.transpose(1, 2))
+        self.gamma = torch.ones_like(self.gamma)
+        for slot in self.slots:  # oldest first, so gamma ends at the newest valid pair
+            self._set_rho(slot, active[:, slot])
+
+
 class _State:
-    """Per-column solver state for the currently active columns (all float64)."""
+    """Iterate of the active columns: theta [D, K] (bias last), z = X w + b and friends."""
 
     def __init__(self, data: _Data, l2: torch.Tensor, theta: torch.Tensor, Z: torch.Tensor,
-                 loss: torch.Tensor, R: torch.Tensor, H: torch.Tensor, Gd: torch.Tensor):
-        self.l2 = l2  # [K]
-        self.theta = theta  # [D, K], D = d + 1 (bias last)
-        self.Z = Z  # [n, K]
-        self.loss = loss  # [K] data loss
-        self.R = R  # [n, K]
-        self.H = H  # [n, K]
-        self.Gd = Gd  # [D, K] data gradient (bias row = sum R)
-        K = theta.shape[1]
-        D = theta.shape[0]
-        dev = theta.device
-        self.S = torch.zeros(_MEMORY, D, K, dtype=_F64, device=dev)
-        self.Y = torch.zeros(_MEMORY, D, K, dtype=_F64, device=dev)
-        self.rho = torch.zeros(_MEMORY, K, dtype=_F64, device=dev)
-        self.gamma = torch.ones(K, dtype=_F64, device=dev)
-        self.slots: list[int] = []  # ring-buffer order, oldest first
+                 mem: _Memory, Gd: torch.Tensor | None = None):
+        self.l2 = l2
+        self.theta = theta
+        self.Z = Z
+        self.sig = torch.sigmoid(Z)
+        self.loss = data.loss(Z)
+        self.R = data.residual(self.sig)
+        self.Gd = Gd if Gd is not None else data_grad(data, self.R)
+        self.mem = mem
 
     def grad(self) -> torch.Tensor:
         G = self.Gd.clone()
-        G[:-1] += self.l2 * self.theta[:-1]
+        G[:-1].add_(self.l2 * self.theta[:-1])
         return G
 
-    def f(self) -> torch.Tensor:
-        w = self.theta[:-1]
-        return self.loss + 0.5 * self.l2 * (w * w).sum(0)
-
     def keep(self, idx: torch.Tensor) -> None:
-        for name in ("l2", "gamma", "loss"):
-            setattr(self, name, getattr(self, name)[idx])
-        for name in ("theta", "Z", "R", "H", "Gd"):
-            setattr(self, name, getattr(self, name)[:, idx])
-        self.S, self.Y, self.rho = self.S[..., idx], self.Y[..., idx], self.rho[:, idx]
-
-    def reset_memory(self, mask: torch.Tensor) -> None:
-        self.rho[:, mask] = 0.0
-        self.gamma[mask] = 1.0
-
-    def direction(self, G: torch.Tensor) -> torch.Tensor:
-        """-H_k G per column (two-loop recursion; empty/invalid slots have rho = 0)."""
-        q = G.clone()
-        alphas = []
-        for i in reversed(self.slots):
-            a = self.rho[i] * (self.S[i] * q).sum(0)
-            q -= a * self.Y[i]
-            alphas.append(a)
-        r = self.gamma * q
-        for i, a in zip(self.slots, reversed(alphas)):
-            beta = self.rho[i] * (self.Y[i] * r).sum(0)
-            r += self.S[i] * (a - beta)
-        return -r
-
-    def push(self, s: torch.Tensor, yv: torch.Tensor) -> None:
-        sy = (s * yv).sum(0)
-        yy = (yv * yv).sum(0)
-        ok = (sy > 1e-12 * torch.sqrt((s * s).sum(0) * yy)) & (yy > 0)
-        if len(self.slots) < _MEMORY:
-            slot = len(self.slots)
-        else:
-            slot = self.slots.pop(0)
-        self.slots.append(slot)
-        self.S[slot] = s
-        self.Y[slot] = yv
-        self.rho[slot] = torch.where(ok, 1.0 / torch.where(ok, sy, 1.0), 0.0)
-        self.gamma = torch.where(ok, sy / torch.where(ok, yy, 1.0), self.gamma)
+        self.l2, self.loss = self.l2[idx], self.loss[idx]
+        self.theta, self.Z, self.sig = self.theta[:, idx], self.Z[:, idx], self.sig[:, idx]
+        self.R, self.Gd = self.R[:, idx], self.Gd[:, idx]
+        self.mem.keep(idx)
 
 
-def _line_search(data: _Data, st: _State, P: torch.Tensor, Q: torch.Tensor):
-    """Strong-Wolfe search along P for every column; each trial costs O(n) per column.
+def data_grad(data: _Data, R: torch.Tensor) -> torch.Tensor:
+    """Gradient of the data term for residuals R [n, K]: [X^T R; sum R] -> [D, K]."""
+    return torch.cat([data.xtr(R), R.sum(0, keepdim=True)])
 
-    Returns (t [K], ok [K], loss [K], R, H) at the accepted steps (R, H [n, K]).
+
+def _line_search(data: _Data, st: _State, P: torch.Tensor, Q: torch.Tensor,
+                 newton_start: torch.Tensor):
+    """Strong-Wolfe search along P for every column; each trial is O(n) per column.
+
+    phi(t) = J(theta + t P) is convex in t.  The first trial is t = 1 (the L-BFGS
+    step) or, where ``newton_start``, the 1-D Newton step -phi'(0)/phi''(0); later
+    trials are safeguarded Newton steps inside the bracket [lo, hi] of the minimiser.
+
+    Returns t [K], ok [K] (a decrease was found), and Z, sig, loss at the new points
+    (unchanged for columns that failed).
     """
     K = P.shape[1]
     dev = P.device
+    l2 = st.l2
     w, pw = st.theta[:-1], P[:-1]
     ww, wp, pp = (w * w).sum(0), (w * pw).sum(0), (pw * pw).sum(0)
-    l2 = st.l2
     phi0 = st.loss + 0.5 * l2 * ww
     dphi0 = (st.R * Q).sum(0) + l2 * wp
-    d2phi0 = (st.H * Q * Q).sum(0) + l2 * pp
+    CQ = data.c * Q
+    B1 = (data.cy * Q).sum(0)  # sum_i c_i y_i q_i
 
-    t = torch.where(d2phi0 > 0, -dphi0 / d2phi0.clamp_min(1e-300), torch.ones_like(dphi0))
-    t = torch.where(torch.isfinite(t) & (t > 0), t, torch.ones_like(t))
+    def second(sig, idx=None):
+        cq = CQ if idx is None else CQ[:, idx]
+        q = Q if idx is None else Q[:, idx]
+        l2i, ppi = (l2, pp) if idx is None else (l2[idx], pp[idx])
+        return (cq * q * sig * (1.0 - sig)).sum(0) + l2i * ppi
+
+    t = torch.ones(K, dtype=_F64, device=dev)
+    if bool(newton_start.any()):
+        tn = -dphi0 / second(st.sig).clamp_min(1e-300)
+        tn = torch.where(torch.isfinite(tn) & (tn > 0), tn, t)
+        t = torch.where(newton_start, tn, t)
+
+    def trial(idx, ti):
+        Zi = st.Z if idx is None else st.Z[:, idx]
+        Qi = Q if idx is None else Q[:, idx]
+        CQi = CQ if idx is None else CQ[:, idx]
+        Zt = torch.addcmul(Zi, Qi, ti)
+        loss = data.loss(Zt)
+        sig = torch.sigmoid(Zt)
+        sel = (lambda v: v) if idx is None else (lambda v: v[idx])
+        phi = loss + 0.5 * sel(l2) * (sel(ww) + 2 * ti * sel(wp) + ti * ti * sel(pp))
+        dphi = (CQi * sig).sum(0) - sel(B1) + sel(l2) * (sel(wp) + ti * sel(pp))
+        return Zt, sig, loss, phi, dphi
+
+    # First trial for all columns at once (usually accepted everywhere).
+    Zt, sig, loss, phi, dphi = trial(None, t)
+    descent = dphi0 < 0
+    accept = descent & (phi <= phi0 + _C1 * t * dphi0) & (dphi.abs() <= _C2 * dphi0.abs())
+    if bool(accept.all()):
+        return t, accept, Zt, sig, loss
+
+    out_t = torch.where(accept, t, 0.0)
+    out_ok = accept.clone()
+    out_Z = torch.where(accept, Zt, st.Z)
+    out_sig = torch.where(accept, sig, st.sig)
+    out_loss = torch.where(accept, loss, st.loss)
+    best_phi = torch.where(accept, phi, phi0)
     lo = torch.zeros(K, dtype=_F64, device=dev)
     hi = torch.full((K,), math.inf, dtype=_F64, device=dev)
-
-    out_t = torch.zeros(K, dtype=_F64, device=dev)
-    out_ok = torch.zeros(K, dtype=torch.bool, device=dev)
-    out_loss = st.loss.clone()
-    out_R = st.R.clone()
-    out_H = st.H.clone()
-    best_phi = phi0.clone()
-
-    pending = dphi0 < 0  # a non-descent direction fails immediately
-    for _ in range(_MAX_LS):
+    pending = descent & ~accept
+    idx = None
+    for it in range(_MAX_LS):
+        ii = torch.arange(K, device=dev) if idx is None else idx
+        ti = t[ii]
+        if it > 0:
+            Zt, sig, loss, phi, dphi = trial(idx, ti)
+            armijo = phi <= phi0[ii] + _C1 * ti * dphi0[ii]
+            acc = armijo & (dphi.abs() <= _C2 * dphi0[ii].abs())
+        else:
+            armijo = phi <= phi0 + _C1 * t * dphi0
+            acc = accept
+        better = acc | (phi < best_phi[ii])
+        upd = ii[better & pending[ii]]
+        if upd.numel():
+            sel = better & pending[ii]
+            best_phi[upd] = phi[sel]
+            out_t[upd] = ti[sel]
+            out_ok[upd] = True
+            out_Z[:, upd] = Zt[:, sel]
+            out_sig[:, upd] = sig[:, sel]
+            out_loss[upd] = loss[sel]
+        pending[ii[acc]] = False
+        # Bracket the minimiser of the convex phi and take a safeguarded Newton step.
+        up = (dphi > 0) | ~armijo
+        lo_i = torch.where(up, lo[ii], ti)
+        hi_i = torch.where(up, ti, hi[ii])
+        newton = ti - dphi / second(sig, ii).clamp_min(1e-300)
+        width = hi_i - lo_i
+        finite_hi = torch.isfinite(hi_i)
+        inside = (newton > lo_i + 0.01 * width) & (newton < hi_i - 0.01 * width)
+        grow = torch.where(torch.isfinite(newton) & (newton > ti), torch.minimum(newton, 10 * ti),
+                           2 * ti)
+        nxt = torch.where(finite_hi, torch.where(inside, newton, 0.5 * (lo_i + hi_i)), grow)
+        lo[ii], hi[ii], t[ii] = lo_i, hi_i, nxt
+        dead = finite_hi & (width <= 1e-15 * hi_i)  # bracket below float64 resolution
+        pending[ii[dead]] = False
         idx = torch.nonzero(pending).flatten()
         if idx.numel() == 0:
             break
-        ti = t[idx]
-        Zt = st.Z[:, idx] + ti * Q[:, idx]
-        loss, R, H = data.point(Zt)
-        Qi = Q[:, idx]
-        phi = loss + 0.5 * l2[idx] * (ww[idx] + 2 * ti * wp[idx] + ti * ti * pp[idx])
-        dphi = (R * Qi).sum(0) + l2[idx] * (wp[idx] + ti * pp[idx])
-        d2phi = (H * Qi * Qi).sum(0) + l2[idx] * pp[idx]
-
-        armijo = phi <= phi0[idx] + _C1 * ti * dphi0[idx]
-        curv = dphi.abs() <= _C2 * dphi0[idx].abs()
-        accept = armijo & curv
-        # Remember the best decreasing point in case the search runs out of trials.
-        better = (phi < best_phi[idx]) | accept
-        bi = idx[better]
-        if bi.numel():
-            best_phi[bi] = phi[better]
-            out_t[bi] = ti[better]
-            out_ok[bi] = True
-            out_loss[bi] = loss[better]
-            out_R[:, bi] = R[:, better]
-            out_H[:, bi] = H[:, better]
-        pending[idx[accept]] = False
-
-        # Bracket the minimiser of the convex 1-D function and take a safeguarded Newton step.
-        up = (dphi > 0) | ~armijo
-        lo_i = torch.where(up, lo[idx], ti)
-        hi_i = torch.where(up, ti, hi[idx])
-        newton = ti - dphi / d2phi.clamp_min(1e-300)
-        finite_hi = torch.isfinite(hi_i)
-        width = hi_i - lo_i
-        inside = (newton > lo_i + 0.01 * width) & (newton < hi_i - 0.01 * width)
-        nxt = torch.where(finite_hi, torch.where(inside, newton, 0.5 * (lo_i + hi_i)),
-                          torch.where(torch.isfinite(newton) & (newton > ti),
-                                      torch.minimum(newton, 10 * ti), 2 * ti))
-        lo[idx], hi[idx], t[idx] = lo_i, hi_i, nxt
-        # Give up on columns whose bracket collapsed below float64 resolution.
-        dead = finite_hi & (width <= 1e-15 * hi_i)
-        pending[idx[dead & ~accept]] = False
-    return out_t, out_ok, out_loss, out_R, out_H
+    return out_t, out_ok, out_Z, out_sig, out_loss
 
 
 def _lbfgs_columns(data: _Data, l2: torch.Tensor, theta: torch.Tensor, *, tol: float,
-                   max_iter: int, Z: torch.Tensor | None = None, n_iter0=None):
-    """Minimise J for each column of theta [D, K] jointly.
+                   max_iter: int, memory: int, n_iter0=None, state: _State | None = None):
+    """Minimise J for each column of theta [D, K] jointly (each with its own L-BFGS).
 
-    Returns theta [D, K], n_iter [K] (numpy int), status [K] (numpy str:
-    "converged", "max_iter" or "stalled").
+    ``state`` (optional) is a prepared :class:`_State` for exactly these columns
+    (used by warm starts to carry z, the data gradient and the L-BFGS history).
+    Returns (theta [D, K], n_iter [K], status [K], final state of the last column).
     """
     K = theta.shape[1]
-    if Z is None:
-        Z = data.margins(theta)
-    loss, R, H = data.point(Z)
-    Gd = torch.cat([data.xtr(R), R.sum(0, keepdim=True)])
-    st = _State(data, l2.clone(), theta.clone(), Z, loss, R, H, Gd)
-
+    if state is None:
+        mem = _Memory(memory, theta.shape[0], K, data.dev)
+        if bool((theta[:-1] == 0).all()):  # z = b: no pass over X needed
+            Z = theta[-1].expand(data.n, K).clone()
+        else:
+            Z = data.xp(theta)
+        st = _State(data, l2.clone(), theta.clone(), Z, mem)
+    else:
+        st = state
     out_theta = theta.clone()
     n_iter = np.zeros(K, dtype=np.int64) if n_iter0 is None else np.asarray(n_iter0).copy()
     status = np.array(["max_iter"] * K, dtype=object)
-    cols = np.arange(K)  # original column of each active column
+    cols = np.arange(K)  # original index of each active column
+    last = None
+
+    def retire(mask: np.ndarray, why) -> bool:
+        """Record and drop the columns in mask; returns True when none is left."""
+        nonlocal cols, last
+        for j in np.nonzero(mask)[0]:
+            out_theta[:, cols[j]] = st.theta[:, j]
+            status[cols[j]] = why[j] if isinstance(why, np.ndarray) else why
+        if mask.all():
+            last = st
+            return True
+        keep = np.nonzero(~mask)[0]
+        st.keep(torch.as_tensor(keep, device=data.dev))
+        cols = cols[keep]
+        return False
 
     G = st.grad()
     while True:
-        gmax = G.abs().amax(0)
-        done_conv = (gmax <= tol).cpu().numpy()
-        done_iter = n_iter[cols] >= max_iter
-        done = done_conv | done_iter
+        conv = (G.abs().amax(0) <= tol).cpu().numpy()
+        done = conv | (n_iter[cols] >= max_iter)
         if done.any():
-            for j in np.nonzero(done)[0]:
-                out_theta[:, cols[j]] = st.theta[:, j]
-                status[cols[j]] = "converged" if done_conv[j] else "max_iter"
-            keep = np.nonzero(~done)[0]
-            if keep.size == 0:
+            if retire(done, np.where(conv, "converged", "max_iter")):
                 break
-            kidx = torch.as_tensor(keep, device=data.dev)
-            st.keep(kidx)
-            G = G[:, kidx]
-            cols = cols[keep]
+            G = G[:, torch.as_tensor(np.nonzero(~done)[0], device=data.dev)]
 
-        P = st.direction(G)
-        # Not a descent direction (rounding): restart from steepest descent.
-        bad = (P * G).sum(0) >= 0
+        P = st.mem.direction(G)
+        bad = (P * G).sum(0) >= 0  # not a descent direction (rounding): steepest descent
         if bool(bad.any()):
-            st.reset_memory(bad)
+            st.mem.reset(bad)
             P[:, bad] = -G[:, bad]
-        Q = data.xp(P[:-1]) + P[-1]
-        t, ok, loss, R, H = _line_search(data, st, P, Q)
+        Q = data.xp(P)
+        ok0 = bad
+        t, ok, Z, sig, loss = _line_search(
+            data, st, P, Q, torch.ones_like(ok0) if _NEWTON_START else st.mem.empty())
         if not bool(ok.all()):
-            # Retry failed columns along steepest descent with fresh memory.
-            bad = ~ok & (st.rho != 0).any(0)
-            if bool(bad.any()):
-                st.reset_memory(bad)
-                P2 = P.clone()
-                P2[:, bad] = -G[:, bad]
-                Q2 = Q.clone()
-                Q2[:, bad] = data.xp(P2[:-1, bad]) + P2[-1, bad]
-                t2, ok2, loss2, R2, H2 = _line_search(data, st, P2, Q2)
-                t = torch.where(bad, t2, t)
-                ok = torch.where(bad, ok2, ok)
-                loss = torch.where(bad, loss2, loss)
-                R = torch.where(bad, R2, R)
-                H = torch.where(bad, H2, H)
-                P, Q = P2, Q2
-        stalled = (~ok).cpu().numpy()
-        if stalled.any():
-            for j in np.nonzero(stalled)[0]:
-                out_theta[:, cols[j]] = st.theta[:, j]
-                status[cols[j]] = "stalled"
-            keep = np.nonzero(~stalled)[0]
-            if keep.size == 0:
-                break
-            kidx = torch.as_tensor(keep, device=data.dev)
-            st.keep(kidx)
-            G, P, Q, t = G[:, kidx], P[:, kidx], Q[:, kidx], t[kidx]
-            loss, R, H = loss[kidx], R[:, kidx], H[:, kidx]
-            cols = cols[keep]
+            # Retry along steepest descent (fresh memory) where the history was in use.
+            retry = ~ok & ~st.mem.empty()
+            if bool(retry.any()):
+                st.mem.reset(retry)
+                P[:, retry] = -G[:, retry]
+                Q[:, retry] = data.xp(P[:, retry])
+                t2, ok2, Z2, sig2, loss2 = _line_search(data, st, P, Q, retry)
+                t, ok = torch.where(retry, t2, t), torch.where(retry, ok2, ok)
+                Z, sig = torch.where(retry, Z2, Z), torch.where(retry, sig2, sig)
+                loss = torch.where(retry, loss2, loss)
+            failed = (~ok).cpu().numpy()
+            if failed.any():  # no decrease representable in float64: stop there
+                if retire(failed, "stalled"):
+                    break
+                keep = torch.as_tensor(np.nonzero(~failed)[0], device=data.dev)
+                G, P, t, Z, sig, loss = G[:, keep], P[:, keep], t[keep], Z[:, keep], sig[:, keep], loss[keep]
 
-        step = t * P
-        st.theta += step
-        st.Z += t * Q
-        st.loss, st.R, st.H = loss, R, H
-        st.Gd = torch.cat([data.xtr(R), R.sum(0, keepdim=True)])
+        step = P.mul_(t)
+        st.theta.add_(step)
+        st.Z, st.sig, st.loss = Z, sig, loss
+        st.R = data.residual(sig)
+        st.Gd = data_grad(data, st.R)
         G_new = st.grad()
-        st.push(step, G_new - G)
+        st.mem.push(step, G_new - G)
         G = G_new
         n_iter[cols] += 1
-    return out_theta, n_iter, status
+    return out_theta, n_iter, status, last
 
 
 def _refresh(data: _Data, theta: torch.Tensor, l2: torch.Tensor):
-    """Loss, gradient and max-abs gradient at theta, recomputed from X (no incremental state)."""
-    Z = data.margins(theta)
-    loss, R, _ = data.point(Z)
-    G = torch.cat([data.xtr(R), R.sum(0, keepdim=True)])
+    """J and max |grad J| at theta, recomputed from X (no incremental state)."""
+    Z = data.xp(theta)
+    R = data.residual(torch.sigmoid(Z))
+    G = data_grad(data, R)
     w = theta[:-1]
     G[:-1] += l2 * w
-    f = loss + 0.5 * l2 * (w * w).sum(0)
-    return Z, f, G.abs().amax(0)
+    f = data.loss(Z) + 0.5 * l2 * (w * w).sum(0)
+    return f, G.abs().amax(0)
 
 
 def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
-              strategy: str = "joint"):
-    """Fit every (distinct) l2; returns theta [D, K], n_iter, converged, f, gmax (numpy)."""
+              strategy: str = _STRATEGY, memory: int = _MEMORY):
+    """Fit every distinct l2; returns theta [D, K], n_iter, converged, J, max|grad| (numpy)."""
     K = len(l2_unique)
     D = data.d + 1
     dev = data.dev
-    l2 = torch.as_tensor(l2_unique, dtype=_F64, device=dev)
+    l2 = torch.as_tensor(np.asarray(l2_unique, dtype=np.float64), device=dev)
     # Start at w = 0 with the optimal intercept for w = 0.
-    pos = float((data.c * data.y).sum())
-    neg = float((data.c * (1 - data.y)).sum())
+    pos = float(data.cy.sum())
+    neg = float((data.c - data.cy).sum())
     b0 = math.log(pos / neg) if pos > 0 and neg > 0 else 0.0
     theta0 = torch.zeros(D, K, dtype=_F64, device=dev)
     theta0[-1] = b0
 
     if strategy == "joint":
-        theta, n_iter, status = _lbfgs_columns(data, l2, theta0, tol=tol, max_iter=max_iter)
-    elif strategy == "warm":
-        order = np.argsort(-l2_unique, kind="stable")  # strongest penalty first
+        theta, n_iter, status, _ = _lbfgs_columns(data, l2, theta0, tol=tol, max_iter=max_iter,
+                                                  memory=memory)
+    elif strategy in ("warm", "warm_point"):
+        # Strongest penalty first; each fit starts at the previous solution.  With
+        # "warm" the L-BFGS history (curvature of the shared data term) carries over.
+        order = np.argsort(-np.asarray(l2_unique), kind="stable")
         theta = theta0.clone()
         n_iter = np.zeros(K, dtype=np.int64)
         status = np.array(["max_iter"] * K, dtype=object)
-        prev = theta0[:, :1]
+        prev = None
         for k in order:
-            th, it, stt = _lbfgs_columns(data, l2[k : k + 1], prev.clone(), tol=tol,
-                                         max_iter=max_iter)
+            lk = l2[k : k + 1]
+            st = None
+            if prev is not None:
+                if strategy == "warm":
+                    prev.mem.shift_l2(lk - prev.l2)
+                else:
+                    prev.mem = _Memory(memory, D, 1, dev)
+                prev.l2 = lk.clone()
+                st = prev
+            th, it, stt, prev = _lbfgs_columns(data, lk, theta0[:, k : k + 1] if st is None
+                                               else st.theta.clone(), tol=tol,
+                                               max_iter=max_iter, memory=memory, state=st)
             theta[:, k] = th[:, 0]
             n_iter[k], status[k] = it[0], stt[0]
-            prev = th
     else:
         raise ValueError(f"unknown strategy {strategy!r}")
 
-    # Verify from scratch; columns that only looked converged (incremental z drift)
-    # continue from the fresh state.
+    # Verify from scratch.  Columns that only looked converged (drift of the
+    # incrementally updated z) continue from the fresh state.
     for attempt in range(4):
-        _, f, gmax = _refresh(data, theta, l2)
+        f, gmax = _refresh(data, theta, l2)
         redo = [k for k in range(K) if status[k] == "converged" and float(gmax[k]) > tol
                 and n_iter[k] < max_iter]
         if not redo or attempt == 3:
             break
         ridx = torch.as_tensor(redo, device=dev)
-        th, it, stt = _lbfgs_columns(data, l2[ridx], theta[:, ridx], tol=tol,
-                                     max_iter=max_iter, n_iter0=n_iter[redo])
+        th, it, stt, _ = _lbfgs_columns(data, l2[ridx], theta[:, ridx], tol=tol,
+                                        max_iter=max_iter, memory=memory, n_iter0=n_iter[redo])
         theta[:, ridx] = th
         n_iter[redo] = it
         for j, k in enumerate(redo):
@@ -503,7 +617,7 @@ def fit_l2_path(
         return []
     if any(not math.isfinite(v) or v < 0 for v in grid):
         raise ValueError(f"l2 values must be finite and >= 0, got {grid}")
-    if not (tol > 0):
+    if not tol > 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
@@ -512,15 +626,13 @@ def fit_l2_path(
     with torch.no_grad(), _exact_float32_matmul():
         theta, n_iter, converged, f, gmax = _fit_path(data, uniq, tol=tol, max_iter=max_iter)
     theta_cpu = theta.cpu()
-    results = {}
+    per_value = {}
     for k, v in enumerate(uniq):
-        results[v] = (
-            theta_cpu[:-1, k].to(torch.float32).numpy(),
-            float(theta_cpu[-1, k]), int(n_iter[k]), bool(converged[k]), float(f[k]), float(gmax[k]),
-        )
+        per_value[v] = (theta_cpu[:-1, k].to(torch.float32).numpy(), float(theta_cpu[-1, k]),
+                        int(n_iter[k]), bool(converged[k]), float(f[k]), float(gmax[k]))
     out = []
     for v in grid:
-        w, b, it, conv, loss, g = results[v]
+        w, b, it, conv, loss, g = per_value[v]
         out.append(PathResult(l2=v, weight=w.copy(), bias=b, n_iter=it, converged=conv,
                               loss=loss, grad_norm=g))
     return out

@@ -1,0 +1,823 @@
+"""One self-contained HTML page per dataset: how good are the probes, and where do they fire?
+
+Everything is read from what the other stages left behind (probe JSONs and
+weights, the activation cache, the monitor's stored token logits); no model
+runs except the tokenizer, for token text.  The page has no external
+resources: charts are inline SVG written here, styles are one ``<style>``
+block, so it opens offline and can be mailed around.  A missing stage is a
+note in the page, never an error, except when there is no probe at all.
+
+Stable hooks for tests and scripts: ``<svg class="chart">`` with ids
+``auroc-by-layer``, ``roc-probes``, ``roc-monitor``, ``l2-path``; plotted
+series carry ``data-layer``/``data-seed``/``data-auroc`` (exact ``repr`` of
+the JSON value); heatmaps are ``div.heatmap`` of ``span.tok`` (needle tokens
+``span.tok.needle``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .config import Config
+from .errors import NeedleprobeError
+
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
+SEED_DASH = ("", "7 4", "2 3", "10 3 2 3", "4 2")
+N_EXTREME_DOCS = 3
+N_RANDOM_DOCS = 3
+HEATMAP_SEED = 0
+MAX_HEATMAP_TOKENS = 1024  # per document; longer ones are cut (and say so)
+
+
+def esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def report_path(cfg: Config) -> Path:
+    """``results/report/{name}_{version}.html``: beside ``results/probes`` and ``results/monitor``."""
+    return Path(cfg.probe.output_dir).parent / "report" / f"{cfg.dataset.key}.html"
+
+
+# ---------------------------------------------------------------------------
+# inputs
+
+
+@dataclass
+class ProbeInfo:
+    layer: int
+    seed: int
+    pt: Path
+    meta: dict[str, Any]
+
+    @property
+    def auroc(self) -> float:
+        return float(self.meta["val_metrics"]["auroc"])
+
+    @property
+    def ci(self) -> tuple[float, float] | None:
+        ci = self.meta.get("val_metrics", {}).get("auroc_ci95")
+        return (float(ci[0]), float(ci[1])) if ci else None
+
+
+def load_probe_infos(cfg: Config) -> tuple[list[ProbeInfo], list[str]]:
+    """Probes of the config's layers × seeds that exist on disk, and the ones that do not."""
+    from .fit import probe_paths
+
+    found, missing = [], []
+    for layer in sorted(cfg.probe.layers_to_probe):
+        for seed in cfg.probe.train_seeds:
+            pt, js = probe_paths(cfg, layer, seed)
+            if js.is_file() and pt.is_file():
+                found.append(ProbeInfo(layer, seed, pt, json.loads(js.read_text())))
+            else:
+                missing.append(f"layer {layer} seed {seed}")
+    return found, missing
+
+
+def best_per_layer(probes: list[ProbeInfo]) -> dict[int, ProbeInfo]:
+    """Highest val AUROC per layer; ties go to the lowest seed."""
+    out: dict[int, ProbeInfo] = {}
+    for p in probes:
+        cur = out.get(p.layer)
+        if cur is None or p.auroc > cur.auroc:
+            out[p.layer] = p
+    return out
+
+
+def best_overall(probes: list[ProbeInfo]) -> ProbeInfo:
+    """Highest val AUROC; ties go to the layer with the better seed mean, then the earlier layer."""
+    mean = {layer: float(np.mean([q.auroc for q in probes if q.layer == layer])) for layer in {p.layer for p in probes}}
+    return max(probes, key=lambda p: (p.auroc, mean[p.layer], -p.layer, -p.seed))
+
+
+# ---------------------------------------------------------------------------
+# SVG charts
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / n
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
+    start = math.ceil(lo / step - 1e-9) * step
+    ticks = []
+    v = start
+    while v <= hi + step * 1e-9:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def fmt_num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if 1e-3 <= abs(v) < 1e4:
+        return f"{v:g}"
+    return f"1e{int(round(math.log10(abs(v))))}" if math.isclose(abs(v), 10 ** round(math.log10(abs(v)))) else f"{v:.0e}"
+
+
+class Plot:
+    """A minimal x/y chart: scales, grid, axes, legend; callers add marks in data coordinates."""
+
+    def __init__(self, chart_id: str, label: str, xlim: tuple[float, float], ylim: tuple[float, float], *,
+                 xlog: bool = False, width: int = 760, height: int = 360, legend_width: int = 200,
+                 legend_inside: bool = False):
+        self.id, self.label = chart_id, label
+        self.xlog = xlog
+        self.x0, self.x1 = (math.log10(xlim[0]), math.log10(xlim[1])) if xlog else xlim
+        self.y0, self.y1 = ylim
+        self.w, self.h = width, height
+        self.left, self.right, self.top, self.bottom = 62, width - legend_width, 14, height - 48
+        self.legend_inside = legend_inside
+        self.marks: list[str] = []
+        self.legend_items: list[str] = []
+
+    def px(self, x: float) -> float:
+        v = math.log10(x) if self.xlog else x
+        return self.left + (v - self.x0) / (self.x1 - self.x0) * (self.right - self.left)
+
+    def py(self, y: float) -> float:
+        return self.bottom - (y - self.y0) / (self.y1 - self.y0) * (self.bottom - self.top)
+
+    def axes(self, xticks: Iterable[tuple[float, str]], yticks: Iterable[tuple[float, str]], xlabel: str, ylabel: str) -> None:
+        g = ['<g class="grid">']
+        ax = ['<g class="axis">']
+        for v, lab in xticks:
+            x = self.px(v)
+            g.append(f'<line x1="{x:.1f}" y1="{self.top}" x2="{x:.1f}" y2="{self.bottom}"/>')
+            ax.append(f'<text x="{x:.1f}" y="{self.bottom + 17}" text-anchor="middle">{esc(lab)}</text>')
+        for v, lab in yticks:
+            y = self.py(v)
+            g.append(f'<line x1="{self.left}" y1="{y:.1f}" x2="{self.right}" y2="{y:.1f}"/>')
+            ax.append(f'<text x="{self.left - 8}" y="{y + 4:.1f}" text-anchor="end">{esc(lab)}</text>')
+        w, h = self.right - self.left, self.bottom - self.top
+        ax.append(f'<rect class="frame" x="{self.left}" y="{self.top}" width="{w}" height="{h}"/>')
+        ax.append(f'<text class="label" x="{self.left + w / 2:.1f}" y="{self.h - 8}" text-anchor="middle">{esc(xlabel)}</text>')
+        ax.append(f'<text class="label" transform="translate(16 {self.top + h / 2:.1f}) rotate(-90)" '
+                  f'text-anchor="middle">{esc(ylabel)}</text>')
+        self.marks[:0] = g + ["</g>"] + ax + ["</g>"]
+
+    def add(self, svg: str) -> None:
+        self.marks.append(svg)
+
+    def path_d(self, xs: Iterable[float], ys: Iterable[float]) -> str:
+        pts, last = [], None
+        for x, y in zip(xs, ys):
+            p = (round(self.px(x), 1), round(self.py(y), 1))
+            if p != last:
+                pts.append(p)
+                last = p
+        return "M" + " L".join(f"{a:.1f} {b:.1f}" for a, b in pts)
+
+    def legend(self, label: str, color: str, *, dash: str = "", marker: bool = False, ring: bool = False) -> None:
+        """One legend row: a line sample (dashed if ``dash``), a dot (``marker``) or a hollow ring alone (``ring``)."""
+        i = len(self.legend_items)
+        x, y = (self.right - 226, 0) if self.legend_inside else (self.right + 18, self.top + 12 + 20 * i)
+        d = f' stroke-dasharray="{dash}"' if dash else ""
+        if ring:
+            sample = f'<circle cx="{x + 12}" cy="{y}" r="5.5" fill="white" stroke="{color}" stroke-width="2"/>'
+        else:
+            sample = f'<line x1="{x}" y1="{y}" x2="{x + 24}" y2="{y}" stroke="{color}" stroke-width="2.5"{d}/>'
+            if marker:
+                sample += f'<circle cx="{x + 12}" cy="{y}" r="4" fill="{color}"/>'
+        self.legend_items.append(f'<g class="legend-item">{sample}<text x="{x + 32}" y="{y + 4}">{esc(label)}</text></g>')
+
+    def render(self) -> str:
+        legend = "".join(self.legend_items)
+        if self.legend_inside and self.legend_items:
+            # stacked up from the bottom-right corner (empty on a ROC plot), on a white box
+            n = len(self.legend_items)
+            y0 = self.bottom - 14 - 20 * (n - 1)
+            box = (f'<rect class="legend-box" x="{self.right - 234}" y="{y0 - 12}" width="228" height="{20 * n + 4}" '
+                   'rx="4" fill="white" fill-opacity="0.92" stroke="#d1d9e0"/>')
+            legend = box + "".join(f'<g transform="translate(0 {y0 + 20 * i})">{it}</g>' for i, it in enumerate(self.legend_items))
+        return (
+            f'<svg class="chart" id="{esc(self.id)}" viewBox="0 0 {self.w} {self.h}" role="img" aria-label="{esc(self.label)}" '
+            f'xmlns="http://www.w3.org/2000/svg">'
+            + "".join(self.marks)
+            + f'<g class="legend">{legend}</g></svg>'
+        )
+
+
+def _auroc_ylim(values: Iterable[float]) -> tuple[float, float]:
+    lo = min(values)
+    y0 = max(0.0, math.floor((lo - 0.01) * 20) / 20)
+    y0 = min(y0, 0.95)
+    return y0, 1.0 + (1.0 - y0) * 0.04
+
+
+def _yticks(y0: float, y1: float) -> list[tuple[float, str]]:
+    return [(v, f"{v:g}") for v in nice_ticks(y0, min(y1, 1.0)) if v <= 1.0]
+
+
+def chart_auroc_by_layer(probes: list[ProbeInfo]) -> str:
+    layers = sorted({p.layer for p in probes})
+    seeds = sorted({p.seed for p in probes})
+    vals = [p.auroc for p in probes] + [c for p in probes if p.ci for c in p.ci]
+    plot = Plot("auroc-by-layer", "validation AUROC by layer and seed with 95% CI", (-0.5, len(layers) - 0.5), _auroc_ylim(vals))
+    plot.axes([(i, str(layer)) for i, layer in enumerate(layers)], _yticks(plot.y0, plot.y1), "layer", "val AUROC (token level)")
+    if plot.y0 <= 0.5:
+        plot.add(f'<line class="chance" x1="{plot.left}" y1="{plot.py(0.5):.1f}" x2="{plot.right}" y2="{plot.py(0.5):.1f}"/>')
+    spread = min(0.5, 0.16 * (len(seeds) - 1))
+    for p in probes:
+        j = seeds.index(p.seed)
+        x = layers.index(p.layer) + (j / (len(seeds) - 1) - 0.5) * spread if len(seeds) > 1 else layers.index(p.layer)
+        cx, color = plot.px(x), PALETTE[j % len(PALETTE)]
+        ci_txt = ""
+        if p.ci:
+            lo, hi = plot.py(p.ci[0]), plot.py(p.ci[1])
+            plot.add(
+                f'<g class="errorbar" stroke="{color}" data-layer="{p.layer}" data-seed="{p.seed}">'
+                f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}"/>'
+                f'<line x1="{cx - 4:.1f}" y1="{lo:.1f}" x2="{cx + 4:.1f}" y2="{lo:.1f}"/>'
+                f'<line x1="{cx - 4:.1f}" y1="{hi:.1f}" x2="{cx + 4:.1f}" y2="{hi:.1f}"/></g>'
+            )
+            ci_txt = f" (95% CI {p.ci[0]:.4f}–{p.ci[1]:.4f})"
+        plot.add(
+            f'<circle class="point" cx="{cx:.1f}" cy="{plot.py(p.auroc):.1f}" r="4.5" fill="{color}" '
+            f'data-layer="{p.layer}" data-seed="{p.seed}" data-auroc="{p.auroc!r}">'
+            f"<title>layer {p.layer} · seed {p.seed} · AUROC {p.auroc:.4f}{esc(ci_txt)} · L2 {p.meta.get('selected_l2', '?')}</title></circle>"
+        )
+    for j, s in enumerate(seeds):
+        plot.legend(f"seed {s}", PALETTE[j % len(PALETTE)], marker=True)
+    return plot.render()
+
+
+def chart_l2_path(probes: list[ProbeInfo]) -> str:
+    l2s = [r["l2"] for p in probes for r in p.meta.get("l2_results", [])]
+    aucs = [r["val_auroc"] for p in probes for r in p.meta.get("l2_results", [])]
+    if not l2s:
+        return note("The probe files have no l2_results; refit with `needleprobe fit`.")
+    lo, hi = min(l2s), max(l2s)
+    plot = Plot("l2-path", "validation AUROC against the L2 strength, per layer and seed", (lo / 1.8, hi * 1.8),
+                _auroc_ylim(aucs), xlog=True)
+    decades = range(math.floor(math.log10(lo / 1.8)) + 1, math.floor(math.log10(hi * 1.8)) + 1)
+    xt = [(10.0**k, fmt_num(10.0**k)) for k in decades]
+    if len(xt) < 2:
+        xt = [(v, fmt_num(v)) for v in sorted(set(l2s))]
+    plot.axes(xt, _yticks(plot.y0, plot.y1), "L2 strength (log scale)", "val AUROC")
+    layers = sorted({p.layer for p in probes})
+    seeds = sorted({p.seed for p in probes})
+    for p in probes:
+        res = sorted(p.meta.get("l2_results", []), key=lambda r: r["l2"])
+        color = PALETTE[layers.index(p.layer) % len(PALETTE)]
+        dash = SEED_DASH[seeds.index(p.seed) % len(SEED_DASH)]
+        d_attr = f' stroke-dasharray="{dash}"' if dash else ""
+        xs, ys = [r["l2"] for r in res], [r["val_auroc"] for r in res]
+        plot.add(f'<path class="series l2" d="{plot.path_d(xs, ys)}" stroke="{color}"{d_attr} '
+                 f'data-layer="{p.layer}" data-seed="{p.seed}"/>')
+        for r in res:
+            sel = r["l2"] == p.meta.get("selected_l2")
+            look = f'r="5.5" fill="white" stroke="{color}" stroke-width="2"' if sel else f'r="3" fill="{color}"'
+            plot.add(
+                f'<circle class="l2-point{" selected" if sel else ""}" cx="{plot.px(r["l2"]):.1f}" cy="{plot.py(r["val_auroc"]):.1f}" '
+                f"{look}>"
+                f"<title>layer {p.layer} · seed {p.seed} · L2 {r['l2']:g} · AUROC {r['val_auroc']:.4f}"
+                f"{' · selected' if sel else ''}{'' if r.get('converged', True) else ' · NOT converged'}</title></circle>"
+            )
+    for i, layer in enumerate(layers):
+        plot.legend(f"layer {layer}", PALETTE[i % len(PALETTE)])
+    if len(seeds) > 1:
+        for j, s in enumerate(seeds):
+            plot.legend(f"seed {s}", "#57606a", dash=SEED_DASH[j % len(SEED_DASH)])
+    plot.legend("selected L2", "#57606a", ring=True)
+    return plot.render()
+
+
+def chart_roc(chart_id: str, label: str, curves: list[dict[str, Any]]) -> str:
+    """``curves``: dicts with fpr, tpr, color, legend and ``attrs`` (extra data-* attributes)."""
+    plot = Plot(chart_id, label, (0.0, 1.0), (0.0, 1.0), width=480, height=440, legend_width=16, legend_inside=True)
+    ticks = [(v, f"{v:g}") for v in (0, 0.2, 0.4, 0.6, 0.8, 1.0)]
+    plot.axes(ticks, ticks, "false positive rate", "true positive rate")
+    plot.add(f'<line class="chance" x1="{plot.px(0):.1f}" y1="{plot.py(0):.1f}" x2="{plot.px(1):.1f}" y2="{plot.py(1):.1f}"/>')
+    for c in curves:
+        attrs = "".join(f' data-{k}="{esc(v)}"' for k, v in c["attrs"].items())
+        plot.add(f'<path class="series roc" d="{plot.path_d(c["fpr"], c["tpr"])}" stroke="{c["color"]}"{attrs}>'
+                 f"<title>{esc(c['legend'])}</title></path>")
+        plot.legend(c["legend"], c["color"])
+    return plot.render()
+
+
+# ---------------------------------------------------------------------------
+# HTML pieces
+
+
+def note(text: str, *, kind: str = "note", raw: bool = False) -> str:
+    return f'<p class="{kind}">{text if raw else esc(text)}</p>'
+
+
+def table(headers: list[str], rows: list[list[str]], *, row_classes: list[str] | None = None, cls: str = "data") -> str:
+    """Cells are escaped here; pass plain text."""
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = []
+    for i, r in enumerate(rows):
+        c = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
+        body.append(f"<tr{c}>" + "".join(f"<td>{esc(x)}</td>" for x in r) + "</tr>")
+    return f'<div class="table-wrap"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
+def _f4(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
+# ---------------------------------------------------------------------------
+# probe ROC curves from the cache
+
+
+def probe_roc_section(cfg: Config, cache, probes: list[ProbeInfo]) -> tuple[str, list[str]]:
+    """ROC of each layer's best probe on the cached val rows; warnings if a probe no longer reproduces its AUROC."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from .fit import load_probe, score
+
+    warnings: list[str] = []
+    if cache is None:
+        return note("No activation cache, so no ROC curves: run `needleprobe extract`."), warnings
+    try:
+        val = cache.split("val")
+        y = val.labels
+    except NeedleprobeError as e:
+        return note(f"Cannot read the val split: {e}"), warnings
+    curves = []
+    best = best_per_layer(probes)
+    layers = sorted(best)
+    for i, layer in enumerate(layers):
+        p = best[layer]
+        if layer not in val.layers:
+            warnings.append(f"layer {layer} is not in the cache; its ROC curve is missing")
+            continue
+        w, b = load_probe(p.pt)
+        x = val.to_numpy(layer)
+        if x.shape[1] != w.shape[0]:
+            warnings.append(f"probe layer {layer} seed {p.seed} has d_model {w.shape[0]}, the cache {x.shape[1]}")
+            continue
+        s = score(x, w.numpy().astype(np.float32), float(b))
+        del x
+        auc = float(roc_auc_score(y, s))
+        if abs(auc - p.auroc) > 1e-9:
+            warnings.append(
+                f"probe layer {layer} seed {p.seed} scores val AUROC {auc:.6f} on this cache, its JSON says {p.auroc:.6f} "
+                "(the cache changed since the fit: refit)"
+            )
+        fpr, tpr, _ = roc_curve(y, s)
+        curves.append({
+            "fpr": fpr, "tpr": tpr, "color": PALETTE[i % len(PALETTE)],
+            "legend": f"layer {layer} · seed {p.seed} · {auc:.4f}",
+            "attrs": {"layer": layer, "seed": p.seed, "auroc": repr(auc)},
+        })
+    if not curves:
+        return note("No probe could be scored on the cached val rows."), warnings
+    n_pos = int(y.sum())
+    html_ = chart_roc("roc-probes", "token-level ROC of the best probe per layer on val", curves)
+    html_ += (f'<p class="caption">{len(y):,} val rows ({n_pos:,} needle tokens, {len(y) - n_pos:,} sampled negatives); '
+              "legend: layer · seed · AUROC.</p>")
+    return html_, warnings
+
+
+# ---------------------------------------------------------------------------
+# the document monitor
+
+
+@dataclass
+class MonitorView:
+    split: str
+    tokens: Any  # monitor.MonitorTokens
+    column: int
+    layer: int
+    seed: int
+    agg_rows: list[dict[str, Any]] = field(default_factory=list)
+    doc_scores: dict[str, np.ndarray] = field(default_factory=dict)
+    all_probe_aurocs: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
+    chosen: str = "max"
+
+
+def choose_monitor_group(cfg: Config, cache) -> tuple[dict[str, Any] | None, list[str]]:
+    """The monitor group to show (the config's split if present, else the first), and notes on the others."""
+    from .summary import monitor_groups
+
+    groups = monitor_groups(cfg, cache)
+    if not groups:
+        return None, []
+    usable = [g for g in groups if g["up_to_date"]]
+    notes = [f"{g['group']}: {g['reason']}" for g in groups if not g["up_to_date"]]
+    if not usable:
+        return None, notes
+    pick = next((g for g in usable if g["split"] == cfg.monitor.split), usable[0])
+    return pick, notes
+
+
+def _finite(s: np.ndarray) -> np.ndarray:
+    """A document without text tokens aggregates to -inf; rank it below every other (sklearn refuses inf)."""
+    bad = ~np.isfinite(s)
+    if bad.any():
+        ok = s[~bad]
+        s = np.where(bad, (ok.min() - 1.0) if ok.size else 0.0, s)
+    return s
+
+
+def monitor_view(cfg: Config, cache, group: dict[str, Any], probes: list[ProbeInfo]) -> MonitorView:
+    """Document scores of the best monitored probe under every aggregation, with the monitor's metrics."""
+    from sklearn.metrics import roc_auc_score
+
+    from .metrics import bootstrap_auroc_ci, threshold_at_fpr
+    from .monitor import AGGREGATIONS, aggregate, aggregation_label, read_tokens
+
+    tokens = read_tokens(cache.root[group["group"]])
+    auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
+    layer_mean = {layer: float(np.mean([p.auroc for p in probes if p.layer == layer])) for layer in {p.layer for p in probes}}
+    cols = [(int(p["layer"]), int(p["seed"])) for p in tokens.probes]
+    j = max(range(len(cols)), key=lambda i: (auroc_of.get(cols[i], -1.0), layer_mean.get(cols[i][0], -1.0), -cols[i][0], -cols[i][1]))
+    y = (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
+    view = MonitorView(group["split"], tokens, j, cols[j][0], cols[j][1])
+    both = 0 < y.sum() < y.size
+    for jj, (layer, seed) in enumerate(cols):
+        per = {}
+        for method in AGGREGATIONS:
+            s = _finite(np.array([aggregate(lg[:, jj], method, cfg.monitor) for lg in tokens.logits]))
+            if jj == j:
+                view.doc_scores[method] = s
+            if both:
+                per[method] = float(roc_auc_score(y, s))
+        view.all_probe_aurocs.append((layer, seed, per))
+    if not both:
+        return view
+    for method in AGGREGATIONS:
+        s = view.doc_scores[method]
+        try:
+            lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=1000, seed=0)
+        except ValueError:
+            lo = hi = float("nan")
+        row = {"method": method, "label": aggregation_label(method, cfg.monitor),
+               "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi)}
+        for fpr, name in ((0.01, "1pct"), (0.05, "5pct")):
+            t = threshold_at_fpr(s[y == 0], fpr)
+            row[f"tpr_{name}"] = float((s[y == 1] > t).mean())
+        view.agg_rows.append(row)
+    view.chosen = max(view.agg_rows, key=lambda r: (r["auroc"], r["tpr_1pct"], -AGGREGATIONS.index(r["method"])))["method"]
+    return view
+
+
+def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
+    """(the ROC chart with its caption, the metric tables)."""
+    from sklearn.metrics import roc_curve
+
+    y = (np.asarray(view.tokens.doc_n_needles) > 0).astype(np.int8)
+    if not view.agg_rows:
+        return note(f"The monitored split {view.split!r} has documents of one kind only (needle or clean), "
+                    "so there is no document ROC."), ""
+    curves = []
+    for i, r in enumerate(view.agg_rows):
+        fpr, tpr, _ = roc_curve(y, view.doc_scores[r["method"]])
+        curves.append({
+            "fpr": fpr, "tpr": tpr, "color": PALETTE[i % len(PALETTE)],
+            "legend": f"{r['label']} · {r['auroc']:.3f}",
+            "attrs": {"aggregation": r["method"], "layer": view.layer, "seed": view.seed, "auroc": repr(r["auroc"])},
+        })
+    chart = chart_roc("roc-monitor", f"document-level ROC per aggregation, layer {view.layer} seed {view.seed}", curves)
+    chart += (f'<p class="caption">{len(y):,} {esc(view.split)} documents ({int(y.sum()):,} with needles); '
+            f"probe layer {view.layer} · seed {view.seed}; legend: aggregation · AUROC.</p>")
+    out = f"<h3>Document monitor on {esc(view.split)}: layer {view.layer} · seed {view.seed}</h3>"
+    rows, classes = [], []
+    for r in view.agg_rows:
+        lo, hi = r["ci"]
+        rows.append([r["label"], _f4(r["auroc"]), f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–",
+                     f"{r['tpr_1pct']:.3f}", f"{r['tpr_5pct']:.3f}"])
+        classes.append("best" if r["method"] == view.chosen else "")
+    out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR"], rows, row_classes=classes)
+    if len(view.all_probe_aurocs) > 1:
+        from .monitor import AGGREGATIONS
+
+        out += "<h3>Every monitored probe (document AUROC)</h3>"
+        rows = [[str(layer), str(seed)] + [_f4(per.get(m)) for m in AGGREGATIONS] for layer, seed, per in view.all_probe_aurocs]
+        classes = ["best" if (layer, seed) == (view.layer, view.seed) else "" for layer, seed, _ in view.all_probe_aurocs]
+        out += table(["layer", "seed", *AGGREGATIONS], rows, row_classes=classes)
+    out += '<p class="caption">Highlighted: the aggregation (and probe) used for the heatmaps below.</p>'
+    return chart, out
+
+
+# ---------------------------------------------------------------------------
+# token heatmaps
+
+
+RDBU = ((-1.0, (103, 160, 204)), (-0.5, (190, 215, 236)), (0.0, (247, 247, 247)), (0.5, (244, 165, 130)), (1.0, (178, 24, 43)))
+"""RdBu with a paler blue arm: the page asks "where does the probe fire?", so red must stand out."""
+
+
+def diverging(v: float) -> tuple[int, int, int]:
+    """RdBu-like colour for v in [-1, 1]: blue below zero, white at zero, red above."""
+    v = max(-1.0, min(1.0, v))
+    for (a, ca), (b, cb) in zip(RDBU, RDBU[1:]):
+        if v <= b:
+            t = (v - a) / (b - a)
+            return tuple(int(round(x + (y - x) * t)) for x, y in zip(ca, cb))  # type: ignore[return-value]
+    return RDBU[-1][1]
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Text of each token as it reads in context (WordPiece ``##x`` joins its word, byte-level ``Ġx`` gets its space).
+
+    Each token is decoded after up to three preceding tokens and the context's
+    own decoding is stripped off, so the tokenizer's own rules decide spaces.
+    A character split over several byte-level tokens shows on the token that
+    completes it (earlier pieces show as U+FFFD).
+    """
+    out = []
+    for i, t in enumerate(ids):
+        if i == 0:
+            out.append(tokenizer.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False))
+            continue
+        ctx = ids[max(0, i - 3) : i]
+        prev = tokenizer.decode(ctx, skip_special_tokens=False, clean_up_tokenization_spaces=False).rstrip("\ufffd")
+        full = tokenizer.decode(ctx + [t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out.append(full[len(prev):] if full.startswith(prev) else tokenizer.decode([t], skip_special_tokens=False))
+    return out
+
+
+def _visible(ws: str) -> str:
+    return ws.replace("\n", "↵").replace("\t", "⇥").replace(" ", "·") or "∅"
+
+
+def heatmap_html(texts: list[str], raw: list[str], logits: np.ndarray, needle: np.ndarray, scale: float) -> str:
+    parts = []
+    for text, r, lg, nd in zip(texts, raw, logits, needle):
+        core = text.strip()
+        lead = text[: len(text) - len(text.lstrip())]
+        trail = text[len(text.rstrip()):] if core else ""
+        shown = core or _visible(text)
+        rgb = diverging(float(lg) / scale)
+        ink = "#fff" if float(lg) / scale > 0.62 else "#1f2328"
+        cls = "tok needle" if nd else "tok"
+        tip = f"{r!r} · logit {float(lg):+.3f}" + (" · needle" if nd else "")
+        if core:
+            parts.append(esc(lead))
+        parts.append(f'<span class="{cls}" style="background:rgb{rgb};color:{ink}" data-logit="{float(lg):.4f}" '
+                     f'title="{esc(tip)}">{esc(shown)}</span>')
+        nl = (lead + trail).count("\n") if core else text.count("\n")
+        parts.append(esc(trail.replace("\n", "")) + "\n" * nl if core else "\n" * nl)
+    return "".join(parts)
+
+
+def heatmaps_section(cfg: Config, view: MonitorView) -> str:
+    from .monitor import aggregation_label
+
+    tok = view.tokens
+    y = np.asarray(tok.doc_n_needles) > 0
+    s = view.doc_scores[view.chosen]
+    order = np.argsort(-s, kind="stable")
+    picks: list[tuple[int, str]] = []
+    clean = [int(i) for i in order if not y[i]][:N_EXTREME_DOCS]
+    needles = [int(i) for i in order[::-1] if y[i]][:N_EXTREME_DOCS]
+    picks += [(i, "clean · highest score") for i in clean]
+    picks += [(i, "needle · lowest score") for i in needles]
+    rest = np.array(sorted(set(range(len(s))) - {i for i, _ in picks}), dtype=int)
+    if rest.size:
+        rng = np.random.default_rng(HEATMAP_SEED)
+        picks += [(int(i), "random") for i in sorted(rng.choice(rest, size=min(N_RANDOM_DOCS, rest.size), replace=False))]
+    if not picks:
+        return note("No documents to show.")
+    tok_note = ""
+    try:
+        from .hooks import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+    except NeedleprobeError as e:
+        tokenizer, tok_note = None, note(f"Token text unavailable ({e}); showing token ids.", kind="warn")
+    col = view.column
+    shown = [tok.logits[i][:MAX_HEATMAP_TOKENS, col] for i, _ in picks]
+    allv = np.abs(np.concatenate(shown)) if shown else np.zeros(1)
+    scale = float(np.percentile(allv, 99)) if allv.size else 1.0
+    scale = scale if scale > 1e-6 else 1.0
+    grad = ", ".join(f"rgb{diverging(v)} {(v + 1) * 50:.0f}%" for v, _ in RDBU)
+    out = [
+        tok_note,
+        '<div class="heat-legend"><span>logit</span><span class="num">−' + f"{scale:.2f}" + "</span>"
+        f'<span class="colorbar" style="background:linear-gradient(to right, {grad})"></span>'
+        f'<span class="num">+{scale:.2f}</span><span class="tok needle sample">needle token</span>'
+        '<span class="muted">hover a token for its logit</span></div>',
+    ]
+    for i, why in picks:
+        ids = [int(t) for t in tok.token_id[i][:MAX_HEATMAP_TOKENS]]
+        if tokenizer is not None:
+            texts = token_texts(tokenizer, ids)
+            raw = tokenizer.convert_ids_to_tokens(ids)
+        else:
+            texts, raw = [f"#{t} " for t in ids], [f"#{t}" for t in ids]
+        lg = tok.logits[i][:MAX_HEATMAP_TOKENS, col]
+        nd = tok.needle[i][:MAX_HEATMAP_TOKENS]
+        cut = len(tok.token_id[i]) - len(ids)
+        kind = "needle" if y[i] else "clean"
+        out.append(
+            f'<div class="doc {kind}"><div class="doc-head"><span class="badge {kind}">{esc(why)}</span>'
+            f'<code>{esc(tok.doc_ids[i])}</code><span class="muted">{int(tok.doc_n_needles[i])} needle(s) · '
+            f"{len(tok.token_id[i]):,} tokens · {esc(aggregation_label(view.chosen, cfg.monitor))} = {s[i]:.3f}"
+            f"{f' · first {MAX_HEATMAP_TOKENS} tokens shown' if cut > 0 else ''}</span></div>"
+            f'<div class="heatmap" data-doc-id="{esc(tok.doc_ids[i])}">{heatmap_html(texts, raw, lg, nd, scale)}</div></div>'
+        )
+    return "".join(out)
+
+
+# ---------------------------------------------------------------------------
+# the page
+
+
+CSS = """
+:root{--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;--bg:#f3f5f8;--card:#fff;--accent:#0969da}
+*{box-sizing:border-box}
+body{margin:0;font:15px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:var(--fg);background:var(--bg)}
+code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"Liberation Mono",monospace;font-size:.9em}
+.wrap{max-width:1080px;margin:0 auto;padding:0 24px}
+header{background:#1f2633;color:#fff;padding:26px 0 22px}
+header h1{margin:0;font-size:24px;font-weight:650;letter-spacing:-.01em}
+header h1 span{color:#9fb3c8;font-weight:400}
+dl.meta{display:grid;grid-template-columns:max-content 1fr max-content 1fr;gap:3px 18px;margin:14px 0 0;font-size:13px}
+dl.meta dt{color:#9fb3c8}dl.meta dd{margin:0;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;word-break:break-all}
+.ok{color:#3fb950}.bad{color:#ff7b72}
+nav{margin-top:14px;font-size:13px}nav a{color:#c9d8ea;margin-right:16px;text-decoration:none;border-bottom:1px dotted #7d8fa5}
+section.card{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:20px 26px 22px;margin:20px 0;box-shadow:0 1px 2px #1f232808}
+h2{font-size:19px;margin:0 0 4px}h3{font-size:15px;margin:20px 0 6px}
+p.explain{color:var(--muted);margin:0 0 14px;max-width:86ch}
+p.caption{color:var(--muted);font-size:13px;margin:4px 0 12px}
+p.note,p.warn{border-radius:6px;padding:8px 12px;margin:8px 0;font-size:14px}
+p.note{background:#ddf4ff;border:1px solid #54aeff66}
+p.warn{background:#fff8c5;border:1px solid #d4a72c66}
+.table-wrap{overflow-x:auto}
+table.data{border-collapse:collapse;font-size:13px;font-variant-numeric:tabular-nums;margin:6px 0 4px}
+table.data th{font-weight:600;color:var(--muted);text-align:right;padding:4px 12px;border-bottom:2px solid var(--line)}
+table.data td{text-align:right;padding:3px 12px;border-bottom:1px solid #eaeef2}
+table.data th:first-child,table.data td:first-child{text-align:left}
+table.data tr.best td{background:#e6f4ea;font-weight:600}
+svg.chart{width:100%;max-width:780px;height:auto;display:block;margin:6px 0 2px;font-family:inherit}
+svg .grid line{stroke:#edf0f3;stroke-width:1}
+svg .axis text{font-size:11px;fill:#59636e}
+svg .axis text.label{font-size:12px;fill:#1f2328}
+svg .frame{fill:none;stroke:#aab4bf}
+svg .chance{stroke:#9aa4ae;stroke-dasharray:4 4;stroke-width:1}
+svg .errorbar line{stroke-width:1.6}
+svg .point{stroke:#fff;stroke-width:1}
+svg path.series{fill:none;stroke-width:2;stroke-linejoin:round;opacity:.9}
+svg .legend text{font-size:12px;fill:#1f2328}
+.grid2{display:grid;grid-template-columns:1fr 1fr;gap:8px 28px}
+@media (max-width:1000px){.grid2{grid-template-columns:1fr}}
+.heat-legend{display:flex;align-items:center;gap:8px;font-size:13px;color:var(--muted);margin:6px 0 14px;flex-wrap:wrap}
+.colorbar{display:inline-block;width:180px;height:12px;border-radius:3px;border:1px solid var(--line)}
+.heat-legend .num{font-variant-numeric:tabular-nums}
+.doc{margin:0 0 16px}
+.doc-head{display:flex;align-items:baseline;gap:10px;font-size:13px;margin-bottom:5px;flex-wrap:wrap}
+.badge{font-size:11px;font-weight:600;text-transform:uppercase;letter-spacing:.04em;padding:2px 8px;border-radius:10px}
+.badge.clean{background:#ddf4ff;color:#0550ae}.badge.needle{background:#ffebe9;color:#a40e26}
+.muted{color:var(--muted)}
+.heatmap{font-size:14px;line-height:1.95;white-space:pre-wrap;overflow-wrap:anywhere;border:1px solid var(--line);
+ border-radius:8px;padding:10px 14px;background:#fff;max-height:340px;overflow-y:auto}
+.tok{border-radius:3px;padding:1px 1px}
+.tok.needle{outline:2px solid #1f2328;outline-offset:-1px}
+.tok.sample{background:#f7f7f7;color:var(--fg);padding:1px 6px}
+footer{color:var(--muted);font-size:12px;padding:8px 0 40px}
+"""
+
+
+def _header(cfg: Config, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
+    from . import __version__
+
+    if facts is None:
+        fp = '<span class="bad">no cache</span>'
+    elif facts["matches_config"]:
+        fp = f'{esc(facts["fingerprint"])} <span class="ok">✓ matches config</span>'
+    else:
+        fp = f'{esc(facts["fingerprint"])} <span class="bad">✗ stale for this config</span>'
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    items = [
+        ("model", esc(cfg.model.name)), ("activation site", esc(cfg.probe.activation_site)),
+        ("cache fingerprint", fp), ("layers × seeds", esc(f"{sorted({p.layer for p in probes})} × {sorted({p.seed for p in probes})}")),
+        ("best probe", esc(f"layer {best.layer} · seed {best.seed} · val AUROC {best.auroc:.4f}")),
+        ("class balance", esc(cfg.probe.class_balance)),
+        ("dataset file", esc(cfg.dataset.resolved_path())), ("generated", esc(f"{now} · needleprobe {__version__}")),
+    ]
+    meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
+    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer"), ("sec-roc", "ROC curves"),
+                                                        ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps")))
+    return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(cfg.dataset.key)}</span></h1>'
+            f'<dl class="meta">{meta}</dl><nav>{nav}</nav></div></header>')
+
+
+def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
+    rows, classes = [], []
+    for p in probes:
+        v = p.meta.get("val_metrics", {})
+        ci = p.ci
+        converged = all(r.get("converged", True) for r in p.meta.get("l2_results", []))
+        rows.append([str(p.layer), str(p.seed), _f4(p.auroc), f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
+                     _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")), f"{p.meta.get('selected_l2', float('nan')):g}",
+                     "yes" if converged else "NO"])
+        classes.append("best" if best.get(p.layer) is p else "")
+    return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "selected L2", "converged"], rows,
+                 row_classes=classes)
+
+
+def build_html(cfg: Config) -> str:
+    from .cache import open_cache
+
+    probes, missing = load_probe_infos(cfg)
+    if not probes:
+        from .fit import output_dir
+
+        raise NeedleprobeError(f"{output_dir(cfg)}: no probes for this config (run `needleprobe fit` first)")
+    best = best_overall(probes)
+    per_layer = best_per_layer(probes)
+    warnings: list[str] = [f"probe missing: {m} (run `needleprobe fit`)" for m in missing]
+    try:
+        cache = open_cache(cfg)
+    except NeedleprobeError as e:
+        cache, facts = None, None
+        warnings.append(str(e))
+    else:
+        from .summary import cache_facts
+
+        facts = cache_facts(cfg)
+        if facts["matches_config"] is False:
+            warnings.append("the cache is stale for this config (" + "; ".join(facts["differences"]) + "): run `needleprobe extract`")
+        other = sorted({p.meta.get("cache_fingerprint") for p in probes} - {cache.fingerprint})
+        if other:
+            warnings.append(f"some probes were fitted on another cache ({', '.join(map(str, other))}): refit with `needleprobe fit`")
+
+    roc_probes, w = probe_roc_section(cfg, cache, probes)
+    warnings += w
+
+    view, mon_notes = None, []
+    if cache is not None:
+        group, mon_notes = choose_monitor_group(cfg, cache)
+        if group is not None:
+            view = monitor_view(cfg, cache, group, probes)
+    if view is None:
+        why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
+        mon_html = note(f"No up-to-date monitor results. {why}Run `needleprobe monitor --config {cfg.source or '<config>'}` "
+                        "to score whole documents, then write the report again.")
+        heat_html, mon_tables = mon_html, ""
+    else:
+        extra = "".join(note(n, kind="warn") for n in mon_notes)
+        mon_html, mon_tables = monitor_roc_html(view)
+        mon_html = extra + mon_html
+        heat_html = heatmaps_section(cfg, view)
+
+    seed_note = ("" if any(p.meta.get("seed_dependent") for p in probes) or len({p.seed for p in probes}) < 2 else
+                 " With <code>class_balance: weighted</code> the fit does not depend on the seed, so the seeds coincide.")
+    body = [
+        _header(cfg, facts, probes, best),
+        '<main class="wrap">',
+        "".join(note(x, kind="warn") for x in warnings),
+        '<section class="card" id="sec-layers"><h2>Probe quality by layer</h2>'
+        '<p class="explain">Token-level AUROC of each probe on the validation rows (needle tokens against sampled '
+        "non-needle tokens), at the L2 strength chosen on validation. Error bars are 95% intervals from a bootstrap over "
+        f"documents, since tokens of one document are not independent.{seed_note}</p>",
+        chart_auroc_by_layer(probes),
+        _probe_table(probes, per_layer),
+        '<p class="caption">Highlighted: the best seed of each layer (used for the ROC curves).</p></section>',
+        '<section class="card" id="sec-roc"><h2>ROC curves</h2>'
+        '<p class="explain">Left: token-level ROC of the best probe of each layer, re-scored here from the cached val '
+        "activations (logit = x · w + b). Right: document-level ROC of the monitor, which scores every token of a "
+        "document and aggregates the logits into one score per document, for the best monitored probe.</p>"
+        f'<div class="grid2"><div><h3>Probes (tokens, val)</h3>{roc_probes}</div>'
+        f"<div><h3>Monitor (documents{'' if view is None else ', ' + esc(view.split)})</h3>{mon_html}</div></div>"
+        f"{mon_tables}</section>",
+        '<section class="card" id="sec-l2"><h2>Regularisation path</h2>'
+        '<p class="explain">Validation AUROC for every L2 strength tried, one line per layer (colour) and seed (dash). '
+        "Hollow rings mark the selected strength: the best val AUROC, ties going to the stronger penalty. A flat path "
+        "means the choice barely matters; a peak at the edge of the grid means the grid should be widened.</p>",
+        chart_l2_path(probes),
+        "</section>",
+        '<section class="card" id="sec-heat"><h2>Token heatmaps</h2>'
+        '<p class="explain">Each token coloured by the probe logit (red: needle-like, blue: not; white is the decision '
+        "boundary, logit 0). Outlined tokens are the labelled needle. Shown: the clean documents the monitor scores "
+        "highest (its likeliest false alarms), the needle documents it scores lowest (its likeliest misses), and a few "
+        f"random documents (fixed seed {HEATMAP_SEED})"
+        + ("" if view is None else f"; probe layer {view.layer} · seed {view.seed}, documents ranked by "
+           f"{esc(view.chosen)}, the aggregation with the best document AUROC")
+        + ".</p>" + heat_html + "</section>",
+        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(Path(cfg.probe.output_dir) / cfg.dataset.key)}'
+        f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
+        "</main>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>needleprobe report · {esc(cfg.dataset.key)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+
+
+def write_report(cfg: Config) -> Path:
+    """Write ``results/report/{name}_{version}.html`` (atomically) and return its path."""
+    from .records import atomic_write_bytes
+
+    path = report_path(cfg)
+    atomic_write_bytes(path, build_html(cfg).encode("utf-8"))
+    return path

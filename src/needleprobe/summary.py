@@ -1,0 +1,199 @@
+"""What is in an activation cache, and is it still the cache this config would build?
+
+``needleprobe inspect`` prints :func:`cache_summary`; :func:`cache_facts`
+returns the same facts as plain data (the HTML report's header uses it, tests
+assert on it).  Reading is cheap: only attributes and the small per-row arrays
+(labels, doc tables) are read, never the activations.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .cache import Cache, changed_fields, fingerprint, fingerprint_fields, open_cache
+from .config import Config
+from .data import file_sha256
+from .records import human_bytes
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of every file under ``path`` (symlinks not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:  # removed while we walked: an extract or monitor is running
+                pass
+    return total
+
+
+def _split_names(cache: Cache) -> list[str]:
+    """Finished caches list their splits; an interrupted one is read from its groups."""
+    if cache.splits:
+        return cache.splits
+    present = set(cache.root.group_keys())
+    return [s for s in SPLIT_ORDER if s in present]
+
+
+def _split_facts(cache: Cache, name: str) -> dict[str, Any]:
+    g = cache.root[name]
+    attrs = dict(g.attrs)
+    labels = g["labels"][:] if "labels" in g.array_keys() else np.zeros(0, np.int8)
+    n_needles = g["doc_n_needles"][:] if "doc_n_needles" in g.array_keys() else np.zeros(0, np.int32)
+    stats = dict(attrs.get("stats", {}))
+    return {
+        "rows": int(attrs.get("n_rows", labels.size)),
+        "committed_rows": int(attrs.get("committed_rows", 0)),
+        "complete": bool(attrs.get("complete", False)),
+        "positives": int(labels.sum()),
+        "negatives": int(labels.size - labels.sum()),
+        "docs": int(attrs.get("n_docs", n_needles.size)),
+        "docs_with_needles": int((n_needles > 0).sum()),
+        "tokens": int(stats.get("tokens", 0)),
+        "truncated_docs": int(stats.get("truncated_docs", 0)),
+    }
+
+
+def _d_model(cache: Cache, splits: list[str]) -> int | None:
+    for s in splits:
+        g = cache.root[s]
+        for key in sorted(g.array_keys()):
+            if key.startswith("layer_"):
+                return int(g[key].shape[1])
+    return None
+
+
+def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
+    """The stored monitor token logits, one entry per split, and whether today's probes produced them.
+
+    ``up_to_date`` uses the monitor's own fingerprint (cache fingerprint, split,
+    sha256 of every probe file), so a refit probe makes the stored logits stale.
+    """
+    from .fit import probe_paths
+    from .monitor import ProbeRef, _fingerprint
+    from .records import sha256_file
+
+    if "monitor" not in cache.root.group_keys():
+        return []
+    root = cache.root["monitor"]
+    out = []
+    for split in sorted(root.group_keys()):
+        g = root[split]
+        attrs = dict(g.attrs)
+        probes = list(attrs.get("probes", []))
+        refs, missing = [], []
+        for p in probes:
+            pt, _ = probe_paths(cfg, int(p["layer"]), int(p["seed"]))
+            if pt.is_file():
+                refs.append(ProbeRef(int(p["layer"]), int(p["seed"]), pt, sha256_file(pt)))
+            else:
+                missing.append(f"layer {p['layer']} seed {p['seed']}")
+        if missing:
+            up_to_date, reason = False, f"probe file(s) missing: {', '.join(missing)}"
+        elif _fingerprint(cache.fingerprint, split, refs) != attrs.get("fingerprint"):
+            up_to_date, reason = False, "probes were refit (or the cache rebuilt) since the monitor ran"
+        elif not attrs.get("complete"):
+            up_to_date, reason = False, "interrupted (run `needleprobe monitor` again to resume)"
+        else:
+            up_to_date, reason = True, ""
+        out.append(
+            {
+                "split": split,
+                "group": f"monitor/{split}",
+                "complete": bool(attrs.get("complete", False)),
+                "rows": int(attrs.get("n_rows", 0)),
+                "docs": int(g["doc_ids"].shape[0]) if "doc_ids" in g.array_keys() else 0,
+                "probes": [(int(p["layer"]), int(p["seed"])) for p in probes],
+                "up_to_date": up_to_date,
+                "reason": reason,
+            }
+        )
+    return out
+
+
+def cache_facts(cfg: Config) -> dict[str, Any]:
+    """Everything ``inspect`` shows, as JSON-ready data.
+
+    Raises :class:`NeedleprobeError` when there is no cache (the message says
+    to run ``extract``).  An interrupted cache is described, not refused.
+    ``matches_config`` is ``None`` when the dataset file is missing (its hash
+    cannot be checked); the other fields are still compared.
+    """
+    cache = open_cache(cfg, allow_incomplete=True)
+    data_path = cfg.dataset.resolved_path()
+    dataset_found = data_path.is_file()
+    cached = cache.fields
+    sha = file_sha256(data_path) if dataset_found else cached.get("dataset_sha256")
+    wanted = fingerprint_fields(cfg, sha)
+    differences = changed_fields(cached, wanted)
+    if not dataset_found:
+        differences.insert(0, f"dataset_sha256: cannot check, {data_path} not found")
+    splits = _split_names(cache)
+    return {
+        "path": str(cache.path),
+        "dataset": cfg.dataset.key,
+        "dataset_path": str(data_path),
+        "dataset_found": dataset_found,
+        "model": cached.get("model_name"),
+        "activation_site": cached.get("activation_site"),
+        "complete": cache.complete,
+        "fingerprint": cache.fingerprint,
+        "config_fingerprint": fingerprint(wanted) if dataset_found else None,
+        "matches_config": (not differences) if dataset_found else None,
+        "differences": differences,
+        "layers": cache.layers,
+        "feature_dtype": cache.feature_dtype,
+        "d_model": _d_model(cache, splits),
+        "size_bytes": dir_size(cache.path),
+        "splits": {s: _split_facts(cache, s) for s in splits},
+        "monitor": monitor_groups(cfg, cache),
+    }
+
+
+def cache_summary(cfg: Config) -> Table:
+    """A two-column rich table of :func:`cache_facts`, for ``needleprobe inspect``."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    f = cache_facts(cfg)
+    t = Table(title=f"activation cache {escape(f['dataset'])}", show_header=False, title_justify="left")
+    t.add_column("fact", style="bold", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    t.add_row("path", escape(f["path"]))
+    t.add_row("model", escape(f"{f['model']} · {f['activation_site']}"))
+    t.add_row("state", "complete" if f["complete"] else "[yellow]incomplete[/yellow] (run `needleprobe extract` to resume)")
+    t.add_row("fingerprint", f["fingerprint"])
+    if f["matches_config"] is True:
+        match = "[green]yes[/green]"
+    elif f["matches_config"] is None:
+        match = "[yellow]unknown[/yellow]: " + escape("; ".join(f["differences"]))
+    else:
+        match = "[red]no, stale[/red]: " + escape("; ".join(f["differences"]))
+    t.add_row("matches config", match)
+    t.add_row("layers", ", ".join(str(x) for x in f["layers"]))
+    t.add_row("features", f"{f['feature_dtype']} × d_model {f['d_model'] if f['d_model'] is not None else '?'}")
+    t.add_row("size on disk", human_bytes(f["size_bytes"]))
+    for name, s in f["splits"].items():
+        state = "" if s["complete"] else f" [yellow](incomplete: {s['committed_rows']:,}/{s['rows']:,} rows written)[/yellow]"
+        t.add_row(
+            name,
+            f"{s['rows']:,} rows: {s['positives']:,} needle / {s['negatives']:,} negative · "
+            f"{s['docs']:,} docs ({s['docs_with_needles']:,} with needles) · {s['tokens']:,} tokens{state}",
+        )
+    if not f["monitor"]:
+        t.add_row("monitor", "none (run `needleprobe monitor`)")
+    for m in f["monitor"]:
+        probes = ", ".join(f"L{layer}/s{seed}" for layer, seed in m["probes"])
+        state = "[green]up to date[/green]" if m["up_to_date"] else f"[yellow]stale[/yellow]: {escape(m['reason'])}"
+        t.add_row(escape(m["group"]), f"{m['docs']:,} docs, {m['rows']:,} tokens · probes {probes} · {state}")
+    return t

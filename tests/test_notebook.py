@@ -1,0 +1,72 @@
+"""notebooks/inspect_cache.ipynb runs top to bottom on a fresh cache and reproduces a probe's recorded AUROC.
+
+Notebooks rot silently when the API they call changes; executing it here
+(against a tmp pipeline, via NEEDLEPROBE_CONFIG) turns that into a test
+failure.  The committed file must also be exactly what its builder script
+writes, with no outputs, so diffs stay reviewable.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline_fixture import build_pipeline
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "inspect_cache.ipynb"
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    """extract + fit only: the notebook reads the cache and the probes, not the monitor."""
+    cfg_path, _ = build_pipeline(tmp_path_factory.mktemp("notebook"), monitor_split=None)
+    return cfg_path
+
+
+def test_committed_notebook_is_generated_and_has_no_outputs():
+    sys.path.insert(0, str(ROOT / "notebooks"))
+    try:
+        import build_inspect_cache
+    finally:
+        sys.path.pop(0)
+    on_disk = nbformat.read(NOTEBOOK, as_version=4)
+    assert on_disk == build_inspect_cache.build(), "notebook is stale: run python notebooks/build_inspect_cache.py"
+    for cell in on_disk.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_notebook_executes_and_reproduces_auroc(config_path, monkeypatch):
+    from needleprobe.config import load_config
+    from needleprobe.fit import probe_paths
+
+    monkeypatch.setenv("NEEDLEPROBE_CONFIG", str(config_path))  # the kernel inherits this environment
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream" and o.name == "stdout")
+    assert str(Path(config_path).parent / "cache") in text  # it opened the tmp cache, not the demo one
+    assert "matches the config: True" in text
+    m = re.search(r"probe layer (\d+) seed (\d+): reproduced val AUROC ([\d.]+), JSON val_metrics.auroc ([\d.]+)", text)
+    assert m, text[-2000:]
+    layer, seed, reproduced, shown = int(m[1]), int(m[2]), float(m[3]), float(m[4])
+    cfg = load_config(config_path)
+    recorded = json.loads(probe_paths(cfg, layer, seed)[1].read_text())["val_metrics"]["auroc"]
+    assert shown == pytest.approx(recorded, abs=5e-7) and reproduced == pytest.approx(recorded, abs=5e-7)
+    # LAYER=None picks the best layer by the probes' val AUROC
+    auroc = {(L, s): json.loads(probe_paths(cfg, L, s)[1].read_text())["val_metrics"]["auroc"]
+             for L in cfg.probe.layers_to_probe for s in cfg.probe.train_seeds}
+    assert auroc[(layer, seed)] == max(auroc.values())
+    assert "needle mean (PC1, PC2)" in text and "negative mean (PC1, PC2)" in text

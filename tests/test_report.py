@@ -1,0 +1,271 @@
+"""The HTML report: its numbers must be the fitted ones, its charts must plot every probe, and it must render offline.
+
+A report that silently drops a seed, plots a stale AUROC or breaks in a
+browser is worse than none, so the checks read the page back (and, where
+Chromium is installed, the DOM Chromium builds from it) and compare with the
+probe JSONs and the monitor's own outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline_fixture import HOSTILE_DOC, build_pipeline, pipeline_docs
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+
+
+class Elements(HTMLParser):
+    """Start tags with their attributes, the id of the enclosing <svg> and doc id of the enclosing heatmap."""
+
+    VOID = {"meta", "br", "img", "input", "link", "hr", "wbr", "source", "col", "area", "base", "embed", "param", "track"}
+
+    def __init__(self, text: str):
+        super().__init__(convert_charrefs=True)
+        self.items: list[dict] = []
+        self.stack: list[dict] = []
+        self.text_by_heatmap: dict[str, list[str]] = {}
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        parent = self.stack[-1] if self.stack else {}
+        item = {
+            "tag": tag,
+            "attrs": a,
+            "classes": set((a.get("class") or "").split()),
+            "svg": a.get("id") if tag == "svg" else parent.get("svg"),
+            "heatmap": a.get("data-doc-id") if "heatmap" in (a.get("class") or "").split() else parent.get("heatmap"),
+            "text": [],
+        }
+        self.items.append(item)
+        if tag not in self.VOID:
+            self.stack.append(item)
+
+    def handle_startendtag(self, tag, attrs):
+        self.handle_starttag(tag, attrs)
+        if tag not in self.VOID:
+            self.stack.pop()
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i]["tag"] == tag:
+                del self.stack[i:]
+                break
+
+    def handle_data(self, data):
+        if self.stack:
+            for e in self.stack[-3:]:  # an element's text includes its children's (a <title> inside a mark)
+                e["text"].append(data)
+            hm = self.stack[-1]["heatmap"]
+            if hm is not None:
+                self.text_by_heatmap.setdefault(hm, []).append(data)
+
+    def find(self, tag=None, cls=None, svg=None):
+        return [e for e in self.items if (tag is None or e["tag"] == tag) and (cls is None or cls in e["classes"])
+                and (svg is None or e["svg"] == svg)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One train + monitor(val) + report; the tests only read."""
+    from needleprobe.fit import probe_paths
+    from needleprobe.report import write_report
+
+    tmp = tmp_path_factory.mktemp("report")
+    cfg_path, cfg = build_pipeline(tmp, monitor_split="val")
+    path = write_report(cfg)
+    probes = {}
+    for layer in cfg.probe.layers_to_probe:
+        for seed in cfg.probe.train_seeds:
+            probes[(layer, seed)] = json.loads(probe_paths(cfg, layer, seed)[1].read_text())
+    text = path.read_text(encoding="utf-8")
+    return {"tmp": tmp, "cfg": cfg, "path": path, "html": text, "el": Elements(text), "probes": probes}
+
+
+def _n_points(d: str) -> int:
+    return len(re.findall(r"[ML]\s*-?[\d.]+ -?[\d.]+", d))
+
+
+def test_written_where_promised_and_atomically(run):
+    cfg = run["cfg"]
+    assert run["path"] == Path(cfg.probe.output_dir).parent / "report" / "t_v1.html"
+    assert [p.name for p in run["path"].parent.iterdir()] == ["t_v1.html"]  # no temp file left behind
+
+
+def test_self_contained_and_escaped(run):
+    """Opens with no network and no script: nothing is fetched, and document text cannot inject markup."""
+    page = run["html"]
+    lowered = page.lower()
+    for bad in ("<script", "<link", "<img", "@import", "url(", "src="):
+        assert bad not in lowered, bad
+    assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", page)
+    assert HOSTILE_DOC["doc_id"] not in page  # raw id never appears, only its escaped form
+
+
+def test_auroc_by_layer_plots_every_probe_with_its_json_auroc(run):
+    el, probes = run["el"], run["probes"]
+    assert len(el.find("svg", svg="auroc-by-layer")) == 1
+    points = el.find("circle", "point", svg="auroc-by-layer")
+    assert len(points) == len(probes) == 4  # layers × seeds
+    got = {(int(p["attrs"]["data-layer"]), int(p["attrs"]["data-seed"])): float(p["attrs"]["data-auroc"]) for p in points}
+    assert got == {k: m["val_metrics"]["auroc"] for k, m in probes.items()}
+    assert len(el.find("g", "errorbar", svg="auroc-by-layer")) == 4
+    # a higher AUROC is drawn higher (smaller y), so the axis is not upside down or mis-scaled
+    by_auc = sorted(points, key=lambda p: float(p["attrs"]["data-auroc"]))
+    ys = [float(p["attrs"]["cy"]) for p in by_auc]
+    assert all(a >= b for a, b in zip(ys, ys[1:]))
+    # the CI bar spans the JSON interval: its pixel length orders like the interval width
+    for m in probes.values():
+        assert f"{m['val_metrics']['auroc']:.4f}" in run["html"]
+        lo, hi = m["val_metrics"]["auroc_ci95"]
+        assert f"{lo:.4f}–{hi:.4f}" in run["html"]
+
+
+def test_l2_path_has_one_line_per_probe_and_grid_point(run):
+    el, probes, cfg = run["el"], run["probes"], run["cfg"]
+    paths = el.find("path", "series", svg="l2-path")
+    assert len(paths) == 4
+    for p in paths:
+        assert _n_points(p["attrs"]["d"]) == len(cfg.probe.l2_grid)
+    assert len(el.find("circle", "l2-point", svg="l2-path")) == 4 * len(cfg.probe.l2_grid)
+    selected = el.find("circle", "selected", svg="l2-path")
+    assert len(selected) == 4
+    titles = " ".join("".join(s["text"]) for s in selected)
+    for (layer, seed), m in probes.items():
+        assert f"layer {layer} · seed {seed} · L2 {m['selected_l2']:g}" in titles
+
+
+def test_probe_roc_rescored_from_cache_matches_json(run):
+    """The ROC is recomputed from cached activations and saved weights; its AUROC must be the fitted one."""
+    el, probes = run["el"], run["probes"]
+    curves = el.find("path", "roc", svg="roc-probes")
+    assert sorted(int(c["attrs"]["data-layer"]) for c in curves) == [1, 3]
+    for c in curves:
+        key = (int(c["attrs"]["data-layer"]), int(c["attrs"]["data-seed"]))
+        best = max(m["val_metrics"]["auroc"] for k, m in probes.items() if k[0] == key[0])
+        assert float(c["attrs"]["data-auroc"]) == pytest.approx(probes[key]["val_metrics"]["auroc"], abs=1e-12)
+        assert probes[key]["val_metrics"]["auroc"] == best
+        assert _n_points(c["attrs"]["d"]) >= 2
+    assert "warn" not in {cls for e in el.find("p") for cls in e["classes"]}, "unexpected warning in the report"
+
+
+def test_monitor_roc_matches_monitor_outputs(run):
+    from needleprobe.monitor import AGGREGATIONS, aggregation_label, monitor_dir
+
+    el, cfg = run["el"], run["cfg"]
+    curves = el.find("path", "roc", svg="roc-monitor")
+    assert sorted(c["attrs"]["data-aggregation"] for c in curves) == sorted(AGGREGATIONS)
+    with open(monitor_dir(cfg) / "monitor_metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for c in curves:
+        a = c["attrs"]
+        row = next(r for r in rows if (r["layer"], r["seed"]) == (a["data-layer"], a["data-seed"])
+                   and r["aggregation"] == aggregation_label(a["data-aggregation"], cfg.monitor))
+        assert float(a["data-auroc"]) == pytest.approx(float(row["auroc"]), abs=1e-12)
+
+
+def test_heatmaps_show_documents_tokens_and_needles(run):
+    from needleprobe.cache import open_cache
+    from needleprobe.monitor import read_tokens
+
+    el, cfg = run["el"], run["cfg"]
+    tokens = read_tokens(open_cache(cfg).root["monitor/val"])
+    by_id = {d: i for i, d in enumerate(tokens.doc_ids)}
+    n_clean = int((tokens.doc_n_needles == 0).sum())
+    n_needle = len(tokens.doc_ids) - n_clean
+    maps = el.find("div", "heatmap")
+    expected = min(3, n_clean) + min(3, n_needle) + min(3, len(tokens.doc_ids) - min(3, n_clean) - min(3, n_needle))
+    assert len(maps) == expected and len({m["attrs"]["data-doc-id"] for m in maps}) == expected
+    total_needles = 0
+    for m in maps:
+        i = by_id[m["attrs"]["data-doc-id"]]
+        toks = [e for e in el.items if e["heatmap"] == m["attrs"]["data-doc-id"] and "tok" in e["classes"]]
+        needles = [e for e in toks if "needle" in e["classes"]]
+        assert len(toks) == len(tokens.token_id[i])  # one span per stored token
+        assert len(needles) == int(tokens.needle[i].sum())  # outlined exactly where the stored flag says
+        logits = np.array([float(e["attrs"]["data-logit"]) for e in toks])
+        assert np.isfinite(logits).all()
+        total_needles += len(needles)
+    assert total_needles > 0
+    # token text reads as the document: the needle span's words, in order, inside a needle doc's heatmap
+    docs = {d["doc_id"]: d for d in pipeline_docs()}
+    for m in maps:
+        d = docs[m["attrs"]["data-doc-id"]]
+        if d["needle_spans"] and d["text"].isascii():
+            s, e = d["needle_spans"][0]
+            shown = re.sub(r"\s+", "", "".join(el.text_by_heatmap[m["attrs"]["data-doc-id"]])).lower()
+            assert re.sub(r"\s+", "", d["text"][s:e]).lower() in shown
+            break
+    else:
+        pytest.fail("no ASCII needle document among the heatmaps")
+
+
+def test_heatmap_escapes_token_text():
+    from needleprobe.report import heatmap_html
+
+    out = heatmap_html(["<b>", " &x", '"'], ["<b>", "&x", '"'], np.array([3.0, -1.0, 0.0]), np.array([1, 0, 0]), 3.0)
+    assert "<b>" not in out and "&lt;b&gt;" in out and "&amp;x" in out
+    assert out.count('class="tok needle"') == 1 and out.count('class="tok"') == 2
+
+
+def test_no_probes_is_an_error(run, tmp_path):
+    """Without probes there is nothing to report: one error naming the command to run, not an empty page."""
+    import dataclasses
+
+    from needleprobe.errors import NeedleprobeError
+    from needleprobe.report import build_html
+
+    cfg = run["cfg"]
+    cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, output_dir=str(tmp_path / "probes")))
+    with pytest.raises(NeedleprobeError, match="needleprobe fit"):
+        build_html(cfg)
+
+
+def test_no_monitor_note(run, tmp_path):
+    """Probes but no monitor run: the probe charts still build, and the page says how to get the rest."""
+    import dataclasses
+
+    from needleprobe.report import build_html
+
+    cfg = run["cfg"]
+    src = Path(cfg.probe.cache_dir)
+    dst = tmp_path / "cache"  # the same cache without its monitor group
+    shutil.copytree(src, dst, ignore=lambda d, names: ["monitor"] if Path(d).name == "resid_post" else [])
+    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, cache_dir=str(dst)))
+    page = build_html(cfg2)
+    el = Elements(page)
+    assert el.find("svg", svg="auroc-by-layer") and el.find("svg", svg="roc-probes")
+    assert not el.find("svg", svg="roc-monitor") and not el.find("div", "heatmap")
+    assert "needleprobe monitor" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: apt-get install chromium")
+def test_renders_in_headless_chromium(run, tmp_path):
+    """The DOM Chromium builds holds the same charts and heatmaps: nothing mis-nested or dropped by the parser."""
+    out = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", run["path"].resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    dom = Elements(out.stdout)
+    src = run["el"]
+    for chart in ("auroc-by-layer", "roc-probes", "roc-monitor", "l2-path"):
+        assert len(dom.find("svg", svg=chart)) == 1, chart
+        assert len(dom.find(svg=chart)) == len(src.find(svg=chart)), chart  # every mark inside the chart survived
+    assert len(dom.find("div", "heatmap")) == len(src.find("div", "heatmap")) > 0
+    assert len(dom.find("span", "tok")) == len(src.find("span", "tok"))
+    assert len(dom.find("span", "needle")) == len(src.find("span", "needle")) > 0
+    # spans sit inside their heatmap in the rendered tree too
+    assert all(e["heatmap"] is not None for e in dom.find("span", "tok") if "sample" not in e["classes"])
