@@ -107,12 +107,12 @@ def test_fingerprint_refuses_changed_settings_and_overwrite_rebuilds(minilm_run,
 
 
 def test_overwrite_rebuilds(tmp_path, small_dataset, capsys):
-    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0], max_train_docs=4, max_val_docs=3)
+    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0], max_train_docs=8, max_val_docs=4)
     assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 0
-    cfg2 = write_config(tmp_path, small_dataset, layers_to_probe=[0], max_train_docs=5, max_val_docs=3)
+    cfg2 = write_config(tmp_path, small_dataset, layers_to_probe=[0], max_train_docs=9, max_val_docs=4)
     assert main(["extract", "--config", str(cfg2), "--no-progress"]) == 2
     assert main(["extract", "--config", str(cfg2), "--no-progress", "--overwrite"]) == 0
-    assert open_cache(cfg2).split("train").stats["docs"] == 5
+    assert open_cache(cfg2).split("train").stats["docs"] == 9
 
 
 def test_second_extract_or_fit_is_refused_while_one_runs(minilm_run, tmp_path, small_dataset, capsys):

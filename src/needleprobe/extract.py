@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -115,27 +115,44 @@ def _model_n_layers(cfg: Config) -> int | None:
 
 def gather_rows(
     acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], feature_dtype: str
-) -> dict[str, np.ndarray]:
+) -> Callable[[], dict[str, np.ndarray]]:
     """Stored rows of a batch per layer, cast to the feature dtype and checked finite.
 
-    Only sampled rows leave the device (a few % of all positions), so the copy
-    is small next to the forward pass.
+    Only sampled rows leave the device (a few % of all positions).  On CUDA the
+    copy goes to pinned memory without blocking and the caller collects it
+    (``finish()``) after launching the next forward, so the GPU never waits for
+    the host; on CPU ``finish`` just returns the arrays.
     """
     dev = next(iter(acts.values())).device
     b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(batch_rows)]).astype(np.int64)).to(dev)
     t_idx = torch.from_numpy(np.concatenate(batch_rows).astype(np.int64)).to(dev)
-    out = {}
     target = TORCH_DTYPES[feature_dtype]
-    for layer, a in acts.items():
-        rows = a[b_idx, t_idx].to(target)
-        if not bool(torch.isfinite(rows).all()):
-            hint = " (use feature_dtype: bfloat16 or float32)" if feature_dtype == "float16" else ""
-            raise NeedleprobeError(
-                f"layer {layer}: activations are not finite after casting to {feature_dtype}{hint}"
-            )
-        rows = rows.cpu()
-        out[f"layer_{layer}"] = (rows.view(torch.uint16) if feature_dtype == "bfloat16" else rows).numpy()
-    return out
+    rows = {layer: a[b_idx, t_idx].to(target) for layer, a in acts.items()}
+    finite = {layer: torch.isfinite(r).all() for layer, r in rows.items()}
+    if dev.type == "cuda":
+        host = {}
+        for layer, r in rows.items():
+            host[layer] = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
+            host[layer].copy_(r, non_blocking=True)
+        finite = {layer: f.to("cpu", non_blocking=True) for layer, f in finite.items()}
+        done = torch.cuda.Event()
+        done.record()
+        rows = host
+    else:
+        done = None
+
+    def finish() -> dict[str, np.ndarray]:
+        if done is not None:
+            done.synchronize()
+        out = {}
+        for layer, r in rows.items():
+            if not bool(finite[layer]):
+                hint = " (use feature_dtype: bfloat16 or float32)" if feature_dtype == "float16" else ""
+                raise NeedleprobeError(f"layer {layer}: activations are not finite after casting to {feature_dtype}{hint}")
+            out[f"layer_{layer}"] = (r.view(torch.uint16) if feature_dtype == "bfloat16" else r).numpy()
+        return out
+
+    return finish
 
 
 def _cache_state(path, fields: dict[str, Any], overwrite: bool) -> tuple[str, Any]:
@@ -273,8 +290,10 @@ def run_batches(
 ) -> int:
     """Forward the batches whose rows are not yet committed and stream their rows; returns tokens processed.
 
-    ``to_rows(acts, [positions per doc])`` turns a batch's activations into the
-    arrays' rows (stored activations for extract, probe logits for the monitor).
+    ``to_rows(acts, [positions per doc])`` turns a batch's activations into a
+    ``finish()`` that returns the arrays' rows (stored activations for extract,
+    probe logits for the monitor); it is called after the next forward is
+    launched, so device work and host work overlap.
     Batches before the commit point are skipped whole; the first batch to run
     may already be partly stored, and its stored rows are dropped.
     """
@@ -288,6 +307,15 @@ def run_batches(
     skip = committed - row
     done_docs = sum(len(b) for b in batches[:first])
     tokens = 0
+    pending = None
+
+    def store(rows: dict[str, np.ndarray], skip: int) -> int:
+        if skip:
+            rows = {k: r[skip:] for k, r in rows.items()}
+        if next(iter(rows.values())).shape[0]:
+            stream.add(rows)
+        return 0
+
     with progress_bar(show_progress) as prog:
         task = prog.add_task(
             name,
@@ -304,15 +332,15 @@ def run_batches(
                 ids[j, : lens[j]] = tdocs[i].input_ids
                 mask[j, : lens[j]] = 1
             inputs = model_inputs(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-            rows = to_rows(run_forward(model, cap, inputs), [rows_of[i] for i in batch])
-            if skip:
-                rows = {k: r[skip:] for k, r in rows.items()}
-                skip = 0
-            if next(iter(rows.values())).shape[0]:
-                stream.add(rows)
+            finish = to_rows(run_forward(model, cap, inputs), [rows_of[i] for i in batch])
+            if pending is not None:  # the previous batch's rows, collected while this forward runs
+                skip = store(pending(), skip)
+            pending = finish
             tokens += sum(lens)
             done_docs += len(batch)
             prog.update(task, advance=sum(lens), docs=f"{done_docs}/{len(tdocs)}")
+        if pending is not None:
+            store(pending(), skip)
     return tokens
 
 

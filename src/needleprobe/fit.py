@@ -329,7 +329,7 @@ def _write_probe(cfg, cache, layer, seed, fitted, train_stats, val_stats) -> dic
         "seed_dependent": seed_is_random(cfg, fitted["solver"]),
         "probe_applies_to": "raw activations: logit = x @ weight + bias",
         "cache_fingerprint": cache.fingerprint,
-        "config": cfg.to_dict(),
+        "config": cfg.outcome_dict(),  # without batch size or device: they never change the probe
     }
     atomic_write_json(js, meta)
     return meta

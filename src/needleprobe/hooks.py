@@ -13,6 +13,8 @@ block: no later block, no final norm, no LM head runs.  Hooks live only inside
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +192,11 @@ def run_forward(model, cap: Capture, inputs: dict[str, torch.Tensor]) -> dict[in
     return dict(cap.outputs)
 
 
+@functools.lru_cache(maxsize=None)
+def _forward_params(model_type: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_type.forward).parameters)
+
+
 def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Inputs for a right-padded batch.
 
@@ -198,10 +205,8 @@ def model_inputs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
     an unpadded run.  Models whose forward takes no ``position_ids`` (BERT's
     default is the same arange) get none.
     """
-    import inspect
-
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    params = inspect.signature(model.forward).parameters
+    params = _forward_params(type(model))
     if "position_ids" in params:
         inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if "token_type_ids" in params and getattr(model.config, "type_vocab_size", 0):

@@ -18,6 +18,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -95,7 +96,7 @@ def monitor_group_path(cfg: Config, split: str) -> str:
     return f"monitor/{split}"
 
 
-def _fingerprint(cache_fp: str, split: str, probes: list[ProbeRef]) -> str:
+def monitor_fingerprint(cache_fp: str, split: str, probes: list[ProbeRef]) -> str:
     key = json.dumps({"cache": cache_fp, "split": split, "probes": [(p.layer, p.seed, p.sha256) for p in probes]})
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -113,7 +114,7 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
     diff = changed_fields(cache.fields, fingerprint_fields(cfg, file_sha256(data_path)))
     if diff:
         raise NeedleprobeError(f"{cache.path}: cache is stale for this config ({'; '.join(diff)}); run extract first")
-    fp = _fingerprint(cache.fingerprint, split, probes)
+    fp = monitor_fingerprint(cache.fingerprint, split, probes)
     path = cache_path(cfg)
     with FileLock(path.with_name(path.name + ".lock"), what=f"extract or monitor of {path}"):
         root = zarr.open_group(str(path), mode="r+")
@@ -158,8 +159,9 @@ def _create_group(root, gpath, fp, tdocs, rows_of, order, probes) -> zarr.Group:
     needle = np.concatenate([tdocs[i].positive[rows_of[i]] for i in idx]).astype(np.int8)
     token_id = np.concatenate([tdocs[i].input_ids[rows_of[i]] for i in idx]).astype(np.int32)
     n = int(doc_index.size)
+    chunk = int(os.environ.get("NEEDLEPROBE_CHUNK_ROWS") or LOGIT_CHUNK_ROWS)
     g = root.create_group(gpath, overwrite=True)
-    g.create_array("logits", shape=(n, len(probes)), chunks=(LOGIT_CHUNK_ROWS, len(probes)), dtype="float32", fill_value=0.0)
+    g.create_array("logits", shape=(n, len(probes)), chunks=(chunk, len(probes)), dtype="float32", fill_value=0.0)
     for name, arr in (("doc_index", doc_index), ("token_index", token_index), ("needle", needle), ("token_id", token_id)):
         a = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 1 << 18)),), dtype=arr.dtype)
         a[:] = arr
@@ -172,7 +174,7 @@ def _create_group(root, gpath, fp, tdocs, rows_of, order, probes) -> zarr.Group:
             "fingerprint": fp,
             "probes": [{"layer": p.layer, "seed": p.seed, "sha256": p.sha256} for p in probes],
             "n_rows": n,
-            "chunk_rows": LOGIT_CHUNK_ROWS,
+            "chunk_rows": chunk,
             "committed_rows": 0,
             "complete": False,
             "initialized": True,
@@ -192,12 +194,13 @@ def _probe_matrices(probes: list[ProbeRef], device) -> list[tuple[int, torch.Ten
     return out
 
 
-def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights) -> dict[str, np.ndarray]:
+def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
+    """Probe logits [rows, n_probes] of a batch's text tokens (see ``extract.run_batches``)."""
     dev = next(iter(acts.values())).device
     b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(batch_rows)]).astype(np.int64)).to(dev)
     t_idx = torch.from_numpy(np.concatenate(batch_rows).astype(np.int64)).to(dev)
-    cols = [acts[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights]
-    return {"logits": torch.cat(cols, 1).cpu().numpy()}
+    logits = torch.cat([acts[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
+    return lambda: {"logits": logits}
 
 
 @dataclass
@@ -245,6 +248,9 @@ def evaluate(tokens: MonitorTokens, mon: MonitorConfig, n_boot: int = 1000) -> t
         key = f"layer_{p['layer']}_seed_{p['seed']}"
         for method in AGGREGATIONS:
             s = np.array([aggregate(lg[:, j], method, mon) for lg in tokens.logits])
+            if not np.isfinite(s).all():  # documents without text tokens rank below every other
+                finite = s[np.isfinite(s)]
+                s = np.where(np.isfinite(s), s, (finite.min() if finite.size else 0.0) - 1.0)
             lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=n_boot, seed=0)
             row = {
                 "layer": p["layer"],

@@ -365,8 +365,8 @@ def probe_roc_section(cfg: Config, cache, probes: list[ProbeInfo]) -> tuple[str,
         auc = float(roc_auc_score(y, s))
         if abs(auc - p.auroc) > 1e-9:
             warnings.append(
-                f"probe layer {layer} seed {p.seed} scores val AUROC {auc:.6f} on this cache, its JSON says {p.auroc:.6f} "
-                "(the cache changed since the fit: refit)"
+                f"probe layer {layer} seed {p.seed} scores val AUROC {auc:.10f} on this cache, its JSON says "
+                f"{p.auroc:.10f} (Δ {auc - p.auroc:+.1e}): the cached activations changed since the fit, refit"
             )
         fpr, tpr, _ = roc_curve(y, s)
         curves.append({

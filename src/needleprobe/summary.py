@@ -80,7 +80,7 @@ def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
     sha256 of every probe file), so a refit probe makes the stored logits stale.
     """
     from .fit import probe_paths
-    from .monitor import ProbeRef, _fingerprint
+    from .monitor import ProbeRef, monitor_fingerprint
     from .records import sha256_file
 
     if "monitor" not in cache.root.group_keys():
@@ -100,7 +100,7 @@ def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
                 missing.append(f"layer {p['layer']} seed {p['seed']}")
         if missing:
             up_to_date, reason = False, f"probe file(s) missing: {', '.join(missing)}"
-        elif _fingerprint(cache.fingerprint, split, refs) != attrs.get("fingerprint"):
+        elif monitor_fingerprint(cache.fingerprint, split, refs) != attrs.get("fingerprint"):
             up_to_date, reason = False, "probes were refit (or the cache rebuilt) since the monitor ran"
         elif not attrs.get("complete"):
             up_to_date, reason = False, "interrupted (run `needleprobe monitor` again to resume)"
