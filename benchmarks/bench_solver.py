@@ -29,6 +29,10 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
@@ -70,15 +74,10 @@ def balanced_weights(y: np.ndarray) -> np.ndarray:
 
 
 def auroc(y: np.ndarray, score: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
     return float(roc_auc_score(y, score))
 
 
 def sklearn_path(X, y, s, grid, tol, max_iter):
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
     n = X.shape[0]
     res = []
     for l2 in grid:
@@ -106,11 +105,17 @@ def main(argv=None) -> None:
     ap.add_argument("--sk-max-iter", type=int, default=10_000)
     ap.add_argument("--no-sk-default", action="store_true",
                     help="skip the scikit-learn run at its default tol=1e-4")
+    ap.add_argument("--strategy", choices=["warm", "joint"], default=None,
+                    help="override the path strategy of needleprobe.solvers (design comparison)")
+    ap.add_argument("--ours-only", action="store_true", help="time fit_l2_path only")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for torch and for scikit-learn's BLAS (default: torch's)")
     args = ap.parse_args(argv)
 
-    from threadpoolctl import threadpool_limits
+    if args.strategy:
+        import needleprobe.solvers as solvers
+
+        solvers._STRATEGY = args.strategy
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -125,11 +130,18 @@ def main(argv=None) -> None:
           f"grid={grid}", flush=True)
 
     Xt, yt, st = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(s)
+    # (sklearn and scipy are imported at module level so that the limit reaches their
+    # BLAS and OpenMP runtimes too.)
     with threadpool_limits(threads):
+        libs = sorted({(i["internal_api"], i["num_threads"]) for i in threadpool_info()})
+        print(f"# thread pools: {libs}", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         ours = fit_l2_path(Xt, yt, grid, st, tol=args.tol)
         t_ours, c_ours = time.perf_counter() - t0, time.process_time() - c0
-        print(f"# fit_l2_path: {t_ours:.2f}s wall, {c_ours:.2f}s cpu", flush=True)
+        print(f"# fit_l2_path: {t_ours:.2f}s wall, {c_ours:.2f}s cpu; iterations "
+              f"{[r.n_iter for r in ours]}; converged {[r.converged for r in ours]}", flush=True)
+        if args.ours_only:
+            return
 
         t0, c0 = time.perf_counter(), time.process_time()
         sk = sklearn_path(X, y, s, grid, args.sk_tol, args.sk_max_iter)
@@ -169,7 +181,8 @@ def main(argv=None) -> None:
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for r in rows:
-        line = (f"| {r['l2']:g} | {r['it']} | {r['conv']} | {r['sk_it']}{'*' if r['sk_warn'] else ''}"
+        warn = "*" if r["sk_warn"] else ""
+        line = (f"| {r['l2']:g} | {r['it']} | {r['conv']} | {r['sk_it']}{warn}"
                 f" | {r['sk_time']:.1f} | {r['auc']:.5f} | {r['sk_auc']:.5f} "
                 f"| {r['auc'] - r['sk_auc']:+.1e} | {r['gap']:+.1e} |")
         if sk_def is not None:
@@ -179,7 +192,8 @@ def main(argv=None) -> None:
     best_sk = max(rows, key=lambda r: r["sk_auc"])["l2"]
     max_d = max(abs(r["auc"] - r["sk_auc"]) for r in rows)
     print()
-    print("| solver | wall s | cpu s | speed-up (wall) | max abs dAUROC vs sklearn tight | best l2 |")
+    print("| solver | wall s | cpu s | speed-up (wall) | max abs dAUROC vs sklearn tight "
+          "| best l2 |")
     print("|---|---|---|---|---|---|")
     print(f"| fit_l2_path (tol={args.tol:g}) | {t_ours:.2f} | {c_ours:.2f} | "
           f"{t_sk / t_ours:.2f}x | {max_d:.1e} | {best_ours:g} |")

@@ -265,17 +265,21 @@ def test_debug_shows_traceback(tmp_path):
 
 
 def test_two_runs_give_identical_outputs(tmp_path, small_dataset):
+    """Same config, run twice from scratch: byte-identical cache, probes, JSONs and CSV."""
+    import shutil
+
+    cfg = write_config(tmp_path, small_dataset, layers_to_probe=[2], class_balance="downsample", train_seeds=[0, 1])
     outs = []
-    for run in ("a", "b"):
-        d = tmp_path / run
-        d.mkdir()
-        cfg = write_config(d, small_dataset, layers_to_probe=[2], class_balance="downsample", train_seeds=[0, 1])
+    for _ in range(2):
+        shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+        shutil.rmtree(tmp_path / "results", ignore_errors=True)
         assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
-        outs.append(_files(d / "results" / "probes"))
-        outs[-1].update({f"cache/{k}": v for k, v in _files(open_cache(cfg).path).items()})
+        files = _files(tmp_path / "results" / "probes")
+        files.update({f"cache/{k}": v for k, v in _files(open_cache(cfg).path).items()})
+        outs.append(files)
     assert outs[0].keys() == outs[1].keys() and len(outs[0]) > 10
     for k in outs[0]:
         assert outs[0][k] == outs[1][k], k
     # downsampling makes seeds differ; each seed's probe is its own
-    probes = [k for k in outs[0] if k.endswith(".pt")]
+    probes = sorted(k for k in outs[0] if k.endswith(".pt"))
     assert outs[0][probes[0]] != outs[0][probes[1]]

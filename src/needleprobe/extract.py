@@ -113,6 +113,13 @@ def _model_n_layers(cfg: Config) -> int | None:
     return getattr(text, "num_hidden_layers", None)
 
 
+def row_index(batch_rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, token position) of every stored row of a batch, for advanced indexing of [B, T, d]."""
+    b = np.concatenate([np.full(len(r), i) for i, r in enumerate(batch_rows)]).astype(np.int64)
+    t = np.concatenate(batch_rows).astype(np.int64)
+    return torch.from_numpy(b).to(device), torch.from_numpy(t).to(device)
+
+
 def gather_rows(
     acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], feature_dtype: str
 ) -> Callable[[], dict[str, np.ndarray]]:
@@ -124,8 +131,7 @@ def gather_rows(
     the host; on CPU ``finish`` just returns the arrays.
     """
     dev = next(iter(acts.values())).device
-    b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(batch_rows)]).astype(np.int64)).to(dev)
-    t_idx = torch.from_numpy(np.concatenate(batch_rows).astype(np.int64)).to(dev)
+    b_idx, t_idx = row_index(batch_rows, dev)
     target = TORCH_DTYPES[feature_dtype]
     rows = {layer: a[b_idx, t_idx].to(target) for layer, a in acts.items()}
     finite = {layer: torch.isfinite(r).all() for layer, r in rows.items()}

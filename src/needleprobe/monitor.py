@@ -29,12 +29,12 @@ import numpy as np
 import torch
 import zarr
 
-from .cache import cache_path, changed_fields, fingerprint_fields, open_cache
+from .cache import cache_path, open_cache
 from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
 from .metrics import bootstrap_auroc_ci, threshold_at_fpr
-from .records import FileLock, atomic_write_bytes, console, sha256_file, update_run_record
+from .records import FileLock, atomic_write_bytes, console, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
 LOGIT_CHUNK_ROWS = 1 << 16
@@ -88,7 +88,7 @@ def _probes(cfg: Config, layers: list[int], seeds: list[int]) -> list[ProbeRef]:
             pt, _ = probe_paths(cfg, layer, seed)
             if not pt.is_file():
                 raise NeedleprobeError(f"{pt}: probe missing (run `needleprobe fit` for layer {layer}, seed {seed})")
-            refs.append(ProbeRef(layer, seed, pt, sha256_file(pt)))
+            refs.append(ProbeRef(layer, seed, pt, file_sha256(pt)))
     return refs
 
 
@@ -109,11 +109,11 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
     from .tokens import plan_batches, tokenize_documents
 
     con = console()
+    from .fit import verify_cache
+
     cache = open_cache(cfg)
+    verify_cache(cfg, cache)
     data_path = cfg.dataset.resolved_path()
-    diff = changed_fields(cache.fields, fingerprint_fields(cfg, file_sha256(data_path)))
-    if diff:
-        raise NeedleprobeError(f"{cache.path}: cache is stale for this config ({'; '.join(diff)}); run extract first")
     fp = monitor_fingerprint(cache.fingerprint, split, probes)
     path = cache_path(cfg)
     with FileLock(path.with_name(path.name + ".lock"), what=f"extract or monitor of {path}"):
@@ -196,9 +196,9 @@ def _probe_matrices(probes: list[ProbeRef], device) -> list[tuple[int, torch.Ten
 
 def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
     """Probe logits [rows, n_probes] of a batch's text tokens (see ``extract.run_batches``)."""
-    dev = next(iter(acts.values())).device
-    b_idx = torch.from_numpy(np.concatenate([np.full(len(r), b) for b, r in enumerate(batch_rows)]).astype(np.int64)).to(dev)
-    t_idx = torch.from_numpy(np.concatenate(batch_rows).astype(np.int64)).to(dev)
+    from .extract import row_index
+
+    b_idx, t_idx = row_index(batch_rows, next(iter(acts.values())).device)
     logits = torch.cat([acts[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
     return lambda: {"logits": logits}
 
@@ -290,7 +290,7 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         "split": split,
         "monitor": cfg.to_dict()["monitor"],
         "probes": [{"layer": p.layer, "seed": p.seed, "sha256": p.sha256} for p in probes],
-        "outputs": {str(p): sha256_file(p) for p in (csv_path, jsonl_path)},
+        "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
     })
     _print(rows, split)
     return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path)}

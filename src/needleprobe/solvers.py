@@ -250,11 +250,10 @@ class _Memory:
         """-H G for G [D, K]: the L-BFGS two-loop recursion in matrix form."""
         if not self.slots:
             return -self.gamma * G
-        o = torch.as_tensor(self.slots, device=G.device)
+        o = torch.as_tensor(self.slots, device=G.device)  # chronological slot order
         g = G.T.unsqueeze(2)  # [K, D, 1]
-        S, Y = self.S[:, o], self.Y[:, o]  # [K, L, D]
-        a = torch.bmm(S, g).squeeze(2)  # s_i . g
-        b = torch.bmm(Y, g).squeeze(2)  # y_i . g
+        a = torch.bmm(self.S, g).squeeze(2)[:, o]  # s_i . g
+        b = torch.bmm(self.Y, g).squeeze(2)[:, o]  # y_i . g
         SY = self.SY[:, o][:, :, o]
         YY = self.YY[:, o][:, :, o]
         rho = self.rho[:, o]
@@ -270,9 +269,14 @@ class _Memory:
         Lo = eye + rho.unsqueeze(2) * torch.tril(SY.transpose(1, 2), -1)
         delta = torch.linalg.solve_triangular(Lo, alpha - (rho * c).unsqueeze(2), upper=False,
                                               unitriangular=True)
-        # r = gamma (g - Y^T alpha) + S^T delta;  direction = -r.
-        r = gam * (G.T - torch.bmm(Y.transpose(1, 2), alpha).squeeze(2))
-        r += torch.bmm(S.transpose(1, 2), delta).squeeze(2)
+        # r = gamma (g - Y^T alpha) + S^T delta;  direction = -r.  (Back in slot order.)
+        K, m = self.rho.shape
+        alpha_s = torch.zeros(K, m, 1, dtype=_F64, device=G.device)
+        delta_s = torch.zeros(K, m, 1, dtype=_F64, device=G.device)
+        alpha_s[:, o] = alpha
+        delta_s[:, o] = delta
+        r = gam * (G.T - torch.bmm(self.Y.transpose(1, 2), alpha_s).squeeze(2))
+        r += torch.bmm(self.S.transpose(1, 2), delta_s).squeeze(2)
         return -r.T
 
     def _set_rho(self, slot: int, allowed: torch.Tensor | None = None) -> None:
@@ -502,9 +506,8 @@ def _lbfgs_columns(data: _Data, l2: torch.Tensor, theta: torch.Tensor, *, tol: f
             st.mem.reset(bad)
             P[:, bad] = -G[:, bad]
         Q = data.xp(P)
-        ok0 = bad
-        t, ok, Z, sig, loss = _line_search(
-            data, st, P, Q, torch.ones_like(ok0) if _NEWTON_START else st.mem.empty())
+        newton = torch.ones_like(bad) if _NEWTON_START else st.mem.empty()
+        t, ok, Z, sig, loss = _line_search(data, st, P, Q, newton)
         if not bool(ok.all()):
             # Retry along steepest descent (fresh memory) where the history was in use.
             retry = ~ok & ~st.mem.empty()
@@ -521,7 +524,8 @@ def _lbfgs_columns(data: _Data, l2: torch.Tensor, theta: torch.Tensor, *, tol: f
                 if retire(failed, "stalled"):
                     break
                 keep = torch.as_tensor(np.nonzero(~failed)[0], device=data.dev)
-                G, P, t, Z, sig, loss = G[:, keep], P[:, keep], t[keep], Z[:, keep], sig[:, keep], loss[keep]
+                G, P, t, loss = G[:, keep], P[:, keep], t[keep], loss[keep]
+                Z, sig = Z[:, keep], sig[:, keep]
 
         step = P.mul_(t)
         st.theta.add_(step)
@@ -547,8 +551,14 @@ def _refresh(data: _Data, theta: torch.Tensor, l2: torch.Tensor):
 
 
 def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
-              strategy: str = _STRATEGY, memory: int = _MEMORY):
-    """Fit every distinct l2; returns theta [D, K], n_iter, converged, J, max|grad| (numpy)."""
+              strategy: str | None = None, memory: int | None = None):
+    """Fit every distinct l2; returns theta [D, K], n_iter, converged, J, max|grad| (numpy).
+
+    ``strategy`` is "warm" (default, see module docstring), "warm_point" (warm start
+    of the point only, fresh L-BFGS history) or "joint"; ``memory`` the history length.
+    """
+    strategy = strategy or _STRATEGY
+    memory = memory or _MEMORY
     K = len(l2_unique)
     D = data.d + 1
     dev = data.dev
