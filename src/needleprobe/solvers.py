@@ -51,8 +51,16 @@ distinct grid values are the K columns of ``W`` [d, K], each with its own
 L-BFGS state, and each iteration does one ``X @ P`` and one ``X^T R`` for all
 active columns; converged columns drop out.  On the 2-core CPU it was measured
 on, the K-column matmul costs 2-3 single-column passes (MKL's tall-skinny GEMM
-is compute-bound there) and the joint scheme needs ~1.3x the CPU time of the
-warm path with carried memory, so the warm path is the default.
+is compute-bound there) and the joint scheme took 1.4-1.8x the CPU time of the
+warm path with carried memory (50k x 1024 and 100k x 2048), so the warm path is
+the default.
+
+CPU details (measured on a 2-core AMD EPYC): single-column products go through
+numpy's BLAS, whose GEMV was ~1.5x faster than torch's there; the O(n) vector
+work runs on one torch thread during a fit (it is a few percent of a pass, and
+OpenMP barriers on shared cores made 2-thread elementwise ops up to 100x
+slower); the caller's torch thread count is restored afterwards.  TF32 is
+disabled during a fit on CUDA.
 
 Tolerance: ``tol = 1e-6`` on the max-abs gradient of ``J`` (100x tighter than
 scikit-learn's default ``1e-4``, which is not enough for weak penalties).  On
@@ -65,7 +73,12 @@ scikit-learn at ``tol=1e-10`` in ``tests/test_solvers.py``).
 If the tolerance cannot be met (e.g. separable data with a tiny ``l2``, where
 the weights keep growing), the fit stops at ``max_iter`` or when the line search
 can no longer decrease ``J`` in float64, and reports ``converged=False`` with
-the best point found.
+the best point found.  (On separable data the gradient also shrinks as ``||w||``
+grows, so given enough iterations the test can be met at a large-norm point;
+``converged`` always means exactly ``grad_norm <= tol``.)
+
+``loss`` and ``grad_norm`` are evaluated at the float64 iterate; ``weight`` is
+its float32 rounding.
 """
 
 from __future__ import annotations
@@ -119,6 +132,28 @@ def _exact_float32_matmul():
         torch.set_float32_matmul_precision(prev)
 
 
+@contextlib.contextmanager
+def _single_threaded_elementwise(data: "_Data"):
+    """On CPU, run torch's O(n) vector ops on one thread for the duration of a fit.
+
+    Single-threaded they cost a few percent of a pass over X, while each OpenMP
+    parallel region can stall for milliseconds when the cores are shared
+    (measured: 2 threads made a whole fit 10x slower on a busy 2-core machine).
+    The products with X keep the caller's thread count: single-column ones run in
+    numpy's BLAS (its own thread pool), multi-column ones re-enable torch threads
+    (see :meth:`_Data._torch_threads`).  The caller's setting is restored on exit.
+    """
+    if data.dev.type != "cpu":
+        yield
+        return
+    data.threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(data.threads)
+
+
 class _Data:
     """X plus the per-row constants, with the two matrix products the solver uses."""
 
@@ -159,28 +194,55 @@ class _Data:
         self.cny_row = (c * (1 - y))[None, :]  # [1, n]
         self.mm_dtype = self.X.dtype
         self.cuda = self.X.is_cuda
+        # On CPU, single-column products go through numpy's BLAS (OpenBLAS): its
+        # GEMV was ~1.5x faster than torch's MKL GEMV on the AMD machine measured.
+        self.Xn = self.X.detach().numpy() if self.dev.type == "cpu" else None
+        self.threads = None  # caller's torch thread count while a fit runs (CPU)
+
+    @contextlib.contextmanager
+    def _torch_threads(self):
+        """Torch matmuls on CPU run with the caller's thread count."""
+        if self.threads is None or self.threads == 1:
+            yield
+            return
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(1)
 
     def xp(self, P: torch.Tensor) -> torch.Tensor:
         """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out)."""
         K = P.shape[1]
         Pt = P[:-1].T.to(self.mm_dtype).contiguous()  # [K, d]
-        if self.cuda or K == 1:
+        if K == 1 and self.Xn is not None:
+            out = torch.from_numpy(self.Xn @ Pt[0].numpy())[:, None]
+        elif self.cuda:
             out = self.X @ Pt.T
-        elif K == 2:
-            out = torch.nn.functional.linear(self.X, Pt)  # MKL has a fast N=2 path
         else:
-            out = (Pt @ self.X.T).T
+            with self._torch_threads():
+                if K <= 2:
+                    out = torch.nn.functional.linear(self.X, Pt)  # MKL has a fast N=2 path
+                else:
+                    out = (Pt @ self.X.T).T
         return out.to(_F64) + P[-1]
 
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
         """X^T R for R [n, K] (float64 in and out), float64 sums over row chunks."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
         chunk = _CHUNK_ROWS * (8 if self.cuda else 1)  # fewer kernel launches on GPU
-        if self.mm_dtype == _F64 or self.n <= chunk:
-            return (Rt @ self.X).to(_F64).T
-        acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
-        for i in range(0, self.n, chunk):
-            acc += (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64)
+        if R.shape[1] == 1 and self.Xn is not None:
+            r, Xn = Rt[0].numpy(), self.Xn
+            acc = np.zeros(self.d, dtype=np.float64)
+            for i in range(0, self.n, chunk):
+                acc += r[i : i + chunk] @ Xn[i : i + chunk]
+            return torch.from_numpy(acc)[:, None]
+        with self._torch_threads():
+            if self.mm_dtype == _F64 or self.n <= chunk:
+                return (Rt @ self.X).to(_F64).T
+            acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
+            for i in range(0, self.n, chunk):
+                acc += (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64)
         return acc.T
 
     def loss(self, Z: torch.Tensor) -> torch.Tensor:
@@ -647,7 +709,7 @@ def fit_l2_path(
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     data = _Data(X, y, sample_weight)
     uniq = np.array(sorted(set(grid), reverse=True), dtype=np.float64)
-    with torch.no_grad(), _exact_float32_matmul():
+    with torch.no_grad(), _exact_float32_matmul(), _single_threaded_elementwise(data):
         theta, n_iter, converged, f, gmax = _fit_path(data, uniq, tol=tol, max_iter=max_iter)
     theta_cpu = theta.cpu()
     per_value = {}
