@@ -233,7 +233,9 @@ def read_tokens(g: zarr.Group) -> MonitorTokens:
 
 def monitor_dir(cfg: Config) -> Path:
     """``results/monitor/{name}_{version}``: beside ``output_dir`` (``results/probes``)."""
-    return Path(cfg.probe.output_dir).parent / "monitor" / cfg.dataset.key
+    from .stores import as_path
+
+    return as_path(cfg.probe.output_dir).parent / "monitor" / cfg.dataset.key
 
 
 def evaluate(tokens: MonitorTokens, mon: MonitorConfig, n_boot: int = 1000) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
