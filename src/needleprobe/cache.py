@@ -43,7 +43,7 @@ import zarr
 
 from .config import Config, load_config
 from .errors import NeedleprobeError
-from .stores import as_path, is_url
+from .stores import as_path, is_url, open_group
 
 CACHE_FORMAT = 1
 """Bumped whenever a code change alters cached values (padding, labelling), so old caches read as stale."""
@@ -203,10 +203,10 @@ class CacheWriter:
 
     def open(self) -> None:
         if self.path.exists():
-            self.root = zarr.open_group(str(self.path), mode="r+")
+            self.root = open_group(self.path, mode="r+")
         elif is_url(self.path):
             # No rename on object stores; the root's zarr.json is one object that holds the fingerprint.
-            self.root = zarr.open_group(str(self.path), mode="w-", attributes=self._root_attrs())
+            self.root = open_group(self.path, mode="w-", attributes=self._root_attrs())
         else:
             # Built under a temporary name and renamed, so the real path never holds a group without its fingerprint.
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ class CacheWriter:
                 shutil.rmtree(tmp)
             zarr.open_group(str(tmp), mode="w", attributes=self._root_attrs())
             os.replace(tmp, self.path)
-            self.root = zarr.open_group(str(self.path), mode="r+")
+            self.root = open_group(self.path, mode="r+")
 
     def prepare_split(self, plan: SplitPlan, layers: list[int], d_model: int, feature_dtype: str) -> tuple[zarr.Group, int]:
         """The split group, created with its label arrays if new; returns it and its committed rows."""
@@ -575,7 +575,7 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
         path = cache_path(load_config(p)) if p.suffix in (".yaml", ".yml") and not is_url(p) else p
     if not (path / "zarr.json").is_file():
         raise NeedleprobeError(f"{path}: no activation cache here (run `needleprobe extract` first)")
-    root = zarr.open_group(str(path), mode="r")
+    root = open_group(path, mode="r")
     if "fingerprint" not in root.attrs:
         raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
     cache = Cache(path, root)

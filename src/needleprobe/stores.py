@@ -48,6 +48,15 @@ def as_path(p: Any) -> "Path | RemotePath":
     return Path(p)
 
 
+def open_group(path: Any, **kwargs):
+    """``zarr.open_group`` on a local path or a URL (``file://`` gets its directories made as needed)."""
+    import zarr
+
+    if isinstance(path, RemotePath) and path.protocol in ("file", "local"):
+        kwargs.setdefault("storage_options", {"auto_mkdir": True})
+    return zarr.open_group(str(path), **kwargs)
+
+
 class RemotePath:
     """A location on an fsspec filesystem with the subset of ``pathlib.Path`` needleprobe uses.
 
