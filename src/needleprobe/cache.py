@@ -202,11 +202,13 @@ class CacheWriter:
         return attrs
 
     def open(self) -> None:
-        if self.path.exists():
+        if is_url(self.path):
+            # No rename on object stores: the root's zarr.json is one object that holds the fingerprint
+            # ("w" also clears what a crashed removal left without a root).
+            exists = (self.path / "zarr.json").is_file()
+            self.root = open_group(self.path, mode="r+") if exists else open_group(self.path, mode="w", attributes=self._root_attrs())
+        elif self.path.exists():
             self.root = open_group(self.path, mode="r+")
-        elif is_url(self.path):
-            # No rename on object stores; the root's zarr.json is one object that holds the fingerprint.
-            self.root = open_group(self.path, mode="w-", attributes=self._root_attrs())
         else:
             # Built under a temporary name and renamed, so the real path never holds a group without its fingerprint.
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -339,7 +341,8 @@ def remove_cache(path: Path) -> None:
     path = as_path(path)
     if not path.exists():
         return
-    if is_url(path):  # no rename on object stores: deleted object by object
+    if is_url(path):  # no rename on object stores: the root's zarr.json first (no longer a cache), then the rest
+        (path / "zarr.json").unlink(missing_ok=True)
         path.rmtree()
         return
     trash = path.with_name(path.name + f".deleting-{os.getpid()}")

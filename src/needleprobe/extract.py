@@ -44,6 +44,7 @@ from .hooks import (
     run_forward,
 )
 from .records import FileLock, console, human_bytes, progress_bar, versions
+from .stores import is_url
 from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
 
 FIT_SPLITS = ("train", "val")
@@ -161,7 +162,7 @@ def _cache_state(path, fields: dict[str, Any], overwrite: bool) -> tuple[str, An
     """("new" | "stale" | "resume" | "up to date", existing cache or None); refuses a stale cache."""
     from .cache import open_cache
 
-    if not path.exists():
+    if not path.exists() or (is_url(path) and not (path / "zarr.json").is_file()):  # remote: leftovers of a removal
         return "new", None
     existing = open_cache(path, allow_incomplete=True)
     diff = changed_fields(existing.fields, fields)
@@ -267,9 +268,9 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> Extract
             if state == "stale":
                 con.print(f"[yellow]--overwrite: removing the stale cache {path}")
                 remove_cache(path)
-        state = dist.broadcast(state)
+        state, found = dist.broadcast((state, existing.fingerprint if state == "up to date" else None))
         if state == "up to date":
-            return ExtractResult(str(path), fingerprint(fields), "up to date")
+            return ExtractResult(str(path), found, "up to date")
         model = load_model(cfg.model, cfg.probe.model_dtype, device)
         blocks = find_blocks(model)
         check_layers(layers, len(blocks), cfg.model.name)
