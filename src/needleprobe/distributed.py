@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import SplitPlan, shard_name  # noqa: F401 (shard_name: part of this module's story)
+from .cache import SplitPlan
 from .errors import NeedleprobeError
 from .tokens import TokenizedDoc, bucket_length
 
