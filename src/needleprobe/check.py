@@ -8,7 +8,8 @@ import json
 
 from .config import RUNTIME_ONLY, Config
 from .fit import output_dir, probe_paths
-from .records import run_record_path, sha256_file
+from .data import file_sha256
+from .records import run_record_path
 
 REQUIRED_META = ("selected_l2", "train_stats", "val_stats", "val_metrics")
 CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
@@ -63,7 +64,7 @@ def check(cfg: Config) -> list[str]:
         problems.append(f"{rec_path}: no fit outputs recorded")
     for path, digest in sorted(outputs.items()):
         try:
-            if sha256_file(path) != digest:
+            if file_sha256(path) != digest:
                 problems.append(f"{path}: content differs from the run record (sha256)")
         except FileNotFoundError:
             problems.append(f"{path}: listed in the run record but missing")

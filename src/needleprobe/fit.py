@@ -33,7 +33,7 @@ from .config import Config
 from .data import file_sha256
 from .errors import NeedleprobeError
 from .metrics import binary_metrics, bootstrap_auroc_ci
-from .records import FileLock, atomic_write_bytes, atomic_write_json, console, sha256_file, update_run_record
+from .records import FileLock, atomic_write_bytes, atomic_write_json, console, update_run_record
 from .solvers import PathResult, fit_l2_path
 from .stores import as_path, is_url
 
@@ -262,7 +262,7 @@ def fit(cfg: Config, *, device: str | None = None, devices: list[torch.device] |
                 "device": str(dev),
                 **({"devices": [str(d) for d in workers]} if len(workers) > 1 else {}),
                 "timings_s": result.timings,
-                "outputs": {str(p): sha256_file(p) for p in files},
+                "outputs": {str(p): file_sha256(p) for p in files},
             },
         )
     _print_table(con, cfg, result)

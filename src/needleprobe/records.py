@@ -71,7 +71,7 @@ def human_bytes(n: float) -> str:
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with as_path(path).open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

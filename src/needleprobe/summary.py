@@ -88,7 +88,7 @@ def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
     """
     from .fit import probe_paths
     from .monitor import ProbeRef, monitor_fingerprint
-    from .records import sha256_file
+    from .data import file_sha256
 
     if "monitor" not in cache.root.group_keys():
         return []
@@ -102,7 +102,7 @@ def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
         for p in probes:
             pt, _ = probe_paths(cfg, int(p["layer"]), int(p["seed"]))
             if pt.is_file():
-                refs.append(ProbeRef(int(p["layer"]), int(p["seed"]), pt, sha256_file(pt)))
+                refs.append(ProbeRef(int(p["layer"]), int(p["seed"]), pt, file_sha256(pt)))
             else:
                 missing.append(f"layer {p['layer']} seed {p['seed']}")
         if missing:
