@@ -30,8 +30,12 @@ demo: install
 demo-data: install
 	$(NP) demo-data
 
+# NPROC > 1: one process per GPU under torchrun, each writing its shard of the cache (README, "Running at scale").
+NPROC ?= 1
+EXTRACT := $(if $(filter 1,$(NPROC)),$(NP) extract,$(BIN)/python -m torch.distributed.run --standalone --nproc-per-node $(NPROC) -m needleprobe extract)
+
 extract: install
-	$(NP) extract --config $(CONFIG) $(ARGS)
+	$(EXTRACT) --config $(CONFIG) $(ARGS)
 
 fit: install
 	$(NP) fit --config $(CONFIG) $(ARGS)

@@ -12,12 +12,20 @@ Layout (a contract read by fit, the monitor and notebooks)::
             doc_ids       [D] str       the split's doc table (file order)
             doc_n_tokens  [D] int32     model input length after truncation
             doc_n_needles [D] int32     needle spans in the document
+        shard-{r}-of-{W}/train/ shard-{r}-of-{W}/val/              instead of train/ val/ when W processes wrote it
+                                                                   (``torchrun``, root attr world_size = W): the same
+                                                                   arrays, rank r's rows only (attr ``shard``), doc
+                                                                   table and stats of the whole split
 
 Rows are known before the model runs (labels depend only on tokens), so every
 array is created at its final shape and the layer arrays are filled in whole
 chunks.  ``committed_rows`` advances only after the chunk data is written: a
 killed run resumes from it and rewrites the same bytes, so nothing past the
 counter is ever trusted.
+
+A sharded cache (see :mod:`needleprobe.distributed`) reads exactly like an
+unsharded one: :meth:`Cache.split` concatenates the shards in rank order, which
+is the single-process row order.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import zarr
 
 from .config import Config, load_config
 from .errors import NeedleprobeError
+from .stores import as_path, is_url, open_group
 
 CACHE_FORMAT = 1
 """Bumped whenever a code change alters cached values (padding, labelling), so old caches read as stale."""
@@ -55,6 +64,9 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("NEEDLEPROBE_FAULT")
     if not spec:
         return
+    only = os.environ.get("NEEDLEPROBE_FAULT_RANK")  # under torchrun: kill just this rank
+    if only is not None and only != os.environ.get("RANK", "0"):
+        return
     point, _, k = spec.partition(":")
     if point == name:
         _FAULT_HITS[name] = _FAULT_HITS.get(name, 0) + 1
@@ -68,7 +80,7 @@ def cache_path(cfg: Config, slug: str | None = None) -> Path:
     from .hooks import model_slug
 
     return (
-        Path(cfg.probe.cache_dir)
+        as_path(cfg.probe.cache_dir)
         / cfg.dataset.key
         / (slug or model_slug(cfg.model.name))
         / cfg.probe.activation_site
@@ -156,6 +168,8 @@ class SplitPlan:
     token_index: np.ndarray
     token_id: np.ndarray
     stats: dict[str, Any]
+    shard: dict[str, Any] | None = None
+    """Under torchrun: which rows of the split this process writes (see ``distributed.shard_split``)."""
 
     @property
     def n_rows(self) -> int:
@@ -165,40 +179,55 @@ class SplitPlan:
 class CacheWriter:
     """Creates or resumes a cache group; one writer per cache (see ``records.FileLock``)."""
 
-    def __init__(self, path: Path, fields: dict[str, Any], metadata: dict[str, Any]):
-        self.path = Path(path)
+    def __init__(self, path: Path, fields: dict[str, Any], metadata: dict[str, Any], world_size: int = 1):
+        self.path = as_path(path)
         self.fields = fields
         self.metadata = metadata
+        self.world_size = world_size
         self.root: zarr.Group | None = None
+        self.split_parent: zarr.Group | None = None
+        """Where split groups go: the root, or this process's ``shard-{r}-of-{W}`` group."""
+
+    def _root_attrs(self) -> dict[str, Any]:
+        attrs = {
+            "needleprobe_cache_format": CACHE_FORMAT,
+            "fingerprint": fingerprint(self.fields),
+            "fingerprint_fields": self.fields,
+            "metadata": self.metadata,
+            "splits": [],
+            "complete": False,
+        }
+        if self.world_size > 1:
+            attrs["world_size"] = self.world_size
+        return attrs
 
     def open(self) -> None:
-        if self.path.exists():
-            self.root = zarr.open_group(str(self.path), mode="r+")
+        if is_url(self.path):
+            # No rename on object stores: the root's zarr.json is one object that holds the fingerprint
+            # ("w" also clears what a crashed removal left without a root).
+            exists = (self.path / "zarr.json").is_file()
+            self.root = open_group(self.path, mode="r+") if exists else open_group(self.path, mode="w", attributes=self._root_attrs())
+        elif self.path.exists():
+            self.root = open_group(self.path, mode="r+")
         else:
             # Built under a temporary name and renamed, so the real path never holds a group without its fingerprint.
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(self.path.name + f".creating-{os.getpid()}")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            zarr.open_group(str(tmp), mode="w", attributes={
-                "needleprobe_cache_format": CACHE_FORMAT,
-                "fingerprint": fingerprint(self.fields),
-                "fingerprint_fields": self.fields,
-                "metadata": self.metadata,
-                "splits": [],
-                "complete": False,
-            })
+            zarr.open_group(str(tmp), mode="w", attributes=self._root_attrs())
             os.replace(tmp, self.path)
-            self.root = zarr.open_group(str(self.path), mode="r+")
+            self.root = open_group(self.path, mode="r+")
 
     def prepare_split(self, plan: SplitPlan, layers: list[int], d_model: int, feature_dtype: str) -> tuple[zarr.Group, int]:
         """The split group, created with its label arrays if new; returns it and its committed rows."""
         assert self.root is not None
-        if plan.name in self.root.group_keys():
-            g = self.root[plan.name]
-            if g.attrs.get("initialized") and g.attrs.get("n_rows") == plan.n_rows:
+        parent = self.root if self.split_parent is None else self.split_parent
+        if plan.name in parent.group_keys():
+            g = parent[plan.name]
+            if g.attrs.get("initialized") and g.attrs.get("n_rows") == plan.n_rows and g.attrs.get("shard") == plan.shard:
                 return g, int(g.attrs.get("committed_rows", 0))
-        g = self.root.create_group(plan.name, overwrite=True)
+        g = parent.create_group(plan.name, overwrite=True)
         chunk = chunk_rows_for(d_model, feature_dtype)
         n = plan.n_rows
         for layer in layers:
@@ -234,6 +263,7 @@ class CacheWriter:
                 "committed_rows": 0,
                 "complete": False,
                 "initialized": True,
+                **({"shard": plan.shard} if plan.shard is not None else {}),
             }
         )
         return g, 0
@@ -308,7 +338,12 @@ class ChunkStream:
 
 def remove_cache(path: Path) -> None:
     """Delete a cache, renaming it first so a crash never leaves half a tree under the real name."""
+    path = as_path(path)
     if not path.exists():
+        return
+    if is_url(path):  # no rename on object stores: the root's zarr.json first (no longer a cache), then the rest
+        (path / "zarr.json").unlink(missing_ok=True)
+        path.rmtree()
         return
     trash = path.with_name(path.name + f".deleting-{os.getpid()}")
     os.replace(path, trash)
@@ -389,6 +424,86 @@ class SplitView:
         return dict(self.attrs.get("stats", {}))
 
 
+ROW_ARRAYS = ("labels", "doc_index", "token_index", "token_id")
+"""Arrays with one entry per row (sharded: concatenated); the others are the split's doc table."""
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank}-of-{world}"
+
+
+class ShardedArray:
+    """Read-only rows of several Zarr arrays, concatenated in order (one per shard).
+
+    Has what readers of a layer array use: ``shape``, ``dtype``, ``chunks``,
+    ``attrs``, and ``[start:stop]`` (or ``[start:stop, cols]``) slicing.
+    """
+
+    def __init__(self, parts: list[zarr.Array]):
+        self.parts = parts
+        self.bounds = np.concatenate([[0], np.cumsum([p.shape[0] for p in parts])]).astype(np.int64)
+        self.shape = (int(self.bounds[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.chunks = parts[0].chunks
+        self.attrs = parts[0].attrs
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {key} out of range for {self.shape[0]} rows")
+            k = int(np.searchsorted(self.bounds, i, side="right")) - 1
+            return self.parts[k][(i - int(self.bounds[k]), *rest)]
+        if key is Ellipsis:
+            key = slice(None)
+        if not isinstance(key, slice):
+            raise TypeError("ShardedArray supports int and slice row indexing")
+        start, stop, step = key.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("ShardedArray supports slices with step 1")
+        stop = max(start, stop)
+        out = []
+        for k, part in enumerate(self.parts):
+            lo, hi = max(start, int(self.bounds[k])), min(stop, int(self.bounds[k + 1]))
+            if lo < hi:
+                out.append(part[(slice(lo - int(self.bounds[k]), hi - int(self.bounds[k])), *rest)])
+        if not out:
+            return self.parts[0][(slice(0, 0), *rest)]
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+class ShardedSplitView(SplitView):
+    """A split written by several processes: its shards' rows, concatenated in rank order."""
+
+    def __init__(self, groups: list[zarr.Group], feature_dtype: str):
+        super().__init__(groups[0], feature_dtype)
+        self.groups = groups
+        attrs = [dict(g.attrs) for g in groups]
+        self.attrs = {
+            **attrs[0],
+            "n_rows": sum(int(a.get("n_rows", 0)) for a in attrs),
+            "committed_rows": sum(int(a.get("committed_rows", 0)) for a in attrs),
+            "complete": all(bool(a.get("complete")) for a in attrs),
+            "shards": [a.get("shard") for a in attrs],
+        }
+        self.attrs.pop("shard", None)
+
+    def activations(self, layer: int) -> ShardedArray:  # type: ignore[override]
+        super().activations(layer)  # the error for a layer that is not cached
+        return ShardedArray([g[f"layer_{layer}"] for g in self.groups])
+
+    def _small(self, name: str) -> np.ndarray:
+        if name in ROW_ARRAYS:
+            return np.concatenate([g[name][:] for g in self.groups])
+        return self.group[name][:]
+
+
 class Cache:
     """A finished activation cache (``needleprobe.open_cache``)."""
 
@@ -428,7 +543,27 @@ class Cache:
     def split(self, name: str) -> SplitView:
         if name not in self.splits:
             raise NeedleprobeError(f"{self.path}: split {name!r} is not in the cache (has {self.splits})")
+        if self.world_size > 1:
+            return ShardedSplitView(self.split_groups(name), self.feature_dtype)
         return SplitView(self.root[name], self.feature_dtype)
+
+    @property
+    def world_size(self) -> int:
+        """Processes that wrote the cache (``torchrun``); 1 for the unsharded layout."""
+        return int(self.attrs.get("world_size", 1))
+
+    def split_groups(self, name: str) -> list[zarr.Group]:
+        """The Zarr group(s) holding a split's rows: one, or one per shard in rank order (present ones only)."""
+        if self.world_size == 1:
+            return [self.root[name]] if name in self.root.group_keys() else []
+        out = []
+        for r in range(self.world_size):
+            key = f"{shard_name(r, self.world_size)}/{name}"
+            try:
+                out.append(self.root[key])
+            except KeyError:
+                pass
+        return out
 
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, layers={self.layers}, splits={self.splits}, fingerprint={self.fingerprint})"
@@ -439,11 +574,11 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
     if isinstance(source, Config):
         path = cache_path(source)
     else:
-        p = Path(source)
-        path = cache_path(load_config(p)) if p.suffix in (".yaml", ".yml") else p
+        p = as_path(source)
+        path = cache_path(load_config(p)) if p.suffix in (".yaml", ".yml") and not is_url(p) else p
     if not (path / "zarr.json").is_file():
         raise NeedleprobeError(f"{path}: no activation cache here (run `needleprobe extract` first)")
-    root = zarr.open_group(str(path), mode="r")
+    root = open_group(path, mode="r")
     if "fingerprint" not in root.attrs:
         raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
     cache = Cache(path, root)

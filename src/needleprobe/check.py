@@ -22,7 +22,7 @@ def check(cfg: Config) -> list[str]:
     csv_path = out / "probe_metrics.csv"
     if not csv_path.is_file():
         return [f"{csv_path}: metrics CSV missing (run `needleprobe fit`)"]
-    with open(csv_path, newline="") as f:
+    with csv_path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     selected = {(int(r["layer"]), int(r["seed"])): float(r["val_auroc"]) for r in rows if r["selected"] == "1"}
     wanted = [(layer, seed) for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds]

@@ -103,11 +103,15 @@ def run(args) -> int:
         con.print(f"wrote {path}")
         return 0
     cfg = _config(args)
+    from .distributed import is_primary
+
     if args.command in ("extract", "train"):
         from .extract import extract
         from .records import update_run_record
 
         res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
+        if not is_primary():
+            return 0  # under torchrun, rank 0 records the run and does everything after extract
         if res.status != "up to date":
             update_run_record(
                 cfg,
@@ -123,6 +127,8 @@ def run(args) -> int:
                 },
             )
             con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {res.path}")
+    if not is_primary():
+        return 0  # torchrun shards extract only; every other stage runs once, on rank 0
     if args.command in ("fit", "train"):
         from .fit import fit
 

@@ -28,8 +28,10 @@ class Document:
 
 
 def file_sha256(path: str | Path) -> str:
+    from .stores import as_path  # a local path or an fsspec URL
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -26,6 +27,7 @@ from .cache import (
     fingerprint,
     fingerprint_fields,
     remove_cache,
+    shard_name,
 )
 from .config import Config
 from .data import by_split, file_sha256, load_documents
@@ -42,6 +44,7 @@ from .hooks import (
     run_forward,
 )
 from .records import FileLock, console, human_bytes, progress_bar, versions
+from .stores import is_url
 from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
 
 FIT_SPLITS = ("train", "val")
@@ -165,7 +168,7 @@ def _cache_state(path, fields: dict[str, Any], overwrite: bool) -> tuple[str, An
     """("new" | "stale" | "resume" | "up to date", existing cache or None); refuses a stale cache."""
     from .cache import open_cache
 
-    if not path.exists():
+    if not path.exists() or (is_url(path) and not (path / "zarr.json").is_file()):  # remote: leftovers of a removal
         return "new", None
     existing = open_cache(path, allow_incomplete=True)
     diff = changed_fields(existing.fields, fields)
@@ -207,7 +210,35 @@ def extract(cfg: Config, *, overwrite: bool = False, show_progress: bool = True)
     Everything that can fail on bad input (dataset, caps, layer range) fails
     before a directory is created; a fresh cache that fails midway (float16
     overflow, say) is removed, while a resumed one keeps its committed rows.
+    Launched by ``torchrun`` (WORLD_SIZE > 1), each process writes its shard of
+    every split (see :mod:`needleprobe.distributed`).
     """
+    from .distributed import Dist
+
+    dist = Dist.from_env()
+    try:
+        return _extract(cfg, overwrite, show_progress, dist)
+    finally:
+        dist.close()
+
+
+def _world_state(state: str, existing, world: int, overwrite: bool) -> str:
+    """Refuse to resume a cache started with another number of processes (``--overwrite`` rebuilds it)."""
+    if state != "resume":
+        return state
+    started = int(existing.attrs.get("world_size", 1))
+    if started == world:
+        return state
+    if overwrite:
+        return "stale"
+    raise NeedleprobeError(
+        f"{existing.path}: this interrupted cache was started by {started} process(es), this run has {world}; "
+        f"resume it with the same number (torchrun --nproc-per-node {started}, or no torchrun for 1), "
+        "or rerun with --overwrite to rebuild it"
+    )
+
+
+def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> ExtractResult:
     t0 = time.perf_counter()
     con = console()
     data_path = cfg.dataset.resolved_path()
@@ -215,6 +246,7 @@ def extract(cfg: Config, *, overwrite: bool = False, show_progress: bool = True)
     fields = fingerprint_fields(cfg, file_sha256(data_path))
     path = cache_path(cfg)
     state, existing = _cache_state(path, fields, overwrite)
+    state = _world_state(state, existing, dist.world, overwrite)
     if state == "up to date":
         con.print(f"cache up to date: {path} (fingerprint {existing.fingerprint})")
         return ExtractResult(str(path), existing.fingerprint, "up to date")
@@ -226,19 +258,25 @@ def extract(cfg: Config, *, overwrite: bool = False, show_progress: bool = True)
     n_layers = _model_n_layers(cfg)
     if n_layers is not None:
         check_layers(layers, n_layers, cfg.model.name)
-    device = resolve_device(cfg.probe.device)
+    device = dist.device(resolve_device(cfg.probe.device))
+    show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NeedleprobeError(f"{path.parent}: cannot create the cache directory ({e.strerror})") from None
-    with FileLock(path.with_name(path.name + ".lock"), what=f"extract of {path}"):
-        state, existing = _cache_state(path, fields, overwrite)  # again, now that we hold the lock
+    # Under torchrun rank 0 holds the lock and decides; the others wait for its decision and follow.
+    lock = FileLock(path.with_name(path.name + ".lock"), what=f"extract of {path}") if dist.primary else nullcontext()
+    with lock:
+        if dist.primary:
+            state, existing = _cache_state(path, fields, overwrite)  # again, now that we hold the lock
+            state = _world_state(state, existing, dist.world, overwrite)
+            if state == "stale":
+                con.print(f"[yellow]--overwrite: removing the stale cache {path}")
+                remove_cache(path)
+        state, found = dist.broadcast((state, existing.fingerprint if state == "up to date" else None))
         if state == "up to date":
-            return ExtractResult(str(path), existing.fingerprint, "up to date")
-        if state == "stale":
-            con.print(f"[yellow]--overwrite: removing the stale cache {path}")
-            remove_cache(path)
+            return ExtractResult(str(path), found, "up to date")
         model = load_model(cfg.model, cfg.probe.model_dtype, device)
         blocks = find_blocks(model)
         check_layers(layers, len(blocks), cfg.model.name)
@@ -264,14 +302,22 @@ def extract(cfg: Config, *, overwrite: bool = False, show_progress: bool = True)
             "dataset_sha256": fields["dataset_sha256"],
             "versions": versions(),
         }
-        writer = CacheWriter(path, fields, metadata)
-        writer.open()
+        writer = CacheWriter(path, fields, metadata, world_size=dist.world)
+        if dist.primary:
+            writer.open()  # creates the root group (its fingerprint and world size)
+        dist.barrier()
+        if not dist.primary:
+            writer.open()
+        if dist.sharded:
+            writer.split_parent = writer.root.require_group(shard_name(dist.rank, dist.world))
         result = ExtractResult(str(path), fingerprint(fields), status)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool, torch.inference_mode():
                 with capture(blocks, layers) as cap:
                     for name, (tdocs, rows_of, batches, plan) in plans.items():
+                        if dist.sharded:
+                            plan, batches = _shard(con, dist, plan, tdocs, rows_of, batches)
                         group, committed = writer.prepare_split(plan, layers, d_model, cfg.probe.feature_dtype)
                         stream = ChunkStream(group, [f"layer_{layer}" for layer in layers], committed, pool)
                         result.tokens += run_batches(
@@ -280,14 +326,46 @@ def extract(cfg: Config, *, overwrite: bool = False, show_progress: bool = True)
                         )
                         stream.close()
                         result.splits[name] = plan.stats
-                        _report_truncation(con, name, plan.stats)
-            writer.finish(list(plans), {})
+                        if dist.primary:
+                            _report_truncation(con, name, plan.stats)
+            result.tokens = dist.total(result.tokens)  # waits for every shard
+            if dist.primary:
+                _check_shards(writer, list(plans), dist.world)
+                writer.finish(list(plans), {})
         except NeedleprobeError:
-            if state != "resume":
+            if state != "resume" and not dist.sharded:  # sharded: other processes may still write; resume instead
                 remove_cache(path)  # nothing half-written under the real name
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _shard(con, dist, plan: SplitPlan, tdocs, rows_of, batches):
+    from .distributed import shard_split
+
+    part, mine = shard_split(plan, tdocs, rows_of, batches, dist.rank, dist.world)
+    s = part.shard
+    con.print(
+        f"rank {dist.rank}/{dist.world} {plan.name}: batches {s['batch_start']}–{s['batch_stop']} of {len(batches)}, "
+        f"rows {s['row_start']:,}–{s['row_stop']:,} of {plan.n_rows:,} → {shard_name(dist.rank, dist.world)}/{plan.name}"
+    )
+    return part, mine
+
+
+def _check_shards(writer: CacheWriter, splits: list[str], world: int) -> None:
+    """Before marking a sharded cache complete: every shard of every split is complete."""
+    if world == 1:
+        return
+    root = writer.root
+    for r in range(world):
+        for name in splits:
+            key = f"{shard_name(r, world)}/{name}"
+            try:
+                done = bool(root[key].attrs.get("complete"))
+            except KeyError:
+                done = False
+            if not done:
+                raise NeedleprobeError(f"{writer.path}: shard {key} is not complete; run the same torchrun again to resume")
 
 
 def run_batches(
@@ -322,12 +400,13 @@ def run_batches(
             stream.add(rows)
         return 0
 
+    n_docs = sum(len(b) for b in batches)  # all of the split's, or this process's shard of it
     with progress_bar(show_progress) as prog:
         task = prog.add_task(
             name,
-            total=sum(td.n_tokens for td in tdocs),
+            total=sum(tdocs[i].n_tokens for b in batches for i in b),
             completed=sum(tdocs[i].n_tokens for b in batches[:first] for i in b),
-            docs=f"{done_docs}/{len(tdocs)}",
+            docs=f"{done_docs}/{n_docs}",
         )
         for batch in batches[first:]:
             lens = [tdocs[i].n_tokens for i in batch]
@@ -344,7 +423,7 @@ def run_batches(
             pending = finish
             tokens += sum(lens)
             done_docs += len(batch)
-            prog.update(task, advance=sum(lens), docs=f"{done_docs}/{len(tdocs)}")
+            prog.update(task, advance=sum(lens), docs=f"{done_docs}/{n_docs}")
         if pending is not None:
             store(pending(), skip)
     return tokens

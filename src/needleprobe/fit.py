@@ -35,12 +35,13 @@ from .errors import NeedleprobeError
 from .metrics import binary_metrics, bootstrap_auroc_ci
 from .records import FileLock, atomic_write_bytes, atomic_write_json, console, update_run_record
 from .solvers import PathResult, fit_l2_path
+from .stores import as_path, is_url
 
 CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected")
 
 
 def output_dir(cfg: Config) -> Path:
-    return Path(cfg.probe.output_dir) / cfg.dataset.key
+    return as_path(cfg.probe.output_dir) / cfg.dataset.key
 
 
 def probe_paths(cfg: Config, layer: int, seed: int) -> tuple[Path, Path]:
@@ -50,7 +51,7 @@ def probe_paths(cfg: Config, layer: int, seed: int) -> tuple[Path, Path]:
 
 def load_probe(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [d_model], bias []) from a ``.pt`` file; logit = x · weight + bias on raw activations."""
-    d = torch.load(path, weights_only=True)
+    d = torch.load(io.BytesIO(as_path(path).read_bytes()) if is_url(path) else path, weights_only=True)
     return d["weight"], d["bias"]
 
 
@@ -205,8 +206,20 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def fit(cfg: Config, *, device: str | None = None) -> FitResult:
-    """Fit every (layer, seed) over the L2 grid and write probes, metrics and the run record."""
+def fit_devices(dev: torch.device) -> list[torch.device]:
+    """Where fit runs: every visible GPU when ``dev`` is plain ``cuda`` and there are several, else ``dev`` alone."""
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [dev]
+
+
+def fit(cfg: Config, *, device: str | None = None, devices: list[torch.device] | None = None) -> FitResult:
+    """Fit every (layer, seed) over the L2 grid and write probes, metrics and the run record.
+
+    With several devices (``devices``, by default every GPU when there are
+    more than one) layers are fitted in parallel, one worker thread per
+    device; the files written are the same bytes as a one-device run.
+    """
     from .hooks import resolve_device
 
     t_start = time.perf_counter()
@@ -226,34 +239,15 @@ def fit(cfg: Config, *, device: str | None = None) -> FitResult:
     result = FitResult(str(out))
     csv_rows: dict[tuple[int, int], list[dict[str, Any]]] = {}
 
+    workers = list(devices) if devices is not None else fit_devices(dev)
     with FileLock(out / ".lock", what=f"fit into {out}"):
-        for layer in sorted(cfg.probe.layers_to_probe):
-            t0 = time.perf_counter()
-            solver = choose_solver(cfg, cache, layer, dev)
-            data = lbfgs_layer(cache, layer, grid, dev) if solver == "lbfgs" else minibatch_layer(cache, layer, cfg, dev)
-            train_stats = _split_stats(cache.split("train"), data.y_train)
-            val_stats = _split_stats(cache.split("val"), data.y_val)
-            shared: dict[str, Any] | None = None
-            for seed in cfg.probe.train_seeds:
-                if shared is None or seed_is_random(cfg, solver):
-                    shared = _fit_one(cfg, data, grid, seed)
-                    shared["fitted_with_seed"] = seed
-                    shared["solver"] = solver
-                rec = _write_probe(cfg, cache, layer, seed, shared, train_stats, val_stats)
-                result.probes[(layer, seed)] = rec
-                csv_rows[(layer, seed)] = [
-                    {
-                        "layer": layer,
-                        "seed": seed,
-                        "l2": r["l2"],
-                        "val_auroc": r["val_auroc"],
-                        "val_average_precision": r["val_average_precision"],
-                        "selected": int(r["l2"] == rec["selected_l2"]),
-                    }
-                    for r in rec["l2_results"]
-                ]
-            del data
-            result.timings[f"layer_{layer}"] = round(time.perf_counter() - t0, 3)
+        if len(workers) == 1:
+            for layer in sorted(cfg.probe.layers_to_probe):
+                t0 = time.perf_counter()
+                _fit_layer(cfg, cache, layer, list(cfg.probe.train_seeds), grid, workers[0], result.probes, csv_rows)
+                result.timings[f"layer_{layer}"] = round(time.perf_counter() - t0, 3)
+        else:
+            _fit_parallel(cfg, cache, grid, workers, result, csv_rows)
         csv_path = out / "probe_metrics.csv"
         _write_csv(csv_path, csv_rows)
         result.timings["fit_total"] = round(time.perf_counter() - t_start, 3)
@@ -266,12 +260,93 @@ def fit(cfg: Config, *, device: str | None = None) -> FitResult:
                 "cache_fingerprint": cache.fingerprint,
                 "dataset_sha256": cache.fields["dataset_sha256"],
                 "device": str(dev),
+                **({"devices": [str(d) for d in workers]} if len(workers) > 1 else {}),
                 "timings_s": result.timings,
                 "outputs": {str(p): file_sha256(p) for p in files},
             },
         )
     _print_table(con, cfg, result)
     return result
+
+
+def _fit_layer(
+    cfg: Config, cache: Cache, layer: int, seeds: list[int], grid: list[float], dev: torch.device,
+    probes: dict[tuple[int, int], dict[str, Any]], csv_rows: dict[tuple[int, int], list[dict[str, Any]]],
+) -> None:
+    """Fit one layer's probes for ``seeds`` on ``dev``, write their files, and record them in ``probes``/``csv_rows``."""
+    solver = choose_solver(cfg, cache, layer, dev)
+    data = lbfgs_layer(cache, layer, grid, dev) if solver == "lbfgs" else minibatch_layer(cache, layer, cfg, dev)
+    train_stats = _split_stats(cache.split("train"), data.y_train)
+    val_stats = _split_stats(cache.split("val"), data.y_val)
+    shared: dict[str, Any] | None = None
+    for seed in seeds:
+        if shared is None or seed_is_random(cfg, solver):
+            shared = _fit_one(cfg, data, grid, seed)
+            shared["fitted_with_seed"] = seed
+            shared["solver"] = solver
+        rec = _write_probe(cfg, cache, layer, seed, shared, train_stats, val_stats)
+        probes[(layer, seed)] = rec
+        csv_rows[(layer, seed)] = [
+            {
+                "layer": layer,
+                "seed": seed,
+                "l2": r["l2"],
+                "val_auroc": r["val_auroc"],
+                "val_average_precision": r["val_average_precision"],
+                "selected": int(r["l2"] == rec["selected_l2"]),
+            }
+            for r in rec["l2_results"]
+        ]
+    del data
+
+
+def _fit_parallel(cfg: Config, cache: Cache, grid: list[float], workers: list[torch.device], result: FitResult,
+                  csv_rows: dict[tuple[int, int], list[dict[str, Any]]]) -> None:
+    """Layers (and, when seeds change the fit and layers are fewer than devices, seeds) on one thread per device.
+
+    Each unit reads its layer itself and runs wholly on the device it took, so
+    its probes are the bytes a one-device run writes; results are gathered in
+    layer and seed order whatever order the units finish in.
+    """
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers = sorted(cfg.probe.layers_to_probe)
+    seeds = list(cfg.probe.train_seeds)
+    # whether a seed changes the fit, known before the solver is chosen (``auto`` may pick either)
+    random_seeds = cfg.probe.class_balance == "downsample" or cfg.probe.solver == "minibatch"
+    if random_seeds and len(layers) < len(workers):
+        units = [(layer, [seed]) for layer in layers for seed in seeds]
+    else:
+        units = [(layer, seeds) for layer in layers]
+    free: queue.Queue = queue.Queue()
+    for d in workers:
+        free.put(d)
+
+    def run(unit):
+        layer, unit_seeds = unit
+        dev = free.get()
+        try:
+            t0 = time.perf_counter()
+            probes: dict[tuple[int, int], dict[str, Any]] = {}
+            rows: dict[tuple[int, int], list[dict[str, Any]]] = {}
+            _fit_layer(cfg, cache, layer, unit_seeds, grid, dev, probes, rows)
+            return probes, rows, time.perf_counter() - t0
+        finally:
+            free.put(dev)
+
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="fit-device") as pool:
+        done = list(pool.map(run, units))
+    seconds: dict[int, float] = {}
+    gathered_probes: dict[tuple[int, int], dict[str, Any]] = {}
+    for (layer, _), (probes, rows, t) in zip(units, done):
+        gathered_probes.update(probes)
+        csv_rows.update(rows)
+        seconds[layer] = seconds.get(layer, 0.0) + t
+    for layer in layers:
+        for seed in seeds:
+            result.probes[(layer, seed)] = gathered_probes[(layer, seed)]
+        result.timings[f"layer_{layer}"] = round(seconds[layer], 3)
 
 
 def _fit_one(cfg: Config, data: LayerFit, grid: list[float], seed: int) -> dict[str, Any]:
@@ -339,7 +414,7 @@ def _write_csv(path: Path, rows: dict[tuple[int, int], list[dict[str, Any]]]) ->
     """Rows of this fit, merged with earlier rows of (layer, seed) pairs it did not refit."""
     merged: dict[tuple[int, int], list[dict[str, Any]]] = {}
     if path.is_file():
-        with open(path, newline="") as f:
+        with path.open(newline="") as f:
             for r in csv.DictReader(f):
                 key = (int(r["layer"]), int(r["seed"]))
                 if key not in rows:

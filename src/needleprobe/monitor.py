@@ -106,6 +106,7 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
     from .extract import check_layers, run_batches
     from .hooks import capture, find_blocks, load_model, load_tokenizer, resolve_device
     from .cache import ChunkStream
+    from .stores import open_group
     from .tokens import plan_batches, tokenize_documents
 
     con = console()
@@ -117,7 +118,7 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
     fp = monitor_fingerprint(cache.fingerprint, split, probes)
     path = cache_path(cfg)
     with FileLock(path.with_name(path.name + ".lock"), what=f"extract or monitor of {path}"):
-        root = zarr.open_group(str(path), mode="r+")
+        root = open_group(path, mode="r+")
         gpath = monitor_group_path(cfg, split)
         g = root[gpath] if gpath in root else None
         if g is not None and g.attrs.get("fingerprint") == fp and g.attrs.get("complete"):
@@ -233,7 +234,9 @@ def read_tokens(g: zarr.Group) -> MonitorTokens:
 
 def monitor_dir(cfg: Config) -> Path:
     """``results/monitor/{name}_{version}``: beside ``output_dir`` (``results/probes``)."""
-    return Path(cfg.probe.output_dir).parent / "monitor" / cfg.dataset.key
+    from .stores import as_path
+
+    return as_path(cfg.probe.output_dir).parent / "monitor" / cfg.dataset.key
 
 
 def evaluate(tokens: MonitorTokens, mon: MonitorConfig, n_boot: int = 1000) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeE
 from rich.text import Text
 
 from .errors import NeedleprobeError
+from .stores import as_path, is_url
 
 _CONSOLE: Console | None = None
 
@@ -72,14 +73,22 @@ def _writable_dir(path: Path) -> None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NeedleprobeError(f"{path}: cannot create output directory ({e.strerror})") from None
+    if is_url(path):
+        return
     if not os.access(path, os.W_OK | os.X_OK):
         raise NeedleprobeError(f"{path}: output directory is not writable")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
+    path = as_path(path)
     _writable_dir(path.parent)
+    if is_url(path):  # one put: object stores apply it atomically
+        try:
+            path.write_bytes(data)
+        except OSError as e:
+            raise NeedleprobeError(f"{path}: cannot write ({e})") from None
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -111,11 +120,16 @@ class FileLock:
     """
 
     def __init__(self, path: str | Path, what: str):
-        self.path = Path(path)
+        self.path = as_path(path)
         self.what = what
         self.fd: int | None = None
 
     def __enter__(self) -> "FileLock":
+        if is_url(self.path):
+            console().print(
+                f"[yellow]{self.path}: no lock on a remote store; make sure no other {self.what} runs at the same time"
+            )
+            return self
         _writable_dir(self.path.parent)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import Config
 from .errors import NeedleprobeError
+from .stores import as_path
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
 SEED_DASH = ("", "7 4", "2 3", "10 3 2 3", "4 2")
@@ -43,7 +44,7 @@ def esc(x: Any) -> str:
 
 def report_path(cfg: Config) -> Path:
     """``results/report/{name}_{version}.html``: beside ``results/probes`` and ``results/monitor``."""
-    return Path(cfg.probe.output_dir).parent / "report" / f"{cfg.dataset.key}.html"
+    return as_path(cfg.probe.output_dir).parent / "report" / f"{cfg.dataset.key}.html"
 
 
 # ---------------------------------------------------------------------------
@@ -801,7 +802,7 @@ def build_html(cfg: Config) -> str:
         + ("" if view is None else f"; probe layer {view.layer} · seed {view.seed}, documents ranked by "
            f"{esc(view.chosen)}, the aggregation with the best document AUROC")
         + ".</p>" + heat_html + "</section>",
-        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(Path(cfg.probe.output_dir) / cfg.dataset.key)}'
+        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(as_path(cfg.probe.output_dir) / cfg.dataset.key))}'
         f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
     ]

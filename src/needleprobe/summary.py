@@ -27,6 +27,10 @@ SPLIT_ORDER = ("train", "val", "test")
 
 def dir_size(path: Path) -> int:
     """Bytes of every file under ``path`` (symlinks not followed)."""
+    from .stores import is_url
+
+    if is_url(path):
+        return path.du()
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
@@ -41,20 +45,23 @@ def _split_names(cache: Cache) -> list[str]:
     """Finished caches list their splits; an interrupted one is read from its groups."""
     if cache.splits:
         return cache.splits
-    present = set(cache.root.group_keys())
-    return [s for s in SPLIT_ORDER if s in present]
+    return [s for s in SPLIT_ORDER if cache.split_groups(s)]
 
 
 def _split_facts(cache: Cache, name: str) -> dict[str, Any]:
-    g = cache.root[name]
+    groups = cache.split_groups(name)  # one, or one per shard of a torchrun extract
+    g = groups[0]
     attrs = dict(g.attrs)
-    labels = g["labels"][:] if "labels" in g.array_keys() else np.zeros(0, np.int8)
+    shard_attrs = [dict(x.attrs) for x in groups]
+    labels = [x["labels"][:] for x in groups if "labels" in x.array_keys()]
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
     n_needles = g["doc_n_needles"][:] if "doc_n_needles" in g.array_keys() else np.zeros(0, np.int32)
     stats = dict(attrs.get("stats", {}))
+    planned = [a.get("n_rows") for a in shard_attrs]
     return {
-        "rows": int(attrs.get("n_rows", labels.size)),
-        "committed_rows": int(attrs.get("committed_rows", 0)),
-        "complete": bool(attrs.get("complete", False)),
+        "rows": sum(int(n) for n in planned) if None not in planned else int(labels.size),
+        "committed_rows": sum(int(a.get("committed_rows", 0)) for a in shard_attrs),
+        "complete": len(groups) == cache.world_size and all(bool(a.get("complete", False)) for a in shard_attrs),
         "positives": int(labels.sum()),
         "negatives": int(labels.size - labels.sum()),
         "docs": int(attrs.get("n_docs", n_needles.size)),
@@ -66,7 +73,7 @@ def _split_facts(cache: Cache, name: str) -> dict[str, Any]:
 
 def _d_model(cache: Cache, splits: list[str]) -> int | None:
     for s in splits:
-        g = cache.root[s]
+        g = cache.split_groups(s)[0]
         for key in sorted(g.array_keys()):
             if key.startswith("layer_"):
                 return int(g[key].shape[1])

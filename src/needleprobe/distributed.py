@@ -1,0 +1,166 @@
+"""Sharded extraction under ``torchrun``: which rows each process writes, and the few collectives it needs.
+
+``torchrun --nproc-per-node N -m needleprobe extract --config …`` starts N
+processes that each compute the same plan (tokenization and labels are
+deterministic), take a contiguous range of each split's batches (balanced by
+padded tokens), and write only those rows into their own shard group
+``shard-{rank}-of-{world}/{split}`` of the one cache: no two processes ever
+write the same Zarr array.  Rows of shard r precede those of shard r+1, so the
+shards concatenated in rank order are the single-process rows exactly (each
+document is padded to a bucket of its own length, so a row does not depend on
+which batch it was in).
+
+Processes only coordinate (decide the cache state, wait for the root group,
+wait for every shard): activations never travel between them.  So the process
+group is always ``gloo`` on CPU tensors, on GPU machines too, and its timeout is
+long (a resumed run may find some shards already done while others have hours
+left); a crashed process makes ``torchrun`` stop the others.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import SplitPlan
+from .errors import NeedleprobeError
+from .tokens import TokenizedDoc, bucket_length
+
+DEFAULT_TIMEOUT_S = 7 * 24 * 3600
+
+
+def launched_world() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the ``torchrun`` environment; (0, 1, 0) without it."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise NeedleprobeError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+    if world < 1 or not 0 <= rank < world:
+        raise NeedleprobeError(f"RANK {rank} is not in a world of WORLD_SIZE {world}")
+    return rank, world, local
+
+
+def is_primary() -> bool:
+    """Rank 0, or a process not launched by torchrun: the one that fits, records and reports."""
+    return launched_world()[0] == 0
+
+
+@dataclass
+class Dist:
+    """This process's place in the run; every method is a no-op for a world of one."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def primary(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world > 1
+
+    @classmethod
+    def from_env(cls) -> "Dist":
+        rank, world, local = launched_world()
+        d = cls(rank, world, local)
+        if world > 1:
+            import torch.distributed as td
+
+            if not td.is_available():
+                raise NeedleprobeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+            if not td.is_initialized():
+                timeout = timedelta(seconds=float(os.environ.get("NEEDLEPROBE_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+                td.init_process_group("gloo", rank=rank, world_size=world, timeout=timeout)
+                d.initialized = True
+        return d
+
+    def close(self) -> None:
+        if self.initialized:
+            import torch.distributed as td
+
+            td.destroy_process_group()
+            self.initialized = False
+
+    def device(self, device: torch.device) -> torch.device:
+        """One GPU per local process (``cuda:LOCAL_RANK``); CPU and MPS as they are."""
+        if not self.sharded or device.type != "cuda":
+            return device
+        n = torch.cuda.device_count()
+        dev = torch.device("cuda", self.local_rank % n)
+        torch.cuda.set_device(dev)
+        return dev
+
+    def barrier(self) -> None:
+        if self.sharded:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.sharded:
+            return obj
+        import torch.distributed as td
+
+        box = [obj]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def total(self, n: int) -> int:
+        """Sum of ``n`` over ranks (also a barrier)."""
+        if not self.sharded:
+            return n
+        import torch.distributed as td
+
+        t = torch.tensor([n], dtype=torch.int64)
+        td.all_reduce(t)
+        return int(t.item())
+
+
+def shard_ranges(costs: list[int], world: int) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) ranges of ``costs`` for each rank, with sums as even as cuts between items allow."""
+    prefix = np.concatenate([[0], np.cumsum(np.asarray(costs, dtype=np.int64))])
+    total = int(prefix[-1])
+    cuts = [0]
+    for k in range(1, world):
+        target = total * k / world
+        c = int(np.searchsorted(prefix, target))
+        if c > 0 and target - prefix[c - 1] < prefix[min(c, len(prefix) - 1)] - target:
+            c -= 1
+        cuts.append(min(len(costs), max(cuts[-1], c)))
+    cuts.append(len(costs))
+    return [(cuts[r], cuts[r + 1]) for r in range(world)]
+
+
+def shard_split(
+    plan: SplitPlan, tdocs: list[TokenizedDoc], rows_of: list[np.ndarray], batches: list[np.ndarray], rank: int, world: int
+) -> tuple[SplitPlan, list[np.ndarray]]:
+    """This rank's part of a split: its batches and the plan of their rows (rows [row_start, row_stop) of the split).
+
+    The doc table and the split's stats stay whole, so ``doc_index`` keeps
+    pointing into the split's table and every shard describes the same split.
+    """
+    costs = [len(b) * bucket_length(max(tdocs[i].n_tokens for i in b)) for b in batches]
+    b0, b1 = shard_ranges(costs, world)[rank]
+    rows = [sum(len(rows_of[i]) for i in b) for b in batches]
+    r0, r1 = int(sum(rows[:b0])), int(sum(rows[:b1]))
+    shard = {"rank": rank, "world_size": world, "row_start": r0, "row_stop": r1, "batch_start": b0, "batch_stop": b1}
+    part = replace(
+        plan,
+        labels=plan.labels[r0:r1],
+        doc_index=plan.doc_index[r0:r1],
+        token_index=plan.token_index[r0:r1],
+        token_id=plan.token_id[r0:r1],
+        shard=shard,
+    )
+    return part, batches[b0:b1]

@@ -1,0 +1,247 @@
+"""Scale-out: torchrun-sharded extraction (gloo, 2 CPU processes), data-parallel fit, remote (fsspec) stores.
+
+Every sharded or remote cache is compared with one single-process reference
+cache: the same rows bit for bit, and the same probe bytes after ``fit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+from conftest import small_docs, write_config, write_jsonl
+
+from needleprobe import open_cache
+from needleprobe.cache import ShardedArray
+from needleprobe.cli import main
+from needleprobe.config import load_config
+from needleprobe.distributed import shard_ranges
+from needleprobe.extract import extract
+from needleprobe.fit import fit
+
+CHUNK = "64"
+LAYERS = [1, 4]
+ROW_FIELDS = ("labels", "doc_index", "token_index", "token_id", "doc_n_tokens", "doc_n_needles")
+
+
+def _torchrun(cfg_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "needleprobe", "extract", "--config", str(cfg_path), "--no-progress", *args],
+        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **(env or {})},
+        capture_output=True, text=True, timeout=300,
+    )
+
+
+def assert_same_cache(got, want) -> None:
+    """Same fingerprint, splits and every array, bit for bit."""
+    assert got.fingerprint == want.fingerprint and got.splits == want.splits and got.complete
+    for s in want.splits:
+        g, w = got.split(s), want.split(s)
+        assert g.n_rows == w.n_rows and g.doc_ids == w.doc_ids and g.stats == w.stats
+        for name in ROW_FIELDS:
+            np.testing.assert_array_equal(getattr(g, name), getattr(w, name), err_msg=f"{s}/{name}")
+        for layer in want.layers:
+            a, b = g.activations(layer), w.activations(layer)
+            assert a.shape == b.shape and a.dtype == b.dtype
+            np.testing.assert_array_equal(a[:], b[:], err_msg=f"{s}/layer_{layer}")
+            np.testing.assert_array_equal(g.to_numpy(layer), w.to_numpy(layer))
+
+
+def _probe_files(out: Path) -> dict[str, bytes]:
+    """Probe weights and the CSV as bytes; the JSONs without the config's own paths (they name the run's dirs)."""
+    files = {}
+    for p in sorted(out.glob("probe*")):
+        if p.suffix == ".json":
+            meta = json.loads(p.read_bytes())
+            for k in ("cache_dir", "output_dir", "run_record_dir"):
+                meta["config"]["probe"].pop(k)
+            files[p.name] = json.dumps(meta, sort_keys=True).encode()
+        else:
+            files[p.name] = p.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def scale_setup(tmp_path_factory):
+    """(tmp dir, dataset, reference config path, its probe files): one single-process extract + fit."""
+    tmp = tmp_path_factory.mktemp("scale")
+    data = write_jsonl(tmp / "d.jsonl", small_docs(14, 6))
+    ref = tmp / "ref"
+    ref.mkdir()
+    cfg_path = write_config(ref, data, layers_to_probe=LAYERS)
+    cfg = load_config(cfg_path)
+    assert extract(cfg, show_progress=False).status == "extracted"
+    fit(cfg)
+    return tmp, data, cfg_path, _probe_files(ref / "results" / "probes" / "t_v1")
+
+
+# ---------------------------------------------------------------------------
+# pieces
+
+
+def test_shard_ranges_are_contiguous_and_balanced():
+    costs = [90, 80, 80, 40, 40, 40, 10, 10, 5, 5]
+    for world in (1, 2, 3, 4, 12):
+        ranges = shard_ranges(costs, world)
+        assert len(ranges) == world and ranges[0][0] == 0 and ranges[-1][1] == len(costs)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in rank order
+    sums = [sum(costs[a:b]) for a, b in shard_ranges(costs, 2)]
+    assert max(sums) - min(sums) <= max(costs)
+    assert shard_ranges([], 3) == [(0, 0)] * 3
+
+
+def test_sharded_array_reads_across_shard_boundaries():
+    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+    full = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+    cuts = [0, 7, 7, 20, 23]  # an empty shard in the middle
+    parts = []
+    for i in range(4):
+        a = root.create_array(f"p{i}", shape=(cuts[i + 1] - cuts[i], 3), chunks=(4, 3), dtype="float32")
+        if cuts[i + 1] > cuts[i]:
+            a[:] = full[cuts[i]: cuts[i + 1]]
+        parts.append(a)
+    arr = ShardedArray(parts)
+    assert arr.shape == (23, 3) and arr.chunks == (4, 3) and arr.dtype == np.float32
+    for s in (slice(None), slice(0, 7), slice(5, 9), slice(6, 21), slice(20, 100), slice(9, 9), slice(-5, None)):
+        np.testing.assert_array_equal(arr[s], full[s])
+    np.testing.assert_array_equal(arr[3:15, 1:], full[3:15, 1:])
+    np.testing.assert_array_equal(arr[7], full[7])
+    np.testing.assert_array_equal(arr[-1], full[-1])
+
+
+def test_makefile_runs_torchrun_when_nproc_is_above_one():
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*args: str) -> str:
+        r = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), "extract", "VENV=/nonexistent", *args], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip().splitlines()[-1]
+
+    assert "torch.distributed.run --standalone --nproc-per-node 4 -m needleprobe extract --config c.yaml" in dry("NPROC=4", "CONFIG=c.yaml")
+    assert dry("CONFIG=c.yaml").endswith("needleprobe extract --config c.yaml")
+
+
+# ---------------------------------------------------------------------------
+# torchrun
+
+
+def test_torchrun_two_processes_equal_single_process(scale_setup):
+    """2 gloo processes write shard groups through an fsspec store (file://); the cache reads as the reference."""
+    tmp, data, ref_cfg, ref_probes = scale_setup
+    run = tmp / "sharded"
+    run.mkdir()
+    cfg_path = write_config(run, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
+    r = _torchrun(cfg_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "rank 1/2 train: batches" in r.stderr
+    cfg = load_config(cfg_path)
+    cache = open_cache(cfg)
+    assert cache.world_size == 2 and str(cache.path).startswith("file://")
+    assert sorted(cache.root.group_keys()) == ["shard-0-of-2", "shard-1-of-2"]
+    want = open_cache(ref_cfg)
+    assert_same_cache(cache, want)
+    for s in cache.splits:  # each process wrote a non-empty, contiguous part of every split
+        shards = cache.split(s).attrs["shards"]
+        assert [x["rank"] for x in shards] == [0, 1]
+        assert shards[0]["row_start"] == 0 and shards[0]["row_stop"] == shards[1]["row_start"] > 0
+        assert shards[1]["row_stop"] == want.split(s).n_rows
+    fit(cfg)
+    assert _probe_files(run / "results" / "probes" / "t_v1") == ref_probes
+    assert extract(cfg, show_progress=False).status == "up to date"  # one process accepts a finished sharded cache
+
+
+def test_killed_rank_resumes_its_shard(scale_setup, capsys):
+    tmp, data, ref_cfg, _ = scale_setup
+    run = tmp / "killed"
+    run.mkdir()
+    cfg_path = write_config(run, data, layers_to_probe=LAYERS)
+    killed = _torchrun(cfg_path, env={"NEEDLEPROBE_FAULT": "chunk_committed:2", "NEEDLEPROBE_FAULT_RANK": "1"})
+    assert killed.returncode != 0, killed.stderr[-3000:]
+    cache = open_cache(cfg_path, allow_incomplete=True)
+    assert not cache.complete and cache.world_size == 2
+    train1 = cache.root["shard-1-of-2/train"].attrs
+    assert train1["committed_rows"] == 2 * int(CHUNK) < train1["n_rows"]
+    # one process may not resume what two started
+    assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 2
+    assert "started by 2 process(es), this run has 1" in capsys.readouterr().err
+    again = _torchrun(cfg_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming" in again.stderr
+    want = open_cache(ref_cfg)
+    resumed_tokens = int(re.search(r"extract: ([\d,]+) tokens", again.stderr).group(1).replace(",", ""))
+    assert 0 < resumed_tokens < sum(want.split(s).stats["tokens"] for s in want.splits)  # committed rows kept
+    assert_same_cache(open_cache(cfg_path), want)
+
+
+# ---------------------------------------------------------------------------
+# data-parallel fit
+
+
+@pytest.mark.parametrize("class_balance,layers", [("weighted", LAYERS), ("downsample", [4])])
+def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance, layers):
+    """Two CPU 'devices': layers (downsample, one layer: its seeds) fitted on two threads give the one-device files."""
+    tmp, data, _, _ = scale_setup
+    raw = yaml.safe_load((tmp / "ref" / "config.yaml").read_text())
+    raw["probe"].update(class_balance=class_balance, layers_to_probe=layers, output_dir=str(tmp_path / "probes"),
+                        run_record_dir=str(tmp_path / "rr"))
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    out = tmp_path / "probes" / "t_v1"
+    one = fit(cfg)
+    files_one = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
+    two = fit(cfg, devices=[torch.device("cpu"), torch.device("cpu")])
+    files_two = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
+    assert len(files_one) == 2 * len(layers) * len(cfg.probe.train_seeds) + 1
+    assert files_one == files_two
+    assert list(one.probes) == list(two.probes)
+    record = json.loads((tmp_path / "rr" / "t_v1_probe_run_record.json").read_text())
+    assert record["stages"]["fit"]["devices"] == ["cpu", "cpu"]
+
+
+# ---------------------------------------------------------------------------
+# remote stores
+
+
+def test_memory_store_extract_fit_and_check(scale_setup, capsys):
+    """cache_dir and output_dir as memory:// URLs: same rows, same probe bytes; locks are skipped with a warning."""
+    import fsspec
+
+    tmp, data, ref_cfg, ref_probes = scale_setup
+    run = tmp / "memory"
+    run.mkdir()
+    url = "memory://needleprobe-test"
+    cfg_path = write_config(run, data, layers_to_probe=LAYERS, cache_dir=f"{url}/cache", output_dir=f"{url}/results/probes")
+    try:
+        assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
+        err = capsys.readouterr().err
+        assert "no lock on a remote store" in err
+        cache = open_cache(cfg_path)
+        assert str(cache.path) == f"{url}/cache/t_v1/embedded--all-MiniLM-L6-v2/resid_post"
+        assert_same_cache(cache, open_cache(ref_cfg))
+        assert_same_cache(open_cache(str(cache.path)), cache)  # by URL too
+        fs = fsspec.filesystem("memory")
+        out = "/needleprobe-test/results/probes/t_v1"
+        for f in sorted(fs.ls(out, detail=False)):
+            name = f.rsplit("/", 1)[1]
+            if name.startswith("probe"):
+                local = run / "fetched" / name
+                local.parent.mkdir(exist_ok=True)
+                local.write_bytes(fs.cat_file(f))
+        got = _probe_files(run / "fetched")
+        assert got == ref_probes
+        assert main(["check", "--config", str(cfg_path)]) == 0
+        assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 0
+        assert "up to date" in capsys.readouterr().err
+    finally:
+        fsspec.filesystem("memory").rm("/needleprobe-test", recursive=True)
