@@ -210,3 +210,16 @@ def test_bfloat16_features_are_the_exact_cast_of_float32(tmp_path, small_dataset
         f32 = torch.from_numpy(caches["float32"].split(split).to_numpy(2))
         bf = caches["bfloat16"].split(split).to_numpy(2)
         np.testing.assert_array_equal(bf, f32.to(torch.bfloat16).float().numpy())
+
+
+def test_unknown_architecture_is_a_clear_error():
+    from needleprobe.errors import NeedleprobeError
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stack = torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 2)
+            self.other = torch.nn.ModuleList([torch.nn.Linear(2, 2)] * 3)
+
+    with pytest.raises(NeedleprobeError, match=r"cannot find the transformer blocks of Odd .*stack\[2\], other\[3\]"):
+        find_blocks(Odd())

@@ -283,3 +283,35 @@ def test_two_runs_give_identical_outputs(tmp_path, small_dataset):
     # downsampling makes seeds differ; each seed's probe is its own
     probes = sorted(k for k in outs[0] if k.endswith(".pt"))
     assert outs[0][probes[0]] != outs[0][probes[1]]
+
+
+def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_path):
+    """A fit that dies midway leaves no temporary or half-written file, and the previous CSV and run record intact."""
+    import needleprobe.fit as fit_mod
+    from needleprobe.records import run_record_path
+
+    cfg_path, cfg = minilm_run
+    out = Path(cfg.probe.output_dir) / cfg.dataset.key
+    before_csv = (out / "probe_metrics.csv").read_bytes()
+    before_record = run_record_path(cfg).read_bytes()
+    real, calls = fit_mod.atomic_write_json, []
+
+    def dying(path, obj):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if Ctrl-C arrived while the second probe was being written
+        real(path, obj)
+
+    monkeypatch.setattr(fit_mod, "atomic_write_json", dying)
+    assert main(["fit", "--config", str(cfg_path), "--l2-grid", "0.5,5"]) == 130
+    assert (out / "probe_metrics.csv").read_bytes() == before_csv
+    assert run_record_path(cfg).read_bytes() == before_record
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+    import torch
+
+    for pt in out.glob("*.pt"):
+        torch.load(pt, weights_only=True)
+    for js in out.glob("*.json"):
+        json.loads(js.read_text())
+    monkeypatch.undo()
+    assert main(["fit", "--config", str(cfg_path)]) == 0  # restore the fixture's outputs
