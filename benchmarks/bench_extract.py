@@ -588,7 +588,7 @@ def main() -> None:
 
     # ------------------------------------------------------------------ report
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} torch threads, {os.cpu_count()} cores)"
-    print(f"\n## needleprobe extract benchmark\n")
+    print("\n## needleprobe extract benchmark\n")
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {dev_name}; model dtype {args.dtype}; feature dtype float32; torch {torch.__version__}; "
           f"{reps} interleaved repetition(s), medians; tokens = real (unpadded) train+val tokens; "

@@ -96,26 +96,29 @@ def tokenize_documents(tokenizer, docs: list[Document], max_length: int, chat_te
     out = []
     for i, doc in enumerate(docs):
         end = start + len(doc.text)
-
-        def label(offsets_list, special_list):
-            off = np.asarray(offsets_list, dtype=np.int64).reshape(-1, 2)
-            special = np.asarray(special_list, dtype=bool)
-            inside = (off[:, 1] > off[:, 0]) & (off[:, 0] >= start) & (off[:, 1] <= end) & ~special
-            text_off = np.where(inside[:, None], off - start, -1)
-            pos = inside & _overlaps(text_off, doc.needle_spans)
-            return text_off, inside, pos
-
-        off, lab, pos = label(enc["offset_mapping"][i], enc["special_tokens_mask"][i])
+        off, lab, pos = _label(enc["offset_mapping"][i], enc["special_tokens_mask"][i], start, end, doc.needle_spans)
         td = TokenizedDoc(doc, np.asarray(enc["input_ids"][i], dtype=np.int64), off, lab, pos, full_len[i])
         if i in full_enc:
-            foff, _, fpos = label(*full_enc[i])
+            foff, _, fpos = _label(*full_enc[i], start, end, doc.needle_spans)
             td.needle_tokens_lost = int(fpos.sum() - pos.sum())
             td.needles_lost = sum(
-                1 for s in doc.needle_spans if _overlaps(foff[fpos], ((s[0], s[1]),)).any()
-                and not _overlaps(off[pos], ((s[0], s[1]),)).any()
+                1 for s in doc.needle_spans if _overlaps(foff[fpos], (s,)).any() and not _overlaps(off[pos], (s,)).any()
             )
         out.append(td)
     return out
+
+
+def _label(offsets, special, start: int, end: int, spans) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets into the document text, is-text-token, is-needle) for one tokenized document.
+
+    ``start``/``end`` delimit the document inside the rendered text; tokens
+    outside it (template markup) and special tokens are never labelled.
+    """
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    special = np.asarray(special, dtype=bool)
+    inside = (off[:, 1] > off[:, 0]) & (off[:, 0] >= start) & (off[:, 1] <= end) & ~special
+    text_off = np.where(inside[:, None], off - start, -1)
+    return text_off, inside, inside & _overlaps(text_off, spans)
 
 
 def select_rows(td: TokenizedDoc, negatives_per_doc: int, sampling_seed: int) -> tuple[np.ndarray, np.ndarray]:
