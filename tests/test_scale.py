@@ -123,7 +123,9 @@ def test_makefile_runs_torchrun_when_nproc_is_above_one():
     root = Path(__file__).resolve().parents[1]
 
     def dry(*args: str) -> str:
-        r = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), "extract", "VENV=/nonexistent", *args], capture_output=True, text=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}  # not the outer make's ARGS
+        r = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), "extract", "VENV=/nonexistent", "ARGS=", *args],
+                           capture_output=True, text=True, env=env)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip().splitlines()[-1]
 
