@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 NP := $(BIN)/needleprobe
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-data extract fit train check test bench bench-extract bench-fit clean
+.PHONY: install demo demo-data extract fit train check test test-fast bench bench-extract bench-fit clean
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,10 @@ check: install
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(ARGS)
+
+# The same suite without the end-to-end subprocess runs (SIGKILL resume, torchrun, notebook, browser).
+test-fast: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
 
 bench: bench-extract bench-fit
 

@@ -6,6 +6,7 @@ families are tiny random models built by ``tiny_models``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,9 @@ import yaml
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # as the CLI sets it: the thread count must not follow the load
+
+import torch  # noqa: E402
 
 from needleprobe.demo_data import build_demo_documents  # noqa: E402
 
@@ -32,6 +36,32 @@ UNICODE_DOCS = [
         "split": "val",
     },
 ]
+
+
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""For subprocesses whose outputs are compared bit for bit (torchrun's default per process, too)."""
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run a block with ``n`` intra-op threads, then restore the previous count."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.fixture
+def one_thread():
+    """Bit-identity across batch plans and processes is promised for one thread configuration; tests use one thread.
+
+    (Float reductions may be ordered differently with another thread count on some CPUs and BLAS builds; the
+    bound that holds across thread counts is tested separately.)
+    """
+    with threads(1):
+        yield
 
 
 def write_jsonl(path: Path, docs: list[dict]) -> Path:

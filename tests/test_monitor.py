@@ -107,6 +107,7 @@ def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):
     assert {"topk_mean(k=2)", "rolling_max(w=5)", "softmax_mean(T=0.5)"} <= labels
 
 
+@pytest.mark.slow
 def test_killed_monitor_resumes(minilm_run, tmp_path):
     from needleprobe import open_cache
 

@@ -44,6 +44,7 @@ def test_committed_notebook_is_generated_and_has_no_outputs():
             assert cell.outputs == [] and cell.execution_count is None
 
 
+@pytest.mark.slow
 def test_notebook_executes_and_reproduces_auroc(config_path, monkeypatch):
     from needleprobe.config import load_config
     from needleprobe.fit import probe_paths

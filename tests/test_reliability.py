@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import small_docs, write_config, write_jsonl
+from conftest import ONE_THREAD_ENV, small_docs, write_config, write_jsonl
 
 from needleprobe import open_cache
 from needleprobe.cli import main
@@ -27,7 +27,7 @@ def _files(root: Path) -> dict[str, bytes]:
 def _cli(cfg_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "needleprobe", *args, "--config", str(cfg_path), "--no-progress"],
-        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **(env or {})},
+        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV, **(env or {})},
         capture_output=True, text=True, timeout=300,
     )
 
@@ -54,6 +54,7 @@ def resume_setup(tmp_path_factory):
     return tmp, data, _files(cache.path), n_chunks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fault",
     [
@@ -264,7 +265,7 @@ def test_debug_shows_traceback(tmp_path):
 # determinism
 
 
-def test_two_runs_give_identical_outputs(tmp_path, small_dataset):
+def test_two_runs_give_identical_outputs(tmp_path, small_dataset, one_thread):
     """Same config, run twice from scratch: byte-identical cache, probes, JSONs and CSV."""
     import shutil
 

@@ -250,6 +250,7 @@ def test_no_monitor_note(run, tmp_path):
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: apt-get install chromium")
+@pytest.mark.slow
 def test_renders_in_headless_chromium(run, tmp_path):
     """The DOM Chromium builds holds the same charts and heatmaps: nothing mis-nested or dropped by the parser."""
     out = subprocess.run(

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import small_docs, write_config, write_jsonl
+from conftest import ONE_THREAD_ENV, small_docs, threads, write_config, write_jsonl
 
 from needleprobe import open_cache
 from needleprobe.cache import ShardedArray
@@ -37,7 +37,7 @@ def _torchrun(cfg_path: Path, *args: str, env: dict | None = None) -> subprocess
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "needleprobe", "extract", "--config", str(cfg_path), "--no-progress", *args],
-        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **(env or {})},
+        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV, **(env or {})},
         capture_output=True, text=True, timeout=300,
     )
 
@@ -73,15 +73,20 @@ def _probe_files(out: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def scale_setup(tmp_path_factory):
-    """(tmp dir, dataset, reference config path, its probe files): one single-process extract + fit."""
+    """(tmp dir, dataset, reference config path, its probe files): one single-process extract + fit.
+
+    Built with one thread, as each torchrun process computes (``ONE_THREAD_ENV``): bit-identity across
+    process counts is promised for one thread configuration.
+    """
     tmp = tmp_path_factory.mktemp("scale")
     data = write_jsonl(tmp / "d.jsonl", small_docs(14, 6))
     ref = tmp / "ref"
     ref.mkdir()
     cfg_path = write_config(ref, data, layers_to_probe=LAYERS)
     cfg = load_config(cfg_path)
-    assert extract(cfg, show_progress=False).status == "extracted"
-    fit(cfg)
+    with threads(1):
+        assert extract(cfg, show_progress=False).status == "extracted"
+        fit(cfg)
     return tmp, data, cfg_path, _probe_files(ref / "results" / "probes" / "t_v1")
 
 
@@ -137,7 +142,8 @@ def test_makefile_runs_torchrun_when_nproc_is_above_one():
 # torchrun
 
 
-def test_torchrun_two_processes_equal_single_process(scale_setup):
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single_process(scale_setup, one_thread):
     """2 gloo processes write shard groups through an fsspec store (file://); the cache reads as the reference."""
     tmp, data, ref_cfg, ref_probes = scale_setup
     run = tmp / "sharded"
@@ -162,7 +168,8 @@ def test_torchrun_two_processes_equal_single_process(scale_setup):
     assert extract(cfg, show_progress=False).status == "up to date"  # one process accepts a finished sharded cache
 
 
-def test_killed_rank_resumes_its_shard(scale_setup, capsys):
+@pytest.mark.slow
+def test_killed_rank_resumes_its_shard(scale_setup, capsys, one_thread):
     tmp, data, ref_cfg, _ = scale_setup
     run = tmp / "killed"
     run.mkdir()
@@ -190,7 +197,7 @@ def test_killed_rank_resumes_its_shard(scale_setup, capsys):
 
 
 @pytest.mark.parametrize("class_balance,layers", [("weighted", LAYERS), ("downsample", [4])])
-def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance, layers):
+def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance, layers, one_thread):
     """Two CPU 'devices': layers (downsample, one layer: its seeds) fitted on two threads give the one-device files."""
     tmp, data, _, _ = scale_setup
     raw = yaml.safe_load((tmp / "ref" / "config.yaml").read_text())
@@ -215,7 +222,7 @@ def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance
 # remote stores
 
 
-def test_memory_store_extract_fit_and_check(scale_setup, capsys):
+def test_memory_store_extract_fit_and_check(scale_setup, capsys, one_thread):
     """cache_dir and output_dir as memory:// URLs: same rows, same probe bytes; locks are skipped with a warning."""
     import fsspec
 

@@ -7,6 +7,13 @@ import transformers, so fitting works where only the cache is available.
 
 __version__ = "0.1.0"
 
+import os as _os
+
+# MKL may otherwise use fewer threads than asked when it judges the machine busy, and the split of a float
+# reduction follows the thread count: fixing it keeps a run's numbers independent of the machine's load.
+# Only effective before torch first calls MKL; the user's own setting wins.
+_os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+
 from .cache import Cache, open_cache  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .errors import NeedleprobeError  # noqa: E402
