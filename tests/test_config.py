@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -57,3 +59,43 @@ def test_overrides_are_typed_and_validated(tmp_path):
     assert new.probe.doc_batch_size == cfg.probe.doc_batch_size
     with pytest.raises(NeedleprobeError, match="doc_batch_size: must be positive"):
         with_overrides(cfg, doc_batch_size=0)
+
+
+def test_empty_config_file_is_named_as_such(tmp_path):
+    with pytest.raises(NeedleprobeError, match=r"c.yaml: config file is empty"):
+        load_config(_write(tmp_path, "# nothing here yet\n"))
+
+
+@pytest.mark.parametrize("lines", [1, 3])
+def test_dataset_passed_as_config_is_recognised(tmp_path, lines):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"doc_id": "a", "text": "hi", "needle_spans": []}\n' * lines)
+    with pytest.raises(NeedleprobeError, match=r"d.jsonl: this is a dataset \(JSON lines\), not a config"):
+        load_config(p)
+
+
+def test_missing_default_config_says_it_is_the_default(tmp_path, monkeypatch, capsys):
+    from needleprobe.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit"]) == 2
+    assert "no --config given, and the default config file is not here" in capsys.readouterr().err
+
+
+def test_relative_dataset_path_is_read_beside_the_config(tmp_path, monkeypatch):
+    (tmp_path / "proj" / "configs").mkdir(parents=True)
+    (tmp_path / "proj" / "configs" / "d.jsonl").write_text("{}")
+    cfg_path = tmp_path / "proj" / "configs" / "c.yaml"
+    cfg_path.write_text("dataset:\n  path: d.jsonl\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("proj/configs/c.yaml")
+    assert cfg.dataset.resolved_path().resolve() == (tmp_path / "proj" / "configs" / "d.jsonl").resolve()
+    assert "config_dir" not in cfg.to_dict()["dataset"]
+    # a path that only exists relative to the working directory still works, as it did before
+    (tmp_path / "data.jsonl").write_text("{}")
+    cfg_path.write_text("dataset:\n  path: data.jsonl\n")
+    assert load_config("proj/configs/c.yaml").dataset.resolved_path() == Path("data.jsonl")
+    # config_dir is not a key users can set
+    cfg_path.write_text("dataset:\n  config_dir: x\n")
+    with pytest.raises(NeedleprobeError, match="dataset.config_dir: unknown key"):
+        load_config(cfg_path)

@@ -31,6 +31,8 @@ def _write(tmp_path, lines):
         ({"doc_id": 7, "text": "abc"}, r"d.jsonl:2: field 'doc_id' must be a non-empty string"),
         ({"doc_id": "b", "text": "abc", "split": "dev"}, r"d.jsonl:2: field 'split' must be one of"),
         ("[1, 2]", r"d.jsonl:2: expected a JSON object"),
+        ({"doc_id": "b", "text": "abc", "spans": [[0, 1]]}, r"d.jsonl:2: unknown field 'spans' \(did you mean 'needle_spans'\?"),
+        ({"doc_id": "b", "text": "abc", "source": "web"}, r"d.jsonl:2: unknown field 'source' .*under 'metadata'"),
     ],
 )
 def test_bad_lines(tmp_path, bad, message):
@@ -52,3 +54,21 @@ def test_split_from_hash_is_deterministic_and_near_fraction(tmp_path):
     assert 0.22 < share < 0.28
     assert all(d.split == hash_split(d.doc_id, 0.25) for d in loaded)
     assert load_documents(_write(tmp_path, docs), val_fraction=0.25) == loaded
+
+
+def test_metadata_field_is_kept_out_of_the_way(tmp_path):
+    docs = load_documents(_write(tmp_path, [dict(GOOD, metadata={"source": "web", "score": 3})]))
+    assert docs[0].needle_spans == ((6, 12),)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"doc_id": "b", "text": "caf\xe9"}\n')
+    with pytest.raises(NeedleprobeError, match=r"d.jsonl:2: not valid UTF-8 \(byte 0xe9 at byte 29 of the line\)"):
+        load_documents(p)
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\r\n" + json.dumps(dict(GOOD, doc_id="b")).encode() + b"\r\n")
+    assert [d.doc_id for d in load_documents(p)] == ["a", "b"]

@@ -260,3 +260,18 @@ def test_unknown_architecture_is_a_clear_error():
 
     with pytest.raises(NeedleprobeError, match=r"cannot find the transformer blocks of Odd .*stack\[2\], other\[3\]"):
         find_blocks(Odd())
+
+
+def test_documents_longer_than_the_model_positions_are_refused_before_any_forward(tmp_path, capsys):
+    """MiniLM has 512 positions: max_length 2048 and a 600-token document is one line, exit 2, no cache."""
+    from needleprobe.cli import main
+
+    docs = small_docs(4, 3)
+    docs[1] = dict(docs[1], text=docs[1]["text"] + " more words" * 300)
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+    cfg_path = write_config(tmp_path, data, layers_to_probe=[1], max_length=2048)
+    assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model.max_length 2048 is more than the 512 positions of embedded:all-MiniLM-L6-v2" in err
+    assert f"document {docs[1]['doc_id']!r} ({data}:2) has " in err and "tokens: set" in err and "set model.max_length to 512" in err
+    assert not list((tmp_path / "cache").rglob("zarr.json")) if (tmp_path / "cache").exists() else True

@@ -30,7 +30,7 @@ def _floats(text: str) -> list[float]:
 
 
 def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
     p.add_argument("--layers", type=_ints, help="override probe.layers_to_probe, e.g. 8,16")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _config(args):
     from .config import load_config, with_overrides
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config or DEFAULT_CONFIG, default=args.config is None)
     over = {
         "layers_to_probe": getattr(args, "layers", None),
         "device": getattr(args, "device", None),

@@ -36,9 +36,21 @@ class DatasetConfig:
     """JSONL path; ``null`` means ``data/datasets/{name}_{version}.jsonl``."""
     val_fraction: float = 0.2
     """Share of documents without a ``split`` field assigned to val (by a hash of doc_id)."""
+    config_dir: Optional[str] = field(default=None, compare=False, repr=False, metadata={"internal": True})
+    """Directory of the config file this came from (not a config key): a relative ``path`` is read beside it."""
 
     def resolved_path(self) -> Path:
-        return Path(self.path) if self.path else Path("data/datasets") / f"{self.name}_{self.version}.jsonl"
+        """The JSONL file: a relative ``path`` is relative to the config file (then the working directory, as before).
+
+        The default path is relative to the working directory, as the project layout places ``data/`` beside ``configs/``.
+        """
+        if not self.path:
+            return Path("data/datasets") / f"{self.name}_{self.version}.jsonl"
+        p = Path(self.path)
+        if p.is_absolute() or self.config_dir is None:
+            return p
+        beside = Path(self.config_dir) / p
+        return p if p.is_file() and not beside.is_file() else beside
 
     @property
     def key(self) -> str:
@@ -131,6 +143,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        for section in (self.dataset, self.model, self.probe, self.monitor):
+            name = {DatasetConfig: "dataset", ModelConfig: "model", ProbeConfig: "probe", MonitorConfig: "monitor"}[type(section)]
+            for f in dataclasses.fields(section):
+                if f.metadata.get("internal"):
+                    d[name].pop(f.name)
         return d
 
     def outcome_dict(self) -> dict[str, Any]:
@@ -226,7 +243,7 @@ def _build(cls: type, data: Any, path: tuple[str, ...], loc: "_Locator") -> Any:
     if not isinstance(data, dict):
         raise NeedleprobeError(f"{loc(path)}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source" and not f.metadata.get("internal")}
     for key in data:
         if key not in names:
             raise NeedleprobeError(
@@ -294,24 +311,56 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     return cfg
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a YAML config; every error names the file, line and key."""
+def _looks_like_dataset(text: str) -> bool:
+    """A JSON-lines document (``{"doc_id": …, "text": …}``) handed over where a config was expected."""
+    import json
+
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and bool({"doc_id", "text", "needle_spans"} & set(obj))
+
+
+def load_config(path: str | Path, *, default: bool = False) -> Config:
+    """Read and validate a YAML config; every error names the file, line and key.
+
+    ``default``: the path was not given by the user, so a missing file is explained as the default one.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        if default:
+            raise NeedleprobeError(
+                f"{path}: no --config given, and the default config file is not here "
+                "(run from the project directory, or pass --config FILE)"
+            ) from None
         raise NeedleprobeError(f"{path}: config file not found") from None
+    except UnicodeDecodeError:
+        raise NeedleprobeError(f"{path}: not a text file (a config is YAML, see configs/demo.yaml)") from None
     except OSError as e:
         raise NeedleprobeError(f"{path}: cannot read config ({e.strerror})") from None
+    if _looks_like_dataset(text):
+        raise NeedleprobeError(
+            f"{path}: this is a dataset (JSON lines), not a config; name it in a YAML config "
+            f"(dataset.path: {path}) and pass that config with --config (configs/demo.yaml is an example)"
+        )
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise NeedleprobeError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        raise NeedleprobeError(
+            f"{path}: config file is empty; start from configs/dataset_main.yaml, which spells out every key"
+        )
     loc = _Locator(str(path), _key_lines(text))
     cfg = _build(Config, data, (), loc)
     cfg.source = str(path)
+    cfg.dataset.config_dir = str(path.parent)
     return validate(cfg, loc)
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 from .errors import NeedleprobeError
 
 SPLITS = ("train", "val", "test")
+FIELDS = ("doc_id", "text", "needle_spans", "split", "metadata")
+"""What a line may hold; anything else of the user's own goes under ``metadata`` (kept, never read).
+A misspelt field ("spans") is an error rather than a document that silently has no needles."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,16 @@ def _parse_line(raw: str, where: str, lineno: int, val_fraction: float) -> Docum
         raise NeedleprobeError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
         raise NeedleprobeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = [k for k in obj if k not in FIELDS]
+    if unknown:
+        import difflib
+
+        k = unknown[0]
+        near = difflib.get_close_matches(k, FIELDS, n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise NeedleprobeError(
+            f"{where}: unknown field {k!r} ({hint}a line holds {', '.join(FIELDS)}; put fields of your own under 'metadata')"
+        )
     doc_id = obj.get("doc_id")
     if not isinstance(doc_id, str) or not doc_id:
         raise NeedleprobeError(f"{where}: field 'doc_id' must be a non-empty string, got {doc_id!r}")
@@ -101,8 +114,17 @@ def load_documents(path: str | Path, val_fraction: float = 0.2) -> list[Document
         )
     docs: list[Document] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
+            if lineno == 1 and raw_bytes.startswith(b"\xef\xbb\xbf"):
+                raw_bytes = raw_bytes[3:]  # a byte-order mark, as files exported on Windows start
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw_bytes[e.start : e.start + 1].hex()
+                raise NeedleprobeError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the line); save the file as UTF-8"
+                ) from None
             if not raw.strip():
                 continue
             doc = _parse_line(raw, f"{path}:{lineno}", lineno, val_fraction)

@@ -104,16 +104,31 @@ def check_layers(layers: list[int], n_layers: int, model_name: str) -> None:
         )
 
 
-def _model_n_layers(cfg: Config) -> int | None:
-    """Block count from the model config, read before loading any weights."""
+def check_positions(tdocs: list[TokenizedDoc], limit: int | None, cfg: Config, data_path) -> None:
+    """Refuse documents longer than the model's position table before any forward (it would fail mid-run)."""
+    if limit is None or cfg.model.max_length <= limit:
+        return
+    long = [td for td in tdocs if td.n_tokens > limit]
+    if long:
+        td = max(long, key=lambda t: t.n_tokens)
+        raise NeedleprobeError(
+            f"model.max_length {cfg.model.max_length} is more than the {limit} positions of {cfg.model.name}, and document "
+            f"{td.doc.doc_id!r} ({data_path}:{td.doc.line}) has {td.n_tokens} tokens: set model.max_length to {limit} or "
+            "less (longer documents are then truncated, and what is lost is reported)"
+        )
+
+
+def model_shape(cfg: Config) -> tuple[int | None, int | None]:
+    """(block count, position limit) from the model config, read before loading any weights."""
     from transformers import AutoConfig
 
     try:
         mc = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision)
     except (OSError, ValueError):
-        return None  # load_model reports the problem with full context
+        return None, None  # load_model reports the problem with full context
     text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
-    return getattr(text, "num_hidden_layers", None)
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return getattr(text, "num_hidden_layers", None), (int(limit) if limit else None)
 
 
 def row_index(batch_rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,9 +270,11 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> Extract
     layers = sorted(fields["layers"])
     tokenizer = load_tokenizer(cfg.model)
     plans = prepare_plans(cfg, tokenizer, docs, data_path)
-    n_layers = _model_n_layers(cfg)
+    n_layers, limit = model_shape(cfg)
     if n_layers is not None:
         check_layers(layers, n_layers, cfg.model.name)
+    for tdocs, *_ in plans.values():
+        check_positions(tdocs, limit, cfg, data_path)
     device = dist.device(resolve_device(cfg.probe.device))
     show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
 

@@ -103,7 +103,7 @@ def monitor_fingerprint(cache_fp: str, split: str, probes: list[ProbeRef]) -> st
 
 def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress: bool = True) -> zarr.Group:
     """Per-token logits of every probe on ``split``, computed once and stored in the cache (resumable)."""
-    from .extract import check_layers, run_batches
+    from .extract import check_layers, check_positions, model_shape, run_batches
     from .hooks import capture, find_blocks, load_model, load_tokenizer, resolve_device
     from .cache import ChunkStream
     from .stores import open_group
@@ -129,6 +129,7 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
             raise NeedleprobeError(f"{data_path}: split {split!r} has no documents to monitor")
         tokenizer = load_tokenizer(cfg.model)
         tdocs = tokenize_documents(tokenizer, docs, cfg.model.max_length, cfg.model.chat_template)
+        check_positions(tdocs, model_shape(cfg)[1], cfg, data_path)
         order, batches = plan_batches([td.n_tokens for td in tdocs], cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
         rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
         committed = 0
