@@ -24,6 +24,26 @@ EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device")})
 """Settings that change how fast a run goes, never what it writes."""
 DTYPES = ("float32", "bfloat16", "float16")
+PLACEHOLDERS = ("model", "site", "dataset")
+"""What ``probe.output_dir`` and ``probe.run_record_dir`` may name, so runs of several models stay apart."""
+
+
+def template_fields(template: str) -> list[str]:
+    """Placeholder names in a path template (``{model}`` → ``model``); a malformed one raises ValueError."""
+    import string
+
+    return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+def _template_problem(template: str) -> str | None:
+    try:
+        fields = template_fields(template)
+    except ValueError as e:
+        return f"malformed placeholder in {template!r} ({e})"
+    bad = [f for f in fields if f not in PLACEHOLDERS]
+    if bad:
+        return f"unknown placeholder {{{bad[0]}}} in {template!r} (use {', '.join('{' + p + '}' for p in PLACEHOLDERS)})"
+    return None
 
 
 @dataclass
@@ -308,6 +328,9 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     need(mon.window > 0, "monitor.window", f"must be positive, got {mon.window}")
     need(mon.temperature > 0, "monitor.temperature", f"must be positive, got {mon.temperature}")
     need(mon.split in ("train", "val", "test"), "monitor.split", f"must be train, val or test, got {mon.split!r}")
+    for key in ("output_dir", "run_record_dir"):
+        problem = _template_problem(getattr(p, key))
+        need(problem is None, f"probe.{key}", problem or "")
     return cfg
 
 

@@ -1,0 +1,182 @@
+"""Where a run reads and writes: every path of a run, built once from the config.
+
+No other module joins paths.  A *run* is one fit of one model's activation
+site on one dataset, and everything made from its probes lives in its
+directory::
+
+    {cache_dir}/{dataset}/{model}/{site}/              the activation cache (write-once after extract)
+    {output_dir}/{dataset}[-{run}]/                    the run directory
+        probe_layer_{L}_seed_{S}.pt / .json            probes (the seed's names)
+        probe_metrics.csv
+        monitor/                                       document monitor: token logits (Zarr) and metrics
+        transfer/{target}/                             these probes evaluated on another dataset
+        report.html
+    {run_record_dir}/{dataset}[-{run}]_probe_run_record.json
+
+``probe.output_dir`` and ``probe.run_record_dir`` may hold the placeholders
+``{model}``, ``{site}`` and ``{dataset}``, so one config line keeps the runs of
+several models apart (``results/probes/{model}/{site}``); without
+``{dataset}`` the dataset key is appended, which gives the seed's default
+paths.  A named run (``--run NAME``) sits beside the default one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config, template_fields
+from .errors import NeedleprobeError
+from .stores import as_path
+
+
+def model_slug(name: str) -> str:
+    """A directory-safe name for a model id (``google/gemma-3-4b-it`` → ``google--gemma-3-4b-it``)."""
+    if name.startswith("embedded:"):
+        return "embedded--" + name.split(":", 1)[1]
+    if os.path.isdir(name):
+        name = Path(name).resolve().name
+    return name.strip("/").replace("/", "--").replace(":", "-")
+
+
+def check_run_name(run: str | None) -> None:
+    if run is not None and (not run or "/" in run or run.strip() != run or run.startswith(".")):
+        raise NeedleprobeError(f"--run {run!r}: a run name is a non-empty name without '/' (e.g. wide-l2)")
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run's outputs are made from: outputs of another identity must never be replaced silently."""
+
+    dataset: str
+    model: str
+    revision: str | None
+    site: str
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "RunIdentity":
+        return cls(cfg.dataset.key, cfg.model.name, cfg.model.revision, cfg.probe.activation_site)
+
+    @classmethod
+    def from_config_dict(cls, d: dict[str, Any]) -> "RunIdentity | None":
+        """From the ``config`` recorded in a probe JSON or a run record (None when it is not one)."""
+        try:
+            ds, m, p = d["dataset"], d["model"], d["probe"]
+            return cls(f"{ds['name']}_{ds['version']}", m["name"], m.get("revision"), p.get("activation_site", "resid_post"))
+        except (KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{self.model}{rev} · {self.site} · {self.dataset}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path one run reads or writes (see the module docstring)."""
+
+    cache: Path
+    run_dir: Path
+    run_record: Path
+    identity: RunIdentity
+    run: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, run: str | None = None) -> "Layout":
+        check_run_name(run)
+        ident = RunIdentity.from_config(cfg)
+        values = {"model": model_slug(cfg.model.name), "site": cfg.probe.activation_site, "dataset": cfg.dataset.key}
+        key = cfg.dataset.key + (f"-{run}" if run else "")
+
+        def expand(template: str) -> tuple[Path, bool]:
+            """(formatted path, whether it named the dataset itself)."""
+            named = "dataset" in template_fields(template)
+            return as_path(template.format(**values)), named
+
+        out, named = expand(cfg.probe.output_dir)
+        run_dir = (out.with_name(out.name + f"-{run}") if run else out) if named else out / key
+        rec_dir, _ = expand(cfg.probe.run_record_dir)
+        record = rec_dir / f"{key}_probe_run_record.json"
+        cache = as_path(cfg.probe.cache_dir) / cfg.dataset.key / values["model"] / cfg.probe.activation_site
+        return cls(cache=cache, run_dir=run_dir, run_record=record, identity=ident, run=run)
+
+    # -- the run directory -----------------------------------------------------
+    def probe_stem(self, layer: int, seed: int) -> Path:
+        return self.run_dir / f"probe_layer_{layer}_seed_{seed}"
+
+    def probe_files(self, layer: int, seed: int) -> tuple[Path, Path]:
+        stem = self.probe_stem(layer, seed)
+        return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+    @property
+    def metrics_csv(self) -> Path:
+        return self.run_dir / "probe_metrics.csv"
+
+    @property
+    def monitor_dir(self) -> Path:
+        return self.run_dir / "monitor"
+
+    @property
+    def monitor_store(self) -> Path:
+        """Token logits of the monitor (Zarr), one group per split: never inside the activation cache."""
+        return self.monitor_dir / "token_logits.zarr"
+
+    def monitor_csv(self, split: str) -> Path:
+        return self.monitor_dir / f"monitor_metrics_{split}.csv"
+
+    def doc_scores(self, split: str) -> Path:
+        return self.monitor_dir / f"doc_scores_{split}.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.run_dir / "report.html"
+
+    def transfer_dir(self, target: "Layout", split: str) -> Path:
+        """This run's probes evaluated on ``target``'s data (keyed by source directory and target dataset)."""
+        return self.run_dir / "transfer" / f"{target.identity.dataset}-{split}"
+
+    @property
+    def lock(self) -> Path:
+        return self.run_dir / ".lock"
+
+    @property
+    def cache_lock(self) -> Path:
+        return self.cache.with_name(self.cache.name + ".lock")
+
+    # -- who owns what ---------------------------------------------------------
+    def owner(self) -> RunIdentity | None:
+        """The identity of the probes already in the run directory (None when it holds none)."""
+        for js in sorted(self.run_dir.glob("probe_layer_*_seed_*.json")):
+            try:
+                meta = json.loads(js.read_text())
+            except (OSError, ValueError):
+                continue
+            ident = RunIdentity.from_config_dict(meta.get("config", {}))
+            if ident is not None:
+                return ident
+        return None
+
+    def record_owner(self) -> RunIdentity | None:
+        if not self.run_record.is_file():
+            return None
+        try:
+            rec = json.loads(self.run_record.read_text())
+        except (OSError, ValueError):
+            return None
+        return RunIdentity.from_config_dict(rec.get("config", {}))
+
+    def refuse_foreign(self, what: str, overwrite: bool = False) -> None:
+        """Refuse to write ``what`` where outputs of another model, site or dataset live (unless ``overwrite``)."""
+        if overwrite:
+            return
+        for where, other in ((self.run_dir, self.owner()), (self.run_record, self.record_owner())):
+            if other is not None and other != self.identity:
+                raise NeedleprobeError(
+                    f"{where}: holds outputs of {other.describe()}, and this {what} is {self.identity.describe()}; "
+                    "keep both by giving each its own location (e.g. probe.output_dir: results/probes/{model}/{site} "
+                    "and probe.run_record_dir: results/run_records/{model}/{site}, or --run NAME), "
+                    "or replace them with --overwrite"
+                )
