@@ -31,10 +31,15 @@ _CONSOLE: Console | None = None
 
 
 def console() -> Console:
-    """Messages go to stderr, so stdout stays clean for piping."""
+    """Messages go to stderr, so stdout stays clean for piping.
+
+    ``soft_wrap``: a message is never broken into lines by rich (in a log or a
+    pipe it would be cut at 80 columns, paths included); a terminal wraps it
+    for display. Tables and progress bars are still laid out to the width.
+    """
     global _CONSOLE
     if _CONSOLE is None:
-        _CONSOLE = Console(stderr=True, highlight=False)
+        _CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)
     return _CONSOLE
 
 
@@ -58,6 +63,27 @@ def progress_bar(enabled: bool = True) -> Progress:
         disable=not enabled,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def model_loading_bar(shown: bool = True) -> Iterator[None]:
+    """With ``shown=False``, silence transformers' progress bars ("Loading weights") for the block.
+
+    They are tqdm bars of transformers' own, outside our console; the previous
+    setting comes back afterwards, so only a command that asked is quiet.
+    """
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def human_bytes(n: float) -> str:
