@@ -9,7 +9,8 @@ tokens: no padding, train + val, the splits extract processes):
 (a) naive   one document per forward, ``output_hidden_states=True``, every layer
             (decoders loaded with ``AutoModelForCausalLM``, so the LM head and the
             full-vocabulary logits are computed, as a naive script would; BERT
-            with ``AutoModel``).  Inputs are tokenized before the timer starts.
+            with ``AutoModel``).  Inputs are tokenized and on the device before
+            the timer starts.
 (b) forward needleprobe's batches (``plan_batches``, ``bucket_length``, right
             padding, ``model_inputs``) through ``capture``/``run_forward`` with the
             early stop at the highest probed layer; stores nothing, inputs built
@@ -202,6 +203,46 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def on_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Every tensor the benchmark hands to a model is made here, on the benchmark's device."""
+    return torch.from_numpy(array).to(device)
+
+
+def naive_inputs(tdocs: dict[str, list], device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """(a)'s inputs: one unpadded document per forward, on ``device`` before the timer starts, as (b)'s are."""
+    out = []
+    for name in FIT_SPLITS:
+        for td in tdocs[name]:
+            ids = on_device(td.input_ids[None], device)
+            out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def batch_inputs(model, tdocs: dict[str, list], pad_id: int, batch_size: int,
+                 device: torch.device) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """(b)'s inputs: needleprobe's batches (``plan_batches``, ``bucket_length``, right padding, ``model_inputs``)
+    on ``device``, and the plan's shape."""
+    inputs, sizes, padded, tokens = [], [], 0, 0
+    for name in FIT_SPLITS:
+        docs = tdocs[name]
+        _, batches = plan_batches([td.n_tokens for td in docs], batch_size, None)
+        for batch in batches:
+            lens = [docs[i].n_tokens for i in batch]
+            T = bucket_length(max(lens))
+            ids = np.full((len(batch), T), pad_id, dtype=np.int64)
+            mask = np.zeros((len(batch), T), dtype=np.int64)
+            for j, i in enumerate(batch):
+                ids[j, : lens[j]] = docs[i].input_ids
+                mask[j, : lens[j]] = 1
+            inputs.append(model_inputs(model, on_device(ids, device), on_device(mask, device)))
+            sizes.append(len(batch))
+            padded += ids.size
+            tokens += sum(lens)
+    info = {"batches": len(sizes), "mean_docs": statistics.mean(sizes), "max_docs": max(sizes),
+            "pad_frac": 1 - tokens / padded, "tokens": tokens}
+    return inputs, info
+
+
 def tokenized_splits(case: Case) -> tuple[dict[str, list], Any]:
     """needleprobe's tokenization of the case's train and val documents (what extract feeds the model)."""
     mc = ModelConfig(name=case.model, max_length=case.max_length)
@@ -223,18 +264,20 @@ class Naive:
         self.model = cls.from_pretrained(where, dtype=TORCH_DTYPES[dtype]).to(device).eval()
         self.model_class = type(self.model).__name__
         self.device = device
-        self.inputs = []
-        for name in FIT_SPLITS:
-            for td in tdocs[name]:
-                ids = torch.from_numpy(td.input_ids)[None]
-                self.inputs.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        self.inputs = naive_inputs(tdocs, device)
         self.tokens = sum(int(x["input_ids"].shape[1]) for x in self.inputs)
+
+    def warm_up(self) -> None:
+        """One untimed forward (first-call allocator / kernel selection)."""
+        with torch.inference_mode():
+            self.model(**self.inputs[-1], output_hidden_states=True)
+        sync(self.device)
 
     def run(self) -> tuple[float, float]:
         t, tc = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             for enc in self.inputs:
-                out = self.model(**{k: v.to(self.device) for k, v in enc.items()}, output_hidden_states=True)
+                out = self.model(**enc, output_hidden_states=True)
                 del out
         sync(self.device)
         return time.perf_counter() - t, time.process_time() - tc
@@ -254,26 +297,12 @@ class Forward:
     def plan(self, batch_size: int) -> tuple[list, dict[str, Any]]:
         """Device inputs of every batch (built once per batch size) and the plan's shape."""
         if batch_size not in self.plans:
-            inputs, sizes, padded, tokens = [], [], 0, 0
-            for name in FIT_SPLITS:
-                tdocs = self.tdocs[name]
-                _, batches = plan_batches([td.n_tokens for td in tdocs], batch_size, None)
-                for batch in batches:
-                    lens = [tdocs[i].n_tokens for i in batch]
-                    T = bucket_length(max(lens))
-                    ids = np.full((len(batch), T), self.pad_id, dtype=np.int64)
-                    mask = np.zeros((len(batch), T), dtype=np.int64)
-                    for j, i in enumerate(batch):
-                        ids[j, : lens[j]] = tdocs[i].input_ids
-                        mask[j, : lens[j]] = 1
-                    inputs.append(model_inputs(self.model, torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)))
-                    sizes.append(len(batch))
-                    padded += ids.size
-                    tokens += sum(lens)
-            info = {"batches": len(sizes), "mean_docs": statistics.mean(sizes), "max_docs": max(sizes),
-                    "pad_frac": 1 - tokens / padded, "tokens": tokens}
-            self.plans[batch_size] = (inputs, info)
+            self.plans[batch_size] = batch_inputs(self.model, self.tdocs, self.pad_id, batch_size, self.device)
         return self.plans[batch_size]
+
+    def warm_up(self, layers: list[int]) -> None:
+        """One untimed pass over batch 8's plan (first-call allocator / kernel selection)."""
+        self.run(layers, 8)
 
     def run(self, layers: list[int], batch_size: int) -> tuple[float, float]:
         inputs, _ = self.plan(batch_size)
@@ -507,10 +536,8 @@ def main() -> None:
                                           c.layers, c.max_length, args.device, args.dtype, bs)
                 for c in gcases for bs in run_bs}
 
-        # warm-up (first-call allocator / kernel selection), not timed
-        with torch.inference_mode():
-            naive.model(**naive.inputs[-1], output_hidden_states=True)
-        fwd.run(gcases[0].layers, 8)
+        naive.warm_up()
+        fwd.warm_up(gcases[0].layers)
 
         # per repetition: a (wall, cpu); b (wall, cpu); c (wall, stage times incl. "#cpu" entries, calls)
         a_times: list[tuple[float, float]] = []

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The seed's entry point: ``python cli/train_probe.py --config ... [--doc-batch-size N]``.
+"""A script entry point: ``python cli/train_probe.py --config ... [--doc-batch-size N]``.
 
 Same as ``needleprobe train``: extract (or reuse the cache), then fit.
 """

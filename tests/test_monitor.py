@@ -88,6 +88,10 @@ def test_outputs_and_thresholds(monitored):
     assert best > 0.8
     record = json.loads(open(os.path.join(cfg.probe.run_record_dir, "t_v1_probe_run_record.json")).read())
     assert record["stages"]["monitor"]["split"] == "val"
+    from needleprobe.cache import cache_path
+
+    cache = cache_path(cfg)
+    assert not cache.with_name(cache.name + ".lock").exists()  # the monitor holds the cache's lock only while it runs
 
 
 def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,13 +17,14 @@ from conftest import ONE_THREAD_ENV, small_docs, write_config, write_jsonl
 from needleprobe import open_cache
 from needleprobe.cli import main
 from needleprobe.config import load_config
+from needleprobe.errors import NeedleprobeError
 from needleprobe.records import FileLock
 
 CHUNK = "64"
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(".lock")}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _cli(cfg_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -142,13 +145,74 @@ def test_lock_released_when_owner_is_killed(tmp_path):
         stdout=subprocess.PIPE, text=True,
     )
     assert p.stdout.readline().strip() == "held"
-    with pytest.raises(Exception, match="another x is running"):
+    with pytest.raises(NeedleprobeError, match=rf"another x is running \(pid {p.pid} on .+\); wait for it to finish"):
         with FileLock(lock, "x"):
             pass
     p.kill()
     p.wait()
-    with FileLock(lock, "x"):  # no stale lock after SIGKILL
+    assert lock.exists()  # SIGKILL leaves the file behind, but not the lock
+    with FileLock(lock, "x"):
         pass
+    assert not lock.exists()
+
+
+def test_lock_file_exists_only_while_held(tmp_path):
+    lock = tmp_path / "x.lock"
+    with FileLock(lock, "x"):
+        assert lock.read_text() == f"pid {os.getpid()} on {socket.gethostname()}"
+        with pytest.raises(NeedleprobeError, match=f"another x is running \\(pid {os.getpid()} "):
+            with FileLock(lock, "x"):
+                pass
+        assert lock.exists()  # the refused attempt leaves the owner's file alone
+    assert not lock.exists()
+    with pytest.raises(RuntimeError):
+        with FileLock(lock, "x"):
+            raise RuntimeError  # an error in the run removes it too
+    assert not lock.exists()
+
+
+def test_lock_taken_on_a_file_its_owner_just_removed_is_retried(tmp_path, monkeypatch):
+    """Between our open and our flock the previous owner may finish and remove the file:
+    a lock on that orphan would exclude no one, so the path's new file is locked instead."""
+    import fcntl
+
+    from needleprobe import records
+
+    lock = tmp_path / "x.lock"
+    real_flock, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if op & fcntl.LOCK_EX and not calls:
+            lock.unlink()  # the previous owner's exit, right after our open
+        calls.append(op)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(records.fcntl, "flock", flock)
+    with FileLock(lock, "x") as held:
+        monkeypatch.setattr(records.fcntl, "flock", real_flock)
+        assert len([op for op in calls if op & fcntl.LOCK_EX]) == 2
+        assert os.fstat(held.fd).st_ino == lock.stat().st_ino
+        r = subprocess.run(
+            [sys.executable, "-c", f"from needleprobe.records import FileLock\nwith FileLock({str(lock)!r}, 'x'):\n    pass"],
+            capture_output=True, text=True,
+        )
+        assert r.returncode != 0 and "another x is running" in r.stderr
+    assert not lock.exists()
+
+
+def test_identical_runs_leave_identical_directories(tmp_path, small_dataset):
+    """No lock file or temporary file is left behind: two runs leave the same files, byte for byte
+    (but the run record, which holds timings)."""
+    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[1], max_train_docs=8, max_val_docs=6)
+    trees = []
+    for _ in range(2):
+        assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
+        names = sorted(str(p.relative_to(tmp_path)) for d in ("cache", "results") for p in (tmp_path / d).rglob("*"))
+        trees.append((names, {n: b for n, b in _files(tmp_path).items() if n in names and "run_records" not in n}))
+        shutil.rmtree(tmp_path / "cache")
+        shutil.rmtree(tmp_path / "results")
+    assert not [n for n in trees[0][0] if n.endswith(".lock") or ".tmp" in n], trees[0][0]
+    assert trees[0] == trees[1]
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The seed's "Quality checks", automated: is every probe above chance, is the metadata complete,
+"""Quality checks on a fit's results: is every probe above chance, is the metadata complete,
 and does the run record match the config and the files on disk?"""
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """Command line: a thin layer that parses flags, applies them to the config and calls a stage.
 
 User errors print one line and exit 2; ``--debug`` shows the traceback.
+The help texts here are what users read, so they say what each command reads
+and writes, in the README's words.
 """
 
 from __future__ import annotations
@@ -10,9 +12,85 @@ import os
 import sys
 from typing import Sequence
 
+from . import __version__
 from .errors import NeedleprobeError
+from .records import model_loading_bar
 
 DEFAULT_CONFIG = "configs/dataset_main.yaml"
+MODEL_COMMANDS = ("extract", "train", "monitor")
+"""Commands that load the model (and so show transformers' weight-loading bar)."""
+
+DESCRIPTION = """\
+Token-level linear probes on a language model's activations.
+
+A JSONL dataset marks needle character spans inside documents. `extract` runs
+the model once and caches the activations of the probed layers at needle tokens
+and sampled other tokens; `fit` trains one logistic-regression probe per layer
+and seed from that cache, as often as you like, without loading the model."""
+
+EPILOG = f"""\
+typical use:
+  needleprobe demo-data                          # an offline demo dataset
+  needleprobe extract --config configs/demo.yaml # run the model once
+  needleprobe fit     --config configs/demo.yaml # train the probes from the cache
+  needleprobe check   --config configs/demo.yaml # verify the results
+
+Every command reads one YAML config (--config, default
+{DEFAULT_CONFIG}); flags override single keys. Problems you can fix
+are reported as one line with exit status 2 (--debug shows the traceback).
+`needleprobe COMMAND --help` says what a command reads and writes."""
+
+COMMANDS = {  # name: (one-line help, description)
+    "extract": (
+        "run the model once and fill the activation cache",
+        "Run the model over the train and val documents of the dataset and store the activations of the probed "
+        "layers (needle tokens and sampled other tokens) in a Zarr cache under probe.cache_dir. It prints the disk "
+        "space needed before it starts. A finished cache is left as it is ('up to date'); an interrupted one "
+        "resumes where it stopped; one built with other settings is refused (--overwrite rebuilds it).",
+    ),
+    "fit": (
+        "train the probes from the activation cache",
+        "Train one L2-regularised logistic-regression probe per layer and seed from the activation cache, without "
+        "loading the model, and pick L2 by validation AUROC. Writes probe_layer_{L}_seed_{S}.pt and .json and "
+        "probe_metrics.csv under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir.",
+    ),
+    "train": (
+        "extract, then fit, in one command",
+        "Fill the activation cache (or reuse it when it is up to date), then train the probes from it: the same "
+        "as `extract` followed by `fit`, and it writes what both write.",
+    ),
+    "check": (
+        "check that every probe beats chance, its metadata is complete, and the run record matches the files on disk",
+        "Check the results of `fit`: every probe beats chance on validation, its metadata is complete, and the run "
+        "record matches the config and the files on disk (sha256). Prints each failure on one line and exits "
+        "with status 1 if there is any.",
+    ),
+    "monitor": (
+        "score whole documents with the probes",
+        "Score every token of a split's documents with the saved probes (running the model, with the same batching, "
+        "early stop and resume as extract), store the token logits in the cache, and aggregate them into one score "
+        "per document: mean, max, top-k mean, max of a rolling mean, softmax-weighted mean. Writes "
+        "monitor_metrics.csv (document AUROC, TPR at 1% and 5% FPR) and doc_scores_{split}.jsonl under "
+        "results/monitor/{name}_{version}/, beside probe.output_dir.",
+    ),
+    "inspect": (
+        "summarise the activation cache and whether it matches the config",
+        "Print what the activation cache holds (splits, rows, layers, feature dtype, size on disk, monitor "
+        "results) and whether it was built with the config's settings. Reads the cache only.",
+    ),
+    "report": (
+        "write a self-contained HTML report of the probes",
+        "Write results/report/{name}_{version}.html, one file with no external resources: validation AUROC by "
+        "layer and seed, ROC curves, AUROC against L2, and token heatmaps of example documents. Reads the probes, "
+        "the cache and, when present, the monitor's results.",
+    ),
+    "demo-data": (
+        "write the offline demo dataset",
+        "Write a JSONL dataset of 420 documents of English prose (Python's own documentation) with injected "
+        "instructions as needles, built offline. Train, val and test needles are worded differently, so val "
+        "AUROC measures generalisation to new wording.",
+    ),
+}
 
 
 def _ints(text: str) -> list[int]:
@@ -34,6 +112,7 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
     p.add_argument("--layers", type=_ints, help="override probe.layers_to_probe, e.g. 8,16")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    _no_progress(p)
     for split in ("train", "val"):  # they select the cache's rows, so fit and check accept them too
         p.add_argument(f"--max-{split}-docs", type=int, help=f"override probe.max_{split}_docs")
         p.add_argument(f"--max-{split}-tokens", type=int, help=f"override probe.max_{split}_tokens")
@@ -41,7 +120,6 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
         p.add_argument("--doc-batch-size", type=int, help="documents per forward pass (rows do not depend on it)")
         p.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward pass, instead of a document count")
         p.add_argument("--overwrite", action="store_true", help="rebuild a cache built with other settings")
-        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     if fit:
         p.add_argument("--l2-grid", type=_floats, help="override probe.l2_grid, e.g. 0.01,0.1")
         p.add_argument("--seeds", type=_ints, help="override probe.train_seeds, e.g. 0,1")
@@ -49,24 +127,37 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
         p.add_argument("--solver", choices=["auto", "lbfgs", "minibatch"], help="override probe.solver")
 
 
+def _no_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars, transformers' weight-loading bar too")
+
+
+def _command(sub, name: str) -> argparse.ArgumentParser:
+    help_, description = COMMANDS[name]
+    return sub.add_parser(name, help=help_, description=description)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="needleprobe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("extract", help="run the model once and fill the activation cache"), True, False)
-    _common(sub.add_parser("fit", help="train probes from the cache over the L2 grid"), False, True)
-    _common(sub.add_parser("train", help="extract then fit (the seed's one-shot command)"), True, True)
-    _common(sub.add_parser("check", help="the seed's quality checks on the outputs"), False, False)
-    mon = sub.add_parser("monitor", help="score whole documents with the probes (Task 3)")
+    parser = argparse.ArgumentParser(
+        prog="needleprobe", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"needleprobe {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _common(_command(sub, "extract"), True, False)
+    _common(_command(sub, "fit"), False, True)
+    _common(_command(sub, "train"), True, True)
+    _common(_command(sub, "check"), False, False)
+    mon = _command(sub, "monitor")
     _common(mon, True, False)
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
-    _common(sub.add_parser("inspect", help="summarise the activation cache (and whether it matches the config)"), False, False)
-    _common(sub.add_parser("report", help="write the self-contained HTML report"), False, False)
-    dd = sub.add_parser("demo-data", help="write the offline demo dataset")
-    dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl")
-    dd.add_argument("--seed", type=int, default=0)
-    dd.add_argument("--debug", action="store_true")
+    _common(_command(sub, "inspect"), False, False)
+    _common(_command(sub, "report"), False, False)
+    dd = _command(sub, "demo-data")
+    dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl", help="where to write it (default %(default)s)")
+    dd.add_argument("--seed", type=int, default=0, help="seed of the document assembly (default %(default)s)")
+    dd.add_argument("--debug", action="store_true", help="show full tracebacks")
+    _no_progress(dd)
     return parser
 
 
@@ -162,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        with model_loading_bar(shown=not (args.no_progress and args.command in MODEL_COMMANDS)):
+            return run(args)
     except NeedleprobeError as e:
         if getattr(args, "debug", False):
             raise

@@ -1,7 +1,7 @@
 """Typed, validated configuration.
 
 One YAML file (``configs/*.yaml``) drives every stage.  Its keys are a contract
-with the seed specification, so they are declared once here as dataclass fields,
+with users' config files, so they are declared once here as dataclass fields,
 each documented where it is declared.  Validation lives here and nowhere else:
 an unknown key, a wrong type or an impossible value is a
 :class:`~needleprobe.errors.NeedleprobeError` naming the file, line and key.
@@ -51,7 +51,7 @@ class DatasetConfig:
     name: str = "needles_main"
     """Dataset name; outputs are keyed by ``{name}_{version}``."""
     version: str = "v1"
-    """Dataset version (Task 1 output version)."""
+    """Dataset version; a new version of the data gets its own cache and results."""
     path: Optional[str] = None
     """JSONL path; ``null`` means ``data/datasets/{name}_{version}.jsonl``."""
     val_fraction: float = 0.2

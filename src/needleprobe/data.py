@@ -1,4 +1,4 @@
-"""The Task 1 dataset: JSONL documents with needle character spans.
+"""The dataset: JSONL documents with needle character spans.
 
 Every line is checked before any model is loaded, so a bad line costs seconds,
 not a GPU hour; errors name the file, line and field.
@@ -110,7 +110,7 @@ def load_documents(path: str | Path, val_fraction: float = 0.2) -> list[Document
     path = Path(path)
     if not path.is_file():
         raise NeedleprobeError(
-            f"{path}: dataset not found (run Task 1, `needleprobe demo-data`, or set dataset.path)"
+            f"{path}: dataset not found (write your JSONL there, set dataset.path, or run `needleprobe demo-data` for the demo)"
         )
     docs: list[Document] = []
     seen: dict[str, int] = {}

@@ -1,4 +1,4 @@
-"""Task 3: the document-level monitor.
+"""The document-level monitor.
 
 The probe scores every text token of every document in a split; an
 aggregation turns those token logits into one score per document ("is there

@@ -31,10 +31,15 @@ _CONSOLE: Console | None = None
 
 
 def console() -> Console:
-    """Messages go to stderr, so stdout stays clean for piping."""
+    """Messages go to stderr, so stdout stays clean for piping.
+
+    ``soft_wrap``: a message is never broken into lines by rich (in a log or a
+    pipe it would be cut at 80 columns, paths included); a terminal wraps it
+    for display. Tables and progress bars are still laid out to the width.
+    """
     global _CONSOLE
     if _CONSOLE is None:
-        _CONSOLE = Console(stderr=True, highlight=False)
+        _CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)
     return _CONSOLE
 
 
@@ -58,6 +63,27 @@ def progress_bar(enabled: bool = True) -> Progress:
         disable=not enabled,
         transient=False,
     )
+
+
+@contextlib.contextmanager
+def model_loading_bar(shown: bool = True) -> Iterator[None]:
+    """With ``shown=False``, silence transformers' progress bars ("Loading weights") for the block.
+
+    They are tqdm bars of transformers' own, outside our console; the previous
+    setting comes back afterwards, so only a command that asked is quiet.
+    """
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def human_bytes(n: float) -> str:
@@ -112,11 +138,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 class FileLock:
-    """An exclusive ``flock`` on a lock file.
+    """An exclusive ``flock`` on a lock file that exists only while it is held.
 
     The kernel drops the lock when its owner dies (even by SIGKILL), so a crash
     never blocks the next run; a live owner makes the second run fail at once,
-    naming the owner's pid and host.
+    naming the owner's pid and host.  The owner removes the file before it
+    unlocks, so finished runs leave identical directories behind; a process
+    that locked a file someone removed meanwhile sees that the path no longer
+    names it and tries again on the path's new file.
     """
 
     def __init__(self, path: str | Path, what: str):
@@ -131,23 +160,43 @@ class FileLock:
             )
             return self
         _writable_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+        for _ in range(100):  # each retry means another owner finished in between: rare, never endless
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    os.close(fd)
+                    raise
+                owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
                 os.close(fd)
-                raise
-            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise NeedleprobeError(f"{self.path}: another {self.what} is running ({owner}); wait for it to finish") from None
+                raise NeedleprobeError(f"{self.path}: another {self.what} is running ({owner}); wait for it to finish") from None
+            if self._names(fd):
+                break
+            os.close(fd)  # a previous owner removed this file after we opened it: lock the path's current one
+        else:
+            raise NeedleprobeError(f"{self.path}: the lock file keeps being replaced; is another {self.what} starting?")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self.fd = fd
         return self
 
+    def _names(self, fd: int) -> bool:
+        """Whether the path still names the file ``fd`` has open."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            # Remove it before unlocking: whoever locks this file after us finds the path gone and
+            # retries. Not if the path names another file (ours removed by hand, a new run's made since).
+            if self._names(self.fd):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None

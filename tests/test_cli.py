@@ -1,0 +1,122 @@
+"""The command line as a user sees it: help in the user's words, --version, --no-progress, one line per message."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import small_docs, write_config, write_jsonl
+
+import needleprobe
+from needleprobe.cli import build_parser, main
+from needleprobe.records import console, model_loading_bar
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMANDS = ["extract", "fit", "train", "check", "monitor", "inspect", "report", "demo-data"]
+JARGON = re.compile(r"seed's|\bthe seed\b|\bTask \d|\(#\d+\)|\bissue \d|thin layer", re.IGNORECASE)
+
+
+def _help(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_commands_are_the_documented_ones():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert list(sub.choices) == COMMANDS
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_describes_the_command_without_jargon(capsys, command):
+    text = _help(capsys, *([command] if command else []))
+    assert not JARGON.search(text), JARGON.search(text)
+    assert "--no-progress" in text or command is None
+    if command is None:
+        for c in COMMANDS:
+            assert re.search(rf"^\s+{re.escape(c)}\b", text, re.M), c
+        assert "--version" in text
+    else:
+        description = text.split("\n\n")[1]  # usage, then the command's description
+        assert len(description.split()) >= 15, description
+
+
+def test_check_help_says_what_it_checks(capsys):
+    text = " ".join(_help(capsys).split())
+    assert "check that every probe beats chance, its metadata is complete, and the run record matches the files on disk" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"needleprobe {needleprobe.__version__}\n"
+    declared = re.search(r'^version = "([^"]+)"$', (ROOT / "pyproject.toml").read_text(), re.M)  # no tomllib on 3.10
+    assert declared and declared.group(1) == needleprobe.__version__
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_accepts_no_progress(command):
+    assert build_parser().parse_args([command, "--no-progress"]).no_progress is True
+
+
+def test_model_loading_bar_is_silenced_only_when_asked():
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.is_progress_bar_enabled()
+    with model_loading_bar(shown=True):
+        assert hf_logging.is_progress_bar_enabled() == before
+    with model_loading_bar(shown=False):
+        assert not hf_logging.is_progress_bar_enabled()
+    assert hf_logging.is_progress_bar_enabled() == before
+
+
+def test_console_never_breaks_a_message():
+    assert console().soft_wrap
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess:
+    """The CLI with stderr to a pipe (as in a log or CI) and an 80-column default width."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE")}
+    env.update(COLUMNS="80", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "needleprobe", *argv], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_path):
+    deep = tmp_path / ("a_directory_name_long_enough_that_every_path_below_it_passes_eighty_columns" * 2)
+    data = write_jsonl(deep / "d.jsonl", small_docs(6, 4))
+    (deep / "shown").mkdir()
+    (deep / "quiet").mkdir()
+
+    # without --no-progress: the bars are there (in a log, their final state), transformers' included
+    shown = write_config(deep / "shown", data, layers_to_probe=[1])
+    r = _run("extract", "--config", str(shown))
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" in r.stderr and "tok/s" in r.stderr
+
+    cfg = write_config(deep / "quiet", data, layers_to_probe=[1])
+    r = _run("train", "--config", str(cfg), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    cache = str(deep / "quiet" / "cache" / "t_v1" / "embedded--all-MiniLM-L6-v2" / "resid_post")
+    out = str(deep / "quiet" / "results" / "probes" / "t_v1")
+    assert f"extracting into {cache}" in lines
+    assert any(re.fullmatch(r"  [\d,]+ rows × 1 layers × d_model 384 × 4 B = .* on disk; device cpu, model dtype float32", x)
+               for x in lines), lines
+    assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
+    assert f"probes, metadata and probe_metrics.csv in {out}" in lines
+    logs = {"train": r.stderr}
+    for command in ("fit", "check", "inspect", "report"):
+        r = _run(command, "--config", str(cfg), "--no-progress")
+        assert r.returncode == 0, (command, r.stderr)
+        logs[command] = r.stderr
+    for command, log in logs.items():
+        assert "Loading weights" not in log and "tok/s" not in log, (command, log)
+        for x in log.splitlines():  # a path is never cut: a message with part of the long name has all of it
+            if "a_directory_name" in x and not x.startswith("│"):  # table cells may fold to the width
+                assert str(deep) in x, (command, x)
