@@ -380,3 +380,11 @@ def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_pat
         json.loads(js.read_text())
     monkeypatch.undo()
     assert main(["fit", "--config", str(cfg_path)]) == 0  # restore the fixture's outputs
+
+
+def test_lock_holder_is_named_while_held_and_none_after(tmp_path):
+    lock = tmp_path / "x.lock"
+    assert FileLock.holder(lock) is None
+    with FileLock(lock, what="test"):
+        assert FileLock.holder(lock) == f"pid {os.getpid()} on {__import__('socket').gethostname()}"
+    assert FileLock.holder(lock) is None and not lock.exists()

@@ -181,6 +181,24 @@ class FileLock:
         self.fd = fd
         return self
 
+    @staticmethod
+    def holder(path: str | Path) -> str | None:
+        """Who holds the lock at ``path`` ("pid N on host"), or None when nobody does (never waits, never creates)."""
+        path = as_path(path)
+        if is_url(path):
+            return None
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)  # closing drops a shared lock we may have taken
+        return None
+
     def _names(self, fd: int) -> bool:
         """Whether the path still names the file ``fd`` has open."""
         try:
