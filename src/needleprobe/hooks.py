@@ -7,7 +7,8 @@ the final norm, which HF's ``hidden_states[-1]`` is not.
 
 The forward is stopped by an exception from the hook of the highest probed
 block: no later block, no final norm, no LM head runs.  Hooks live only inside
-:func:`capture`, so no state outlives a forward pass.
+:func:`capture`, so no state outlives a forward pass.  Other sites
+(``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``): :mod:`needleprobe.sites`.
 """
 
 from __future__ import annotations
@@ -155,12 +156,14 @@ class _StopForward(Exception):
 class Capture:
     outputs: dict[int, torch.Tensor]
     """layer → [batch, seq, d_model] block outputs of the last forward."""
+    expected: tuple[int, ...] = ()
+    """The layers hooked; :func:`run_forward` checks that each was captured."""
 
 
 @contextlib.contextmanager
 def capture(blocks: torch.nn.ModuleList, layers: list[int], stop_early: bool = True) -> Iterator[Capture]:
     """Hook the blocks in ``layers``; with ``stop_early`` the forward ends after the highest."""
-    cap = Capture({})
+    cap = Capture({}, tuple(layers))
     top = max(layers)
     handles = []
 
@@ -182,13 +185,16 @@ def capture(blocks: torch.nn.ModuleList, layers: list[int], stop_early: bool = T
             h.remove()
 
 
-def run_forward(model, cap: Capture, inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """One forward (inside :func:`capture`); returns layer → activations."""
+def run_forward(model, cap, inputs: dict[str, torch.Tensor]) -> dict:
+    """One forward inside :func:`capture` (→ layer → activations) or ``sites.capture_sites`` (→ (site, layer) → activations)."""
     cap.outputs.clear()
     try:
         model(**inputs, use_cache=False)
     except _StopForward:
         pass
+    missing = [k for k in cap.expected if k not in cap.outputs]
+    if missing:  # a hooked module never ran: a layout that does not match the model
+        raise RuntimeError(f"the forward did not reach the hooks of {missing}")
     return dict(cap.outputs)
 
 
