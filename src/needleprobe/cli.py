@@ -52,16 +52,20 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="needleprobe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("extract", help="run the model once and fill the activation cache"), True, False)
+    _common(ext := sub.add_parser("extract", help="run the model once and fill the activation cache"), True, False)
     _common(sub.add_parser("fit", help="train probes from the cache over the L2 grid"), False, True)
-    _common(sub.add_parser("train", help="extract then fit (the seed's one-shot command)"), True, True)
+    _common(train := sub.add_parser("train", help="extract then fit (the seed's one-shot command)"), True, True)
+    for p in (ext, train):
+        p.add_argument("--repair", action="store_true", help="rewrite only the damaged chunks of the cache")
+        p.add_argument("--force", action="store_true", help="extract even when the disk seems too small")
     _common(sub.add_parser("check", help="the seed's quality checks on the outputs"), False, False)
     mon = sub.add_parser("monitor", help="score whole documents with the probes (Task 3)")
     _common(mon, True, False)
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
-    _common(sub.add_parser("inspect", help="summarise the activation cache (and whether it matches the config)"), False, False)
+    _common(insp := sub.add_parser("inspect", help="summarise the activation cache (and whether it matches the config)"), False, False)
+    insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
     _common(sub.add_parser("report", help="write the self-contained HTML report"), False, False)
     dd = sub.add_parser("demo-data", help="write the offline demo dataset")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl")
@@ -109,13 +113,13 @@ def run(args) -> int:
         from .extract import extract
         from .records import update_run_record
 
-        res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
+        res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
         if not is_primary():
             return 0  # under torchrun, rank 0 records the run and does everything after extract
         if res.status != "up to date":
             update_run_record(
                 cfg,
-                "extract",
+                "repair" if res.status == "repaired" else "extract",
                 {
                     "status": res.status,
                     "cache_path": res.path,
@@ -138,9 +142,9 @@ def run(args) -> int:
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, show_progress=not args.no_progress)
     if args.command == "inspect":
-        from .summary import cache_summary
+        from .summary import inspect
 
-        con.print(cache_summary(cfg))
+        inspect(cfg, con, verify=args.verify)
     if args.command == "report":
         from .report import write_report
 
