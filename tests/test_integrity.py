@@ -325,7 +325,7 @@ def _can_mount_tmpfs(where: Path) -> str | None:
     return None if r.returncode == 0 else f"cannot mount a tmpfs in a user namespace here ({r.stderr.strip()[:200]})"
 
 
-def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path):
+def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path, monkeypatch):
     """On a real 3 MB filesystem: refused up front, then (--force) a one-line disk-full error, then a resume after
     the filesystem grows gives the cache of an uninterrupted run."""
     from needleprobe.extract import extract
@@ -338,11 +338,8 @@ def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path):
     layers = [0, 1, 2, 3, 4, 5]  # ~8 MB of rows
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    os.environ["NEEDLEPROBE_CHUNK_ROWS"] = CHUNK
-    try:
-        want = extract(load_config(write_config(ref_dir, data, layers_to_probe=layers)), show_progress=False)
-    finally:
-        del os.environ["NEEDLEPROBE_CHUNK_ROWS"]
+    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
+    want = extract(load_config(write_config(ref_dir, data, layers_to_probe=layers)), show_progress=False)
     cfg_path = write_config(tmp_path, data, layers_to_probe=layers, cache_dir=str(mnt / "cache"))
     script = (
         'mount -t tmpfs -o size=3m tmpfs "$MNT" || exit 90\n'
