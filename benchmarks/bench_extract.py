@@ -19,7 +19,7 @@ tokens: no padding, train + val, the splits extract processes):
             c' is the same call minus the model, tokenizer and model-config
             loading it does, timed inside that call (wrappers on
             ``needleprobe.extract.load_model`` / ``load_tokenizer`` /
-            ``_model_n_layers``, which add microseconds).
+            ``model_shape``, which add microseconds).
 
 Repetitions are interleaved (a, b, c, a, b, c, ...) because the machine is
 shared: tokens/s are medians, ratios are the median of each repetition's own
@@ -317,7 +317,7 @@ class Forward:
 
 # -- (c) -------------------------------------------------------------------
 
-LOAD_PARTS = ("load_model", "load_tokenizer", "_model_n_layers")
+LOAD_PARTS = ("load_model", "load_tokenizer", "model_shape")
 LOOP_NAMES = ("run_batches", "_run_split")  # extract's per-split batch loop (renamed during a refactor)
 LOOP_KEY = "batch loop"
 
@@ -371,7 +371,7 @@ def instrumented(device: torch.device):
         patched.append((mod, name, getattr(mod, name)))
         setattr(mod, name, new)
 
-    for name in LOOP_NAMES + ("load_model", "load_tokenizer", "_model_n_layers", "tokenize_documents", "plan_split",
+    for name in LOOP_NAMES + ("load_model", "load_tokenizer", "model_shape", "tokenize_documents", "plan_split",
                               "gather_rows", "load_documents", "file_sha256", "versions"):
         if callable(getattr(npx, name, None)):
             patch(npx, name, wrap(LOOP_KEY if name in LOOP_NAMES else name, getattr(npx, name)))

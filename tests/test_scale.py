@@ -142,16 +142,24 @@ def test_makefile_runs_torchrun_when_nproc_is_above_one():
 # torchrun
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_equal_single_process(scale_setup, one_thread):
-    """2 gloo processes write shard groups through an fsspec store (file://); the cache reads as the reference."""
-    tmp, data, ref_cfg, ref_probes = scale_setup
+@pytest.fixture(scope="module")
+def sharded_run(scale_setup):
+    """(run dir, config path, stderr) of one 2-process torchrun extract through an fsspec store (file://)."""
+    tmp, data, _, _ = scale_setup
     run = tmp / "sharded"
     run.mkdir()
     cfg_path = write_config(run, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
     r = _torchrun(cfg_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "rank 1/2 train: batches" in r.stderr
+    return run, cfg_path, r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_single_process(scale_setup, sharded_run, one_thread):
+    """2 gloo processes write shard groups through an fsspec store (file://); the cache reads as the reference."""
+    tmp, data, ref_cfg, ref_probes = scale_setup
+    run, cfg_path, stderr = sharded_run
+    assert "rank 1/2 train: batches" in stderr
     cfg = load_config(cfg_path)
     cache = open_cache(cfg)
     assert cache.world_size == 2 and str(cache.path).startswith("file://")
@@ -166,6 +174,32 @@ def test_torchrun_two_processes_equal_single_process(scale_setup, one_thread):
     fit(cfg)
     assert _probe_files(run / "results" / "probes" / "t_v1") == ref_probes
     assert extract(cfg, show_progress=False).status == "up to date"  # one process accepts a finished sharded cache
+
+
+@pytest.mark.slow
+def test_one_process_repairs_a_sharded_cache(scale_setup, sharded_run, tmp_path, monkeypatch, capsys, one_thread):
+    """Damaged chunks in two shards: ``extract --repair`` (no torchrun, another batch size) rewrites them from the
+    split's rows; the cache is again the torchrun cache byte for byte."""
+    import shutil
+
+    from needleprobe.cache import cache_path
+
+    tmp, data, ref_cfg, _ = scale_setup
+    run, _, _ = sharded_run
+    shutil.copytree(run / "cache", tmp_path / "cache")
+    cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS, cache_dir=f"file://{tmp_path / 'cache'}")
+    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
+    root = Path(str(cache_path(load_config(cfg_path))).removeprefix("file://"))
+    before = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    (root / "shard-1-of-2/train/layer_1/c/1/0").write_bytes(b"\0" * 100)
+    (root / "shard-0-of-2/val/labels/c/0").unlink()
+    assert main(["fit", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "shard-0-of-2/val/labels chunk 0" in err or "shard-1-of-2/train/layer_1 chunk 1 (rows 64–127)" in err, err
+    assert main(["extract", "--config", str(cfg_path), "--repair", "--doc-batch-size", "3", "--no-progress"]) == 0
+    assert "repaired 2 chunk(s)" in capsys.readouterr().err
+    assert {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+    assert_same_cache(open_cache(cfg_path), open_cache(ref_cfg))
 
 
 @pytest.mark.slow

@@ -2,7 +2,8 @@
 
 Layout (a contract read by fit, the monitor and notebooks)::
 
-    {cache_dir}/{name}_{version}/{model_slug}/{activation_site}/   zarr group, attrs: metadata
+    {cache_dir}/{name}_{version}/{model_slug}/{activation_site}/   zarr group, attrs: metadata, fingerprint,
+                                                                   needleprobe_cache_format (below)
         train/ val/                                                split groups, attrs: counts, commit state
             layer_{L}     [N, d_model]  float32 | float16 | uint16 (bfloat16 bits)
             labels        [N] int8      1 = needle token, 0 = sampled negative
@@ -16,12 +17,29 @@ Layout (a contract read by fit, the monitor and notebooks)::
                                                                    (``torchrun``, root attr world_size = W): the same
                                                                    arrays, rank r's rows only (attr ``shard``), doc
                                                                    table and stats of the whole split
+        monitor/{split}/                                           the monitor's token logits (``needleprobe monitor``)
+
+Format 2 (``CACHE_FORMAT``): every chunk of every array ends in a crc32c
+checksum (Zarr's ``crc32c`` codec, after zstd for the small arrays) and every
+chunk is stored, even one equal to the fill value.  So a chunk whose bytes
+changed, that was emptied or whose file is gone is *damage*, and every read
+through this module (:func:`read_rows`) names it (array, chunk, rows) as a
+one-line :class:`CacheDamaged`; :func:`verify_chunks` reads them all
+(``needleprobe inspect --verify``) and ``needleprobe extract --repair``
+rewrites only the damaged chunks.  Format 1 (before checksums) has the same
+rows and stays readable; there only a chunk that cannot be decoded or a missing
+activation chunk is found.
+
+An extract that fails with an exception records it in the root's (or, under
+``torchrun``, the shard group's) attrs as ``last_extract_failure`` (error and
+time), so an incomplete cache says "the last extract failed with …" rather
+than "interrupted"; the next extract clears it.
 
 Rows are known before the model runs (labels depend only on tokens), so every
 array is created at its final shape and the layer arrays are filled in whole
-chunks.  ``committed_rows`` advances only after the chunk data is written: a
-killed run resumes from it and rewrites the same bytes, so nothing past the
-counter is ever trusted.
+chunks.  ``committed_rows`` advances only after the chunk data is written (and
+never past a chunk whose write failed): a killed run resumes from it and
+rewrites the same bytes, so nothing past the counter is ever trusted.
 
 A sharded cache (see :mod:`needleprobe.distributed`) reads exactly like an
 unsharded one: :meth:`Cache.split` concatenates the shards in rank order, which
@@ -34,19 +52,29 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .config import Config, load_config
 from .errors import NeedleprobeError
 from .stores import as_path, is_url, open_group
 
-CACHE_FORMAT = 1
-"""Bumped whenever a code change alters cached values (padding, labelling), so old caches read as stale."""
+CACHE_FORMAT = 2
+"""The storage format this code writes (root attr ``needleprobe_cache_format``, also a fingerprint field).
+
+1: chunks without checksums.  2: a crc32c checksum ends every chunk, and every chunk is stored.
+"""
+SAME_ROWS_FORMATS = (1, 2)
+"""Formats that hold exactly the rows this code writes: read, resumed and repaired as they are, never "stale".
+A code change that alters cached values (padding, labelling) bumps ``CACHE_FORMAT`` and restarts this tuple
+at the new number, so older caches read as stale."""
+FAILURE_ATTR = "last_extract_failure"
 TARGET_CHUNK_BYTES = 4 << 20
 STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 BYTES_PER_VALUE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -122,11 +150,14 @@ def fingerprint(fields: dict[str, Any]) -> str:
 
 
 def changed_fields(cached: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """Fields whose change would alter the rows; asking for a subset of cached layers is no change."""
+    """Fields whose change would alter the rows; asking for a subset of cached layers is no change,
+    nor is another storage format with the same rows (``SAME_ROWS_FORMATS``)."""
     out = []
     for k in sorted(set(cached) | set(wanted)):
         a, b = cached.get(k), wanted.get(k)
         if k == "layers" and a is not None and b is not None and set(b) <= set(a):
+            continue
+        if k == "cache_format" and a in SAME_ROWS_FORMATS and b in SAME_ROWS_FORMATS:
             continue
         if a != b:
             out.append(f"{k}: {a!r} -> {b!r}")
@@ -149,6 +180,199 @@ def to_float32(raw: np.ndarray, feature_dtype: str) -> np.ndarray:
     if feature_dtype == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32, copy=False)
+
+
+# ---------------------------------------------------------------------------
+# chunks: checksums, damage, verification
+
+
+def array_codecs(fmt: int, compress: bool) -> dict[str, Any]:
+    """``create_array`` keywords for an array of a format-``fmt`` cache (zstd for small arrays, none for activations)."""
+    comp: list[Any] = [ZstdCodec(level=0, checksum=False)] if compress else []
+    if fmt >= 2:
+        return {"compressors": [*comp, Crc32cCodec()], "config": {"write_empty_chunks": True}}
+    return {"compressors": comp or None}
+
+
+def writable(arr: zarr.Array) -> zarr.Array:
+    """The array set to store every chunk, one equal to the fill value too (so a missing chunk file is damage)."""
+    return arr.with_config({"write_empty_chunks": True})
+
+
+def checksummed(arr: zarr.Array) -> bool:
+    return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
+
+
+def streamed(name: str) -> bool:
+    """Arrays filled chunk by chunk behind a commit counter (activations, monitor logits)."""
+    return name.startswith("layer_") or name == "logits"
+
+
+def _must_be_stored(arr: zarr.Array) -> bool:
+    """Is a missing chunk file damage?  With checksums (every chunk is stored) always; in a format-1 cache for
+    activations and logits, which are never all fill value (a small array's all-zero chunk was not stored there)."""
+    return checksummed(arr) or streamed(arr.path.rpartition("/")[2])
+
+
+DOC_TABLE = ("doc_ids", "doc_n_tokens", "doc_n_needles")
+
+
+@dataclass(frozen=True)
+class ChunkDamage:
+    """One damaged chunk: where it is, the rows it holds, and why it is damaged."""
+
+    location: str
+    """the array, as a path or URL"""
+    group: str
+    """its group inside the cache: ``train``, ``shard-1-of-2/val``, ``monitor/test``"""
+    name: str
+    chunk: int
+    start: int
+    stop: int
+    """rows [start, stop) of the array (entries of the doc table for doc_ids, doc_n_tokens, doc_n_needles)"""
+    reason: str
+
+    def __str__(self) -> str:
+        unit = "documents" if self.name in DOC_TABLE else "rows"
+        return f"{self.location} chunk {self.chunk} ({unit} {self.start}–{self.stop - 1}) is damaged ({self.reason})"
+
+    @property
+    def remedy(self) -> str:
+        if self.group.startswith("monitor/"):
+            split = self.group.rpartition("/")[2]
+            return (
+                "run needleprobe extract --repair (it drops the damaged monitor results), "
+                f"then needleprobe monitor --split {split}"
+            )
+        return "run needleprobe extract --repair"
+
+
+class CacheDamaged(NeedleprobeError):
+    """A read met a damaged chunk; the message names it and the remedy, on one line."""
+
+    def __init__(self, damage: ChunkDamage):
+        super().__init__(f"{damage}: {damage.remedy}")
+        self.damage = damage
+
+
+def array_location(arr: zarr.Array) -> str:
+    """The array's path (local store) or URL (fsspec store), for messages."""
+    store = arr.store
+    root = getattr(store, "root", None)
+    if root is not None:
+        return f"{root}/{arr.path}"
+    fs, base = getattr(store, "fs", None), getattr(store, "path", None)
+    if fs is not None and base is not None:
+        proto = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+        return f"{proto}://{base if proto == 'file' else base.lstrip('/')}/{arr.path}"
+    return str(arr.store_path)
+
+
+def _chunk_rows(arr: zarr.Array, k: int) -> tuple[int, int]:
+    c = arr.chunks[0]
+    return k * c, min(arr.shape[0], (k + 1) * c)
+
+
+def _chunk_stored(arr: zarr.Array, k: int) -> bool:
+    from zarr.core.sync import sync
+
+    key = arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+    return bool(sync(arr.store.exists(f"{arr.path}/{key}" if arr.path else key)))
+
+
+def _reason(e: Exception) -> str:
+    text = (str(e).splitlines() or [""])[0]
+    if isinstance(e, ValueError) and "checksum" in text.lower():
+        return "checksum mismatch"
+    if isinstance(e, OSError):
+        return f"cannot be read: {e.strerror or text[:160]}"
+    return f"cannot be decoded: {type(e).__name__}: {text[:160]}"
+
+
+def chunk_problem(arr: zarr.Array, k: int) -> str | None:
+    """Why chunk ``k`` of ``arr`` is damaged, or None when it reads back."""
+    if _must_be_stored(arr) and not _chunk_stored(arr, k):
+        return "chunk file missing"
+    a, b = _chunk_rows(arr, k)
+    try:
+        arr[a:b]
+    except Exception as e:  # what a decoder raises on foreign bytes varies (ValueError, RuntimeError, …)
+        return _reason(e)
+    return None
+
+
+def damage_of(arr: zarr.Array, k: int, reason: str) -> ChunkDamage:
+    group, _, name = arr.path.rpartition("/")
+    a, b = _chunk_rows(arr, k)
+    return ChunkDamage(array_location(arr), group, name, k, a, b, reason)
+
+
+def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tuple = ()) -> np.ndarray:
+    """``arr[start:stop, *cols]``, raising :class:`CacheDamaged` (one line: array, chunk, rows) for a damaged chunk.
+
+    Every read of cache arrays goes through here.  A checksum mismatch or
+    undecodable bytes show up as an exception from Zarr, which is traced to its
+    chunk; a missing chunk file would silently read as fill values, so the
+    chunks' files are checked first (one ``exists`` per chunk, ~4 MiB apart).
+    """
+    n = arr.shape[0]
+    stop = n if stop is None else max(start, min(stop, n))
+    key = (slice(start, stop), *cols)
+    if stop <= start:
+        return arr[key]
+    c = arr.chunks[0]
+    ks = range(start // c, (stop - 1) // c + 1)
+    if _must_be_stored(arr):
+        for k in ks:
+            if not _chunk_stored(arr, k):
+                raise CacheDamaged(damage_of(arr, k, "chunk file missing"))
+    try:
+        return arr[key]
+    except Exception:
+        for k in ks:
+            why = chunk_problem(arr, k)
+            if why:
+                raise CacheDamaged(damage_of(arr, k, why)) from None
+        raise
+
+
+@dataclass
+class Verification:
+    """What :func:`verify_chunks` found."""
+
+    chunks: int
+    damaged: list[ChunkDamage]
+    format: int
+
+
+def verify_chunks(root: zarr.Group, fmt: int) -> Verification:
+    """Read every chunk of every array in a cache (``inspect --verify``, ``extract --repair``).
+
+    Groups still being prepared are skipped (an extract rebuilds them), and in
+    a group that is not complete only the committed rows of its activations or
+    logits are read (the rest is not written yet).
+    """
+    damaged: list[ChunkDamage] = []
+    n = 0
+    group_attrs: dict[str, dict[str, Any]] = {}
+    for path, node in sorted(root.members(max_depth=None), key=lambda m: m[0]):
+        if not isinstance(node, zarr.Array):
+            continue
+        group, _, name = path.rpartition("/")
+        if group not in group_attrs:
+            group_attrs[group] = dict(root[group].attrs) if group else dict(root.attrs)
+        attrs = group_attrs[group]
+        if not attrs.get("initialized"):
+            continue
+        rows = node.shape[0]
+        if streamed(name) and not attrs.get("complete"):
+            rows = min(rows, int(attrs.get("committed_rows", 0)))
+        for k in range(-(-rows // node.chunks[0])):
+            n += 1
+            why = chunk_problem(node, k)
+            if why:
+                damaged.append(damage_of(node, k, why))
+    return Verification(n, damaged, fmt)
 
 
 # ---------------------------------------------------------------------------
@@ -176,6 +400,19 @@ class SplitPlan:
         return int(self.labels.shape[0])
 
 
+def small_arrays(plan: SplitPlan) -> dict[str, tuple[np.ndarray, Any]]:
+    """The arrays of a split group that come from the plan alone (no model): name → (values, dtype)."""
+    return {
+        "labels": (plan.labels, "int8"),
+        "doc_index": (plan.doc_index, "int32"),
+        "token_index": (plan.token_index, "int32"),
+        "token_id": (plan.token_id, "int32"),
+        "doc_ids": (np.asarray(plan.doc_ids, dtype=str), str),
+        "doc_n_tokens": (plan.doc_n_tokens, "int32"),
+        "doc_n_needles": (plan.doc_n_needles, "int32"),
+    }
+
+
 class CacheWriter:
     """Creates or resumes a cache group; one writer per cache (see ``records.FileLock``)."""
 
@@ -184,13 +421,15 @@ class CacheWriter:
         self.fields = fields
         self.metadata = metadata
         self.world_size = world_size
+        self.format = CACHE_FORMAT
+        """The cache's storage format: ``CACHE_FORMAT`` for a new cache, the existing one's when resuming."""
         self.root: zarr.Group | None = None
         self.split_parent: zarr.Group | None = None
         """Where split groups go: the root, or this process's ``shard-{r}-of-{W}`` group."""
 
     def _root_attrs(self) -> dict[str, Any]:
         attrs = {
-            "needleprobe_cache_format": CACHE_FORMAT,
+            "needleprobe_cache_format": self.format,
             "fingerprint": fingerprint(self.fields),
             "fingerprint_fields": self.fields,
             "metadata": self.metadata,
@@ -215,9 +454,44 @@ class CacheWriter:
             tmp = self.path.with_name(self.path.name + f".creating-{os.getpid()}")
             if tmp.exists():
                 shutil.rmtree(tmp)
-            zarr.open_group(str(tmp), mode="w", attributes=self._root_attrs())
-            os.replace(tmp, self.path)
+            try:
+                zarr.open_group(str(tmp), mode="w", attributes=self._root_attrs())
+                os.replace(tmp, self.path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             self.root = open_group(self.path, mode="r+")
+        self.format = int(self.root.attrs.get("needleprobe_cache_format", 1))
+
+    def record_failure(self, exc: BaseException) -> None:
+        """Note on the cache that this extract ended in ``exc`` (best effort: a full disk may refuse even this)."""
+        g = self.split_parent if self.split_parent is not None else self.root
+        if g is None:
+            return
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        try:
+            g.attrs[FAILURE_ATTR] = {"error": text, "at": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        except Exception:  # noqa: BLE001 - the original error is what the user needs to see
+            pass
+
+    def clear_failure(self) -> None:
+        """A new extract is running: what the last one ended in no longer describes the cache."""
+        g = self.split_parent if self.split_parent is not None else self.root
+        if g is not None and FAILURE_ATTR in g.attrs:
+            del g.attrs[FAILURE_ATTR]
+
+    def committed(self, split_names: list[str]) -> dict[str, tuple[int, int]]:
+        """(committed rows, planned rows) of this process's split groups, as stored now."""
+        parent = self.split_parent if self.split_parent is not None else self.root
+        out = {}
+        for name in split_names:
+            try:
+                a = parent[name].attrs
+            except KeyError:
+                continue
+            if a.get("initialized"):
+                out[name] = (int(a.get("committed_rows", 0)), int(a.get("n_rows", 0)))
+        return out
 
     def prepare_split(self, plan: SplitPlan, layers: list[int], d_model: int, feature_dtype: str) -> tuple[zarr.Group, int]:
         """The split group, created with its label arrays if new; returns it and its committed rows."""
@@ -237,22 +511,16 @@ class CacheWriter:
                 chunks=(chunk, d_model),
                 dtype=STORAGE_DTYPES[feature_dtype],
                 fill_value=0,
-                compressors=None,
                 attributes={"logical_dtype": feature_dtype, "layer": layer},
+                **array_codecs(self.format, compress=False),
             )
-
-        def small(name: str, values: np.ndarray, dtype: Any) -> None:
-            a = g.create_array(name, shape=values.shape, chunks=(max(1, min(len(values), 1 << 18)),), dtype=dtype)
+        for name, (values, dtype) in small_arrays(plan).items():
+            a = g.create_array(
+                name, shape=values.shape, chunks=(max(1, min(len(values), 1 << 18)),), dtype=dtype,
+                **array_codecs(self.format, compress=True),
+            )
             if len(values):
                 a[:] = values
-
-        small("labels", plan.labels, "int8")
-        small("doc_index", plan.doc_index, "int32")
-        small("token_index", plan.token_index, "int32")
-        small("token_id", plan.token_id, "int32")
-        small("doc_ids", np.asarray(plan.doc_ids, dtype=str), str)
-        small("doc_n_tokens", plan.doc_n_tokens, "int32")
-        small("doc_n_needles", plan.doc_n_needles, "int32")
         fault_point("split_prepared")
         g.attrs.update(
             {
@@ -288,11 +556,13 @@ class ChunkStream:
         self.n_rows = int(group.attrs["n_rows"])
         assert start_row % self.chunk == 0 or start_row == self.n_rows
         self.flushed = start_row
-        self.arrays = {n: group[n] for n in names}
+        self.arrays = {n: writable(group[n]) for n in names}
         self.buf = {n: np.empty((self.chunk, *a.shape[1:]), dtype=a.dtype) for n, a in self.arrays.items()}
         self.fill = 0
         self.executor = executor
         self.pending: list = []
+        self.failed = False
+        """A write failed (a full disk, say): later chunks are not written, so the counter never passes a hole."""
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
         n = next(iter(rows.values())).shape[0]
@@ -318,11 +588,17 @@ class ChunkStream:
         self.pending.append(self.executor.submit(self._write, start, n, data))
 
     def _write(self, start: int, n: int, data: dict[str, np.ndarray]) -> None:
-        for i, name in enumerate(self.names):
-            self.arrays[name][start : start + n] = data[name]
-            if i == 0:
-                fault_point("chunk_partly_written")
-        self.g.attrs["committed_rows"] = start + n
+        if self.failed:
+            return
+        try:
+            for i, name in enumerate(self.names):
+                self.arrays[name][start : start + n] = data[name]
+                if i == 0:
+                    fault_point("chunk_partly_written")
+            self.g.attrs["committed_rows"] = start + n
+        except BaseException:
+            self.failed = True
+            raise
         fault_point("chunk_committed")
 
     def close(self) -> None:
@@ -362,12 +638,13 @@ class SplitView:
         self.feature_dtype = feature_dtype
         self.attrs = dict(group.attrs)
 
-    def activations(self, layer: int) -> zarr.Array:
-        """The raw Zarr array (bfloat16 is stored as uint16 bits: use :meth:`to_numpy`)."""
+    def activations(self, layer: int) -> "RowArray":
+        """The stored rows as read-only array (``shape``, ``dtype``, ``chunks``, ``attrs``, ``[a:b]``): bfloat16 is
+        stored as uint16 bits, use :meth:`to_numpy` for float32.  A damaged chunk raises :class:`CacheDamaged`."""
         key = f"layer_{layer}"
         if key not in self.group.array_keys():
             raise NeedleprobeError(f"layer {layer} is not in the cache (cached: {self.layers})")
-        return self.group[key]
+        return RowArray([self.group[key]])
 
     @property
     def layers(self) -> list[int]:
@@ -385,7 +662,7 @@ class SplitView:
         return out
 
     def _small(self, name: str) -> np.ndarray:
-        return self.group[name][:]
+        return read_rows(self.group[name])
 
     @property
     def n_rows(self) -> int:
@@ -432,11 +709,12 @@ def shard_name(rank: int, world: int) -> str:
     return f"shard-{rank}-of-{world}"
 
 
-class ShardedArray:
-    """Read-only rows of several Zarr arrays, concatenated in order (one per shard).
+class RowArray:
+    """Read-only rows of one Zarr array, or of several concatenated in order (one per shard).
 
     Has what readers of a layer array use: ``shape``, ``dtype``, ``chunks``,
-    ``attrs``, and ``[start:stop]`` (or ``[start:stop, cols]``) slicing.
+    ``attrs``, and ``[start:stop]`` (or ``[start:stop, cols]``) slicing; reads go
+    through :func:`read_rows`, so a damaged chunk is named, never read as zeros.
     """
 
     def __init__(self, parts: list[zarr.Array]):
@@ -459,23 +737,27 @@ class ShardedArray:
             if not 0 <= i < self.shape[0]:
                 raise IndexError(f"row {key} out of range for {self.shape[0]} rows")
             k = int(np.searchsorted(self.bounds, i, side="right")) - 1
-            return self.parts[k][(i - int(self.bounds[k]), *rest)]
+            j = i - int(self.bounds[k])
+            return read_rows(self.parts[k], j, j + 1, rest)[0]
         if key is Ellipsis:
             key = slice(None)
         if not isinstance(key, slice):
-            raise TypeError("ShardedArray supports int and slice row indexing")
+            raise TypeError("RowArray supports int and slice row indexing")
         start, stop, step = key.indices(self.shape[0])
         if step != 1:
-            raise TypeError("ShardedArray supports slices with step 1")
+            raise TypeError("RowArray supports slices with step 1")
         stop = max(start, stop)
         out = []
         for k, part in enumerate(self.parts):
             lo, hi = max(start, int(self.bounds[k])), min(stop, int(self.bounds[k + 1]))
             if lo < hi:
-                out.append(part[(slice(lo - int(self.bounds[k]), hi - int(self.bounds[k])), *rest)])
+                out.append(read_rows(part, lo - int(self.bounds[k]), hi - int(self.bounds[k]), rest))
         if not out:
             return self.parts[0][(slice(0, 0), *rest)]
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+ShardedArray = RowArray  # its name before unsharded splits used it too
 
 
 class ShardedSplitView(SplitView):
@@ -494,14 +776,14 @@ class ShardedSplitView(SplitView):
         }
         self.attrs.pop("shard", None)
 
-    def activations(self, layer: int) -> ShardedArray:  # type: ignore[override]
+    def activations(self, layer: int) -> RowArray:
         super().activations(layer)  # the error for a layer that is not cached
-        return ShardedArray([g[f"layer_{layer}"] for g in self.groups])
+        return RowArray([g[f"layer_{layer}"] for g in self.groups])
 
     def _small(self, name: str) -> np.ndarray:
         if name in ROW_ARRAYS:
-            return np.concatenate([g[name][:] for g in self.groups])
-        return self.group[name][:]
+            return np.concatenate([read_rows(g[name]) for g in self.groups])
+        return read_rows(self.group[name])
 
 
 class Cache:
@@ -527,6 +809,30 @@ class Cache:
     @property
     def complete(self) -> bool:
         return bool(self.attrs.get("complete"))
+
+    @property
+    def format(self) -> int:
+        """Storage format (``CACHE_FORMAT``): 1 without checksums, 2 with."""
+        return int(self.attrs.get("needleprobe_cache_format", 1))
+
+    @property
+    def last_failure(self) -> str | None:
+        """"error (at time)" when the last extract ended in an exception (see ``CacheWriter.record_failure``)."""
+        found = [("", self.attrs.get(FAILURE_ATTR))]
+        if self.world_size > 1:
+            for r in range(self.world_size):
+                try:
+                    found.append((f"rank {r}: ", self.root[shard_name(r, self.world_size)].attrs.get(FAILURE_ATTR)))
+                except KeyError:
+                    pass
+        for prefix, rec in found:
+            if rec:
+                return f"{prefix}{rec.get('error')} (at {rec.get('at')})"
+        return None
+
+    def verify(self) -> Verification:
+        """Read every chunk (see :func:`verify_chunks`)."""
+        return verify_chunks(self.root, self.format)
 
     @property
     def splits(self) -> list[str]:
@@ -583,5 +889,11 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
         raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
     cache = Cache(path, root)
     if not cache.complete and not allow_incomplete:
+        failure = cache.last_failure
+        if failure:
+            raise NeedleprobeError(
+                f"{path}: cache is incomplete: the last extract failed with: {failure}; "
+                "fix that and run extract again to resume"
+            )
         raise NeedleprobeError(f"{path}: cache is incomplete (an extract was interrupted: run extract again to resume)")
     return cache

@@ -142,16 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"needleprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _common(_command(sub, "extract"), True, False)
+    _common(ext := _command(sub, "extract"), True, False)
     _common(_command(sub, "fit"), False, True)
-    _common(_command(sub, "train"), True, True)
+    _common(train := _command(sub, "train"), True, True)
+    for p in (ext, train):
+        p.add_argument("--repair", action="store_true", help="rewrite only the damaged chunks of the cache")
+        p.add_argument("--force", action="store_true", help="extract even when the disk seems too small")
     _common(_command(sub, "check"), False, False)
     mon = _command(sub, "monitor")
     _common(mon, True, False)
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
-    _common(_command(sub, "inspect"), False, False)
+    _common(insp := _command(sub, "inspect"), False, False)
+    insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
     _common(_command(sub, "report"), False, False)
     dd = _command(sub, "demo-data")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl", help="where to write it (default %(default)s)")
@@ -200,13 +204,13 @@ def run(args) -> int:
         from .extract import extract
         from .records import update_run_record
 
-        res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress)
+        res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
         if not is_primary():
             return 0  # under torchrun, rank 0 records the run and does everything after extract
         if res.status != "up to date":
             update_run_record(
                 cfg,
-                "extract",
+                "repair" if res.status == "repaired" else "extract",
                 {
                     "status": res.status,
                     "cache_path": res.path,
@@ -229,9 +233,9 @@ def run(args) -> int:
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, show_progress=not args.no_progress)
     if args.command == "inspect":
-        from .summary import cache_summary
+        from .summary import inspect
 
-        con.print(cache_summary(cfg))
+        inspect(cfg, con, verify=args.verify)
     if args.command == "report":
         from .report import write_report
 

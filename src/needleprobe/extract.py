@@ -2,16 +2,24 @@
 
 The order of work is chosen so that a mistake costs as little as possible:
 dataset and config checks, then the cache fingerprint ("up to date" returns
-before any model is loaded), then tokenization and labels, then the model.
+before any model is loaded), then tokenization and labels, then the free disk
+space against the size the cache will take, then the model.
+
+``--repair`` reads every chunk of a finished (or resumable) cache and rewrites
+only the damaged ones: the small arrays from the plan, the activations by
+re-running just the batches whose rows the damaged chunks hold.
 """
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -19,15 +27,21 @@ import torch
 
 from .cache import (
     BYTES_PER_VALUE,
+    ROW_ARRAYS,
     CacheWriter,
+    ChunkDamage,
     ChunkStream,
     SplitPlan,
     cache_path,
     changed_fields,
+    chunk_problem,
     fingerprint,
     fingerprint_fields,
     remove_cache,
     shard_name,
+    small_arrays,
+    verify_chunks,
+    writable,
 )
 from .config import Config
 from .data import by_split, file_sha256, load_documents
@@ -44,7 +58,8 @@ from .hooks import (
     run_forward,
 )
 from .records import FileLock, console, human_bytes, progress_bar, versions
-from .stores import is_url
+from .stores import is_url, open_group
+from .summary import dir_size
 from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
 
 FIT_SPLITS = ("train", "val")
@@ -55,10 +70,12 @@ class ExtractResult:
     path: str
     fingerprint: str
     status: str
-    """``extracted``, ``resumed`` or ``up to date``."""
+    """``extracted``, ``resumed``, ``repaired`` or ``up to date``."""
     seconds: float = 0.0
     tokens: int = 0
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)
+    """The damaged chunks ``--repair`` rewrote (or dropped, for monitor results), as messages."""
 
 
 def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Config) -> tuple[SplitPlan, list[np.ndarray]]:
@@ -118,17 +135,50 @@ def check_positions(tdocs: list[TokenizedDoc], limit: int | None, cfg: Config, d
         )
 
 
-def model_shape(cfg: Config) -> tuple[int | None, int | None]:
-    """(block count, position limit) from the model config, read before loading any weights."""
+def model_shape(cfg: Config) -> tuple[int | None, int | None, int | None]:
+    """(block count, d_model, position limit) from the model config, read before loading any weights; None where unknown."""
     from transformers import AutoConfig
 
     try:
         mc = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision)
     except (OSError, ValueError):
-        return None, None  # load_model reports the problem with full context
+        return None, None, None  # load_model reports the problem with full context
     text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
     limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    return getattr(text, "num_hidden_layers", None), (int(limit) if limit else None)
+    return getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None), (int(limit) if limit else None)
+
+
+ROW_OVERHEAD_BYTES = 13
+"""Per row, besides the activations: labels (1 byte), doc_index, token_index, token_id (4 each), before zstd."""
+
+
+def cache_bytes(n_rows: int, n_layers: int, d_model: int, feature_dtype: str) -> int:
+    """What ``n_rows`` rows take on disk: activations (uncompressed) plus the per-row arrays."""
+    return n_rows * (n_layers * d_model * BYTES_PER_VALUE[feature_dtype] + ROW_OVERHEAD_BYTES)
+
+
+def free_bytes(path) -> int | None:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing parent); None on a remote store."""
+    if is_url(path):
+        return None
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_free_space(path, need: int, force: bool) -> None:
+    """Refuse, before the model loads, to start an extract that cannot fit (``--force`` tries anyway)."""
+    free = free_bytes(path)
+    if free is None or need <= free or force:
+        return
+    raise NeedleprobeError(
+        f"{path}: the cache needs {human_bytes(need)} more on disk but only {human_bytes(free)} is free there; "
+        "free some space or set probe.cache_dir elsewhere (--force tries anyway)"
+    )
 
 
 def row_index(batch_rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,20 +269,31 @@ def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, tuple]:
     return plans
 
 
-def extract(cfg: Config, *, overwrite: bool = False, show_progress: bool = True) -> ExtractResult:
-    """Fill (or resume, or confirm) the activation cache for ``cfg``.
+def extract(
+    cfg: Config, *, overwrite: bool = False, show_progress: bool = True, repair: bool = False, force: bool = False
+) -> ExtractResult:
+    """Fill (or resume, or confirm, or repair) the activation cache for ``cfg``.
 
-    Everything that can fail on bad input (dataset, caps, layer range) fails
-    before a directory is created; a fresh cache that fails midway (float16
-    overflow, say) is removed, while a resumed one keeps its committed rows.
+    Everything that can fail on bad input (dataset, caps, layer range, too
+    little free disk space unless ``force``) fails before a directory is
+    created; a fresh cache that fails midway on a user error (float16
+    overflow, say) is removed, while a resumed one keeps its committed rows.  A
+    full disk keeps the committed rows and says so (run again to resume); any
+    other exception is recorded on the cache (``Cache.last_failure``).
+    ``repair`` rewrites the chunks that fail their checksum, or are missing,
+    recomputing only what they hold (see :func:`repair_chunks`).
     Launched by ``torchrun`` (WORLD_SIZE > 1), each process writes its shard of
     every split (see :mod:`needleprobe.distributed`).
     """
-    from .distributed import Dist
+    from .distributed import Dist, launched_world
 
+    if repair and launched_world()[1] > 1:
+        raise NeedleprobeError(
+            "extract --repair runs in one process and repairs every shard: run it without torchrun"
+        )
     dist = Dist.from_env()
     try:
-        return _extract(cfg, overwrite, show_progress, dist)
+        return _extract(cfg, overwrite, show_progress, dist, repair=repair, force=force)
     finally:
         dist.close()
 
@@ -253,7 +314,7 @@ def _world_state(state: str, existing, world: int, overwrite: bool) -> str:
     )
 
 
-def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> ExtractResult:
+def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False) -> ExtractResult:
     t0 = time.perf_counter()
     con = console()
     data_path = cfg.dataset.resolved_path()
@@ -262,19 +323,26 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> Extract
     path = cache_path(cfg)
     state, existing = _cache_state(path, fields, overwrite)
     state = _world_state(state, existing, dist.world, overwrite)
-    if state == "up to date":
+    if repair and state in ("new", "stale"):
+        con.print(f"--repair: no cache with these settings at {path} yet, nothing to repair: extracting")
+        repair = False
+    if state == "up to date" and not repair:
         con.print(f"cache up to date: {path} (fingerprint {existing.fingerprint})")
         return ExtractResult(str(path), existing.fingerprint, "up to date")
-    if state == "resume":
-        fields = existing.fields  # resume exactly what was started (its layer set)
+    if state in ("resume", "up to date"):
+        fields = existing.fields  # resume (or repair) exactly what was started (its layer set, its format)
     layers = sorted(fields["layers"])
     tokenizer = load_tokenizer(cfg.model)
     plans = prepare_plans(cfg, tokenizer, docs, data_path)
-    n_layers, limit = model_shape(cfg)
+    n_layers, d_model_cfg, limit = model_shape(cfg)
     if n_layers is not None:
         check_layers(layers, n_layers, cfg.model.name)
     for tdocs, *_ in plans.values():
         check_positions(tdocs, limit, cfg, data_path)
+    total_rows = sum(p[3].n_rows for p in plans.values())
+    if d_model_cfg is not None and state != "up to date":
+        present = dir_size(path) if existing is not None and not is_url(path) else 0  # resumed rows stay; stale ones go
+        check_free_space(path, cache_bytes(total_rows, len(layers), d_model_cfg, cfg.probe.feature_dtype) - present, force)
     device = dist.device(resolve_device(cfg.probe.device))
     show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
 
@@ -292,19 +360,38 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> Extract
                 con.print(f"[yellow]--overwrite: removing the stale cache {path}")
                 remove_cache(path)
         state, found = dist.broadcast((state, existing.fingerprint if state == "up to date" else None))
-        if state == "up to date":
+        if state == "up to date" and not repair:
             return ExtractResult(str(path), found, "up to date")
-        model = load_model(cfg.model, cfg.probe.model_dtype, device)
-        blocks = find_blocks(model)
-        check_layers(layers, len(blocks), cfg.model.name)
-        d_model = int(model.config.get_text_config().hidden_size)
+        loaded: dict[str, Any] = {}
 
-        total_rows = sum(p[3].n_rows for p in plans.values())
-        est = total_rows * len(layers) * d_model * BYTES_PER_VALUE[cfg.probe.feature_dtype]
+        def model_parts():
+            """(model, blocks, d_model), loaded on first use (a repair of small arrays needs no model)."""
+            if not loaded:
+                model = load_model(cfg.model, cfg.probe.model_dtype, device)
+                blocks = find_blocks(model)
+                check_layers(layers, len(blocks), cfg.model.name)
+                loaded.update(model=model, blocks=blocks, d_model=int(model.config.get_text_config().hidden_size))
+            return loaded["model"], loaded["blocks"], loaded["d_model"]
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        repaired: list[str] = []
+        tokens = 0
+        if repair:
+            repaired, tokens = repair_chunks(con, cfg, open_group(path, mode="r+"), existing.format, plans, layers,
+                                             model_parts, pad_id, device, show_progress)
+            if state == "up to date":
+                status = "repaired" if repaired else "up to date"
+                return ExtractResult(str(path), found, status, time.perf_counter() - t0, tokens, repaired=repaired)
+        model, blocks, d_model = model_parts()
+
+        est = cache_bytes(total_rows, len(layers), d_model, cfg.probe.feature_dtype)
         status = "resumed" if state == "resume" else "extracted"
+        free = free_bytes(path)
         con.print(
-            f"{'resuming' if state == 'resume' else 'extracting'} into {path}\n  {total_rows:,} rows × {len(layers)} layers × "
-            f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B = [bold]{human_bytes(est)}[/bold] on disk; "
+            f"{'resuming' if state == 'resume' else 'extracting'} into {path}\n  {total_rows:,} rows × ({len(layers)} layers × "
+            f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B + {ROW_OVERHEAD_BYTES} B of labels and indices) "
+            f"= [bold]{human_bytes(est)}[/bold] on disk"
+            f"{'' if free is None else f' ({human_bytes(free)} free)'}; "
             f"device {device}, model dtype {cfg.probe.model_dtype}"
         )
         metadata = {
@@ -320,16 +407,16 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> Extract
             "versions": versions(),
         }
         writer = CacheWriter(path, fields, metadata, world_size=dist.world)
-        if dist.primary:
-            writer.open()  # creates the root group (its fingerprint and world size)
-        dist.barrier()
-        if not dist.primary:
-            writer.open()
-        if dist.sharded:
-            writer.split_parent = writer.root.require_group(shard_name(dist.rank, dist.world))
-        result = ExtractResult(str(path), fingerprint(fields), status)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        result = ExtractResult(str(path), fingerprint(fields), status, tokens=tokens, repaired=repaired)
         try:
+            if dist.primary:
+                writer.open()  # creates the root group (its fingerprint and world size)
+            dist.barrier()
+            if not dist.primary:
+                writer.open()
+            if dist.sharded:
+                writer.split_parent = writer.root.require_group(shard_name(dist.rank, dist.world))
+            writer.clear_failure()
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool, torch.inference_mode():
                 with capture(blocks, layers) as cap:
                     for name, (tdocs, rows_of, batches, plan) in plans.items():
@@ -349,12 +436,149 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist) -> Extract
             if dist.primary:
                 _check_shards(writer, list(plans), dist.world)
                 writer.finish(list(plans), {})
-        except NeedleprobeError:
+        except NeedleprobeError as e:
             if state != "resume" and not dist.sharded:  # sharded: other processes may still write; resume instead
                 remove_cache(path)  # nothing half-written under the real name
+            else:
+                writer.record_failure(e)
+            raise
+        except OSError as e:
+            writer.record_failure(e)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise NeedleprobeError(_disk_full(path, writer, plans, e)) from None
+        except Exception as e:  # a bug, or a failing device: keep the committed rows, and say on the cache what happened
+            writer.record_failure(e)
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _disk_full(path, writer: CacheWriter, plans: dict[str, tuple], e: OSError) -> str:
+    """One line for a full disk: what is kept (committed rows) and that running again resumes."""
+    if writer.root is None:
+        return f"{path}: disk full ({e.strerror}) before the cache was created; nothing was written: free some space and run extract again"
+    kept = writer.committed(list(plans))
+    done = sum(c for c, _ in kept.values())
+    parts = ", ".join(f"{name} {kept.get(name, (0, 0))[0]:,}/{kept[name][1] if name in kept else plans[name][3].n_rows:,}"
+                      for name in plans)
+    return (
+        f"{path}: disk full ({e.strerror}); the {done:,} rows committed so far are kept ({parts}): "
+        "free some space and run extract again to resume"
+    )
+
+
+class _RowSink:
+    """Takes a split's rows [start, stop) from ``run_batches`` (the role of a ChunkStream), in memory."""
+
+    def __init__(self, start: int, stop: int):
+        self.pos, self.stop = start, stop
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        take = max(0, min(n, self.stop - self.pos))
+        for name, r in rows.items():
+            self.parts.setdefault(name, []).append(r[:take])
+        self.pos += n
+
+    def rows(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(p) for name, p in self.parts.items()}
+
+
+def repair_chunks(
+    con, cfg: Config, root, fmt: int, plans: dict[str, tuple], layers: list[int], model_parts, pad_id: int, device,
+    show_progress: bool,
+) -> tuple[list[str], int]:
+    """Verify every chunk and rewrite the damaged ones; returns (what was repaired, tokens run through the model).
+
+    Small arrays come from the plan (no model).  A damaged activation chunk
+    covers rows [a, b) of its split (shards add their ``row_start``); only the
+    batches holding those rows run, and the rows are bit-identical to the first
+    extract's because a row never depends on its batch.  Damaged monitor
+    results are dropped (``needleprobe monitor`` recomputes them).  Undamaged
+    chunks are never written.
+    """
+    from rich.markup import escape
+
+    v = verify_chunks(root, fmt)
+    if not v.damaged:
+        con.print(f"--repair: all {v.chunks:,} chunks verified, nothing to repair")
+        return [], 0
+    con.print(f"--repair: {len(v.damaged)} of {v.chunks:,} chunks damaged")
+    done: list[str] = []
+    todo: dict[str, list[tuple[int, int, Any, ChunkDamage]]] = {}  # split → (split rows [g0, g1), array, damage)
+    dropped: set[str] = set()
+    for d in v.damaged:
+        con.print(f"  {escape(str(d))}", soft_wrap=True)
+        if d.group.startswith("monitor/"):
+            if d.group not in dropped:
+                del root[d.group]
+                dropped.add(d.group)
+                done.append(f"{d.group}: dropped (run needleprobe monitor --split {d.group.rpartition('/')[2]})")
+            continue
+        split = d.group.rpartition("/")[2]
+        if split not in plans:
+            raise NeedleprobeError(f"{d}: cannot repair it, {split!r} is not a split this config extracts")
+        group = root[d.group]
+        shard = group.attrs.get("shard")
+        offset = int(shard["row_start"]) if shard else 0
+        arr = writable(group[d.name])
+        if d.name.startswith("layer_"):
+            todo.setdefault(split, []).append((offset + d.start, offset + d.stop, arr, d))
+            continue
+        small = small_arrays(plans[split][3])
+        if d.name not in small:
+            raise NeedleprobeError(f"{d}: cannot repair it (needleprobe does not write {d.name!r})")
+        values = small[d.name][0]
+        if d.name in ROW_ARRAYS:
+            values = values[offset : offset + arr.shape[0]]
+        if len(values) != arr.shape[0]:
+            raise NeedleprobeError(f"{d}: cannot repair it: the plan has {len(values)} entries, the array {arr.shape[0]}")
+        arr[d.start : d.stop] = values[d.start : d.stop]
+        done.append(str(d))
+    tokens = 0
+    if todo:
+        model, blocks, _ = model_parts()
+        to_rows = partial(gather_rows, feature_dtype=cfg.probe.feature_dtype)
+        with torch.inference_mode(), capture(blocks, layers) as cap:
+            for split, items in todo.items():
+                tdocs, rows_of, batches, _ = plans[split]
+                sizes = np.array([sum(len(rows_of[i]) for i in b) for b in batches], dtype=np.int64)
+                ends = np.cumsum(sizes)
+                starts = ends - sizes
+                for g0, g1, group_items in _merged(items):
+                    b0 = int(np.searchsorted(ends, g0, side="right"))  # first batch ending after g0
+                    b1 = int(np.searchsorted(starts, g1, side="left"))  # first batch starting at or after g1
+                    sink = _RowSink(g0, g1)
+                    tokens += run_batches(model, cap, f"{split} (repair)", tdocs, rows_of, batches[b0:b1], sink,
+                                          int(g0 - starts[b0]), pad_id, device, to_rows, show_progress)
+                    rows = sink.rows()
+                    for a, b, arr, d in group_items:
+                        arr[d.start : d.stop] = rows[d.name][a - g0 : b - g0]
+                        done.append(str(d))
+    for d in v.damaged:  # read back what was rewritten
+        if not d.group.startswith("monitor/") and chunk_problem(root[d.group][d.name], d.chunk):
+            raise NeedleprobeError(f"{d}: still damaged after the repair (is the disk failing?)")
+    con.print(f"--repair: repaired {len(done)} chunk(s){f', {tokens:,} tokens through the model' if tokens else ''}")
+    return done, tokens
+
+
+def _merged(items: list[tuple[int, int, Any, ChunkDamage]]):
+    """Overlapping or adjacent row ranges merged: (g0, g1, the items inside), so each batch runs once."""
+    items = sorted(items, key=lambda x: (x[0], x[1]))
+    group: list = []
+    g0 = g1 = None
+    for it in items:
+        if group and it[0] <= g1:
+            g1 = max(g1, it[1])
+            group.append(it)
+            continue
+        if group:
+            yield g0, g1, group
+        g0, g1, group = it[0], it[1], [it]
+    if group:
+        yield g0, g1, group
 
 
 def _shard(con, dist, plan: SplitPlan, tdocs, rows_of, batches):

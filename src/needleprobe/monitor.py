@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import zarr
 
-from .cache import cache_path, open_cache
+from .cache import array_codecs, cache_path, open_cache, read_rows
 from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
@@ -129,14 +129,14 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
             raise NeedleprobeError(f"{data_path}: split {split!r} has no documents to monitor")
         tokenizer = load_tokenizer(cfg.model)
         tdocs = tokenize_documents(tokenizer, docs, cfg.model.max_length, cfg.model.chat_template)
-        check_positions(tdocs, model_shape(cfg)[1], cfg, data_path)
+        check_positions(tdocs, model_shape(cfg)[2], cfg, data_path)
         order, batches = plan_batches([td.n_tokens for td in tdocs], cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
         rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
         committed = 0
         if g is not None and g.attrs.get("fingerprint") == fp and g.attrs.get("initialized"):
             committed = int(g.attrs.get("committed_rows", 0))
         else:
-            g = _create_group(root, gpath, fp, tdocs, rows_of, order, probes)
+            g = _create_group(root, gpath, fp, tdocs, rows_of, order, probes, cache.format)
         device = resolve_device(cfg.probe.device)
         model = load_model(cfg.model, cfg.probe.model_dtype, device)
         blocks = find_blocks(model)
@@ -153,8 +153,10 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
     return g
 
 
-def _create_group(root, gpath, fp, tdocs, rows_of, order, probes) -> zarr.Group:
-    """Token tables in processing order, known before the model runs; logits filled by the stream."""
+def _create_group(root, gpath, fp, tdocs, rows_of, order, probes, fmt: int) -> zarr.Group:
+    """Token tables in processing order, known before the model runs; logits filled by the stream.
+
+    Arrays are stored like the cache's own (``fmt``: with crc32c checksums from format 2 on)."""
     idx = [int(i) for i in order]
     doc_index = np.concatenate([np.full(len(rows_of[i]), i, np.int32) for i in idx])
     token_index = np.concatenate([rows_of[i] for i in idx]).astype(np.int32)
@@ -163,13 +165,14 @@ def _create_group(root, gpath, fp, tdocs, rows_of, order, probes) -> zarr.Group:
     n = int(doc_index.size)
     chunk = int(os.environ.get("NEEDLEPROBE_CHUNK_ROWS") or LOGIT_CHUNK_ROWS)
     g = root.create_group(gpath, overwrite=True)
-    g.create_array("logits", shape=(n, len(probes)), chunks=(chunk, len(probes)), dtype="float32", fill_value=0.0)
+    codecs = array_codecs(fmt, compress=True)
+    g.create_array("logits", shape=(n, len(probes)), chunks=(chunk, len(probes)), dtype="float32", fill_value=0.0, **codecs)
     for name, arr in (("doc_index", doc_index), ("token_index", token_index), ("needle", needle), ("token_id", token_id)):
-        a = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 1 << 18)),), dtype=arr.dtype)
+        a = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 1 << 18)),), dtype=arr.dtype, **codecs)
         a[:] = arr
-    ids = g.create_array("doc_ids", shape=(len(tdocs),), chunks=(len(tdocs),), dtype=str)
+    ids = g.create_array("doc_ids", shape=(len(tdocs),), chunks=(len(tdocs),), dtype=str, **codecs)
     ids[:] = np.asarray([td.doc.doc_id for td in tdocs], dtype=str)
-    nn = g.create_array("doc_n_needles", shape=(len(tdocs),), chunks=(len(tdocs),), dtype="int32")
+    nn = g.create_array("doc_n_needles", shape=(len(tdocs),), chunks=(len(tdocs),), dtype="int32", **codecs)
     nn[:] = np.array([len(td.doc.needle_spans) for td in tdocs], np.int32)
     g.attrs.update(
         {
@@ -219,16 +222,17 @@ class MonitorTokens:
 
 
 def read_tokens(g: zarr.Group) -> MonitorTokens:
-    doc_index = g["doc_index"][:]
-    token_index = g["token_index"][:]
+    """The stored logits per document; a damaged chunk raises ``CacheDamaged`` (one line naming it)."""
+    doc_index = read_rows(g["doc_index"])
+    token_index = read_rows(g["token_index"])
     order = np.lexsort((token_index, doc_index))  # per document, by position
     doc_index, token_index = doc_index[order], token_index[order]
-    logits, needle, token_id = g["logits"][:][order], g["needle"][:][order], g["token_id"][:][order]
-    doc_ids = [str(x) for x in g["doc_ids"][:]]
+    logits, needle, token_id = (read_rows(g[name])[order] for name in ("logits", "needle", "token_id"))
+    doc_ids = [str(x) for x in read_rows(g["doc_ids"])]
     bounds = np.searchsorted(doc_index, np.arange(len(doc_ids) + 1))
     sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(doc_ids))]
     return MonitorTokens(
-        doc_ids, g["doc_n_needles"][:], list(g.attrs["probes"]),
+        doc_ids, read_rows(g["doc_n_needles"]), list(g.attrs["probes"]),
         [logits[s] for s in sl], [needle[s] for s in sl], [token_id[s] for s in sl], [token_index[s] for s in sl],
     )
 

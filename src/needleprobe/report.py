@@ -743,6 +743,8 @@ def build_html(cfg: Config) -> str:
         from .summary import cache_facts
 
         facts = cache_facts(cfg)
+        if facts["damaged"]:  # a report from a damaged cache would mislead: the one-line error instead
+            raise NeedleprobeError(facts["damaged"][0])
         if facts["matches_config"] is False:
             warnings.append("the cache is stale for this config (" + "; ".join(facts["differences"]) + "): run `needleprobe extract`")
         other = sorted({p.meta.get("cache_fingerprint") for p in probes} - {cache.fingerprint})

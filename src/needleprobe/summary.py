@@ -3,7 +3,8 @@
 ``needleprobe inspect`` prints :func:`cache_summary`; :func:`cache_facts`
 returns the same facts as plain data (the HTML report's header uses it, tests
 assert on it).  Reading is cheap: only attributes and the small per-row arrays
-(labels, doc tables) are read, never the activations.
+(labels, doc tables) are read, never the activations; ``inspect --verify``
+(:func:`verify_cache_chunks`) reads every chunk, to find damaged ones.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import Cache, changed_fields, fingerprint, fingerprint_fields, open_cache
+from .cache import Cache, CacheDamaged, changed_fields, fingerprint, fingerprint_fields, open_cache, read_rows
 from .config import Config
 from .data import file_sha256
 from .records import human_bytes
@@ -53,9 +54,14 @@ def _split_facts(cache: Cache, name: str) -> dict[str, Any]:
     g = groups[0]
     attrs = dict(g.attrs)
     shard_attrs = [dict(x.attrs) for x in groups]
-    labels = [x["labels"][:] for x in groups if "labels" in x.array_keys()]
+    ready = [x for x, a in zip(groups, shard_attrs) if a.get("initialized")]  # others are rebuilt by the next extract
+    damaged = None
+    try:
+        labels = [read_rows(x["labels"]) for x in ready]
+        n_needles = read_rows(g["doc_n_needles"]) if g in ready else np.zeros(0, np.int32)
+    except CacheDamaged as e:  # described, not fatal: inspect is how one looks at a damaged cache
+        damaged, labels, n_needles = str(e), [], np.zeros(0, np.int32)
     labels = np.concatenate(labels) if labels else np.zeros(0, np.int8)
-    n_needles = g["doc_n_needles"][:] if "doc_n_needles" in g.array_keys() else np.zeros(0, np.int32)
     stats = dict(attrs.get("stats", {}))
     planned = [a.get("n_rows") for a in shard_attrs]
     return {
@@ -68,6 +74,7 @@ def _split_facts(cache: Cache, name: str) -> dict[str, Any]:
         "docs_with_needles": int((n_needles > 0).sum()),
         "tokens": int(stats.get("tokens", 0)),
         "truncated_docs": int(stats.get("truncated_docs", 0)),
+        "damaged": damaged,
     }
 
 
@@ -132,7 +139,8 @@ def cache_facts(cfg: Config) -> dict[str, Any]:
     """Everything ``inspect`` shows, as JSON-ready data.
 
     Raises :class:`NeedleprobeError` when there is no cache (the message says
-    to run ``extract``).  An interrupted cache is described, not refused.
+    to run ``extract``).  An interrupted cache is described, not refused, and so
+    is a damaged chunk met while reading labels (``damaged``: its message).
     ``matches_config`` is ``None`` when the dataset file is missing (its hash
     cannot be checked); the other fields are still compared.
     """
@@ -146,6 +154,7 @@ def cache_facts(cfg: Config) -> dict[str, Any]:
     if not dataset_found:
         differences.insert(0, f"dataset_sha256: cannot check, {data_path} not found")
     splits = _split_names(cache)
+    split_facts = {s: _split_facts(cache, s) for s in splits}
     return {
         "path": str(cache.path),
         "dataset": cfg.dataset.key,
@@ -154,6 +163,8 @@ def cache_facts(cfg: Config) -> dict[str, Any]:
         "model": cached.get("model_name"),
         "activation_site": cached.get("activation_site"),
         "complete": cache.complete,
+        "last_failure": cache.last_failure,
+        "format": cache.format,
         "fingerprint": cache.fingerprint,
         "config_fingerprint": fingerprint(wanted) if dataset_found else None,
         "matches_config": (not differences) if dataset_found else None,
@@ -162,23 +173,31 @@ def cache_facts(cfg: Config) -> dict[str, Any]:
         "feature_dtype": cache.feature_dtype,
         "d_model": _d_model(cache, splits),
         "size_bytes": dir_size(cache.path),
-        "splits": {s: _split_facts(cache, s) for s in splits},
+        "splits": split_facts,
+        "damaged": [x["damaged"] for x in split_facts.values() if x["damaged"]],
         "monitor": monitor_groups(cfg, cache),
     }
 
 
-def cache_summary(cfg: Config) -> Table:
+def cache_summary(cfg: Config, facts: dict[str, Any] | None = None) -> Table:
     """A two-column rich table of :func:`cache_facts`, for ``needleprobe inspect``."""
     from rich.markup import escape
     from rich.table import Table
 
-    f = cache_facts(cfg)
+    f = facts if facts is not None else cache_facts(cfg)
     t = Table(title=f"activation cache {escape(f['dataset'])}", show_header=False, title_justify="left")
     t.add_column("fact", style="bold", no_wrap=True)
     t.add_column("value", overflow="fold")
     t.add_row("path", escape(f["path"]))
     t.add_row("model", escape(f"{f['model']} · {f['activation_site']}"))
-    t.add_row("state", "complete" if f["complete"] else "[yellow]incomplete[/yellow] (run `needleprobe extract` to resume)")
+    if f["complete"]:
+        state = "complete"
+    elif f["last_failure"]:
+        state = f"[red]incomplete[/red]: the last extract failed with: {escape(f['last_failure'])} (run `needleprobe extract` to resume)"
+    else:
+        state = "[yellow]incomplete[/yellow] (run `needleprobe extract` to resume)"
+    t.add_row("state", state)
+    t.add_row("format", f"{f['format']} ({'crc32c checksum on every chunk' if f['format'] >= 2 else 'no checksums'})")
     t.add_row("fingerprint", f["fingerprint"])
     if f["matches_config"] is True:
         match = "[green]yes[/green]"
@@ -191,6 +210,9 @@ def cache_summary(cfg: Config) -> Table:
     t.add_row("features", f"{f['feature_dtype']} × d_model {f['d_model'] if f['d_model'] is not None else '?'}")
     t.add_row("size on disk", human_bytes(f["size_bytes"]))
     for name, s in f["splits"].items():
+        if s["damaged"]:
+            t.add_row(name, f"[red]damaged[/red]: {escape(s['damaged'])}")
+            continue
         state = "" if s["complete"] else f" [yellow](incomplete: {s['committed_rows']:,}/{s['rows']:,} rows written)[/yellow]"
         t.add_row(
             name,
@@ -204,3 +226,36 @@ def cache_summary(cfg: Config) -> Table:
         state = "[green]up to date[/green]" if m["up_to_date"] else f"[yellow]stale[/yellow]: {escape(m['reason'])}"
         t.add_row(escape(m["group"]), f"{m['docs']:,} docs, {m['rows']:,} tokens · probes {probes} · {state}")
     return t
+
+
+def inspect(cfg: Config, con, *, verify: bool = False) -> None:
+    """``needleprobe inspect [--verify]``: print the summary, then (``verify``) read every chunk.
+
+    Raises :class:`NeedleprobeError` (exit 2) when a chunk is damaged, after the table and the list.
+    """
+    from .errors import NeedleprobeError
+
+    facts = cache_facts(cfg)
+    con.print(cache_summary(cfg, facts))
+    if verify:
+        verify_cache_chunks(cfg, con)
+    elif facts["damaged"]:
+        raise NeedleprobeError(facts["damaged"][0])
+
+
+def verify_cache_chunks(cfg: Config, con) -> None:
+    """Read every chunk and print the damaged ones; raises (exit 2) when any is damaged."""
+    from rich.markup import escape
+
+    from .errors import NeedleprobeError
+
+    cache = open_cache(cfg, allow_incomplete=True)
+    v = cache.verify()
+    how = "crc32c checksums" if v.format >= 2 else "format 1, no checksums: only missing or undecodable chunks are found"
+    if not v.damaged:
+        con.print(f"[green]all {v.chunks:,} chunks verified[/green] ({how})")
+        return
+    for d in v.damaged:
+        con.print(f"[red]damaged:[/red] {escape(str(d))}", soft_wrap=True)
+    remedies = "; ".join(sorted({d.remedy for d in v.damaged}))
+    raise NeedleprobeError(f"{cache.path}: {len(v.damaged)} of {v.chunks:,} chunks are damaged ({how}): {remedies}")
