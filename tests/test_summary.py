@@ -90,7 +90,7 @@ def test_edited_dataset_is_stale_and_missing_dataset_is_unknown(run, tmp_path):
     docs = pipeline_docs()
     docs[0] = {**docs[0], "text": docs[0]["text"] + " (edited)"}
     f = cache_facts(_with_dataset(run, write_jsonl(tmp_path / "edited.jsonl", docs)))
-    assert f["matches_config"] is False and any(d.startswith("dataset_sha256:") for d in f["differences"])
+    assert f["matches_config"] is False and any(d.startswith("train documents changed: 1 edited:") for d in f["differences"])
 
     f = cache_facts(_with_dataset(run, tmp_path / "gone.jsonl"))
     assert f["matches_config"] is None and f["config_fingerprint"] is None

@@ -62,6 +62,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from .config import Config, load_config
+from .data import Document
 from .errors import NeedleprobeError
 from .stores import as_path, is_url, open_group
 
@@ -115,18 +116,49 @@ def cache_path(cfg: Config, slug: str | None = None) -> Path:
     )
 
 
-def fingerprint_fields(cfg: Config, dataset_sha256: str) -> dict[str, Any]:
+FIT_SPLITS = ("train", "val")
+"""The splits a cache holds (``test`` is for the monitor and never cached)."""
+
+
+def doc_digest(doc: Document) -> str:
+    """What makes a document's rows: its id, text and needle spans (not its line or extra metadata)."""
+    key = json.dumps([doc.doc_id, doc.text, [list(s) for s in doc.needle_spans]], ensure_ascii=False)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def documents_digest(docs: list[Document]) -> str:
+    """One digest for a list of documents, in order (what a split's rows are made from)."""
+    return hashlib.sha256("".join(doc_digest(d) for d in docs).encode()).hexdigest()[:16]
+
+
+def split_documents(cfg: Config, docs: list[Document]) -> dict[str, list[Document]]:
+    """The documents each cached split draws from: the split's documents in file order, after ``max_*_docs``.
+
+    (``max_*_tokens`` keeps a prefix of these; which one depends on the tokenizer, so
+    a change anywhere in this list counts, a conservative choice.)
+    """
+    out = {}
+    for name in FIT_SPLITS:
+        split = [d for d in docs if d.split == name]
+        cap = getattr(cfg.probe, f"max_{name}_docs")
+        out[name] = split[:cap] if cap is not None else split
+    return out
+
+
+def fingerprint_fields(cfg: Config, docs: list[Document]) -> dict[str, Any]:
     """Everything that determines the cached rows, and nothing else.
 
     Training settings (L2 grid, seeds, solver, balance) are absent on purpose:
-    changing them must never invalidate a cache.
+    changing them must never invalidate a cache.  The dataset counts through
+    the documents of each cached split (``documents``), so editing a test
+    document, or a line's ``metadata``, leaves the cache valid.
     """
     p, m = cfg.probe, cfg.model
+    by_split = split_documents(cfg, docs)
     return {
         "cache_format": CACHE_FORMAT,
-        "dataset_sha256": dataset_sha256,
+        "documents": {name: documents_digest(split) for name, split in by_split.items()},
         "dataset": cfg.dataset.key,
-        "val_fraction": cfg.dataset.val_fraction,
         "model_name": m.name,
         "model_revision": m.revision,
         "tokenizer": f"{m.name}@{m.revision or 'default'}",
@@ -143,6 +175,62 @@ def fingerprint_fields(cfg: Config, dataset_sha256: str) -> dict[str, Any]:
         "max_val_tokens": p.max_val_tokens,
         "feature_dtype": p.feature_dtype,
     }
+
+
+def wanted_fields(cfg: Config, docs: list[Document], cached: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fields this config and dataset give, in the style of ``cached``.
+
+    Caches written before per-split digests record the whole file's sha256 and
+    ``val_fraction`` instead of ``documents``; they are compared that way.
+    """
+    fields = fingerprint_fields(cfg, docs)
+    if cached is not None and "dataset_sha256" in cached and "documents" not in cached:
+        from .data import file_sha256
+
+        del fields["documents"]
+        fields["dataset_sha256"] = file_sha256(cfg.dataset.resolved_path())
+        fields["val_fraction"] = cfg.dataset.val_fraction
+    return fields
+
+
+def stale_reasons(cache: "Cache", cfg: Config, docs: list[Document]) -> list[str]:
+    """Why a cache does not hold this config's rows, one item per reason; changed documents by name."""
+    wanted = wanted_fields(cfg, docs, cache.fields)
+    diff = [d for d in changed_fields(cache.fields, wanted) if not d.startswith("documents:")]
+    a, b = cache.fields.get("documents"), wanted.get("documents")
+    if a is not None and b is not None and a != b:
+        diff[:0] = _document_changes(cache, split_documents(cfg, docs), [s for s in FIT_SPLITS if a.get(s) != b.get(s)])
+    return diff
+
+
+def _document_changes(cache: "Cache", by_split: dict[str, list[Document]], splits: list[str]) -> list[str]:
+    """For each changed split: which documents were edited, added or removed (from the digests the cache stores)."""
+    out = []
+    for name in splits:
+        docs = by_split[name]
+        try:
+            view = cache.split(name) if name in cache.splits else None
+            stored = dict(zip(view.doc_ids, view.doc_digests)) if view is not None else None
+        except (KeyError, NeedleprobeError):
+            stored = None
+        if not stored:
+            out.append(f"{name}: documents changed")
+            continue
+        now = {d.doc_id: d for d in docs}
+        edited = [d for d in docs if d.doc_id in stored and stored[d.doc_id] != doc_digest(d)]
+        added = [d for d in docs if d.doc_id not in stored]
+        removed = [i for i in stored if i not in now]
+        parts = []
+        for what, items in (("edited", [f"{d.doc_id!r} (line {d.line})" for d in edited]),
+                            ("added", [f"{d.doc_id!r} (line {d.line})" for d in added]),
+                            ("removed", [repr(i) for i in removed])):
+            if items:
+                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+                parts.append(f"{len(items)} {what}: {', '.join(items[:3])}{more}")
+        if not parts:  # only documents the token caps left out changed (they decide where the cap falls)
+            parts.append("documents after the cached ones changed (they count for max_" + name + "_tokens)")
+        out.append(f"{name} documents changed: {'; '.join(parts)}")
+    return out
 
 
 def fingerprint(fields: dict[str, Any]) -> str:
@@ -392,6 +480,8 @@ class SplitPlan:
     token_index: np.ndarray
     token_id: np.ndarray
     stats: dict[str, Any]
+    doc_digests: list[str] | None = None
+    """Per document of the doc table (``doc_digest``): lets a stale cache name the documents that changed."""
     shard: dict[str, Any] | None = None
     """Under torchrun: which rows of the split this process writes (see ``distributed.shard_split``)."""
 
@@ -410,6 +500,7 @@ def small_arrays(plan: SplitPlan) -> dict[str, tuple[np.ndarray, Any]]:
         "doc_ids": (np.asarray(plan.doc_ids, dtype=str), str),
         "doc_n_tokens": (plan.doc_n_tokens, "int32"),
         "doc_n_needles": (plan.doc_n_needles, "int32"),
+        **({"doc_digests": (np.asarray(plan.doc_digests, dtype=str), str)} if plan.doc_digests is not None else {}),
     }
 
 
@@ -695,6 +786,13 @@ class SplitView:
     @property
     def doc_n_needles(self) -> np.ndarray:
         return self._small("doc_n_needles")
+
+    @property
+    def doc_digests(self) -> list[str] | None:
+        """Per document, the digest of what made its rows (caches written before they were stored: None)."""
+        if "doc_digests" not in self.group.array_keys():
+            return None
+        return [str(x) for x in self._small("doc_digests")]
 
     @property
     def stats(self) -> dict[str, Any]:

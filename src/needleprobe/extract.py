@@ -32,14 +32,16 @@ from .cache import (
     ChunkDamage,
     ChunkStream,
     SplitPlan,
+    FIT_SPLITS,
     cache_path,
-    changed_fields,
     chunk_problem,
+    doc_digest,
     fingerprint,
     fingerprint_fields,
     remove_cache,
     shard_name,
     small_arrays,
+    stale_reasons,
     verify_chunks,
     writable,
 )
@@ -62,7 +64,6 @@ from .stores import is_url, open_group
 from .summary import dir_size
 from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
 
-FIT_SPLITS = ("train", "val")
 
 
 @dataclass
@@ -110,6 +111,7 @@ def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Con
         token_index=token_index,
         token_id=token_id,
         stats=stats,
+        doc_digests=[doc_digest(td.doc) for td in tdocs],
     ), [r for r, _ in per_doc]
 
 
@@ -229,14 +231,14 @@ def gather_rows(
     return finish
 
 
-def _cache_state(path, fields: dict[str, Any], overwrite: bool) -> tuple[str, Any]:
+def _cache_state(path, cfg: Config, docs, overwrite: bool) -> tuple[str, Any]:
     """("new" | "stale" | "resume" | "up to date", existing cache or None); refuses a stale cache."""
     from .cache import open_cache
 
     if not path.exists() or (is_url(path) and not (path / "zarr.json").is_file()):  # remote: leftovers of a removal
         return "new", None
     existing = open_cache(path, allow_incomplete=True)
-    diff = changed_fields(existing.fields, fields)
+    diff = stale_reasons(existing, cfg, docs)
     if diff and not overwrite:
         raise NeedleprobeError(
             f"{path}: cache was built with different settings ({'; '.join(diff)}); "
@@ -319,9 +321,9 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     con = console()
     data_path = cfg.dataset.resolved_path()
     docs = load_documents(data_path, cfg.dataset.val_fraction)
-    fields = fingerprint_fields(cfg, file_sha256(data_path))
+    fields = fingerprint_fields(cfg, docs)
     path = cache_path(cfg)
-    state, existing = _cache_state(path, fields, overwrite)
+    state, existing = _cache_state(path, cfg, docs, overwrite)
     state = _world_state(state, existing, dist.world, overwrite)
     if repair and state in ("new", "stale"):
         con.print(f"--repair: no cache with these settings at {path} yet, nothing to repair: extracting")
@@ -334,6 +336,9 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     layers = sorted(fields["layers"])
     tokenizer = load_tokenizer(cfg.model)
     plans = prepare_plans(cfg, tokenizer, docs, data_path)
+    if "documents" not in fields:  # a cache from before per-document digests: written (and repaired) as it was
+        for plan in plans.values():
+            plan[3].doc_digests = None
     n_layers, d_model_cfg, limit = model_shape(cfg)
     if n_layers is not None:
         check_layers(layers, n_layers, cfg.model.name)
@@ -354,7 +359,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     lock = FileLock(path.with_name(path.name + ".lock"), what=f"extract of {path}") if dist.primary else nullcontext()
     with lock:
         if dist.primary:
-            state, existing = _cache_state(path, fields, overwrite)  # again, now that we hold the lock
+            state, existing = _cache_state(path, cfg, docs, overwrite)  # again, now that we hold the lock
             state = _world_state(state, existing, dist.world, overwrite)
             if state == "stale":
                 con.print(f"[yellow]--overwrite: removing the stale cache {path}")
@@ -403,7 +408,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             "n_layers": len(blocks),
             "layers": layers,
             "feature_dtype": cfg.probe.feature_dtype,
-            "dataset_sha256": fields["dataset_sha256"],
+            "dataset_sha256": file_sha256(data_path),
             "versions": versions(),
         }
         writer = CacheWriter(path, fields, metadata, world_size=dist.world)

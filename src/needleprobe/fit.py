@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .cache import Cache, changed_fields, fingerprint_fields, open_cache
+from .cache import Cache, open_cache, stale_reasons
 from .config import Config
 from .data import file_sha256
 from .errors import NeedleprobeError
@@ -60,7 +60,9 @@ def verify_cache(cfg: Config, cache: Cache) -> None:
     data_path = cfg.dataset.resolved_path()
     if not data_path.is_file():
         raise NeedleprobeError(f"{data_path}: dataset not found, so the cache at {cache.path} cannot be verified")
-    diff = changed_fields(cache.fields, fingerprint_fields(cfg, file_sha256(data_path)))
+    from .data import load_documents
+
+    diff = stale_reasons(cache, cfg, load_documents(data_path, cfg.dataset.val_fraction))
     if diff:
         raise NeedleprobeError(
             f"{cache.path}: cache is stale for this config ({'; '.join(diff)}); run `needleprobe extract` "
@@ -258,7 +260,7 @@ def fit(cfg: Config, *, device: str | None = None, devices: list[torch.device] |
             {
                 "cache_path": str(cache.path),
                 "cache_fingerprint": cache.fingerprint,
-                "dataset_sha256": cache.fields["dataset_sha256"],
+                "dataset_sha256": cache.metadata.get("dataset_sha256"),
                 "device": str(dev),
                 **({"devices": [str(d) for d in workers]} if len(workers) > 1 else {}),
                 "timings_s": result.timings,

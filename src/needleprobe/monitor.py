@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import zarr
 
-from .cache import array_codecs, cache_path, open_cache, read_rows
+from .cache import array_codecs, cache_path, documents_digest, open_cache, read_rows
 from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
@@ -96,8 +96,10 @@ def monitor_group_path(cfg: Config, split: str) -> str:
     return f"monitor/{split}"
 
 
-def monitor_fingerprint(cache_fp: str, split: str, probes: list[ProbeRef]) -> str:
-    key = json.dumps({"cache": cache_fp, "split": split, "probes": [(p.layer, p.seed, p.sha256) for p in probes]})
+def monitor_fingerprint(cache_fp: str, split: str, probes: list[ProbeRef], docs_digest: str) -> str:
+    """What the stored token logits depend on: the cache, the split's documents (``test`` is not in the cache) and the probes."""
+    key = json.dumps({"cache": cache_fp, "split": split, "docs": docs_digest,
+                      "probes": [(p.layer, p.seed, p.sha256) for p in probes]})
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -115,7 +117,8 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
     cache = open_cache(cfg)
     verify_cache(cfg, cache)
     data_path = cfg.dataset.resolved_path()
-    fp = monitor_fingerprint(cache.fingerprint, split, probes)
+    docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))[split]
+    fp = monitor_fingerprint(cache.fingerprint, split, probes, documents_digest(docs))
     path = cache_path(cfg)
     with FileLock(path.with_name(path.name + ".lock"), what=f"extract or monitor of {path}"):
         root = open_group(path, mode="r+")
@@ -124,7 +127,6 @@ def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress:
         if g is not None and g.attrs.get("fingerprint") == fp and g.attrs.get("complete"):
             con.print(f"monitor: token logits for {split!r} are up to date (no model run)")
             return g
-        docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))[split]
         if not docs:
             raise NeedleprobeError(f"{data_path}: split {split!r} has no documents to monitor")
         tokenizer = load_tokenizer(cfg.model)

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import Cache, CacheDamaged, changed_fields, fingerprint, fingerprint_fields, open_cache, read_rows
+from .cache import Cache, CacheDamaged, fingerprint, open_cache, read_rows, stale_reasons, wanted_fields
 from .config import Config
-from .data import file_sha256
+from .data import load_documents
 from .records import human_bytes
 
 if TYPE_CHECKING:
@@ -93,12 +93,19 @@ def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
     ``up_to_date`` uses the monitor's own fingerprint (cache fingerprint, split,
     sha256 of every probe file), so a refit probe makes the stored logits stale.
     """
+    from .cache import documents_digest
+    from .data import by_split, file_sha256
     from .fit import probe_paths
     from .monitor import ProbeRef, monitor_fingerprint
-    from .data import file_sha256
 
     if "monitor" not in cache.root.group_keys():
         return []
+    data_path = cfg.dataset.resolved_path()
+    splits = by_split(load_documents(data_path, cfg.dataset.val_fraction)) if data_path.is_file() else {}
+
+    def docs_digest(split: str) -> str | None:
+        return documents_digest(splits[split]) if split in splits else None
+
     root = cache.root["monitor"]
     out = []
     for split in sorted(root.group_keys()):
@@ -114,7 +121,7 @@ def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
                 missing.append(f"layer {p['layer']} seed {p['seed']}")
         if missing:
             up_to_date, reason = False, f"probe file(s) missing: {', '.join(missing)}"
-        elif monitor_fingerprint(cache.fingerprint, split, refs) != attrs.get("fingerprint"):
+        elif monitor_fingerprint(cache.fingerprint, split, refs, docs_digest(split)) != attrs.get("fingerprint"):
             up_to_date, reason = False, "probes were refit (or the cache rebuilt) since the monitor ran"
         elif not attrs.get("complete"):
             up_to_date, reason = False, "interrupted (run `needleprobe monitor` again to resume)"
@@ -148,11 +155,12 @@ def cache_facts(cfg: Config) -> dict[str, Any]:
     data_path = cfg.dataset.resolved_path()
     dataset_found = data_path.is_file()
     cached = cache.fields
-    sha = file_sha256(data_path) if dataset_found else cached.get("dataset_sha256")
-    wanted = fingerprint_fields(cfg, sha)
-    differences = changed_fields(cached, wanted)
-    if not dataset_found:
-        differences.insert(0, f"dataset_sha256: cannot check, {data_path} not found")
+    if dataset_found:
+        docs = load_documents(data_path, cfg.dataset.val_fraction)
+        wanted = wanted_fields(cfg, docs, cached)
+        differences = stale_reasons(cache, cfg, docs)
+    else:
+        differences = [f"dataset: cannot check, {data_path} not found"]
     splits = _split_names(cache)
     split_facts = {s: _split_facts(cache, s) for s in splits}
     return {
