@@ -428,3 +428,17 @@ def test_cache_fingerprinted_by_the_whole_file_stays_valid_until_the_file_change
     write_jsonl(data, GOOD + [{"doc_id": "t", "text": "test split", "split": "test"}])
     assert main(["fit", "--config", str(cfg)]) == 2
     assert "dataset_sha256: " in capsys.readouterr().err
+
+
+def test_fit_during_a_running_extract_says_so(tmp_path, small_dataset, capsys):
+    from needleprobe.cache import cache_path
+
+    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0])
+    killed = _cli(cfg_path, "extract", env={"NEEDLEPROBE_FAULT": "chunk_committed:1"})
+    assert killed.returncode == -9, killed.stderr
+    path = cache_path(load_config(cfg_path))
+    with FileLock(path.with_name(path.name + ".lock"), what="extract"):
+        assert main(["fit", "--config", str(cfg_path)]) == 2
+    assert f"an extract is filling this cache right now (pid {os.getpid()} on " in capsys.readouterr().err
+    assert main(["fit", "--config", str(cfg_path)]) == 2
+    assert "an extract was interrupted: run extract again to resume" in capsys.readouterr().err

@@ -987,6 +987,11 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
         raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
     cache = Cache(path, root)
     if not cache.complete and not allow_incomplete:
+        from .records import FileLock
+
+        running = FileLock.holder(path.with_name(path.name + ".lock"))
+        if running:
+            raise NeedleprobeError(f"{path}: an extract is filling this cache right now ({running}); wait for it to finish")
         failure = cache.last_failure
         if failure:
             raise NeedleprobeError(
