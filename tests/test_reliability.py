@@ -442,3 +442,11 @@ def test_fit_during_a_running_extract_says_so(tmp_path, small_dataset, capsys):
     assert f"an extract is filling this cache right now (pid {os.getpid()} on " in capsys.readouterr().err
     assert main(["fit", "--config", str(cfg_path)]) == 2
     assert "an extract was interrupted: run extract again to resume" in capsys.readouterr().err
+
+
+def test_fit_of_an_uncached_layer_says_what_is_cached_and_how_to_add_it(minilm_run, capsys):
+    cfg_path, cfg = minilm_run  # layers 1 and 5 cached
+    assert main(["fit", "--config", str(cfg_path), "--layers", "0,5"]) == 2
+    err = capsys.readouterr().err
+    assert "layer(s) 0 not cached (the cache holds layers 1, 5); fit cached layers only (--layers 1,5)" in err
+    assert "needleprobe extract --layers 0,1,5 --overwrite" in err and "stale" not in err

@@ -57,12 +57,21 @@ def load_probe(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 def verify_cache(cfg: Config, cache: Cache) -> None:
     """Refuse a cache that no longer matches the config or the dataset file (a stale cache is never used)."""
+    from .data import load_documents
+
     data_path = cfg.dataset.resolved_path()
     if not data_path.is_file():
         raise NeedleprobeError(f"{data_path}: dataset not found, so the cache at {cache.path} cannot be verified")
-    from .data import load_documents
-
     diff = stale_reasons(cache, cfg, load_documents(data_path, cfg.dataset.val_fraction))
+    new = sorted(set(cfg.probe.layers_to_probe) - set(cache.layers))
+    if new and all(d.startswith("layers:") for d in diff):
+        held = ", ".join(str(x) for x in cache.layers)
+        everything = ",".join(str(x) for x in sorted(set(cache.layers) | set(new)))
+        raise NeedleprobeError(
+            f"{cache.path}: layer(s) {', '.join(map(str, new))} not cached (the cache holds layers {held}); fit cached "
+            f"layers only (--layers {held.replace(', ', ',')}), or cache them all with `needleprobe extract --layers "
+            f"{everything} --overwrite` (the model runs once more; every layer is kept)"
+        )
     if diff:
         raise NeedleprobeError(
             f"{cache.path}: cache is stale for this config ({'; '.join(diff)}); run `needleprobe extract` "
