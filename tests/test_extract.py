@@ -275,3 +275,11 @@ def test_documents_longer_than_the_model_positions_are_refused_before_any_forwar
     assert "model.max_length 2048 is more than the 512 positions of embedded:all-MiniLM-L6-v2" in err
     assert f"document {docs[1]['doc_id']!r} ({data}:2) has " in err and "tokens: set" in err and "set model.max_length to 512" in err
     assert not list((tmp_path / "cache").rglob("zarr.json")) if (tmp_path / "cache").exists() else True
+
+
+def test_cache_records_how_it_was_computed(minilm_run):
+    import torch
+
+    compute = open_cache(minilm_run[1]).metadata["compute"]
+    assert compute["device"] == "cpu" and compute["processes"] == 1 and compute["torch"] == torch.__version__
+    assert compute["torch_threads"] >= 1 and compute["mkl_dynamic"] == "FALSE" and compute["cpu_capability"]

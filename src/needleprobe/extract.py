@@ -13,6 +13,7 @@ re-running just the batches whose rows the damaged chunks hold.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -410,6 +411,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             "feature_dtype": cfg.probe.feature_dtype,
             "dataset_sha256": file_sha256(data_path),
             "versions": versions(),
+            "compute": compute_settings(device, dist.world),
         }
         writer = CacheWriter(path, fields, metadata, world_size=dist.world)
         result = ExtractResult(str(path), fingerprint(fields), status, tokens=tokens, repaired=repaired)
@@ -457,6 +459,17 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def compute_settings(device: torch.device, world: int) -> dict[str, Any]:
+    """How the activations were computed: bit-identity across runs holds for equal settings (README, "Determinism")."""
+    out: dict[str, Any] = {"device": str(device), "processes": world, "torch": torch.__version__}
+    if device.type == "cpu":
+        out.update(torch_threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   mkl_dynamic=os.environ.get("MKL_DYNAMIC"))
+    elif device.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(device))
+    return out
 
 
 def _disk_full(path, writer: CacheWriter, plans: dict[str, tuple], e: OSError) -> str:
