@@ -243,7 +243,7 @@ def whole_part(reps: int, tight: bool) -> list[str]:
         lines.append(f"speed-up over the tol=1e-6 loop: {tight_run[0] / med('fit', 0):.2f}× wall, "
                      f"{tight_run[1] / med('fit', 1):.2f}× CPU")
     for name, d in deltas.items():
-        lines.append(f"max |ΔAUROC| over every layer, seed and L2 value vs scikit-learn {name}: {d:.1e}"
+        lines.append(f"max |ΔAUROC| over every layer, seed and L2 value vs scikit-learn {name}: {d:.2e}"
                      + (" (target ≤ 1e-3)" if name == "tol=1e-6" else ""))
     return lines
 
