@@ -15,7 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from needleprobe import open_cache
 from needleprobe.check import check
-from needleprobe.fit import load_probe, output_dir, probe_paths
+from needleprobe.fit import column_moments, load_probe, output_dir, probe_paths
 
 
 def _meta(cfg, layer, seed):
@@ -178,3 +178,30 @@ def test_minibatch_streams_blocks_and_approaches_lbfgs(small_dataset, tmp_path, 
     first = probe_paths(mb, 1, 0)[0].read_bytes()
     assert main(["fit", "--config", str(mb_path), "--seeds", "0"]) == 0
     assert probe_paths(mb, 1, 0)[0].read_bytes() == first
+
+
+@pytest.mark.parametrize("n", [1, 1023, 1024, 5000])
+def test_column_moments_equal_numpy_to_the_bit(n):
+    """Blockwise, yet numpy's own two-pass numbers: probes stay the same bytes."""
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((n, 37)) * rng.uniform(0.1, 50, 37) + rng.normal(size=37) * 20).astype(np.float32)
+    x[:, 3] = 7.25  # a constant feature
+    mean, std = column_moments(x)
+    np.testing.assert_array_equal(mean, x.mean(0, dtype=np.float64))
+    np.testing.assert_array_equal(std, x.std(0, dtype=np.float64))
+
+
+def test_fit_command_starts_without_heavy_imports():
+    """What runs before ``fit`` works imports neither scikit-learn (nor scipy) nor transformers, nor
+    torch.distributed before torch itself is needed."""
+    code = (
+        "import sys\n"
+        "import needleprobe.cli\n"
+        "early = [m for m in ('sklearn', 'scipy', 'torch.distributed', 'transformers') if m in sys.modules]\n"
+        "import needleprobe.fit, needleprobe.metrics, needleprobe.distributed\n"
+        "late = [m for m in ('sklearn', 'scipy', 'transformers') if m in sys.modules]\n"
+        "print(early, late)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[] []"

@@ -11,8 +11,10 @@ from sklearn.metrics import (
     average_precision_score,
     f1_score,
     roc_auc_score,
+    roc_curve,
 )
 
+from needleprobe import metrics
 from needleprobe.metrics import (
     binary_metrics,
     bootstrap_auroc_ci,
@@ -146,6 +148,33 @@ def test_binary_metrics_matches_sklearn():
     json.dumps(m)
 
 
+@pytest.mark.parametrize("decimals", [None, 2, 1, 0])  # None: continuous; then heavier and heavier ties
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_binary_metrics_equal_sklearn_with_ties(seed, decimals):
+    """One sort gives every rank metric, each within 1e-12 of scikit-learn's own function."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(50, 3000))
+    y = rng.random(n) < rng.uniform(0.03, 0.6)
+    y[:2] = [True, False]
+    s = rng.normal(size=n) * 3 + 2 * y - 1
+    if decimals is not None:
+        s = np.round(s, decimals)
+    m = binary_metrics(y, s)
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    want = {
+        "auroc": roc_auc_score(y, s),
+        "average_precision": average_precision_score(y, s),
+        "accuracy": accuracy_score(y, s > 0),
+        "f1": f1_score(y, s > 0, zero_division=0.0),
+        "tpr_at_1pct_fpr": tpr[fpr <= 0.01].max(),
+        "tpr_at_5pct_fpr": tpr[fpr <= 0.05].max(),
+    }
+    for k, v in want.items():
+        assert abs(m[k] - v) <= 1e-12, (k, m[k], v)
+    for max_fpr in (0.0, 0.1, 1.0):
+        assert abs(tpr_at_fpr(y, s, max_fpr) - tpr[fpr <= max_fpr].max()) <= 1e-12
+
+
 @pytest.mark.parametrize(
     "fn",
     [
@@ -209,3 +238,49 @@ def test_bootstrap_ci_non_multiple_of_chunk():
     y, s, doc = _documents(n_docs=40, tokens=5)
     lo, hi = bootstrap_auroc_ci(y, s, doc, n_boot=65, seed=3)
     assert 0.0 <= lo <= hi <= 1.0
+
+
+@pytest.mark.parametrize("decimals", [None, 1, 0])
+def test_group_pair_aurocs_equal_row_weighted_auroc(decimals):
+    """The per-group-pair form of a resample's AUROC equals weighting every row, and sklearn's weighted AUROC."""
+    y, s, doc = _documents(n_docs=60, tokens=20, seed=4)
+    if decimals is not None:
+        s = np.round(s, decimals)  # ties within and across documents and classes
+    rng = np.random.default_rng(5)
+    counts = rng.integers(0, 4, size=(40, 60))
+    counts[0] = 1  # the plain AUROC
+    counts[1, np.unique(doc[y])] = 0  # no positive weight: undefined
+    got = metrics._GroupPairs(y, s, doc, 60).aurocs(counts)
+    rows = metrics.weighted_auroc(y, s, counts[:, doc])
+    np.testing.assert_array_equal(got, rows)  # both sum exact integers, so equal to the bit
+    assert np.isnan(got[1])
+    for b in (0, *range(2, 40)):
+        assert abs(got[b] - roc_auc_score(y, s, sample_weight=counts[b, doc])) <= 1e-12
+
+
+@pytest.mark.parametrize("n_docs, tokens", [(40, 30), (200, 1)])
+def test_bootstrap_ci_same_on_both_paths(monkeypatch, n_docs, tokens):
+    """Group pairs or weighted rows: the same resamples give the same CI, whichever is cheaper."""
+    y, s, doc = _documents(n_docs=n_docs, tokens=tokens, seed=2)
+    s = np.round(s, 1)
+    got = {}
+    for pairs in (True, False):
+        monkeypatch.setattr(metrics, "_pairs_are_cheaper", lambda *a, pairs=pairs: pairs)
+        got[pairs] = bootstrap_auroc_ci(y, s, doc, n_boot=150, seed=7)
+    assert got[True] == got[False]
+
+
+def test_bootstrap_ci_is_the_document_bootstrap():
+    """Spelled out: G documents drawn G times with replacement per resample (in chunks of 64 from
+    default_rng(seed)), rows weighted by draw counts, one-class resamples skipped, percentiles."""
+    y, s, doc = _documents(n_docs=30, tokens=10, seed=3)
+    s = np.round(s, 1)
+    n_boot, rng, aucs = 100, np.random.default_rng(11), []
+    for lo in range(0, n_boot, 64):
+        for draw in rng.integers(0, 30, size=(min(64, n_boot - lo), 30)):
+            w = np.bincount(draw, minlength=30)[doc]
+            if w[y].sum() > 0 and w[~y].sum() > 0:
+                aucs.append(roc_auc_score(y, s, sample_weight=w))
+    want = np.quantile(aucs, [0.025, 0.975])
+    got = bootstrap_auroc_ci(y, s, doc, n_boot=n_boot, seed=11)
+    assert abs(got[0] - want[0]) <= 1e-12 and abs(got[1] - want[1]) <= 1e-12

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -247,3 +248,14 @@ def test_cuda_matches_cpu():
         assert b.converged and b.grad_norm <= TOL
         assert b.loss == pytest.approx(a.loss, rel=1e-7)
         np.testing.assert_allclose(a.weight, b.weight, atol=1e-2)
+
+
+def test_one_blas_thread_for_xtr_changes_no_bit(monkeypatch):
+    """X^T r on one BLAS thread (robust on a busy machine) gives the fit that every thread count gives."""
+    X, y, s, _, _ = make_problem(n=20_000, d=96, seed=5)
+    args = (torch.from_numpy(X), torch.from_numpy(y), [1e-3, 1e-1], torch.from_numpy(s))
+    one = fit_l2_path(*args)
+    monkeypatch.setattr(solvers, "_one_blas_thread", contextlib.nullcontext)
+    default = fit_l2_path(*args)
+    for a, b in zip(one, default):
+        assert np.array_equal(a.weight, b.weight) and a.bias == b.bias and a.n_iter == b.n_iter

@@ -22,14 +22,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .cache import SplitPlan
 from .errors import NeedleprobeError
 from .tokens import TokenizedDoc, bucket_length
+
+if TYPE_CHECKING:  # torch is imported where it is used: every command asks is_primary() before it needs torch
+    import torch
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
 
@@ -95,6 +97,8 @@ class Dist:
         """One GPU per local process (``cuda:LOCAL_RANK``); CPU and MPS as they are."""
         if not self.sharded or device.type != "cuda":
             return device
+        import torch
+
         n = torch.cuda.device_count()
         dev = torch.device("cuda", self.local_rank % n)
         torch.cuda.set_device(dev)
@@ -120,6 +124,7 @@ class Dist:
         """Sum of ``n`` over ranks (also a barrier)."""
         if not self.sharded:
             return n
+        import torch
         import torch.distributed as td
 
         t = torch.tensor([n], dtype=torch.int64)
