@@ -64,6 +64,19 @@ def one_thread():
         yield
 
 
+def probe_files(cfg, layer: int, seed: int, run: str | None = None):
+    """(.pt, .json) of a probe of ``cfg``'s run."""
+    from needleprobe.layout import Layout
+
+    return Layout.from_config(cfg, run).probe_files(layer, seed)
+
+
+def run_dir(cfg, run: str | None = None):
+    from needleprobe.layout import Layout
+
+    return Layout.from_config(cfg, run).run_dir
+
+
 def write_jsonl(path: Path, docs: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")

@@ -13,13 +13,21 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from needleprobe import open_cache
+from conftest import probe_files as probe_paths
+from conftest import run_dir as output_dir
+
+from needleprobe import LinearProbe, open_cache
 from needleprobe.check import check
-from needleprobe.fit import column_moments, load_probe, output_dir, probe_paths
+from needleprobe.probe import column_moments
 
 
-def _meta(cfg, layer, seed):
-    return json.loads(probe_paths(cfg, layer, seed)[1].read_text())
+def _meta(cfg, layer, seed, run=None):
+    return json.loads(probe_paths(cfg, layer, seed, run)[1].read_text())
+
+
+def load_probe(pt):
+    d = torch.load(pt, weights_only=True)
+    return d["weight"], d["bias"]
 
 
 def test_saved_probe_reproduces_reported_auroc(minilm_run):
@@ -85,27 +93,25 @@ def test_seeds_without_randomness_are_fitted_once(minilm_run):
 
 
 def test_refit_with_new_grid_works_without_transformers(minilm_run, tmp_path):
-    """Fit reads only the cache: with transformers made unimportable, a new grid still fits."""
+    """Fit reads only the cache: with transformers made unimportable, a new grid still fits (into a named run)."""
     cfg_path, cfg = minilm_run
+    before = {p.name: p.read_bytes() for p in output_dir(cfg).iterdir() if p.is_file()}
     code = (
         "import sys; sys.modules['transformers'] = None\n"
         "from needleprobe.cli import main\n"
-        f"rc = main(['fit', '--config', {str(cfg_path)!r}, '--l2-grid', '0.05,0.5', '--layers', '5', '--seeds', '0'])\n"
+        f"rc = main(['fit', '--config', {str(cfg_path)!r}, '--l2-grid', '0.05,0.5', '--layers', '5', '--seeds', '0',"
+        " '--run', 'newgrid'])\n"
         "assert 'transformers' not in sys.modules or sys.modules['transformers'] is None\n"
         "sys.exit(rc)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    meta = _meta(cfg, 5, 0)
+    meta = _meta(cfg, 5, 0, "newgrid")
     assert [x["l2"] for x in meta["l2_results"]] == [0.05, 0.5]
-    rows = list(csv.DictReader(open(output_dir(cfg) / "probe_metrics.csv")))
-    # rows of (layer, seed) pairs not refitted are kept; layer 5 seed 0 has the new grid
-    assert {float(r["l2"]) for r in rows if r["layer"] == "5" and r["seed"] == "0"} == {0.05, 0.5}
-    assert {float(r["l2"]) for r in rows if r["layer"] == "1"} == set(cfg.probe.l2_grid)
-    # restore the fixture's outputs for other tests
-    from needleprobe.cli import main
-
-    assert main(["fit", "--config", str(cfg_path)]) == 0
+    rows = list(csv.DictReader(open(output_dir(cfg, "newgrid") / "probe_metrics.csv")))
+    assert {(r["layer"], r["seed"]) for r in rows} == {("5", "0")} and {float(r["l2"]) for r in rows} == {0.05, 0.5}
+    # the default run is untouched
+    assert {p.name: p.read_bytes() for p in output_dir(cfg).iterdir() if p.is_file()} == before
 
 
 def test_check_passes_and_catches_tampering(minilm_run):
@@ -176,8 +182,8 @@ def test_minibatch_streams_blocks_and_approaches_lbfgs(small_dataset, tmp_path, 
         for r_mb, r_ex in zip(m["l2_results"], exact["l2_results"]):
             assert r_mb["train_objective"] >= r_ex["train_objective"] - 1e-6
     first = probe_paths(mb, 1, 0)[0].read_bytes()
-    assert main(["fit", "--config", str(mb_path), "--seeds", "0"]) == 0
-    assert probe_paths(mb, 1, 0)[0].read_bytes() == first
+    assert main(["fit", "--config", str(mb_path), "--seeds", "0", "--run", "again"]) == 0
+    assert probe_paths(mb, 1, 0, "again")[0].read_bytes() == first
 
 
 @pytest.mark.parametrize("n", [1, 1023, 1024, 5000])

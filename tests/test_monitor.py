@@ -14,9 +14,20 @@ import pytest
 import torch
 import yaml
 
+from conftest import probe_files
+
 from needleprobe.cli import main
 from needleprobe.config import MonitorConfig, load_config
-from needleprobe.monitor import AGGREGATIONS, aggregate, monitor, monitor_dir, read_tokens
+from needleprobe.layout import Layout
+from needleprobe.monitor import AGGREGATIONS, LogitStore, aggregate, monitor, probe_refs, stored_tokens
+from needleprobe.probe import LinearProbe
+
+
+def _tokens(cfg, split: str, layers=None, seeds=None):
+    """The stored token logits of the run's probes on ``split`` (no model run)."""
+    layout = Layout.from_config(cfg)
+    refs = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
+    return stored_tokens(cfg, LogitStore(layout.monitor_store), split, refs)
 
 
 def test_aggregations_match_brute_force():
@@ -46,17 +57,16 @@ def monitored(minilm_run):
 def test_token_logits_are_the_probe_on_the_model(monitored):
     from transformers import AutoModel, AutoTokenizer
 
-    from needleprobe import open_cache
-    from needleprobe.fit import load_probe, probe_paths
     from needleprobe.hooks import model_location
 
     cfg_path, cfg, _ = monitored
-    tokens = read_tokens(open_cache(cfg).root["monitor/val"])
+    tokens = _tokens(cfg, "val")
     where = model_location(cfg.model)
     tok, model = AutoTokenizer.from_pretrained(where), AutoModel.from_pretrained(where).eval()
     texts = {json.loads(line)["doc_id"]: json.loads(line)["text"] for line in open(cfg.dataset.resolved_path())}
     j = [i for i, p in enumerate(tokens.probes) if p["layer"] == 1 and p["seed"] == 0][0]
-    w, b = load_probe(probe_paths(cfg, 1, 0)[0])
+    probe = LinearProbe.load(probe_files(cfg, 1, 0)[0])
+    w, b = torch.from_numpy(probe.coef_), torch.tensor(probe.intercept_)
     for d in range(3):
         enc = tok(texts[tokens.doc_ids[d]], return_tensors="pt", truncation=True, max_length=cfg.model.max_length)
         with torch.inference_mode():
@@ -86,12 +96,14 @@ def test_outputs_and_thresholds(monitored):
         assert float(r["tpr_at_5pct_fpr"]) == pytest.approx((s[y] > t).mean())
     best = max(float(r["auroc"]) for r in rows)
     assert best > 0.8
+    assert {r["split"] for r in rows} == {"val"} and res["csv"].endswith("monitor_metrics_val.csv")
     record = json.loads(open(os.path.join(cfg.probe.run_record_dir, "t_v1_probe_run_record.json")).read())
-    assert record["stages"]["monitor"]["split"] == "val"
-    from needleprobe.cache import cache_path
-
-    cache = cache_path(cfg)
-    assert not cache.with_name(cache.name + ".lock").exists()  # the monitor holds the cache's lock only while it runs
+    assert record["stages"]["monitor:val"]["split"] == "val"
+    layout = Layout.from_config(cfg)
+    assert not layout.lock.exists()  # held only while the monitor runs
+    # token logits live in the run's own store: the activation cache is write-once after extract
+    assert (layout.monitor_store / "val").is_dir()
+    assert "monitor" not in [p.name for p in layout.cache.iterdir()]
 
 
 def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):
@@ -107,8 +119,12 @@ def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):
     new_cfg = tmp_path / "c.yaml"
     new_cfg.write_text(yaml.safe_dump(raw))
     assert main(["monitor", "--config", str(new_cfg), "--no-progress"]) == 0
-    labels = {r["aggregation"] for r in csv.DictReader(open(monitor_dir(load_config(new_cfg)) / "monitor_metrics.csv"))}
+    labels = {r["aggregation"] for r in csv.DictReader(open(Layout.from_config(load_config(new_cfg)).monitor_csv("val")))}
     assert {"topk_mean(k=2)", "rolling_max(w=5)", "softmax_mean(T=0.5)"} <= labels
+    # a subset of the probes already scored: the stored logits, no model either
+    assert main(["monitor", "--config", str(new_cfg), "--layer", "5", "--seed", "1", "--no-progress"]) == 0
+    rows = list(csv.DictReader(open(Layout.from_config(load_config(new_cfg)).monitor_csv("val"))))
+    assert {(r["layer"], r["seed"]) for r in rows} == {("5", "1")}
 
 
 @pytest.mark.slow
@@ -121,21 +137,22 @@ def test_killed_monitor_resumes(minilm_run, tmp_path):
             "--seed", "0", "--no-progress"]
     killed = subprocess.run(argv, env={**env, "NEEDLEPROBE_FAULT": "chunk_committed:3"}, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
-    g = open_cache(cfg).root["monitor/train"]
-    assert not g.attrs["complete"] and g.attrs["committed_rows"] == 3 * 128
+    import zarr
+
+    g = zarr.open_group(str(Layout.from_config(cfg).monitor_store), mode="r")["train"]
+    (pg,) = [g[k] for k in g.group_keys() if k.startswith("pass-")]
+    assert not pg.attrs["complete"] and pg.attrs["committed_rows"] == 3 * 128
     again = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     fresh = subprocess.run(argv, env=env, capture_output=True, text=True)
-    assert "up to date" in fresh.stderr
+    assert "already stored (no model run)" in fresh.stderr
     # the resumed logits equal a direct computation from the cached activations of the same tokens
-    from needleprobe.fit import load_probe, probe_paths
-
-    tokens = read_tokens(open_cache(cfg).root["monitor/train"])
+    tokens = _tokens(cfg, "train", [1], [0])
     train = open_cache(cfg).split("train")
     x, di, ti = train.to_numpy(1), train.doc_index, train.token_index
-    w, b = load_probe(probe_paths(cfg, 1, 0)[0])
+    probe = LinearProbe.load(probe_files(cfg, 1, 0)[0])
     for d in range(0, len(tokens.doc_ids), 5):
         rows = np.flatnonzero(di == d)
         pos = {int(t): i for i, t in enumerate(tokens.token_index[d])}
         got = tokens.logits[d][[pos[int(t)] for t in ti[rows]], 0]
-        np.testing.assert_allclose(got, x[rows] @ w.numpy() + b.item(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(got, probe.decision_function(x[rows]), atol=1e-4, rtol=1e-4)

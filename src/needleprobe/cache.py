@@ -105,15 +105,11 @@ def fault_point(name: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def cache_path(cfg: Config, slug: str | None = None) -> Path:
-    from .hooks import model_slug
+def cache_path(cfg: Config) -> Path:
+    """Where this config's cache lives (``layout.Layout.cache``)."""
+    from .layout import Layout
 
-    return (
-        as_path(cfg.probe.cache_dir)
-        / cfg.dataset.key
-        / (slug or model_slug(cfg.model.name))
-        / cfg.probe.activation_site
-    )
+    return Layout.from_config(cfg).cache
 
 
 FIT_SPLITS = ("train", "val")

@@ -1,5 +1,10 @@
-"""Quality checks on a fit's results: is every probe above chance, is the metadata complete,
-and does the run record match the config and the files on disk?"""
+"""Quality checks on a run, automated: is every probe above chance, is its metadata complete,
+and do the probes, ``probe_metrics.csv`` and the run record describe the same fit?
+
+A run is checked against the config *with the flags it was fitted with*
+(``check`` accepts fit's ``--l2-grid``, ``--layers``, ``--seeds``…), so a re-fit
+with overrides is checked as what it is.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +12,20 @@ import csv
 import json
 
 from .config import RUNTIME_ONLY, Config
-from .fit import output_dir, probe_paths
 from .data import file_sha256
-from .records import run_record_path
+from .layout import Layout
 
 REQUIRED_META = ("selected_l2", "train_stats", "val_stats", "val_metrics")
 CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
 
 
-def check(cfg: Config) -> list[str]:
+def check(cfg: Config, run: str | None = None) -> list[str]:
     """Failing items, one line each; empty when everything passes."""
+    from .fit import existing_probes
+
     problems: list[str] = []
-    out = output_dir(cfg)
-    csv_path = out / "probe_metrics.csv"
+    layout = Layout.from_config(cfg, run)
+    csv_path = layout.metrics_csv
     if not csv_path.is_file():
         return [f"{csv_path}: metrics CSV missing (run `needleprobe fit`)"]
     with csv_path.open(newline="") as f:
@@ -31,11 +37,16 @@ def check(cfg: Config) -> list[str]:
             problems.append(f"{csv_path}: no selected row for layer {key[0]} seed {key[1]}")
         elif not selected[key] > 0.5:
             problems.append(f"layer {key[0]} seed {key[1]}: val AUROC {selected[key]:.4f} is not above chance (0.5)")
+    extra = sorted({k for k in selected if k not in wanted} | {k for k in existing_probes(layout) if k not in wanted})
+    if extra:
+        problems.append(f"{layout.run_dir}: holds probes of (layer, seed) {extra} that this config does not ask for "
+                        "(check with the flags the run was fitted with)")
     aurocs = [selected[k] for k in wanted if k in selected]
     if aurocs and all(abs(a - 0.5) < CHANCE_BAND for a in aurocs):
         problems.append(f"every val AUROC is within {CHANCE_BAND} of 0.5: the probes are not learning")
+    want_cfg = cfg.outcome_dict()
     for layer, seed in wanted:
-        pt, js = probe_paths(cfg, layer, seed)
+        pt, js = layout.probe_files(layer, seed)
         if not pt.is_file():
             problems.append(f"{pt}: probe weights missing")
         if not js.is_file():
@@ -45,10 +56,10 @@ def check(cfg: Config) -> list[str]:
         for k in REQUIRED_META:
             if k not in meta:
                 problems.append(f"{js}: metadata field {k!r} missing")
-        grid = meta.get("config", {}).get("probe", {}).get("l2_grid")
-        if grid != cfg.probe.l2_grid:
-            problems.append(f"{js}: fitted with L2 grid {grid}, the config has {cfg.probe.l2_grid}")
-    rec_path = run_record_path(cfg)
+        if "config" in meta and meta["config"] != want_cfg:
+            problems.append(f"{js}: fitted with other settings ({'; '.join(_diff(meta['config'], want_cfg)[:4])}); "
+                            "pass check the flags you gave fit")
+    rec_path = layout.run_record
     if not rec_path.is_file():
         problems.append(f"{rec_path}: run record missing")
         return problems
@@ -56,8 +67,8 @@ def check(cfg: Config) -> list[str]:
     recorded = dict(rec.get("config", {}))
     for section, key in RUNTIME_ONLY:
         recorded.get(section, {}).pop(key, None)
-    if recorded != cfg.outcome_dict():
-        diff = _diff(recorded, cfg.outcome_dict())
+    if recorded != want_cfg:
+        diff = _diff(recorded, want_cfg)
         problems.append(f"{rec_path}: config differs from the current config ({'; '.join(diff[:5])})")
     outputs = rec.get("stages", {}).get("fit", {}).get("outputs", {})
     if not outputs:
@@ -68,6 +79,10 @@ def check(cfg: Config) -> list[str]:
                 problems.append(f"{path}: content differs from the run record (sha256)")
         except FileNotFoundError:
             problems.append(f"{path}: listed in the run record but missing")
+    on_disk = {str(p) for k in existing_probes(layout) for p in layout.probe_files(*k) if p.is_file()}
+    unlisted = sorted(on_disk - set(outputs))
+    if unlisted:
+        problems.append(f"{rec_path}: probe files on disk that the run record does not list: {', '.join(unlisted[:3])}")
     return problems
 
 

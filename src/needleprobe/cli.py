@@ -17,7 +17,7 @@ from .errors import NeedleprobeError
 from .records import model_loading_bar
 
 DEFAULT_CONFIG = "configs/dataset_main.yaml"
-MODEL_COMMANDS = ("extract", "train", "monitor")
+MODEL_COMMANDS = ("extract", "train", "monitor", "evaluate")
 """Commands that load the model (and so show transformers' weight-loading bar)."""
 
 DESCRIPTION = """\
@@ -68,10 +68,19 @@ COMMANDS = {  # name: (one-line help, description)
     "monitor": (
         "score whole documents with the probes",
         "Score every token of a split's documents with the saved probes (running the model, with the same batching, "
-        "early stop and resume as extract), store the token logits in the cache, and aggregate them into one score "
-        "per document: mean, max, top-k mean, max of a rolling mean, softmax-weighted mean. Writes "
-        "monitor_metrics.csv (document AUROC, TPR at 1% and 5% FPR) and doc_scores_{split}.jsonl under "
-        "results/monitor/{name}_{version}/, beside probe.output_dir.",
+        "early stop and resume as extract), store the token logits in the run's monitor/ folder (never in the "
+        "activation cache), and aggregate them into one score per document: mean, max, top-k mean, max of a "
+        "rolling mean, softmax-weighted mean. Writes monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% "
+        "FPR) and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
+    ),
+    "evaluate": (
+        "score saved probes on another dataset (transfer)",
+        "Score the probes of one run (--probes: its config or its probe directory) on another dataset's cached "
+        "rows (--config: the target), extracting the target first when its cache is missing: token AUROC with a "
+        "document-bootstrap 95% CI, average precision and TPR at 1% and 5% FPR per layer and seed, plus the "
+        "document monitor's aggregations. Writes eval_metrics.csv and eval_metrics.json under the source run's "
+        "transfer/{target}-{split}/. With --matrix A.yaml B.yaml ..., every dataset's best probes on every "
+        "dataset's val split, as a CSV (trained on × evaluated on, per layer).",
     ),
     "inspect": (
         "summarise the activation cache and whether it matches the config",
@@ -80,9 +89,11 @@ COMMANDS = {  # name: (one-line help, description)
     ),
     "report": (
         "write a self-contained HTML report of the probes",
-        "Write results/report/{name}_{version}.html, one file with no external resources: validation AUROC by "
+        "Write report.html in the run directory, one file with no external resources: validation AUROC by "
         "layer and seed, ROC curves, AUROC against L2, and token heatmaps of example documents. Reads the probes, "
-        "the cache and, when present, the monitor's results.",
+        "the cache and, when present, the monitor's results. Given several --config, one comparison report of "
+        "their runs instead (AUROC by layer or by relative depth, the transfer matrix when evaluated, each run's "
+        "best probe).",
     ),
     "demo-data": (
         "write the offline demo dataset",
@@ -107,8 +118,13 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
-    p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
+def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = False, several: bool = False) -> None:
+    if several:
+        p.add_argument("--config", action="append", help=f"YAML config; repeat it to compare runs (default {DEFAULT_CONFIG})")
+    else:
+        p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
+    if runs:
+        p.add_argument("--run", help="a named run beside the config's default one (its own probes, metrics and record)")
     p.add_argument("--layers", type=_ints, help="override probe.layers_to_probe, e.g. 8,16")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -120,6 +136,9 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool) -> None:
         p.add_argument("--doc-batch-size", type=int, help="documents per forward pass (rows do not depend on it)")
         p.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward pass, instead of a document count")
         p.add_argument("--overwrite", action="store_true", help="rebuild a cache built with other settings")
+    if fit and not extract:
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace the run's outputs even when they hold probes this fit would not rewrite, or another model's")
     if fit:
         p.add_argument("--l2-grid", type=_floats, help="override probe.l2_grid, e.g. 0.01,0.1")
         p.add_argument("--seeds", type=_ints, help="override probe.train_seeds, e.g. 0,1")
@@ -143,20 +162,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"needleprobe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _common(ext := _command(sub, "extract"), True, False)
-    _common(_command(sub, "fit"), False, True)
-    _common(train := _command(sub, "train"), True, True)
+    _common(_command(sub, "fit"), False, True, runs=True)
+    _common(train := _command(sub, "train"), True, True, runs=True)
     for p in (ext, train):
         p.add_argument("--repair", action="store_true", help="rewrite only the damaged chunks of the cache")
         p.add_argument("--force", action="store_true", help="extract even when the disk seems too small")
-    _common(_command(sub, "check"), False, False)
+    chk = _command(sub, "check")
+    _common(chk, False, False, runs=True)
+    for flag, kind, what in (("--l2-grid", _floats, "l2_grid"), ("--seeds", _ints, "train_seeds")):
+        chk.add_argument(flag, type=kind, help=f"the probe.{what} the run was fitted with (as given to fit)")
+    chk.add_argument("--class-balance", choices=["weighted", "downsample"], help="as given to fit")
+    chk.add_argument("--solver", choices=["auto", "lbfgs", "minibatch"], help="as given to fit")
     mon = _command(sub, "monitor")
-    _common(mon, True, False)
+    _common(mon, True, False, runs=True)
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
     _common(insp := _command(sub, "inspect"), False, False)
     insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
-    _common(_command(sub, "report"), False, False)
+    _common(_command(sub, "report"), False, False, runs=True, several=True)
+    ev = _command(sub, "evaluate")
+    _common(ev, True, False)
+    ev.add_argument("--probes", help="the probes to evaluate: a config (its run) or a probe directory")
+    ev.add_argument("--probes-run", help="the named run of --probes, when it is a config")
+    ev.add_argument("--split", choices=["train", "val", "test"], default="val", help="target split (default val)")
+    ev.add_argument("--matrix", nargs="+", metavar="CONFIG", help="a transfer matrix over these configs (same model)")
     dd = _command(sub, "demo-data")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl", help="where to write it (default %(default)s)")
     dd.add_argument("--seed", type=int, default=0, help="seed of the document assembly (default %(default)s)")
@@ -165,10 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args):
+def _config(args, path: str | None = None):
     from .config import load_config, with_overrides
 
-    cfg = load_config(args.config or DEFAULT_CONFIG, default=args.config is None)
+    path = path if path is not None else args.config
+    cfg = load_config(path or DEFAULT_CONFIG, default=path is None)
     over = {
         "layers_to_probe": getattr(args, "layers", None),
         "device": getattr(args, "device", None),
@@ -197,11 +228,24 @@ def run(args) -> int:
         path = write_demo_dataset(args.out, seed=args.seed)
         con.print(f"wrote {path}")
         return 0
+    if args.command == "report" and args.config and len(args.config) > 1:
+        from .report import write_comparison
+
+        con.print(f"wrote {write_comparison([_config(args, c) for c in args.config], run=args.run)}")
+        return 0
+    if args.command == "evaluate" and args.matrix:
+        from .evaluate import transfer_matrix
+
+        transfer_matrix([_config(args, c) for c in args.matrix], show_progress=not args.no_progress)
+        return 0
+    if args.command == "report":
+        args.config = args.config[0] if args.config else None
     cfg = _config(args)
     from .distributed import is_primary
 
     if args.command in ("extract", "train"):
         from .extract import extract
+        from .layout import Layout
         from .records import update_run_record
 
         res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
@@ -209,6 +253,7 @@ def run(args) -> int:
             return 0  # under torchrun, rank 0 records the run and does everything after extract
         if res.status != "up to date":
             update_run_record(
+                Layout.from_config(cfg, getattr(args, "run", None)),
                 cfg,
                 "repair" if res.status == "repaired" else "extract",
                 {
@@ -227,11 +272,18 @@ def run(args) -> int:
     if args.command in ("fit", "train"):
         from .fit import fit
 
-        fit(cfg)
+        fit(cfg, run=args.run, overwrite=args.overwrite)
     if args.command == "monitor":
         from .monitor import monitor
 
-        monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, show_progress=not args.no_progress)
+        monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, run=args.run, show_progress=not args.no_progress)
+    if args.command == "evaluate":
+        from .evaluate import evaluate
+
+        if not args.probes:
+            raise NeedleprobeError("evaluate: say which probes to score with --probes (a config or a probe directory)")
+        evaluate(cfg, args.probes, split=args.split, source_run=args.probes_run, layers=args.layers,
+                 show_progress=not args.no_progress)
     if args.command == "inspect":
         from .summary import inspect
 
@@ -239,11 +291,11 @@ def run(args) -> int:
     if args.command == "report":
         from .report import write_report
 
-        con.print(f"wrote {write_report(cfg)}")
+        con.print(f"wrote {write_report(cfg, run=args.run)}")
     if args.command == "check":
         from .check import check
 
-        problems = check(cfg)
+        problems = check(cfg, run=args.run)
         if problems:
             for p in problems:
                 con.print(f"[red]FAIL[/red] {escape(p)}")

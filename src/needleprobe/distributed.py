@@ -28,9 +28,10 @@ import numpy as np
 
 from .cache import SplitPlan
 from .errors import NeedleprobeError
-from .tokens import TokenizedDoc, bucket_length
+from .tokens import bucket_length
 
 if TYPE_CHECKING:  # torch is imported where it is used: every command asks is_primary() before it needs torch
+    from .runner import SplitBatches
     import torch
 
 DEFAULT_TIMEOUT_S = 7 * 24 * 3600
@@ -147,17 +148,16 @@ def shard_ranges(costs: list[int], world: int) -> list[tuple[int, int]]:
     return [(cuts[r], cuts[r + 1]) for r in range(world)]
 
 
-def shard_split(
-    plan: SplitPlan, tdocs: list[TokenizedDoc], rows_of: list[np.ndarray], batches: list[np.ndarray], rank: int, world: int
-) -> tuple[SplitPlan, list[np.ndarray]]:
+def shard_split(plan: SplitPlan, split: "SplitBatches", rank: int, world: int) -> tuple[SplitPlan, "SplitBatches"]:
     """This rank's part of a split: its batches and the plan of their rows (rows [row_start, row_stop) of the split).
 
     The doc table and the split's stats stay whole, so ``doc_index`` keeps
     pointing into the split's table and every shard describes the same split.
     """
+    batches, tdocs = split.batches, split.tdocs
     costs = [len(b) * bucket_length(max(tdocs[i].n_tokens for i in b)) for b in batches]
     b0, b1 = shard_ranges(costs, world)[rank]
-    rows = [sum(len(rows_of[i]) for i in b) for b in batches]
+    rows = [split.rows_in(b) for b in batches]
     r0, r1 = int(sum(rows[:b0])), int(sum(rows[:b1]))
     shard = {"rank": rank, "world_size": world, "row_start": r0, "row_stop": r1, "batch_start": b0, "batch_stop": b1}
     part = replace(
@@ -168,4 +168,4 @@ def shard_split(
         token_id=plan.token_id[r0:r1],
         shard=shard,
     )
-    return part, batches[b0:b1]
+    return part, replace(split, batches=batches[b0:b1])

@@ -55,12 +55,11 @@ from .hooks import (
     find_blocks,
     load_model,
     load_tokenizer,
-    model_inputs,
     model_location,
     resolve_device,
-    run_forward,
 )
-from .records import FileLock, console, human_bytes, progress_bar, versions
+from .records import FileLock, console, human_bytes, versions
+from .runner import Forward, SplitBatches, row_index, run_batches
 from .stores import is_url, open_group
 from .summary import dir_size
 from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
@@ -184,13 +183,6 @@ def check_free_space(path, need: int, force: bool) -> None:
     )
 
 
-def row_index(batch_rows: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch index, token position) of every stored row of a batch, for advanced indexing of [B, T, d]."""
-    b = np.concatenate([np.full(len(r), i) for i, r in enumerate(batch_rows)]).astype(np.int64)
-    t = np.concatenate(batch_rows).astype(np.int64)
-    return torch.from_numpy(b).to(device), torch.from_numpy(t).to(device)
-
-
 def gather_rows(
     acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], feature_dtype: str
 ) -> Callable[[], dict[str, np.ndarray]]:
@@ -250,10 +242,18 @@ def _cache_state(path, cfg: Config, docs, overwrite: bool) -> tuple[str, Any]:
     return ("up to date" if existing.complete else "resume"), existing
 
 
-def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, tuple]:
+@dataclass
+class SplitWork:
+    """One split of an extract: what to run (``batches``) and what its group holds (``plan``)."""
+
+    batches: SplitBatches
+    plan: SplitPlan
+
+
+def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, SplitWork]:
     """Tokenize, label, cap and batch each fit split; fails before any model is loaded."""
     splits = by_split(docs)
-    plans: dict[str, tuple[list[TokenizedDoc], list[np.ndarray], list[np.ndarray], SplitPlan]] = {}
+    plans: dict[str, SplitWork] = {}
     for name in FIT_SPLITS:
         cap_docs = getattr(cfg.probe, f"max_{name}_docs")
         cap_tok = getattr(cfg.probe, f"max_{name}_tokens")
@@ -268,7 +268,7 @@ def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, tuple]:
             raise NeedleprobeError(
                 f"{data_path}: split {name!r} has no needle tokens (no document has needle_spans that survive tokenization)"
             )
-        plans[name] = (tdocs, rows_of, batches, plan)
+        plans[name] = SplitWork(SplitBatches(name, tdocs, rows_of, batches), plan)
     return plans
 
 
@@ -338,14 +338,14 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     tokenizer = load_tokenizer(cfg.model)
     plans = prepare_plans(cfg, tokenizer, docs, data_path)
     if "documents" not in fields:  # a cache from before per-document digests: written (and repaired) as it was
-        for plan in plans.values():
-            plan[3].doc_digests = None
+        for work in plans.values():
+            work.plan.doc_digests = None
     n_layers, d_model_cfg, limit = model_shape(cfg)
     if n_layers is not None:
         check_layers(layers, n_layers, cfg.model.name)
-    for tdocs, *_ in plans.values():
-        check_positions(tdocs, limit, cfg, data_path)
-    total_rows = sum(p[3].n_rows for p in plans.values())
+    for work in plans.values():
+        check_positions(work.batches.tdocs, limit, cfg, data_path)
+    total_rows = sum(w.plan.n_rows for w in plans.values())
     if d_model_cfg is not None and state != "up to date":
         present = dir_size(path) if existing is not None and not is_url(path) else 0  # resumed rows stay; stale ones go
         check_free_space(path, cache_bytes(total_rows, len(layers), d_model_cfg, cfg.probe.feature_dtype) - present, force)
@@ -426,14 +426,16 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             writer.clear_failure()
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool, torch.inference_mode():
                 with capture(blocks, layers) as cap:
-                    for name, (tdocs, rows_of, batches, plan) in plans.items():
+                    fwd = Forward(model, cap, pad_id, device)
+                    for name, work in plans.items():
+                        plan, split = work.plan, work.batches
                         if dist.sharded:
-                            plan, batches = _shard(con, dist, plan, tdocs, rows_of, batches)
+                            plan, split = _shard(con, dist, plan, split)
                         group, committed = writer.prepare_split(plan, layers, d_model, cfg.probe.feature_dtype)
                         stream = ChunkStream(group, [f"layer_{layer}" for layer in layers], committed, pool)
                         result.tokens += run_batches(
-                            model, cap, name, tdocs, rows_of, batches, stream, committed, pad_id, device,
-                            partial(gather_rows, feature_dtype=cfg.probe.feature_dtype), show_progress,
+                            fwd, split, stream, committed, partial(gather_rows, feature_dtype=cfg.probe.feature_dtype),
+                            show_progress,
                         )
                         stream.close()
                         result.splits[name] = plan.stats
@@ -472,13 +474,13 @@ def compute_settings(device: torch.device, world: int) -> dict[str, Any]:
     return out
 
 
-def _disk_full(path, writer: CacheWriter, plans: dict[str, tuple], e: OSError) -> str:
+def _disk_full(path, writer: CacheWriter, plans: dict[str, SplitWork], e: OSError) -> str:
     """One line for a full disk: what is kept (committed rows) and that running again resumes."""
     if writer.root is None:
         return f"{path}: disk full ({e.strerror}) before the cache was created; nothing was written: free some space and run extract again"
     kept = writer.committed(list(plans))
     done = sum(c for c, _ in kept.values())
-    parts = ", ".join(f"{name} {kept.get(name, (0, 0))[0]:,}/{kept[name][1] if name in kept else plans[name][3].n_rows:,}"
+    parts = ", ".join(f"{name} {kept.get(name, (0, 0))[0]:,}/{kept[name][1] if name in kept else plans[name].plan.n_rows:,}"
                       for name in plans)
     return (
         f"{path}: disk full ({e.strerror}); the {done:,} rows committed so far are kept ({parts}): "
@@ -487,7 +489,7 @@ def _disk_full(path, writer: CacheWriter, plans: dict[str, tuple], e: OSError) -
 
 
 class _RowSink:
-    """Takes a split's rows [start, stop) from ``run_batches`` (the role of a ChunkStream), in memory."""
+    """Takes a split's rows [start, stop) from ``runner.run_batches`` (the role of a ChunkStream), in memory."""
 
     def __init__(self, start: int, stop: int):
         self.pos, self.stop = start, stop
@@ -505,7 +507,7 @@ class _RowSink:
 
 
 def repair_chunks(
-    con, cfg: Config, root, fmt: int, plans: dict[str, tuple], layers: list[int], model_parts, pad_id: int, device,
+    con, cfg: Config, root, fmt: int, plans: dict[str, SplitWork], layers: list[int], model_parts, pad_id: int, device,
     show_progress: bool,
 ) -> tuple[list[str], int]:
     """Verify every chunk and rewrite the damaged ones; returns (what was repaired, tokens run through the model).
@@ -545,7 +547,7 @@ def repair_chunks(
         if d.name.startswith("layer_"):
             todo.setdefault(split, []).append((offset + d.start, offset + d.stop, arr, d))
             continue
-        small = small_arrays(plans[split][3])
+        small = small_arrays(plans[split].plan)
         if d.name not in small:
             raise NeedleprobeError(f"{d}: cannot repair it (needleprobe does not write {d.name!r})")
         values = small[d.name][0]
@@ -560,17 +562,20 @@ def repair_chunks(
         model, blocks, _ = model_parts()
         to_rows = partial(gather_rows, feature_dtype=cfg.probe.feature_dtype)
         with torch.inference_mode(), capture(blocks, layers) as cap:
+            fwd = Forward(model, cap, pad_id, device)
             for split, items in todo.items():
-                tdocs, rows_of, batches, _ = plans[split]
-                sizes = np.array([sum(len(rows_of[i]) for i in b) for b in batches], dtype=np.int64)
+                work = plans[split].batches
+                batches = work.batches
+                sizes = np.array([work.rows_in(b) for b in batches], dtype=np.int64)
                 ends = np.cumsum(sizes)
                 starts = ends - sizes
                 for g0, g1, group_items in _merged(items):
                     b0 = int(np.searchsorted(ends, g0, side="right"))  # first batch ending after g0
                     b1 = int(np.searchsorted(starts, g1, side="left"))  # first batch starting at or after g1
                     sink = _RowSink(g0, g1)
-                    tokens += run_batches(model, cap, f"{split} (repair)", tdocs, rows_of, batches[b0:b1], sink,
-                                          int(g0 - starts[b0]), pad_id, device, to_rows, show_progress)
+                    part = SplitBatches(split, work.tdocs, work.rows_of, batches[b0:b1])
+                    tokens += run_batches(fwd, part, sink, int(g0 - starts[b0]), to_rows, show_progress,
+                                          label=f"{split} (repair)")
                     rows = sink.rows()
                     for a, b, arr, d in group_items:
                         arr[d.start : d.stop] = rows[d.name][a - g0 : b - g0]
@@ -599,13 +604,13 @@ def _merged(items: list[tuple[int, int, Any, ChunkDamage]]):
         yield g0, g1, group
 
 
-def _shard(con, dist, plan: SplitPlan, tdocs, rows_of, batches):
+def _shard(con, dist, plan: SplitPlan, split: SplitBatches) -> tuple[SplitPlan, SplitBatches]:
     from .distributed import shard_split
 
-    part, mine = shard_split(plan, tdocs, rows_of, batches, dist.rank, dist.world)
+    part, mine = shard_split(plan, split, dist.rank, dist.world)
     s = part.shard
     con.print(
-        f"rank {dist.rank}/{dist.world} {plan.name}: batches {s['batch_start']}–{s['batch_stop']} of {len(batches)}, "
+        f"rank {dist.rank}/{dist.world} {plan.name}: batches {s['batch_start']}–{s['batch_stop']} of {len(split.batches)}, "
         f"rows {s['row_start']:,}–{s['row_stop']:,} of {plan.n_rows:,} → {shard_name(dist.rank, dist.world)}/{plan.name}"
     )
     return part, mine
@@ -625,67 +630,6 @@ def _check_shards(writer: CacheWriter, splits: list[str], world: int) -> None:
                 done = False
             if not done:
                 raise NeedleprobeError(f"{writer.path}: shard {key} is not complete; run the same torchrun again to resume")
-
-
-def run_batches(
-    model, cap, name: str, tdocs: list[TokenizedDoc], rows_of: list[np.ndarray], batches: list[np.ndarray],
-    stream: ChunkStream, committed: int, pad_id: int, device, to_rows, show_progress: bool,
-) -> int:
-    """Forward the batches whose rows are not yet committed and stream their rows; returns tokens processed.
-
-    ``to_rows(acts, [positions per doc])`` turns a batch's activations into a
-    ``finish()`` that returns the arrays' rows (stored activations for extract,
-    probe logits for the monitor); it is called after the next forward is
-    launched, so device work and host work overlap.
-    Batches before the commit point are skipped whole; the first batch to run
-    may already be partly stored, and its stored rows are dropped.
-    """
-    row, first = 0, len(batches)
-    for bi, batch in enumerate(batches):
-        n = sum(len(rows_of[i]) for i in batch)
-        if row + n > committed:
-            first = bi
-            break
-        row += n
-    skip = committed - row
-    done_docs = sum(len(b) for b in batches[:first])
-    tokens = 0
-    pending = None
-
-    def store(rows: dict[str, np.ndarray], skip: int) -> int:
-        if skip:
-            rows = {k: r[skip:] for k, r in rows.items()}
-        if next(iter(rows.values())).shape[0]:
-            stream.add(rows)
-        return 0
-
-    n_docs = sum(len(b) for b in batches)  # all of the split's, or this process's shard of it
-    with progress_bar(show_progress) as prog:
-        task = prog.add_task(
-            name,
-            total=sum(tdocs[i].n_tokens for b in batches for i in b),
-            completed=sum(tdocs[i].n_tokens for b in batches[:first] for i in b),
-            docs=f"{done_docs}/{n_docs}",
-        )
-        for batch in batches[first:]:
-            lens = [tdocs[i].n_tokens for i in batch]
-            T = bucket_length(max(lens))
-            ids = np.full((len(batch), T), pad_id, dtype=np.int64)
-            mask = np.zeros((len(batch), T), dtype=np.int64)
-            for j, i in enumerate(batch):
-                ids[j, : lens[j]] = tdocs[i].input_ids
-                mask[j, : lens[j]] = 1
-            inputs = model_inputs(model, torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))
-            finish = to_rows(run_forward(model, cap, inputs), [rows_of[i] for i in batch])
-            if pending is not None:  # the previous batch's rows, collected while this forward runs
-                skip = store(pending(), skip)
-            pending = finish
-            tokens += sum(lens)
-            done_docs += len(batch)
-            prog.update(task, advance=sum(lens), docs=f"{done_docs}/{n_docs}")
-        if pending is not None:
-            store(pending(), skip)
-    return tokens
 
 
 def _report_truncation(con, name: str, stats: dict[str, Any]) -> None:

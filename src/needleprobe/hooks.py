@@ -18,7 +18,6 @@ import functools
 import inspect
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -59,15 +58,6 @@ def model_location(cfg: ModelConfig) -> str:
     if cfg.name.startswith("embedded:"):
         raise NeedleprobeError(f"model.name {cfg.name!r}: the only embedded model is {EMBEDDED_MODEL!r}")
     return cfg.name
-
-
-def model_slug(name: str) -> str:
-    """A directory-safe name for a model id (``google/gemma-3-4b-it`` → ``google--gemma-3-4b-it``)."""
-    if name.startswith("embedded:"):
-        return "embedded--" + name.split(":", 1)[1]
-    if os.path.isdir(name):
-        name = Path(name).resolve().name
-    return name.strip("/").replace("/", "--").replace(":", "-")
 
 
 def load_tokenizer(cfg: ModelConfig):

@@ -28,7 +28,7 @@ ReadBlock = Callable[[int, int], np.ndarray]
 
 
 def streaming_moments(read: ReadBlock, n: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation per feature in one pass (float64 sums; constant features get std 1)."""
+    """Mean and standard deviation per feature in one pass (float64 sums; constant features get std 1, see ``probe.feature_scale``)."""
     s = s2 = None
     for start in range(0, n, block_rows):
         x = read(start, min(n, start + block_rows)).astype(np.float64)
@@ -36,8 +36,9 @@ def streaming_moments(read: ReadBlock, n: int, block_rows: int) -> tuple[np.ndar
         s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
     mean = s / n
     std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-    std[std < 1e-12] = 1.0
-    return mean, std
+    from .probe import feature_scale
+
+    return mean, feature_scale(mean, std)
 
 
 def fit_minibatch(

@@ -2,10 +2,21 @@
 
 The probe scores every text token of every document in a split; an
 aggregation turns those token logits into one score per document ("is there
-a needle somewhere in here?").  Token logits are stored in the cache's Zarr
-group (``monitor/{split}``), so re-aggregating with a new k, window or
-temperature never runs the model again; the model runs with the same hooks,
-batching, early stop and resume as ``extract``.
+a needle somewhere in here?").  Token logits live in a Zarr store of their own
+(``Layout.monitor_store``: the run's ``monitor/token_logits.zarr``, or a
+transfer directory's), never in the activation cache, which stays write-once
+after extract.  Logits are stored per probe (identified by its file's
+sha256), so re-aggregating with a new k, window or temperature, or asking for
+a subset of the probes already scored, never runs the model again; when the
+model must run, it runs with the same hooks, batching, early stop and resume
+as ``extract`` (:mod:`needleprobe.runner`).
+
+Store layout, one group per split::
+
+    {split}/                    attrs: tokens (what the token tables depend on), n_rows
+        doc_ids [D], doc_n_needles [D]                       the split's documents (file order)
+        doc_index [N], token_index [N], token_id [N], needle [N]   every text token, in processing order
+        pass-{fingerprint}/logits [N, P]                     one model run's probes (attrs: probes, commit state)
 
 Thresholds are set on needle-free documents at a target false-positive rate
 and reported as TPR at 1% and 5% FPR, next to document AUROC with a bootstrap
@@ -29,11 +40,12 @@ import numpy as np
 import torch
 import zarr
 
-from .cache import array_codecs, cache_path, documents_digest, open_cache, read_rows
+from .cache import CACHE_FORMAT, ChunkStream, array_codecs, documents_digest, read_rows
 from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
-from .metrics import bootstrap_auroc_ci, threshold_at_fpr
+from .layout import Layout
+from .metrics import binary_metrics, bootstrap_auroc_ci, threshold_at_fpr
 from .records import FileLock, atomic_write_bytes, console, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
@@ -73,141 +85,41 @@ def aggregation_label(method: str, mon: MonitorConfig) -> str:
 
 @dataclass
 class ProbeRef:
+    """A saved probe as the monitor uses it: where its file is and what it holds (sha256)."""
+
     layer: int
     seed: int
     path: Path
     sha256: str
 
+    @property
+    def key(self) -> dict[str, Any]:
+        return {"layer": self.layer, "seed": self.seed, "sha256": self.sha256}
 
-def _probes(cfg: Config, layers: list[int], seeds: list[int]) -> list[ProbeRef]:
-    from .fit import probe_paths
 
+def probe_refs(layout: Layout, layers: list[int], seeds: list[int]) -> list[ProbeRef]:
+    """The run's probe files for ``layers`` × ``seeds`` (a missing one is an error naming it)."""
     refs = []
     for layer in sorted(layers):
         for seed in seeds:
-            pt, _ = probe_paths(cfg, layer, seed)
+            pt, _ = layout.probe_files(layer, seed)
             if not pt.is_file():
                 raise NeedleprobeError(f"{pt}: probe missing (run `needleprobe fit` for layer {layer}, seed {seed})")
             refs.append(ProbeRef(layer, seed, pt, file_sha256(pt)))
     return refs
 
 
-def monitor_group_path(cfg: Config, split: str) -> str:
-    return f"monitor/{split}"
-
-
-def monitor_fingerprint(cache_fp: str, split: str, probes: list[ProbeRef], docs_digest: str) -> str:
-    """What the stored token logits depend on: the cache, the split's documents (``test`` is not in the cache) and the probes."""
-    key = json.dumps({"cache": cache_fp, "split": split, "docs": docs_digest,
-                      "probes": [(p.layer, p.seed, p.sha256) for p in probes]})
+def tokens_fingerprint(cfg: Config, docs_digest: str) -> str:
+    """What a split's token tables (and so every stored logit row) depend on, besides the probes."""
+    m, p = cfg.model, cfg.probe
+    key = json.dumps({"docs": docs_digest, "model": m.name, "revision": m.revision, "max_length": m.max_length,
+                      "chat_template": m.chat_template, "model_dtype": p.model_dtype, "site": p.activation_site})
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def score_tokens(cfg: Config, split: str, probes: list[ProbeRef], show_progress: bool = True) -> zarr.Group:
-    """Per-token logits of every probe on ``split``, computed once and stored in the cache (resumable)."""
-    from .extract import check_layers, check_positions, model_shape, run_batches
-    from .hooks import capture, find_blocks, load_model, load_tokenizer, resolve_device
-    from .cache import ChunkStream
-    from .stores import open_group
-    from .tokens import plan_batches, tokenize_documents
-
-    con = console()
-    from .fit import verify_cache
-
-    cache = open_cache(cfg)
-    verify_cache(cfg, cache)
-    data_path = cfg.dataset.resolved_path()
-    docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))[split]
-    fp = monitor_fingerprint(cache.fingerprint, split, probes, documents_digest(docs))
-    path = cache_path(cfg)
-    with FileLock(path.with_name(path.name + ".lock"), what=f"extract or monitor of {path}"):
-        root = open_group(path, mode="r+")
-        gpath = monitor_group_path(cfg, split)
-        g = root[gpath] if gpath in root else None
-        if g is not None and g.attrs.get("fingerprint") == fp and g.attrs.get("complete"):
-            con.print(f"monitor: token logits for {split!r} are up to date (no model run)")
-            return g
-        if not docs:
-            raise NeedleprobeError(f"{data_path}: split {split!r} has no documents to monitor")
-        tokenizer = load_tokenizer(cfg.model)
-        tdocs = tokenize_documents(tokenizer, docs, cfg.model.max_length, cfg.model.chat_template)
-        check_positions(tdocs, model_shape(cfg)[2], cfg, data_path)
-        order, batches = plan_batches([td.n_tokens for td in tdocs], cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
-        rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
-        committed = 0
-        if g is not None and g.attrs.get("fingerprint") == fp and g.attrs.get("initialized"):
-            committed = int(g.attrs.get("committed_rows", 0))
-        else:
-            g = _create_group(root, gpath, fp, tdocs, rows_of, order, probes, cache.format)
-        device = resolve_device(cfg.probe.device)
-        model = load_model(cfg.model, cfg.probe.model_dtype, device)
-        blocks = find_blocks(model)
-        layers = sorted({p.layer for p in probes})
-        check_layers(layers, len(blocks), cfg.model.name)
-        weights = _probe_matrices(probes, device)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        con.print(f"monitor: scoring {len(tdocs)} {split} documents with {len(probes)} probe(s) on {device}")
-        with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), capture(blocks, layers) as cap:
-            stream = ChunkStream(g, ["logits"], committed, pool)
-            run_batches(model, cap, split, tdocs, rows_of, batches, stream, committed, pad_id, device,
-                        partial(_logit_rows, weights=weights), show_progress)
-            stream.close()
-    return g
-
-
-def _create_group(root, gpath, fp, tdocs, rows_of, order, probes, fmt: int) -> zarr.Group:
-    """Token tables in processing order, known before the model runs; logits filled by the stream.
-
-    Arrays are stored like the cache's own (``fmt``: with crc32c checksums from format 2 on)."""
-    idx = [int(i) for i in order]
-    doc_index = np.concatenate([np.full(len(rows_of[i]), i, np.int32) for i in idx])
-    token_index = np.concatenate([rows_of[i] for i in idx]).astype(np.int32)
-    needle = np.concatenate([tdocs[i].positive[rows_of[i]] for i in idx]).astype(np.int8)
-    token_id = np.concatenate([tdocs[i].input_ids[rows_of[i]] for i in idx]).astype(np.int32)
-    n = int(doc_index.size)
-    chunk = int(os.environ.get("NEEDLEPROBE_CHUNK_ROWS") or LOGIT_CHUNK_ROWS)
-    g = root.create_group(gpath, overwrite=True)
-    codecs = array_codecs(fmt, compress=True)
-    g.create_array("logits", shape=(n, len(probes)), chunks=(chunk, len(probes)), dtype="float32", fill_value=0.0, **codecs)
-    for name, arr in (("doc_index", doc_index), ("token_index", token_index), ("needle", needle), ("token_id", token_id)):
-        a = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 1 << 18)),), dtype=arr.dtype, **codecs)
-        a[:] = arr
-    ids = g.create_array("doc_ids", shape=(len(tdocs),), chunks=(len(tdocs),), dtype=str, **codecs)
-    ids[:] = np.asarray([td.doc.doc_id for td in tdocs], dtype=str)
-    nn = g.create_array("doc_n_needles", shape=(len(tdocs),), chunks=(len(tdocs),), dtype="int32", **codecs)
-    nn[:] = np.array([len(td.doc.needle_spans) for td in tdocs], np.int32)
-    g.attrs.update(
-        {
-            "fingerprint": fp,
-            "probes": [{"layer": p.layer, "seed": p.seed, "sha256": p.sha256} for p in probes],
-            "n_rows": n,
-            "chunk_rows": chunk,
-            "committed_rows": 0,
-            "complete": False,
-            "initialized": True,
-        }
-    )
-    return g
-
-
-def _probe_matrices(probes: list[ProbeRef], device) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Per layer: (layer, W [d, P_layer], b [P_layer]) in the column order of ``probes``."""
-    from .fit import load_probe
-
-    out = []
-    for layer in sorted({p.layer for p in probes}):
-        ws, bs = zip(*(load_probe(p.path) for p in probes if p.layer == layer))
-        out.append((layer, torch.stack(ws, 1).to(device), torch.stack(bs).to(device)))
-    return out
-
-
-def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
-    """Probe logits [rows, n_probes] of a batch's text tokens (see ``extract.run_batches``)."""
-    from .extract import row_index
-
-    b_idx, t_idx = row_index(batch_rows, next(iter(acts.values())).device)
-    logits = torch.cat([acts[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
-    return lambda: {"logits": logits}
+def _pass_name(probes: list[ProbeRef]) -> str:
+    key = json.dumps([p.key for p in probes])
+    return "pass-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -223,50 +135,246 @@ class MonitorTokens:
     token_index: list[np.ndarray]
 
 
-def read_tokens(g: zarr.Group) -> MonitorTokens:
-    """The stored logits per document; a damaged chunk raises ``CacheDamaged`` (one line naming it)."""
-    doc_index = read_rows(g["doc_index"])
-    token_index = read_rows(g["token_index"])
-    order = np.lexsort((token_index, doc_index))  # per document, by position
-    doc_index, token_index = doc_index[order], token_index[order]
-    logits, needle, token_id = (read_rows(g[name])[order] for name in ("logits", "needle", "token_id"))
-    doc_ids = [str(x) for x in read_rows(g["doc_ids"])]
-    bounds = np.searchsorted(doc_index, np.arange(len(doc_ids) + 1))
-    sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(doc_ids))]
-    return MonitorTokens(
-        doc_ids, read_rows(g["doc_n_needles"]), list(g.attrs["probes"]),
-        [logits[s] for s in sl], [needle[s] for s in sl], [token_id[s] for s in sl], [token_index[s] for s in sl],
-    )
+class LogitStore:
+    """The monitor's Zarr store (one group per split); see the module docstring."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def _root(self, mode: str) -> zarr.Group | None:
+        from .stores import open_group
+
+        if mode in ("r", "r+") and not (self.path / "zarr.json").is_file():
+            return None
+        if mode != "r":
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        return open_group(self.path, mode=mode)
+
+    def split_group(self, split: str, tokens_fp: str, mode: str = "r") -> zarr.Group | None:
+        """The split's group when its token tables are current (``tokens_fp``), else None (``mode`` "r+" to write)."""
+        root = self._root(mode)
+        if root is None or split not in root.group_keys():
+            return None
+        g = root[split]
+        return g if g.attrs.get("tokens") == tokens_fp and g.attrs.get("initialized") else None
+
+    @staticmethod
+    def stored(g: zarr.Group) -> dict[tuple[int, int, str], tuple[zarr.Group, int]]:
+        """(layer, seed, sha256) → (its complete pass group, column) for every probe with stored logits."""
+        out = {}
+        for name in sorted(g.group_keys()):
+            pg = g[name]
+            if name.startswith("pass-") and pg.attrs.get("complete"):
+                for j, p in enumerate(pg.attrs.get("probes", [])):
+                    out.setdefault((int(p["layer"]), int(p["seed"]), p["sha256"]), (pg, j))
+        return out
+
+    def read(self, g: zarr.Group, probes: list[ProbeRef]) -> MonitorTokens | None:
+        """The logits of ``probes`` (columns in that order), or None when one of them is not stored."""
+        have = self.stored(g)
+        if any((p.layer, p.seed, p.sha256) not in have for p in probes):
+            return None
+        doc_index = read_rows(g["doc_index"])
+        token_index = read_rows(g["token_index"])
+        order = np.lexsort((token_index, doc_index))  # per document, by position
+        doc_index, token_index = doc_index[order], token_index[order]
+        cache: dict[str, np.ndarray] = {}
+        cols = []
+        for p in probes:
+            pg, j = have[(p.layer, p.seed, p.sha256)]
+            if pg.path not in cache:
+                cache[pg.path] = read_rows(pg["logits"])
+            cols.append(cache[pg.path][:, j])
+        logits = np.stack(cols, 1)[order]
+        needle, token_id = (read_rows(g[name])[order] for name in ("needle", "token_id"))
+        doc_ids = [str(x) for x in read_rows(g["doc_ids"])]
+        bounds = np.searchsorted(doc_index, np.arange(len(doc_ids) + 1))
+        sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(doc_ids))]
+        return MonitorTokens(
+            doc_ids, read_rows(g["doc_n_needles"]), [p.key for p in probes],
+            [logits[s] for s in sl], [needle[s] for s in sl], [token_id[s] for s in sl], [token_index[s] for s in sl],
+        )
+
+    def create_split(self, split: str, tokens_fp: str, tdocs, rows_of, order) -> zarr.Group:
+        """Token tables in processing order, known before the model runs (replaces a stale group)."""
+        idx = [int(i) for i in order]
+        root = self._root("a")
+        g = root.create_group(split, overwrite=True)
+        codecs = array_codecs(CACHE_FORMAT, compress=True)
+        n = int(sum(len(rows_of[i]) for i in idx))
+        tables = {
+            "doc_index": np.concatenate([np.full(len(rows_of[i]), i, np.int32) for i in idx]),
+            "token_index": np.concatenate([rows_of[i] for i in idx]).astype(np.int32),
+            "needle": np.concatenate([tdocs[i].positive[rows_of[i]] for i in idx]).astype(np.int8),
+            "token_id": np.concatenate([tdocs[i].input_ids[rows_of[i]] for i in idx]).astype(np.int32),
+        }
+        for name, arr in tables.items():
+            a = g.create_array(name, shape=(n,), chunks=(max(1, min(n, 1 << 18)),), dtype=arr.dtype, **codecs)
+            a[:] = arr
+        ids = g.create_array("doc_ids", shape=(len(tdocs),), chunks=(max(1, len(tdocs)),), dtype=str, **codecs)
+        ids[:] = np.asarray([td.doc.doc_id for td in tdocs], dtype=str)
+        nn = g.create_array("doc_n_needles", shape=(len(tdocs),), chunks=(max(1, len(tdocs)),), dtype="int32", **codecs)
+        nn[:] = np.array([len(td.doc.needle_spans) for td in tdocs], np.int32)
+        g.attrs.update({"tokens": tokens_fp, "n_rows": n, "initialized": True})
+        return g
+
+    @staticmethod
+    def open_pass(g: zarr.Group, probes: list[ProbeRef]) -> tuple[zarr.Group, int]:
+        """The pass group for exactly ``probes`` (resumed when it was interrupted), and its committed rows."""
+        name = _pass_name(probes)
+        if name in g.group_keys() and g[name].attrs.get("initialized"):
+            return g[name], int(g[name].attrs.get("committed_rows", 0))
+        n = int(g.attrs["n_rows"])
+        chunk = int(os.environ.get("NEEDLEPROBE_CHUNK_ROWS") or LOGIT_CHUNK_ROWS)
+        pg = g.create_group(name, overwrite=True)
+        pg.create_array("logits", shape=(n, len(probes)), chunks=(chunk, len(probes)), dtype="float32", fill_value=0.0,
+                        **array_codecs(CACHE_FORMAT, compress=True))
+        pg.attrs.update({"probes": [p.key for p in probes], "n_rows": n, "chunk_rows": chunk, "committed_rows": 0,
+                         "complete": False, "initialized": True})
+        return pg, 0
+
+    @staticmethod
+    def drop_stale(g: zarr.Group, current: dict[tuple[int, int], str]) -> None:
+        """Remove passes none of whose probes is a current probe file ((layer, seed) → sha256): refit since."""
+        for name in list(g.group_keys()):
+            if not name.startswith("pass-"):
+                continue
+            probes = g[name].attrs.get("probes", [])
+            if not any(current.get((int(p["layer"]), int(p["seed"]))) == p["sha256"] for p in probes):
+                del g[name]
 
 
-def monitor_dir(cfg: Config) -> Path:
-    """``results/monitor/{name}_{version}``: beside ``output_dir`` (``results/probes``)."""
-    from .stores import as_path
+def stored_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeRef]) -> MonitorTokens | None:
+    """The logits of those of ``probes`` that ``store`` holds for ``cfg``'s current ``split`` (None if none); no model."""
+    data_path = cfg.dataset.resolved_path()
+    docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))[split] if data_path.is_file() else []
+    g = store.split_group(split, tokens_fingerprint(cfg, documents_digest(docs))) if docs else None
+    if g is None:
+        return None
+    have = store.stored(g)
+    kept = [p for p in probes if (p.layer, p.seed, p.sha256) in have]
+    return store.read(g, kept) if kept else None
 
-    return as_path(cfg.probe.output_dir).parent / "monitor" / cfg.dataset.key
+
+def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeRef], *, show_progress: bool = True,
+                 current: dict[tuple[int, int], str] | None = None) -> MonitorTokens:
+    """Per-token logits of ``probes`` on ``cfg``'s ``split``: read from ``store``, the model run only for probes it lacks.
+
+    ``cfg`` says which documents and model (the probes may come from another
+    run, as in a transfer evaluation); ``current`` lists the probe files that
+    are still current, so passes of probes refit since are dropped.
+    """
+    from .extract import check_layers, check_positions, model_shape
+    from .hooks import capture, find_blocks, load_model, load_tokenizer, resolve_device
+    from .runner import Forward, SplitBatches, run_batches
+    from .tokens import plan_batches, tokenize_documents
+
+    con = console()
+    data_path = cfg.dataset.resolved_path()
+    docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))[split]
+    if not docs:
+        raise NeedleprobeError(f"{data_path}: split {split!r} has no documents to monitor")
+    tokens_fp = tokens_fingerprint(cfg, documents_digest(docs))
+    g = store.split_group(split, tokens_fp, mode="r+")
+    if g is not None:
+        if current is not None:
+            store.drop_stale(g, current)
+        found = store.read(g, probes)
+        if found is not None:
+            con.print(f"monitor: token logits of {len(probes)} probe(s) on {split!r} already stored (no model run)")
+            return found
+    tokenizer = load_tokenizer(cfg.model)
+    tdocs = tokenize_documents(tokenizer, docs, cfg.model.max_length, cfg.model.chat_template)
+    n_layers, d_model, limit = model_shape(cfg)
+    check_positions(tdocs, limit, cfg, data_path)
+    layers = sorted({p.layer for p in probes})
+    if n_layers is not None:
+        check_layers(layers, n_layers, cfg.model.name)
+    weights = _probe_matrices(probes, d_model)
+    order, batches = plan_batches([td.n_tokens for td in tdocs], cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
+    rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
+    if g is None:
+        g = store.create_split(split, tokens_fp, tdocs, rows_of, order)
+    have = store.stored(g)
+    missing = [p for p in probes if (p.layer, p.seed, p.sha256) not in have]
+    pg, committed = store.open_pass(g, missing)
+    device = resolve_device(cfg.probe.device)
+    model = load_model(cfg.model, cfg.probe.model_dtype, device)
+    blocks = find_blocks(model)
+    check_layers(sorted({p.layer for p in missing}), len(blocks), cfg.model.name)
+    mats = [(layer, w.to(device), b.to(device)) for layer, w, b in _by_layer(missing, weights)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    con.print(f"monitor: scoring {len(tdocs)} {split} documents with {len(missing)} probe(s) on {device}")
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), capture(blocks, sorted({p.layer for p in missing})) as cap:
+        stream = ChunkStream(pg, ["logits"], committed, pool)
+        run_batches(Forward(model, cap, pad_id, device), SplitBatches(split, tdocs, rows_of, batches), stream, committed,
+                    partial(_logit_rows, weights=mats), show_progress)
+        stream.close()
+    pg.attrs["complete"] = True
+    found = store.read(g, probes)
+    assert found is not None
+    return found
 
 
-def evaluate(tokens: MonitorTokens, mon: MonitorConfig, n_boot: int = 1000) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _probe_matrices(probes: list[ProbeRef], d_model: int | None) -> dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(layer, seed, sha256) → (weight [d], bias []) of each probe, checked against the model's width."""
+    from .probe import LinearProbe
+
+    out = {}
+    for p in probes:
+        probe = LinearProbe.load(p.path)
+        if d_model is not None and probe.d_model != d_model:
+            raise NeedleprobeError(f"{p.path}: the probe reads d_model {probe.d_model}, the model's width is {d_model} "
+                                   "(a probe of another model?)")
+        out[(p.layer, p.seed, p.sha256)] = (torch.from_numpy(probe.coef_), torch.tensor(probe.intercept_, dtype=torch.float32))
+    return out
+
+
+def _by_layer(probes: list[ProbeRef], weights) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Per layer: (layer, W [d, P_layer], b [P_layer]), columns in the order of ``probes``."""
+    out = []
+    for layer in sorted({p.layer for p in probes}):
+        ws, bs = zip(*(weights[(p.layer, p.seed, p.sha256)] for p in probes if p.layer == layer))
+        out.append((layer, torch.stack(ws, 1), torch.stack(bs)))
+    return out
+
+
+def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
+    """Probe logits [rows, n_probes] of a batch's text tokens (see ``runner.run_batches``)."""
+    from .runner import row_index
+
+    b_idx, t_idx = row_index(batch_rows, next(iter(acts.values())).device)
+    logits = torch.cat([acts[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
+    return lambda: {"logits": logits}
+
+
+def document_scores(tokens: MonitorTokens, j: int, method: str, mon: MonitorConfig) -> np.ndarray:
+    """One score per document (file order) for probe column ``j``; documents without text tokens rank lowest."""
+    s = np.array([aggregate(lg[:, j], method, mon) for lg in tokens.logits])
+    if not np.isfinite(s).all():
+        finite = s[np.isfinite(s)]
+        s = np.where(np.isfinite(s), s, (finite.min() if finite.size else 0.0) - 1.0)
+    return s
+
+
+def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_boot: int = 1000
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(metrics rows per probe × aggregation, per-document scores)."""
     y = (tokens.doc_n_needles > 0).astype(np.int8)
     if y.min() == y.max():
-        raise NeedleprobeError("the monitored split needs documents both with and without needles")
+        raise NeedleprobeError(f"split {split!r} needs documents both with and without needles for the monitor's metrics")
     rows, per_doc = [], [{"doc_id": d, "n_needles": int(n), "scores": {}} for d, n in zip(tokens.doc_ids, tokens.doc_n_needles)]
-    from sklearn.metrics import roc_auc_score
-
     for j, p in enumerate(tokens.probes):
         key = f"layer_{p['layer']}_seed_{p['seed']}"
         for method in AGGREGATIONS:
-            s = np.array([aggregate(lg[:, j], method, mon) for lg in tokens.logits])
-            if not np.isfinite(s).all():  # documents without text tokens rank below every other
-                finite = s[np.isfinite(s)]
-                s = np.where(np.isfinite(s), s, (finite.min() if finite.size else 0.0) - 1.0)
+            s = document_scores(tokens, j, method, mon)
             lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=n_boot, seed=0)
             row = {
+                "split": split,
                 "layer": p["layer"],
                 "seed": p["seed"],
                 "aggregation": aggregation_label(method, mon),
-                "auroc": float(roc_auc_score(y, s)),
+                "auroc": binary_metrics(y, s)["auroc"],
                 "auroc_ci_low": lo,
                 "auroc_ci_high": hi,
             }
@@ -281,27 +389,38 @@ def evaluate(tokens: MonitorTokens, mon: MonitorConfig, n_boot: int = 1000) -> t
     return rows, per_doc
 
 
-def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | None = None, split: str | None = None,
-            show_progress: bool = True) -> dict[str, Any]:
-    split = split or cfg.monitor.split
-    probes = _probes(cfg, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
-    g = score_tokens(cfg, split, probes, show_progress)
-    rows, per_doc = evaluate(read_tokens(g), cfg.monitor)
-    out = monitor_dir(cfg)
-    csv_path, jsonl_path = out / "monitor_metrics.csv", out / f"doc_scores_{split}.jsonl"
+def write_rows_csv(path, rows: list[dict[str, Any]]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    atomic_write_bytes(csv_path, buf.getvalue().encode())
-    atomic_write_bytes(jsonl_path, "".join(json.dumps(d, sort_keys=True) + "\n" for d in per_doc).encode())
-    update_run_record(cfg, "monitor", {
-        "split": split,
-        "monitor": cfg.to_dict()["monitor"],
-        "probes": [{"layer": p.layer, "seed": p.seed, "sha256": p.sha256} for p in probes],
-        "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
-    })
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | None = None, split: str | None = None,
+            run: str | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run."""
+    split = split or cfg.monitor.split
+    layout = Layout.from_config(cfg, run)
+    layout.refuse_foreign("monitor")
+    probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
+    from .fit import existing_probes
+
+    with FileLock(layout.lock, what=f"fit or monitor of {layout.run_dir}"):
+        current = {k: file_sha256(layout.probe_files(*k)[0]) for k in existing_probes(layout)}
+        tokens = score_tokens(cfg, LogitStore(layout.monitor_store), split, probes, show_progress=show_progress,
+                              current=current)
+        rows, per_doc = document_metrics(tokens, cfg.monitor, split)
+        csv_path, jsonl_path = layout.monitor_csv(split), layout.doc_scores(split)
+        write_rows_csv(csv_path, rows)
+        atomic_write_bytes(jsonl_path, "".join(json.dumps(d, sort_keys=True) + "\n" for d in per_doc).encode())
+        update_run_record(layout, cfg, f"monitor:{split}", {
+            "split": split,
+            "monitor": cfg.to_dict()["monitor"],
+            "probes": [p.key for p in probes],
+            "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
+        })
     _print(rows, split)
     return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path)}
 

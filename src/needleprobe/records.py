@@ -241,13 +241,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_record_path(cfg) -> Path:
-    return Path(cfg.probe.run_record_dir) / f"{cfg.dataset.key}_probe_run_record.json"
+def update_run_record(layout, cfg, stage: str, section: dict[str, Any], drop: tuple[str, ...] = ()) -> Path:
+    """Merge one stage's section into the run record at ``layout.run_record`` (extract, fit, monitor each own theirs).
 
-
-def update_run_record(cfg, stage: str, section: dict[str, Any]) -> Path:
-    """Merge one stage's section into the run record (extract and fit each own theirs)."""
-    path = run_record_path(cfg)
+    ``drop``: sections that no longer describe this run's files (a new fit drops the monitor's, ``monitor:{split}``).
+    """
+    path = layout.run_record
     record: dict[str, Any] = {}
     if path.is_file():
         try:
@@ -257,6 +256,7 @@ def update_run_record(cfg, stage: str, section: dict[str, Any]) -> Path:
     record.update(
         {
             "dataset": cfg.dataset.key,
+            **({"run": layout.run} if layout.run else {}),
             "config": cfg.to_dict(),
             "config_path": cfg.source,
             "git_commit": git_commit(),
@@ -264,7 +264,11 @@ def update_run_record(cfg, stage: str, section: dict[str, Any]) -> Path:
             "host": platform.node(),
         }
     )
-    record.setdefault("stages", {})[stage] = {**section, "command": sys.argv}
+    stages = record.setdefault("stages", {})
+    for name in list(stages):
+        if any(name == d or name.startswith(d + ":") for d in drop):
+            del stages[name]
+    stages[stage] = {**section, "command": sys.argv}
     atomic_write_json(path, record)
     return path
 

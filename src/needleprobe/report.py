@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import Config
 from .errors import NeedleprobeError
-from .stores import as_path
+
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
 SEED_DASH = ("", "7 4", "2 3", "10 3 2 3", "4 2")
@@ -42,9 +42,11 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def report_path(cfg: Config) -> Path:
-    """``results/report/{name}_{version}.html``: beside ``results/probes`` and ``results/monitor``."""
-    return as_path(cfg.probe.output_dir).parent / "report" / f"{cfg.dataset.key}.html"
+def report_path(cfg: Config, run: str | None = None) -> Path:
+    """``report.html`` in the run directory (``layout.Layout.report``)."""
+    from .layout import Layout
+
+    return Layout.from_config(cfg, run).report
 
 
 # ---------------------------------------------------------------------------
@@ -68,14 +70,15 @@ class ProbeInfo:
         return (float(ci[0]), float(ci[1])) if ci else None
 
 
-def load_probe_infos(cfg: Config) -> tuple[list[ProbeInfo], list[str]]:
+def load_probe_infos(cfg: Config, run: str | None = None) -> tuple[list[ProbeInfo], list[str]]:
     """Probes of the config's layers × seeds that exist on disk, and the ones that do not."""
-    from .fit import probe_paths
+    from .layout import Layout
 
+    layout = Layout.from_config(cfg, run)
     found, missing = [], []
     for layer in sorted(cfg.probe.layers_to_probe):
         for seed in cfg.probe.train_seeds:
-            pt, js = probe_paths(cfg, layer, seed)
+            pt, js = layout.probe_files(layer, seed)
             if js.is_file() and pt.is_file():
                 found.append(ProbeInfo(layer, seed, pt, json.loads(js.read_text())))
             else:
@@ -338,7 +341,7 @@ def probe_roc_section(cfg: Config, cache, probes: list[ProbeInfo]) -> tuple[str,
     """ROC of each layer's best probe on the cached val rows; warnings if a probe no longer reproduces its AUROC."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from .fit import load_probe, score
+    from .probe import LinearProbe
 
     warnings: list[str] = []
     if cache is None:
@@ -356,12 +359,12 @@ def probe_roc_section(cfg: Config, cache, probes: list[ProbeInfo]) -> tuple[str,
         if layer not in val.layers:
             warnings.append(f"layer {layer} is not in the cache; its ROC curve is missing")
             continue
-        w, b = load_probe(p.pt)
+        probe = LinearProbe.load(p.pt)
         x = val.to_numpy(layer)
-        if x.shape[1] != w.shape[0]:
-            warnings.append(f"probe layer {layer} seed {p.seed} has d_model {w.shape[0]}, the cache {x.shape[1]}")
+        if x.shape[1] != probe.d_model:
+            warnings.append(f"probe layer {layer} seed {p.seed} has d_model {probe.d_model}, the cache {x.shape[1]}")
             continue
-        s = score(x, w.numpy().astype(np.float32), float(b))
+        s = probe.decision_function(x)
         del x
         auc = float(roc_auc_score(y, s))
         if abs(auc - p.auroc) > 1e-9:
@@ -401,19 +404,21 @@ class MonitorView:
     chosen: str = "max"
 
 
-def choose_monitor_group(cfg: Config, cache) -> tuple[dict[str, Any] | None, list[str]]:
-    """The monitor group to show (the config's split if present, else the first), and notes on the others."""
-    from .summary import monitor_groups
+def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo]) -> tuple[tuple[str, Any] | None, list[str]]:
+    """(split, stored token logits of the run's current probes) to show: the config's split first; notes on the rest."""
+    from .data import file_sha256
+    from .layout import Layout
+    from .monitor import LogitStore, ProbeRef, stored_tokens
 
-    groups = monitor_groups(cfg, cache)
-    if not groups:
-        return None, []
-    usable = [g for g in groups if g["up_to_date"]]
-    notes = [f"{g['group']}: {g['reason']}" for g in groups if not g["up_to_date"]]
-    if not usable:
-        return None, notes
-    pick = next((g for g in usable if g["split"] == cfg.monitor.split), usable[0])
-    return pick, notes
+    layout = Layout.from_config(cfg, run)
+    refs = [ProbeRef(p.layer, p.seed, p.pt, file_sha256(p.pt)) for p in probes]
+    store = LogitStore(layout.monitor_store)
+    order = [cfg.monitor.split] + [s for s in ("test", "val", "train") if s != cfg.monitor.split]
+    for split in order:
+        tokens = stored_tokens(cfg, store, split, refs)
+        if tokens is not None:
+            return (split, tokens), []
+    return None, []
 
 
 def _finite(s: np.ndarray) -> np.ndarray:
@@ -425,20 +430,19 @@ def _finite(s: np.ndarray) -> np.ndarray:
     return s
 
 
-def monitor_view(cfg: Config, cache, group: dict[str, Any], probes: list[ProbeInfo]) -> MonitorView:
+def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo]) -> MonitorView:
     """Document scores of the best monitored probe under every aggregation, with the monitor's metrics."""
     from sklearn.metrics import roc_auc_score
 
     from .metrics import bootstrap_auroc_ci, threshold_at_fpr
-    from .monitor import AGGREGATIONS, aggregate, aggregation_label, read_tokens
+    from .monitor import AGGREGATIONS, aggregate, aggregation_label
 
-    tokens = read_tokens(cache.root[group["group"]])
     auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
     layer_mean = {layer: float(np.mean([p.auroc for p in probes if p.layer == layer])) for layer in {p.layer for p in probes}}
     cols = [(int(p["layer"]), int(p["seed"])) for p in tokens.probes]
     j = max(range(len(cols)), key=lambda i: (auroc_of.get(cols[i], -1.0), layer_mean.get(cols[i][0], -1.0), -cols[i][0], -cols[i][1]))
     y = (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
-    view = MonitorView(group["split"], tokens, j, cols[j][0], cols[j][1])
+    view = MonitorView(split, tokens, j, cols[j][0], cols[j][1])
     both = 0 < y.sum() < y.size
     for jj, (layer, seed) in enumerate(cols):
         per = {}
@@ -723,14 +727,14 @@ def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
                  row_classes=classes)
 
 
-def build_html(cfg: Config) -> str:
+def build_html(cfg: Config, run: str | None = None) -> str:
     from .cache import open_cache
+    from .layout import Layout
 
-    probes, missing = load_probe_infos(cfg)
+    layout = Layout.from_config(cfg, run)
+    probes, missing = load_probe_infos(cfg, run)
     if not probes:
-        from .fit import output_dir
-
-        raise NeedleprobeError(f"{output_dir(cfg)}: no probes for this config (run `needleprobe fit` first)")
+        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `needleprobe fit` first)")
     best = best_overall(probes)
     per_layer = best_per_layer(probes)
     warnings: list[str] = [f"probe missing: {m} (run `needleprobe fit`)" for m in missing]
@@ -755,10 +759,9 @@ def build_html(cfg: Config) -> str:
     warnings += w
 
     view, mon_notes = None, []
-    if cache is not None:
-        group, mon_notes = choose_monitor_group(cfg, cache)
-        if group is not None:
-            view = monitor_view(cfg, cache, group, probes)
+    found, mon_notes = choose_monitor_tokens(cfg, run, probes)
+    if found is not None:
+        view = monitor_view(cfg, found[0], found[1], probes)
     if view is None:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
         mon_html = note(f"No up-to-date monitor results. {why}Run `needleprobe monitor --config {cfg.source or '<config>'}` "
@@ -804,7 +807,7 @@ def build_html(cfg: Config) -> str:
         + ("" if view is None else f"; probe layer {view.layer} · seed {view.seed}, documents ranked by "
            f"{esc(view.chosen)}, the aggregation with the best document AUROC")
         + ".</p>" + heat_html + "</section>",
-        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(as_path(cfg.probe.output_dir) / cfg.dataset.key))}'
+        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(layout.run_dir))}'
         f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
     ]
@@ -817,10 +820,18 @@ def build_html(cfg: Config) -> str:
     )
 
 
-def write_report(cfg: Config) -> Path:
-    """Write ``results/report/{name}_{version}.html`` (atomically) and return its path."""
+def write_report(cfg: Config, run: str | None = None) -> Path:
+    """Write ``report.html`` in the run directory (atomically) and return its path."""
+    from .layout import Layout
     from .records import atomic_write_bytes
 
-    path = report_path(cfg)
-    atomic_write_bytes(path, build_html(cfg).encode("utf-8"))
+    layout = Layout.from_config(cfg, run)
+    layout.refuse_foreign("report")
+    path = layout.report
+    atomic_write_bytes(path, build_html(cfg, run).encode("utf-8"))
     return path
+
+
+def write_comparison(cfgs: list[Config], run: str | None = None) -> Path:
+    """One HTML page comparing several runs (written by ``needleprobe report`` given several configs)."""
+    raise NeedleprobeError("a comparison report is not written yet")

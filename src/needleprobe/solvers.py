@@ -55,13 +55,13 @@ is compute-bound there) and the joint scheme took 1.4-1.8x the CPU time of the
 warm path with carried memory (50k x 1024 and 100k x 2048), so the warm path is
 the default.
 
-CPU details (measured on a 2-core AMD EPYC): single-column products go through
-numpy's BLAS, whose GEMV was ~1.5x faster than torch's there; the O(n) vector
-work runs on one torch thread during a fit (it is a few percent of a pass, and
-OpenMP barriers on shared cores made 2-thread elementwise ops up to 100x
-slower); the caller's torch thread count is restored afterwards.  The chunked
-``X^T r`` runs on one BLAS thread for the same reason (same bits, see
-``_one_blas_thread``).  TF32 is disabled during a fit on CUDA.
+CPU details (measured on a 2-core AMD EPYC): ``X @ p`` goes through numpy's
+BLAS, whose GEMV was ~1.5x faster than torch's there, on numpy's own threads;
+the chunked ``X^T r`` and the O(n) vector work run on torch's threads.  This
+module changes no process-wide setting (several fits may run at once, one per
+device): the fit command sets torch to one thread on CPU and disables TF32 once,
+around all of its fits (``runtime.fit_settings``), because OpenMP barriers on
+shared cores made 2-thread element-wise ops up to 100x slower.
 
 Tolerance: ``tol = 1e-6`` on the max-abs gradient of ``J`` (100x tighter than
 scikit-learn's default ``1e-4``, which is not enough for weak penalties).  On
@@ -84,8 +84,6 @@ its float32 rounding.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -121,68 +119,6 @@ class PathResult:
 # --------------------------------------------------------------------------- #
 # Data and the two products with X
 # --------------------------------------------------------------------------- #
-
-
-@contextlib.contextmanager
-def _exact_float32_matmul():
-    """Disable TF32 (a global user setting) for the duration of a fit."""
-    prev = torch.get_float32_matmul_precision()
-    try:
-        torch.set_float32_matmul_precision("highest")
-        yield
-    finally:
-        torch.set_float32_matmul_precision(prev)
-
-
-@contextlib.contextmanager
-def _single_threaded_elementwise(data: "_Data"):
-    """On CPU, run torch's O(n) vector ops on one thread for the duration of a fit.
-
-    Single-threaded they cost a few percent of a pass over X, while each OpenMP
-    parallel region can stall for milliseconds when the cores are shared
-    (measured: 2 threads made a whole fit 10x slower on a busy 2-core machine).
-    The products with X keep the caller's thread count: single-column ones run in
-    numpy's BLAS (its own thread pool), multi-column ones re-enable torch threads
-    (see :meth:`_Data._torch_threads`).  The caller's setting is restored on exit.
-    """
-    if data.dev.type != "cpu":
-        yield
-        return
-    data.threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(data.threads)
-
-
-@functools.lru_cache(maxsize=1)
-def _blas_threads():
-    """threadpoolctl's handle on the loaded BLAS libraries (numpy's), found once; None without threadpoolctl."""
-    try:
-        from threadpoolctl import ThreadpoolController
-    except ImportError:
-        return None
-    return ThreadpoolController().select(user_api="blas")
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """numpy's BLAS on one thread while X^T r runs chunk by chunk; the caller's count is restored.
-
-    Each chunk is a separate BLAS call, and on a busy machine every call that
-    wakes a second BLAS thread can wait a scheduler slice for it (measured: a
-    demo layer's fit 21.6 s instead of 4.0 s next to another torch process; no
-    difference on an idle machine, where the product is memory-bound).  The
-    result is the same to the bit: OpenBLAS splits this product by output
-    element, so each sum runs in the same order on any thread count (tested).
-    """
-    ctl = _blas_threads()
-    if ctl is None:
-        yield
-        return
-    with ctl.limit(limits=1):
-        yield
 
 
 class _Data:
@@ -228,53 +164,31 @@ class _Data:
         # On CPU, single-column products go through numpy's BLAS (OpenBLAS): its
         # GEMV was ~1.5x faster than torch's MKL GEMV on the AMD machine measured.
         self.Xn = self.X.detach().numpy() if self.dev.type == "cpu" else None
-        self.threads = None  # caller's torch thread count while a fit runs (CPU)
-
-    @contextlib.contextmanager
-    def _torch_threads(self):
-        """Torch matmuls on CPU run with the caller's thread count."""
-        if self.threads is None or self.threads == 1:
-            yield
-            return
-        torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(1)
 
     def xp(self, P: torch.Tensor) -> torch.Tensor:
         """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out)."""
         K = P.shape[1]
         Pt = P[:-1].T.to(self.mm_dtype).contiguous()  # [K, d]
-        if K == 1 and self.Xn is not None:
-            out = torch.from_numpy(self.Xn @ Pt[0].numpy())[:, None]
-        elif self.cuda:
+        if self.Xn is None:
             out = self.X @ Pt.T
+        elif K == 1:
+            out = torch.from_numpy(self.Xn @ Pt[0].numpy())[:, None]
         else:
-            with self._torch_threads():
-                if K <= 2:
-                    out = torch.nn.functional.linear(self.X, Pt)  # MKL has a fast N=2 path
-                else:
-                    out = (Pt @ self.X.T).T
+            out = torch.from_numpy(self.Xn @ Pt.numpy().T)
         return out.to(_F64) + P[-1]
 
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
         """X^T R for R [n, K] (float64 in and out), float64 sums over row chunks."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
         chunk = _CHUNK_ROWS * (8 if self.cuda else 1)  # fewer kernel launches on GPU
-        if R.shape[1] == 1 and self.Xn is not None:
-            r, Xn = Rt[0].numpy(), self.Xn
-            acc = np.zeros(self.d, dtype=np.float64)
-            with _one_blas_thread():
-                for i in range(0, self.n, chunk):
-                    acc += r[i : i + chunk] @ Xn[i : i + chunk]
-            return torch.from_numpy(acc)[:, None]
-        with self._torch_threads():
-            if self.mm_dtype == _F64 or self.n <= chunk:
-                return (Rt @ self.X).to(_F64).T
-            acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
-            for i in range(0, self.n, chunk):
-                acc += (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64)
+        if self.mm_dtype == _F64 or self.n <= chunk:
+            return (Rt @ self.X).to(_F64).T
+        # Torch's product, chunk by chunk: on CPU it runs on torch's threads, which a fit command sets to one
+        # (``runtime.fit_settings``): each chunk is a separate call, and on a busy machine every call that wakes
+        # a second thread can wait a scheduler slice for it (measured: a demo layer 21.6 s instead of 4.0 s).
+        acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
+        for i in range(0, self.n, chunk):
+            acc += (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64)
         return acc.T
 
     def loss(self, Z: torch.Tensor) -> torch.Tensor:
@@ -741,7 +655,7 @@ def fit_l2_path(
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
     data = _Data(X, y, sample_weight)
     uniq = np.array(sorted(set(grid), reverse=True), dtype=np.float64)
-    with torch.no_grad(), _exact_float32_matmul(), _single_threaded_elementwise(data):
+    with torch.no_grad():
         theta, n_iter, converged, f, gmax = _fit_path(data, uniq, tol=tol, max_iter=max_iter)
     theta_cpu = theta.cpu()
     per_value = {}

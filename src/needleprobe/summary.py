@@ -87,61 +87,6 @@ def _d_model(cache: Cache, splits: list[str]) -> int | None:
     return None
 
 
-def monitor_groups(cfg: Config, cache: Cache) -> list[dict[str, Any]]:
-    """The stored monitor token logits, one entry per split, and whether today's probes produced them.
-
-    ``up_to_date`` uses the monitor's own fingerprint (cache fingerprint, split,
-    sha256 of every probe file), so a refit probe makes the stored logits stale.
-    """
-    from .cache import documents_digest
-    from .data import by_split, file_sha256
-    from .fit import probe_paths
-    from .monitor import ProbeRef, monitor_fingerprint
-
-    if "monitor" not in cache.root.group_keys():
-        return []
-    data_path = cfg.dataset.resolved_path()
-    splits = by_split(load_documents(data_path, cfg.dataset.val_fraction)) if data_path.is_file() else {}
-
-    def docs_digest(split: str) -> str | None:
-        return documents_digest(splits[split]) if split in splits else None
-
-    root = cache.root["monitor"]
-    out = []
-    for split in sorted(root.group_keys()):
-        g = root[split]
-        attrs = dict(g.attrs)
-        probes = list(attrs.get("probes", []))
-        refs, missing = [], []
-        for p in probes:
-            pt, _ = probe_paths(cfg, int(p["layer"]), int(p["seed"]))
-            if pt.is_file():
-                refs.append(ProbeRef(int(p["layer"]), int(p["seed"]), pt, file_sha256(pt)))
-            else:
-                missing.append(f"layer {p['layer']} seed {p['seed']}")
-        if missing:
-            up_to_date, reason = False, f"probe file(s) missing: {', '.join(missing)}"
-        elif monitor_fingerprint(cache.fingerprint, split, refs, docs_digest(split)) != attrs.get("fingerprint"):
-            up_to_date, reason = False, "probes were refit (or the cache rebuilt) since the monitor ran"
-        elif not attrs.get("complete"):
-            up_to_date, reason = False, "interrupted (run `needleprobe monitor` again to resume)"
-        else:
-            up_to_date, reason = True, ""
-        out.append(
-            {
-                "split": split,
-                "group": f"monitor/{split}",
-                "complete": bool(attrs.get("complete", False)),
-                "rows": int(attrs.get("n_rows", 0)),
-                "docs": int(g["doc_ids"].shape[0]) if "doc_ids" in g.array_keys() else 0,
-                "probes": [(int(p["layer"]), int(p["seed"])) for p in probes],
-                "up_to_date": up_to_date,
-                "reason": reason,
-            }
-        )
-    return out
-
-
 def cache_facts(cfg: Config) -> dict[str, Any]:
     """Everything ``inspect`` shows, as JSON-ready data.
 
@@ -183,7 +128,6 @@ def cache_facts(cfg: Config) -> dict[str, Any]:
         "size_bytes": dir_size(cache.path),
         "splits": split_facts,
         "damaged": [x["damaged"] for x in split_facts.values() if x["damaged"]],
-        "monitor": monitor_groups(cfg, cache),
     }
 
 
@@ -227,12 +171,6 @@ def cache_summary(cfg: Config, facts: dict[str, Any] | None = None) -> Table:
             f"{s['rows']:,} rows: {s['positives']:,} needle / {s['negatives']:,} negative · "
             f"{s['docs']:,} docs ({s['docs_with_needles']:,} with needles) · {s['tokens']:,} tokens{state}",
         )
-    if not f["monitor"]:
-        t.add_row("monitor", "none (run `needleprobe monitor`)")
-    for m in f["monitor"]:
-        probes = ", ".join(f"L{layer}/s{seed}" for layer, seed in m["probes"])
-        state = "[green]up to date[/green]" if m["up_to_date"] else f"[yellow]stale[/yellow]: {escape(m['reason'])}"
-        t.add_row(escape(m["group"]), f"{m['docs']:,} docs, {m['rows']:,} tokens · probes {probes} · {state}")
     return t
 
 
