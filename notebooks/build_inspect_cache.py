@@ -69,15 +69,15 @@ for r in shown:
 
 PCA (numpy SVD) of the val activations. If needle and negative tokens separate in the first two
 components, even a linear probe has an easy job."""),
-    ("code", """from needleprobe.fit import load_probe, probe_paths
+    ("code", """from needleprobe import NeedleprobeError, load_probes
 
-def probe_auroc(layer, seed):
-    _, js = probe_paths(cfg, layer, seed)
-    return json.loads(js.read_text())["val_metrics"]["auroc"] if js.is_file() else None
+try:
+    probes = load_probes(cfg)  # (layer, seed) -> LinearProbe, from the config's run directory
+except NeedleprobeError:
+    probes = {}
 
 if LAYER is None:
-    fitted = {(L, s): probe_auroc(L, s) for L in cache.layers for s in cfg.probe.train_seeds}
-    fitted = {k: v for k, v in fitted.items() if v is not None}
+    fitted = {k: p.val_auroc_ for k, p in probes.items() if p.val_auroc_ is not None}
     LAYER, best_seed = max(fitted, key=fitted.get) if fitted else (cache.layers[0], None)
     SEED = best_seed if SEED is None else SEED
 if SEED is None:
@@ -103,15 +103,15 @@ else:
     plt.show()"""),
     ("md", """## A saved probe, scored from the cache
 
-`logit = x @ weight + bias` on raw activations. The AUROC must equal the one `needleprobe fit`
-recorded in the probe's JSON: same rows, same weights."""),
+`probe.decision_function(x)` is `x @ probe.coef_ + probe.intercept_` on raw activations (the `.pt`
+file's `weight` and `bias`). The AUROC must equal the one `needleprobe fit` recorded in the
+probe's JSON: same rows, same weights."""),
     ("code", """from sklearn.metrics import roc_auc_score
 
-pt, js = probe_paths(cfg, LAYER, SEED)
-weight, bias = load_probe(pt)
-logits = x @ weight.numpy() + np.float32(bias.item())
+probe = probes[(LAYER, SEED)]
+logits = probe.decision_function(x)
 reproduced = roc_auc_score(labels, logits)
-recorded = json.loads(js.read_text())["val_metrics"]["auroc"]
+recorded = probe.val_auroc_
 print(f"probe layer {LAYER} seed {SEED}: reproduced val AUROC {reproduced:.6f}, JSON val_metrics.auroc {recorded:.6f}")
 assert abs(reproduced - recorded) < 1e-6, "the probe no longer matches this cache: refit with `needleprobe fit`\""""),
 ]

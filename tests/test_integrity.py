@@ -134,13 +134,13 @@ def test_damaged_chunk_is_named_on_every_read_path(run, how, capsys):
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 2
     out = capsys.readouterr().err
     assert f"damaged: {want.split(': run')[0]}" in out.splitlines()
-    assert "1 of 102 chunks are damaged (crc32c checksums): run needleprobe extract --repair" in out.splitlines()[-1]
+    assert "1 of 46 chunks are damaged (crc32c checksums): run needleprobe extract --repair" in out.splitlines()[-1]
 
 
 def test_undamaged_cache_verifies(run, capsys):
     cfg_path, _, _ = run
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 102 chunks verified (crc32c checksums)" in capsys.readouterr().err
+    assert "all 46 chunks verified (crc32c checksums)" in capsys.readouterr().err
 
 
 def test_damaged_small_arrays_and_monitor_results_are_named(run, capsys):
@@ -153,14 +153,18 @@ def test_damaged_small_arrays_and_monitor_results_are_named(run, capsys):
     assert main(["extract", "--config", str(cfg_path), "--repair", "--no-progress"]) == 0
     capsys.readouterr()
 
-    _damage(cache_dir / "monitor" / "val" / "logits" / "c" / "2" / "0", "random")
-    want = (
-        f"{cache_dir}/monitor/val/logits chunk 2 (rows 128–191) is damaged (checksum mismatch): run needleprobe extract "
-        "--repair (it drops the damaged monitor results), then needleprobe monitor --split val"
-    )
-    for argv in (["monitor", "--split", "val", "--no-progress"], ["report"]):
-        assert main([*argv, "--config", str(cfg_path)]) == 2, argv
-        assert _one_line_error(capsys) == want, argv
+    # the monitor's stored logits (in the run, not the cache): a damaged chunk is recomputed, never read
+    from needleprobe.layout import Layout
+
+    store = Layout.from_config(load_config(cfg_path)).monitor_store
+    (logits,) = [p for p in (store / "val").glob("pass-*/logits/c/2/0")]
+    _damage(logits, "random")
+    assert main(["report", "--config", str(cfg_path)]) == 0  # without the damaged monitor results
+    assert main(["monitor", "--config", str(cfg_path), "--split", "val", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "logits chunk 2 (rows 128–191) is damaged (checksum mismatch)" in err and "recomputing" in err
+    assert main(["monitor", "--config", str(cfg_path), "--split", "val", "--no-progress"]) == 0
+    assert "already stored (no model run)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------
@@ -177,7 +181,6 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
         "val/layer_4/c/0/0": "empty",
         "train/labels/c/0": "random",  # small arrays: rewritten from the plan
         "val/doc_ids/c/0": "deleted",
-        "monitor/val/needle/c/0": "empty",  # monitor results: dropped, the monitor recomputes them
     }
     for rel, how in damaged.items():
         _damage(cache_dir / rel, how)
@@ -185,13 +188,13 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
     calls = []
     real = ex.run_batches
 
-    def spy(model, cap, name, tdocs, rows_of, batches, *a, **k):
-        calls.append((name, sum(tdocs[i].n_tokens for b in batches for i in b)))
-        return real(model, cap, name, tdocs, rows_of, batches, *a, **k)
+    def spy(fwd, split, *a, **k):
+        calls.append((k.get("label") or split.name, split.tokens_in(split.batches)))
+        return real(fwd, split, *a, **k)
 
     monkeypatch.setattr(ex, "run_batches", spy)
     res = ex.extract(load_config(cfg_path), repair=True, show_progress=False)
-    assert res.status == "repaired" and len(res.repaired) == 6
+    assert res.status == "repaired" and len(res.repaired) == 5
     # one model run per damaged row range (train 192–255 and 320–350, val 0–63), each a few batches only
     assert [name for name, _ in calls] == ["train (repair)", "train (repair)", "val (repair)"]
     total = sum(open_cache(cfg_path).split(s).stats["tokens"] for s in ("train", "val"))
@@ -199,17 +202,12 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
 
     after = _stats(cache_dir)
     rewritten = {k for k in after if before.get(k) != after[k]}
-    assert rewritten == {k for k in damaged if not k.startswith("monitor/")}
-    assert not any(k.startswith("monitor/val") for k in after)
+    assert rewritten == set(damaged)
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
     assert "all 46 chunks verified" in capsys.readouterr().err
-
-    from needleprobe.monitor import monitor
-
-    monitor(load_config(cfg_path), split="val", show_progress=False)
     assert_same_arrays(cache_dir, ref_dir)
     assert ex.extract(load_config(cfg_path), repair=True, show_progress=False).status == "up to date"
-    assert "all 102 chunks verified, nothing to repair" in capsys.readouterr().err
+    assert "all 46 chunks verified, nothing to repair" in capsys.readouterr().err
 
 
 def test_repair_refuses_under_torchrun(monkeypatch, tmp_path):

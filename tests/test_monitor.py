@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -125,6 +126,44 @@ def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):
     assert main(["monitor", "--config", str(new_cfg), "--layer", "5", "--seed", "1", "--no-progress"]) == 0
     rows = list(csv.DictReader(open(Layout.from_config(load_config(new_cfg)).monitor_csv("val"))))
     assert {(r["layer"], r["seed"]) for r in rows} == {("5", "1")}
+
+
+def test_refit_probe_is_scored_again_and_its_old_logits_dropped(monitored, tmp_path, capsys):
+    """Stored logits belong to a probe file (sha256): a refit probe is rescored, the others are read back."""
+    import shutil
+
+    import zarr
+
+    cfg_path, cfg, _ = monitored
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["probe"]["output_dir"] = str(tmp_path / "probes")
+    new_path = tmp_path / "c.yaml"
+    new_path.write_text(yaml.safe_dump(raw))
+    new = load_config(new_path)
+    shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(new).run_dir)
+    capsys.readouterr()
+    assert main(["monitor", "--config", str(new_path), "--split", "val", "--no-progress"]) == 0
+    assert "already stored (no model run)" in capsys.readouterr().err  # an identical copy is still current
+    pt, _ = probe_files(new, 5, 1)
+    d = torch.load(pt, weights_only=True)
+    torch.save({"weight": d["weight"] * 2, "bias": d["bias"]}, pt)
+    assert main(["monitor", "--config", str(new_path), "--split", "val", "--no-progress"]) == 0
+    assert re.search(r"scoring \d+ val documents with 1 probe\(s\)", capsys.readouterr().err)  # only the refit one
+    from needleprobe.data import file_sha256
+
+    g = zarr.open_group(str(Layout.from_config(new).monitor_store), mode="r")["val"]
+    assert (5, 1, file_sha256(pt)) in LogitStore.stored(g)
+    assert main(["monitor", "--config", str(new_path), "--split", "val", "--no-progress"]) == 0
+    assert "already stored (no model run)" in capsys.readouterr().err
+    # once no probe of a model run is current any more, its logits are dropped
+    for layer in (1, 5):
+        for seed in (0, 1):
+            p, _ = probe_files(new, layer, seed)
+            d = torch.load(p, weights_only=True)
+            torch.save({"weight": d["weight"] * 3, "bias": d["bias"]}, p)
+    assert main(["monitor", "--config", str(new_path), "--split", "val", "--no-progress"]) == 0
+    g = zarr.open_group(str(Layout.from_config(new).monitor_store), mode="r")["val"]
+    assert len([k for k in g.group_keys() if k.startswith("pass-")]) == 1
 
 
 @pytest.mark.slow

@@ -46,8 +46,9 @@ def test_committed_notebook_is_generated_and_has_no_outputs():
 
 @pytest.mark.slow
 def test_notebook_executes_and_reproduces_auroc(config_path, monkeypatch):
+    from conftest import probe_files as probe_paths
+
     from needleprobe.config import load_config
-    from needleprobe.fit import probe_paths
 
     monkeypatch.setenv("NEEDLEPROBE_CONFIG", str(config_path))  # the kernel inherits this environment
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")

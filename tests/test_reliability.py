@@ -365,14 +365,15 @@ def test_two_runs_give_identical_outputs(tmp_path, small_dataset, one_thread):
 
 def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_path):
     """A fit that dies midway leaves no temporary or half-written file, and the previous CSV and run record intact."""
-    import needleprobe.fit as fit_mod
-    from needleprobe.records import run_record_path
+    import needleprobe.records as records
+    from needleprobe.layout import Layout
 
     cfg_path, cfg = minilm_run
     out = Path(cfg.probe.output_dir) / cfg.dataset.key
+    record = Layout.from_config(cfg).run_record
     before_csv = (out / "probe_metrics.csv").read_bytes()
-    before_record = run_record_path(cfg).read_bytes()
-    real, calls = fit_mod.atomic_write_json, []
+    before_record = record.read_bytes()
+    real, calls = records.atomic_write_json, []
 
     def dying(path, obj):
         calls.append(path)
@@ -380,10 +381,10 @@ def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_pat
             raise KeyboardInterrupt  # as if Ctrl-C arrived while the second probe was being written
         real(path, obj)
 
-    monkeypatch.setattr(fit_mod, "atomic_write_json", dying)
+    monkeypatch.setattr(records, "atomic_write_json", dying)
     assert main(["fit", "--config", str(cfg_path), "--l2-grid", "0.5,5"]) == 130
     assert (out / "probe_metrics.csv").read_bytes() == before_csv
-    assert run_record_path(cfg).read_bytes() == before_record
+    assert record.read_bytes() == before_record
     assert not [p for p in out.iterdir() if ".tmp" in p.name]
     import torch
 

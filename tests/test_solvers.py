@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 
@@ -250,12 +249,20 @@ def test_cuda_matches_cpu():
         np.testing.assert_allclose(a.weight, b.weight, atol=1e-2)
 
 
-def test_one_blas_thread_for_xtr_changes_no_bit(monkeypatch):
-    """X^T r on one BLAS thread (robust on a busy machine) gives the fit that every thread count gives."""
-    X, y, s, _, _ = make_problem(n=20_000, d=96, seed=5)
-    args = (torch.from_numpy(X), torch.from_numpy(y), [1e-3, 1e-1], torch.from_numpy(s))
-    one = fit_l2_path(*args)
-    monkeypatch.setattr(solvers, "_one_blas_thread", contextlib.nullcontext)
-    default = fit_l2_path(*args)
-    for a, b in zip(one, default):
-        assert np.array_equal(a.weight, b.weight) and a.bias == b.bias and a.n_iter == b.n_iter
+def test_solver_changes_no_process_wide_setting(monkeypatch):
+    """Several fits may run at once (one per device): the solver never sets torch's threads or matmul precision."""
+    X, y, s, _, _ = make_problem(n=5_000, d=32, seed=5)
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(("threads", n)))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda p: calls.append(("precision", p)))
+    fit_l2_path(torch.from_numpy(X), torch.from_numpy(y), [1e-3, 1e-1], torch.from_numpy(s))
+    assert calls == []
+
+
+def test_fit_command_sets_them_once_around_every_fit(monkeypatch):
+    from needleprobe.runtime import fit_settings
+
+    before = (torch.get_num_threads(), torch.get_float32_matmul_precision())
+    with fit_settings(cpu=True):
+        assert torch.get_num_threads() == 1 and torch.get_float32_matmul_precision() == "highest"
+    assert (torch.get_num_threads(), torch.get_float32_matmul_precision()) == before

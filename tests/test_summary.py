@@ -52,9 +52,7 @@ def test_facts_are_the_cache_contents(run):
         mine = [d for d in docs if d["split"] == split]
         assert s["docs"] == len(mine) and s["docs_with_needles"] == sum(1 for d in mine if d["needle_spans"])
         assert s["complete"] and s["committed_rows"] == s["rows"]
-    (mon,) = f["monitor"]
-    assert mon["split"] == "val" and mon["up_to_date"] and mon["probes"] == [(1, 0), (1, 1), (3, 0), (3, 1)]
-    assert mon["docs"] == f["splits"]["val"]["docs"]
+    assert "monitor" not in f  # the monitor's results belong to a run, not to the cache
 
 
 def test_training_settings_and_layer_subsets_do_not_make_it_stale(run):
@@ -97,28 +95,6 @@ def test_edited_dataset_is_stale_and_missing_dataset_is_unknown(run, tmp_path):
     assert "not found" in f["differences"][0]
 
 
-def test_refit_probe_makes_monitor_logits_stale(run, tmp_path):
-    """The monitor's token logits belong to specific probe files; a changed probe must flag them."""
-    import shutil
-
-    import torch
-
-    from needleprobe.fit import output_dir, probe_paths
-    from needleprobe.summary import cache_facts
-
-    cfg = _with(run, output_dir=str(tmp_path / "probes"))
-    shutil.copytree(output_dir(run), output_dir(cfg))
-    assert cache_facts(cfg)["monitor"][0]["up_to_date"]  # an identical copy is still current
-    pt, _ = probe_paths(cfg, 3, 1)
-    d = torch.load(pt, weights_only=True)
-    torch.save({"weight": d["weight"] * 2, "bias": d["bias"]}, pt)
-    (mon,) = cache_facts(cfg)["monitor"]
-    assert not mon["up_to_date"] and "refit" in mon["reason"]
-    pt.unlink()
-    (mon,) = cache_facts(cfg)["monitor"]
-    assert not mon["up_to_date"] and "layer 3 seed 1" in mon["reason"]
-
-
 def test_summary_table_renders_the_verdict(run):
     from rich.console import Console
 
@@ -130,7 +106,7 @@ def test_summary_table_renders_the_verdict(run):
         return con.file.getvalue()
 
     ok = render(run)
-    assert "matches config" in ok and "yes" in ok and "monitor/val" in ok and "up to date" in ok
+    assert "matches config" in ok and "yes" in ok
     assert "d_model 384" in ok and "train" in ok and "val" in ok
     stale = render(_with(run, negatives_per_doc=3))
     assert "no, stale" in stale and "negatives_per_doc: 16 -> 3" in stale

@@ -248,12 +248,15 @@ def run(args) -> int:
         from .layout import Layout
         from .records import update_run_record
 
+        layout = Layout.from_config(cfg, getattr(args, "run", None))
+        if is_primary():  # before the model runs: a run of another model would be refused after it
+            layout.refuse_foreign(args.command, args.overwrite, record_only=args.command == "extract")
         res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
         if not is_primary():
             return 0  # under torchrun, rank 0 records the run and does everything after extract
         if res.status != "up to date":
             update_run_record(
-                Layout.from_config(cfg, getattr(args, "run", None)),
+                layout,
                 cfg,
                 "repair" if res.status == "repaired" else "extract",
                 {

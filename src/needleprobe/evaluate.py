@@ -86,6 +86,18 @@ def _check_compatible(source: Source, target: Config, cache) -> None:
                                    f"(cached: {', '.join(map(str, cache.layers))}); extract it there first")
 
 
+def _check_split(cfg: Config, split: str) -> None:
+    """The target split needs needle and clean documents (token AUROC, document AUROC): checked before any work."""
+    from .data import by_split, load_documents
+
+    path = cfg.dataset.resolved_path()
+    docs = by_split(load_documents(path, cfg.dataset.val_fraction))[split]
+    with_needles = sum(1 for d in docs if d.needle_spans)
+    if not docs or with_needles in (0, len(docs)):
+        what = "no documents" if not docs else ("only clean documents" if with_needles == 0 else "only needle documents")
+        raise NeedleprobeError(f"{path}: split {split!r} has {what}; evaluating needs documents with and without needles")
+
+
 def target_cache(cfg: Config, show_progress: bool = True):
     """The target's activation cache, extracted first when it is missing."""
     from .cache import open_cache
@@ -132,6 +144,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
             raise NeedleprobeError(f"{source.run_dir}: no probes of layer(s) {unknown} "
                                    f"(it has {sorted({layer for layer, _ in source.probes})})")
         source.probes = {k: v for k, v in source.probes.items() if k[0] in layers}
+    _check_split(target, split)
     cache = target_cache(target, show_progress)
     _check_compatible(source, target, cache)
     tgt = Layout.from_config(target)

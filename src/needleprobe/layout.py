@@ -168,11 +168,17 @@ class Layout:
             return None
         return RunIdentity.from_config_dict(rec.get("config", {}))
 
-    def refuse_foreign(self, what: str, overwrite: bool = False) -> None:
-        """Refuse to write ``what`` where outputs of another model, site or dataset live (unless ``overwrite``)."""
+    def refuse_foreign(self, what: str, overwrite: bool = False, *, record_only: bool = False) -> None:
+        """Refuse to write ``what`` where outputs of another model, site or dataset live (unless ``overwrite``).
+
+        ``record_only``: only the run record is written (an extract's section), so only it is checked.
+        """
         if overwrite:
             return
-        for where, other in ((self.run_dir, self.owner()), (self.run_record, self.record_owner())):
+        owners = [(self.run_record, self.record_owner())]
+        if not record_only:
+            owners.insert(0, (self.run_dir, self.owner()))
+        for where, other in owners:
             if other is not None and other != self.identity:
                 raise NeedleprobeError(
                     f"{where}: holds outputs of {other.describe()}, and this {what} is {self.identity.describe()}; "

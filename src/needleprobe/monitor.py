@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import zarr
 
-from .cache import CACHE_FORMAT, ChunkStream, array_codecs, documents_digest, read_rows
+from .cache import CACHE_FORMAT, CacheDamaged, ChunkStream, array_codecs, documents_digest, read_rows
 from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
@@ -233,6 +233,11 @@ class LogitStore:
                          "complete": False, "initialized": True})
         return pg, 0
 
+    def drop_split(self, split: str) -> None:
+        root = self._root("r+")
+        if root is not None and split in root.group_keys():
+            del root[split]
+
     @staticmethod
     def drop_stale(g: zarr.Group, current: dict[tuple[int, int], str]) -> None:
         """Remove passes none of whose probes is a current probe file ((layer, seed) → sha256): refit since."""
@@ -253,7 +258,10 @@ def stored_tokens(cfg: Config, store: LogitStore, split: str, probes: list[Probe
         return None
     have = store.stored(g)
     kept = [p for p in probes if (p.layer, p.seed, p.sha256) in have]
-    return store.read(g, kept) if kept else None
+    try:
+        return store.read(g, kept) if kept else None
+    except CacheDamaged:  # the monitor recomputes damaged logits on its next run
+        return None
 
 
 def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeRef], *, show_progress: bool = True,
@@ -279,7 +287,12 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     if g is not None:
         if current is not None:
             store.drop_stale(g, current)
-        found = store.read(g, probes)
+        try:
+            found = store.read(g, probes)
+        except CacheDamaged as e:  # derived data: recompute rather than repair
+            con.print(f"[yellow]monitor: {e.damage}; recomputing the stored logits of {split!r}", soft_wrap=True)
+            store.drop_split(split)
+            g = found = None
         if found is not None:
             con.print(f"monitor: token logits of {len(probes)} probe(s) on {split!r} already stored (no model run)")
             return found

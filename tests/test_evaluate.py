@@ -1,0 +1,174 @@
+"""Transfer evaluation: saved probes scored on another dataset, as one would compute it by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import probe_files, small_docs, write_config, write_jsonl
+from sklearn.metrics import roc_auc_score
+
+from needleprobe import LinearProbe, open_cache
+from needleprobe.cli import main
+from needleprobe.config import load_config
+from needleprobe.demo_data import build_demo_documents
+from needleprobe.layout import Layout
+
+
+def _other_dataset() -> list[dict]:
+    """The demo's test documents (a third wording of the needles), as another dataset's train, val and test."""
+    docs = [d for d in build_demo_documents(0) if d["split"] == "test"][:40]
+    for i, d in enumerate(docs):
+        d["split"] = ("train", "val", "val", "test")[i % 4]
+        d["doc_id"] = "other-" + d["doc_id"]
+    return docs
+
+
+def _config(tmp, name: str, data, **probe):
+    raw = yaml.safe_load(write_config(tmp, data, **probe).read_text())
+    raw["dataset"]["name"] = name
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    """(source config with fitted probes on layers 1, 3; target config, not extracted yet)."""
+    tmp = tmp_path_factory.mktemp("transfer")
+    source = _config(tmp, "synthetic", write_jsonl(tmp / "a.jsonl", small_docs(12, 8)), layers_to_probe=[1, 3])
+    assert main(["train", "--config", str(source), "--no-progress"]) == 0
+    target = _config(tmp, "other", write_jsonl(tmp / "b.jsonl", _other_dataset()), layers_to_probe=[1, 3])
+    return tmp, source, target
+
+
+def test_evaluate_equals_the_auroc_computed_by_hand(two, capsys):
+    tmp, source, target = two
+    assert not Layout.from_config(load_config(target)).cache.exists()
+    assert main(["evaluate", "--config", str(target), "--probes", str(source), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "no activation cache for other_v1 yet: extracting it" in err and "probes of synthetic_v1 on other_v1" in err
+    src, tgt = load_config(source), load_config(target)
+    out = Layout.from_config(src).run_dir / "transfer" / "other_v1-val"
+    rows = list(csv.DictReader(open(out / "eval_metrics.csv")))
+    assert {(int(r["layer"]), int(r["seed"])) for r in rows} == {(L, s) for L in (1, 3) for s in src.probe.train_seeds}
+    val = open_cache(tgt).split("val")
+    for r in rows:
+        d = __import__("torch").load(probe_files(src, int(r["layer"]), int(r["seed"]))[0], weights_only=True)
+        logits = val.to_numpy(int(r["layer"])) @ d["weight"].numpy() + d["bias"].item()
+        assert float(r["token_auroc"]) == pytest.approx(roc_auc_score(val.labels, logits), abs=1e-6)
+        assert float(r["auroc_ci_low"]) <= float(r["token_auroc"]) <= float(r["auroc_ci_high"])
+        assert int(r["rows"]) == val.n_rows and int(r["positives"]) == int(val.labels.sum())
+    summary = json.loads((out / "eval_metrics.json").read_text())
+    assert summary["source"]["dataset"] == "synthetic_v1" and summary["target"]["dataset"] == "other_v1"
+    docs = list(csv.DictReader(open(out / "doc_metrics.csv")))
+    assert len(docs) == len(rows) * 5 and {d["split"] for d in docs} == {"val"}
+    assert summary["document_metrics"][0]["auroc"] == pytest.approx(float(docs[0]["auroc"]))
+
+
+def test_evaluate_on_the_test_split_scores_every_text_token(two):
+    tmp, source, target = two
+    assert main(["evaluate", "--config", str(target), "--probes", str(source), "--split", "test", "--layers", "3",
+                 "--no-progress"]) == 0
+    out = Layout.from_config(load_config(source)).run_dir / "transfer" / "other_v1-test"
+    rows = list(csv.DictReader(open(out / "eval_metrics.csv")))
+    assert {r["layer"] for r in rows} == {"3"} and all(int(r["rows"]) > 1000 for r in rows)  # every token, not samples
+    summary = json.loads((out / "eval_metrics.json").read_text())
+    assert summary["token_rows"] == "every text token"
+
+
+def test_transfer_matrix(two):
+    tmp, source, target = two
+    assert main(["fit", "--config", str(target)]) == 0
+    assert main(["evaluate", "--matrix", str(source), str(target), "--no-progress"]) == 0
+    src, tgt = load_config(source), load_config(target)
+    common = Layout.from_config(src).run_dir.parent
+    lines = list(csv.reader(open(common / "transfer_matrix_synthetic_v1+other_v1.csv")))
+    assert lines[0] == ["layer", "trained_on", "synthetic_v1", "other_v1"]
+    table = {(int(r[0]), r[1]): [float(x) for x in r[2:]] for r in lines[1:]}
+    assert sorted(table) == [(1, "other_v1"), (1, "synthetic_v1"), (3, "other_v1"), (3, "synthetic_v1")]
+    for (layer, trained), aurocs in table.items():
+        probes = {s: LinearProbe.load(probe_files(src if trained == "synthetic_v1" else tgt, layer, s)[0])
+                  for s in (src if trained == "synthetic_v1" else tgt).probe.train_seeds}
+        best = max(probes, key=lambda s: (probes[s].val_auroc_, -s))
+        for cfg, got in zip((src, tgt), aurocs):
+            val = open_cache(cfg).split("val")
+            assert got == pytest.approx(roc_auc_score(val.labels, probes[best].decision_function(val.to_numpy(layer))), abs=1e-12)
+    # a dataset's own val is its probe's own val AUROC
+    own = LinearProbe.load(probe_files(src, 3, 0)[0]).val_auroc_
+    assert table[(3, "synthetic_v1")][0] == pytest.approx(own, abs=1e-6)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("needleprobe: error: ") and "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_bad_inputs_are_one_line_and_write_nothing(two, tmp_path, capsys):
+    tmp, source, target = two
+    src = load_config(source)
+    transfer = Layout.from_config(src).run_dir / "transfer"
+    before = sorted(p.name for p in transfer.iterdir()) if transfer.exists() else []
+
+    # probes of another model
+    other_model = tmp_path / "gpt2probes"
+    other_model.mkdir()
+    for suffix in ("pt", "json"):
+        data = probe_files(src, 1, 0)[1 if suffix == "json" else 0].read_bytes()
+        if suffix == "json":
+            meta = json.loads(data)
+            meta["config"]["model"]["name"] = "gpt2"
+            data = json.dumps(meta).encode()
+        (other_model / f"probe_layer_1_seed_0.{suffix}").write_bytes(data)
+    assert main(["evaluate", "--config", str(target), "--probes", str(other_model)]) == 2
+    assert "probes of gpt2 · resid_post, the target is embedded:all-MiniLM-L6-v2 · resid_post" in _one_line(capsys)
+
+    # another d_model
+    narrow = tmp_path / "narrow"
+    narrow.mkdir()
+    LinearProbe.from_weights(np.ones(64, np.float32), 0.0, json.loads(probe_files(src, 1, 0)[1].read_text())).save(
+        narrow / "probe_layer_1_seed_0")
+    assert main(["evaluate", "--config", str(target), "--probes", str(narrow)]) == 2
+    assert "reads d_model 64, the target cache has 384" in _one_line(capsys)
+
+    # a layer the target cache does not hold
+    raw = yaml.safe_load(target.read_text())
+    raw["probe"]["layers_to_probe"] = [1]
+    raw["probe"]["cache_dir"] = str(tmp_path / "cache1")
+    one_layer = tmp_path / "one_layer.yaml"
+    one_layer.write_text(yaml.safe_dump(raw))
+    assert main(["evaluate", "--config", str(one_layer), "--probes", str(source), "--no-progress"]) == 2
+    assert "probe layer 3 is not in the target cache" in _one_line(capsys)
+
+    # an empty probe directory
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--config", str(target), "--probes", str(tmp_path / "empty")]) == 2
+    assert "no probe files" in _one_line(capsys)
+
+    # a target split with one class: only clean documents in test
+    docs = _other_dataset()
+    for d in docs:
+        if d["split"] == "test":
+            d["needle_spans"] = []
+    clean = write_jsonl(tmp_path / "clean.jsonl", docs)
+    raw = yaml.safe_load(target.read_text())
+    raw["dataset"]["path"] = str(clean)
+    clean_cfg = tmp_path / "clean.yaml"
+    clean_cfg.write_text(yaml.safe_dump(raw))
+    assert main(["evaluate", "--config", str(clean_cfg), "--probes", str(source), "--split", "test", "--no-progress"]) == 2
+    assert "split 'test' has only clean documents; evaluating needs documents with and without needles" in _one_line(capsys)
+
+    # an unknown placeholder
+    raw = yaml.safe_load(target.read_text())
+    raw["probe"]["output_dir"] = "results/{modle}"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    assert main(["evaluate", "--config", str(bad), "--probes", str(source)]) == 2
+    assert "unknown placeholder {modle}" in _one_line(capsys)
+
+    after = sorted(p.name for p in transfer.iterdir()) if transfer.exists() else []
+    assert after == before
