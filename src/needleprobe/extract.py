@@ -52,10 +52,12 @@ from .errors import NeedleprobeError
 from .hooks import (
     TORCH_DTYPES,
     capture,
+    check_layers,
+    check_positions,
     find_blocks,
     load_model,
     load_tokenizer,
-    model_location,
+    model_shape,
     resolve_device,
 )
 from .records import FileLock, console, human_bytes, versions
@@ -113,41 +115,6 @@ def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Con
         stats=stats,
         doc_digests=[doc_digest(td.doc) for td in tdocs],
     ), [r for r, _ in per_doc]
-
-
-def check_layers(layers: list[int], n_layers: int, model_name: str) -> None:
-    bad = [layer for layer in layers if layer >= n_layers]
-    if bad:
-        raise NeedleprobeError(
-            f"probe.layers_to_probe: layer(s) {bad} out of range: {model_name} has {n_layers} blocks (valid 0..{n_layers - 1})"
-        )
-
-
-def check_positions(tdocs: list[TokenizedDoc], limit: int | None, cfg: Config, data_path) -> None:
-    """Refuse documents longer than the model's position table before any forward (it would fail mid-run)."""
-    if limit is None or cfg.model.max_length <= limit:
-        return
-    long = [td for td in tdocs if td.n_tokens > limit]
-    if long:
-        td = max(long, key=lambda t: t.n_tokens)
-        raise NeedleprobeError(
-            f"model.max_length {cfg.model.max_length} is more than the {limit} positions of {cfg.model.name}, and document "
-            f"{td.doc.doc_id!r} ({data_path}:{td.doc.line}) has {td.n_tokens} tokens: set model.max_length to {limit} or "
-            "less (longer documents are then truncated, and what is lost is reported)"
-        )
-
-
-def model_shape(cfg: Config) -> tuple[int | None, int | None, int | None]:
-    """(block count, d_model, position limit) from the model config, read before loading any weights; None where unknown."""
-    from transformers import AutoConfig
-
-    try:
-        mc = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision)
-    except (OSError, ValueError):
-        return None, None, None  # load_model reports the problem with full context
-    text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
-    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-    return getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None), (int(limit) if limit else None)
 
 
 ROW_OVERHEAD_BYTES = 13

@@ -257,8 +257,8 @@ def _lowered(before: dict[tuple[int, int], dict[str, Any]], after: dict[tuple[in
         a, b = old.get("val_metrics", {}).get("auroc"), probe.val_auroc_
         if a is not None and b is not None and b < a:
             same = "" if old.get("cache_fingerprint") == probe.metadata_.get("cache_fingerprint") else " (on another cache)"
-            out.append(f"layer {key[0]} seed {key[1]}: val AUROC {a:.4f} → {b:.4f} (L2 {old.get('selected_l2'):g} → "
-                       f"{probe.selected_l2_:g}){same}")
+            out.append(f"layer {key[0]} seed {key[1]}: val AUROC {a:.4f} → {b:.4f} ({b - a:+.1e}; L2 "
+                       f"{old.get('selected_l2'):g} → {probe.selected_l2_:g}){same}")
     return out
 
 

@@ -18,12 +18,15 @@ import functools
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .config import EMBEDDED_MODEL, ModelConfig
+from .config import EMBEDDED_MODEL, Config, ModelConfig
 from .errors import NeedleprobeError
+
+if TYPE_CHECKING:
+    from .tokens import TokenizedDoc
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,6 +85,41 @@ def load_model(cfg: ModelConfig, dtype: str, device: torch.device):
     except (OSError, ValueError) as e:
         raise _load_error(cfg, "model", e) from None
     return model.to(device).eval()
+
+
+def check_layers(layers: list[int], n_layers: int, model_name: str) -> None:
+    bad = [layer for layer in layers if layer >= n_layers]
+    if bad:
+        raise NeedleprobeError(
+            f"probe.layers_to_probe: layer(s) {bad} out of range: {model_name} has {n_layers} blocks (valid 0..{n_layers - 1})"
+        )
+
+
+def check_positions(tdocs: list[TokenizedDoc], limit: int | None, cfg: Config, data_path) -> None:
+    """Refuse documents longer than the model's position table before any forward (it would fail mid-run)."""
+    if limit is None or cfg.model.max_length <= limit:
+        return
+    long = [td for td in tdocs if td.n_tokens > limit]
+    if long:
+        td = max(long, key=lambda t: t.n_tokens)
+        raise NeedleprobeError(
+            f"model.max_length {cfg.model.max_length} is more than the {limit} positions of {cfg.model.name}, and document "
+            f"{td.doc.doc_id!r} ({data_path}:{td.doc.line}) has {td.n_tokens} tokens: set model.max_length to {limit} or "
+            "less (longer documents are then truncated, and what is lost is reported)"
+        )
+
+
+def model_shape(cfg: Config) -> tuple[int | None, int | None, int | None]:
+    """(block count, d_model, position limit) from the model config, read before loading any weights; None where unknown."""
+    from transformers import AutoConfig
+
+    try:
+        mc = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision)
+    except (OSError, ValueError):
+        return None, None, None  # load_model reports the problem with full context
+    text = mc.get_text_config() if hasattr(mc, "get_text_config") else mc
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    return getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None), (int(limit) if limit else None)
 
 
 def _load_error(cfg: ModelConfig, what: str, e: Exception) -> NeedleprobeError:

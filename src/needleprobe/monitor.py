@@ -272,8 +272,8 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     run, as in a transfer evaluation); ``current`` lists the probe files that
     are still current, so passes of probes refit since are dropped.
     """
-    from .extract import check_layers, check_positions, model_shape
-    from .hooks import capture, find_blocks, load_model, load_tokenizer, resolve_device
+    from .hooks import (capture, check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape,
+                        resolve_device)
     from .runner import Forward, SplitBatches, run_batches
     from .tokens import plan_batches, tokenize_documents
 
