@@ -265,6 +265,58 @@ def test_no_monitor_note(run, tmp_path):
     assert "needleprobe monitor" in page
 
 
+def test_named_run_has_its_own_report(run, capsys):
+    """`fit --run NAME` then `report --run NAME`: that run's probes, in its directory; the default report is untouched."""
+    from needleprobe.cli import main
+    from needleprobe.layout import Layout
+
+    cfg, cfg_path = run["cfg"], run["cfg_path"]
+    before = run["path"].read_bytes()
+    assert main(["fit", "--config", str(cfg_path), "--run", "wide", "--l2-grid", "0.5,5"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--config", str(cfg_path), "--run", "wide"]) == 0
+    path = Layout.from_config(cfg, "wide").report
+    assert capsys.readouterr().err.strip() == f"wrote {path}"
+    assert path.parent == run["path"].parent.with_name("t_v1-wide") and run["path"].read_bytes() == before
+    page = path.read_text(encoding="utf-8")
+    el = Elements(page)
+    named = {(layer, seed): json.loads(probe_files(cfg, layer, seed, "wide")[1].read_text())
+             for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds}
+    points = el.find("circle", "point", svg="auroc-by-layer")
+    assert {(int(p["attrs"]["data-layer"]), int(p["attrs"]["data-seed"])): float(p["attrs"]["data-auroc"])
+            for p in points} == {k: m["val_metrics"]["auroc"] for k, m in named.items()}
+    assert {m["selected_l2"] for m in named.values()} <= {0.5, 5.0}
+    assert len(el.find("circle", "l2-point", svg="l2-path")) == 4 * 2  # the named run's grid, not the config's
+    # the named run has no monitor results of its own: the note names the command for this run
+    assert not el.find("svg", svg="roc-monitor")
+    assert f"needleprobe monitor --config {cfg_path} --run wide" in page
+    assert "· run wide" in page
+
+
+def test_named_run_without_probes_names_the_fit_command(run, capsys):
+    from needleprobe.cli import main
+
+    assert main(["report", "--config", str(run["cfg_path"]), "--run", "nothing-here"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"needleprobe fit --config {run['cfg_path']} --run nothing-here" in err[0]
+
+
+def test_refuses_a_run_directory_of_another_model(run):
+    """A config of another model pointed at this run directory: refused in one line, the report left as it was."""
+    import dataclasses
+
+    from needleprobe.errors import NeedleprobeError
+    from needleprobe.report import write_report
+
+    cfg = run["cfg"]
+    before = run["path"].read_bytes()
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="someone/other-model"))
+    with pytest.raises(NeedleprobeError, match=r"holds outputs of embedded:all-MiniLM-L6-v2 .* this report is someone/other-model") as e:
+        write_report(other)
+    assert "\n" not in str(e.value)
+    assert run["path"].read_bytes() == before
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: apt-get install chromium")
 @pytest.mark.slow
 def test_renders_in_headless_chromium(run, tmp_path):

@@ -42,6 +42,11 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def command(name: str, cfg: Config, run: str | None = None) -> str:
+    """``needleprobe NAME --config X [--run R]``: the command a note tells the user to run for this run."""
+    return f"needleprobe {name} --config {cfg.source or '<config>'}" + (f" --run {run}" if run else "")
+
+
 def report_path(cfg: Config, run: str | None = None) -> Path:
     """``report.html`` in the run directory (``layout.Layout.report``)."""
     from .layout import Layout
@@ -405,7 +410,12 @@ class MonitorView:
 
 
 def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo]) -> tuple[tuple[str, Any] | None, list[str]]:
-    """(split, stored token logits of the run's current probes) to show: the config's split first; notes on the rest."""
+    """(split, stored token logits of the run's current probes) to show: the config's split first; notes on the rest.
+
+    Logits are looked up by each probe file's sha256 and each split's current
+    documents, so a refit probe or an edited dataset is never shown with the
+    old logits; the notes say which stored splits were passed over and why.
+    """
     from .data import file_sha256
     from .layout import Layout
     from .monitor import LogitStore, ProbeRef, stored_tokens
@@ -414,11 +424,33 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
     refs = [ProbeRef(p.layer, p.seed, p.pt, file_sha256(p.pt)) for p in probes]
     store = LogitStore(layout.monitor_store)
     order = [cfg.monitor.split] + [s for s in ("test", "val", "train") if s != cfg.monitor.split]
+    stored = set(_stored_splits(layout.monitor_store))
+    notes: list[str] = []
     for split in order:
         tokens = stored_tokens(cfg, store, split, refs)
         if tokens is not None:
-            return (split, tokens), []
-    return None, []
+            if len(tokens.probes) < len(refs):
+                have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
+                lack = ", ".join(f"layer {r.layer} seed {r.seed}" for r in refs if (r.layer, r.seed) not in have)
+                notes.append(f"the monitor's {split!r} logits are of {len(tokens.probes)} of the {len(refs)} probes "
+                             f"(none of {lack}, or of its current file)")
+            return (split, tokens), notes
+        if split in stored:
+            notes.append(f"the monitor's stored {split!r} logits are of other probe files or other documents "
+                         "(refit or dataset edited since the monitor ran)")
+    return None, notes
+
+
+def _stored_splits(store_path) -> list[str]:
+    """Split groups in a monitor store (none when it does not exist or cannot be read)."""
+    from .stores import open_group
+
+    if not (store_path / "zarr.json").is_file():
+        return []
+    try:
+        return sorted(open_group(store_path, mode="r").group_keys())
+    except Exception:  # a damaged store reads as absent here; the monitor itself reports the damage
+        return []
 
 
 def _finite(s: np.ndarray) -> np.ndarray:
@@ -689,7 +721,7 @@ footer{color:var(--muted);font-size:12px;padding:8px 0 40px}
 """
 
 
-def _header(cfg: Config, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
+def _header(cfg: Config, layout, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
     from . import __version__
 
     if facts is None:
@@ -705,12 +737,17 @@ def _header(cfg: Config, facts: dict[str, Any] | None, probes: list[ProbeInfo], 
         ("best probe", esc(f"layer {best.layer} · seed {best.seed} · val AUROC {best.auroc:.4f}")),
         ("class balance", esc(cfg.probe.class_balance)),
         ("dataset file", esc(cfg.dataset.resolved_path())), ("generated", esc(f"{now} · needleprobe {__version__}")),
+        ("run directory", esc(layout.run_dir)),
     ]
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer"), ("sec-roc", "ROC curves"),
                                                         ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps")))
-    return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(cfg.dataset.key)}</span></h1>'
+    return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(_run_title(cfg, layout.run))}</span></h1>'
             f'<dl class="meta">{meta}</dl><nav>{nav}</nav></div></header>')
+
+
+def _run_title(cfg: Config, run: str | None) -> str:
+    return cfg.dataset.key + (f" · run {run}" if run else "")
 
 
 def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
@@ -734,10 +771,10 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     layout = Layout.from_config(cfg, run)
     probes, missing = load_probe_infos(cfg, run)
     if not probes:
-        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `needleprobe fit` first)")
+        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `{command('fit', cfg, run)}` first)")
     best = best_overall(probes)
     per_layer = best_per_layer(probes)
-    warnings: list[str] = [f"probe missing: {m} (run `needleprobe fit`)" for m in missing]
+    warnings: list[str] = [f"probe missing: {m} (run `{command('fit', cfg, run)}`)" for m in missing]
     try:
         cache = open_cache(cfg)
     except NeedleprobeError as e:
@@ -764,7 +801,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         view = monitor_view(cfg, found[0], found[1], probes)
     if view is None:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
-        mon_html = note(f"No up-to-date monitor results. {why}Run `needleprobe monitor --config {cfg.source or '<config>'}` "
+        mon_html = note(f"No up-to-date monitor results. {why}Run `{command('monitor', cfg, run)}` "
                         "to score whole documents, then write the report again.")
         heat_html, mon_tables = mon_html, ""
     else:
@@ -776,7 +813,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     seed_note = ("" if any(p.meta.get("seed_dependent") for p in probes) or len({p.seed for p in probes}) < 2 else
                  " With <code>class_balance: weighted</code> the fit does not depend on the seed, so the seeds coincide.")
     body = [
-        _header(cfg, facts, probes, best),
+        _header(cfg, layout, facts, probes, best),
         '<main class="wrap">',
         "".join(note(x, kind="warn") for x in warnings),
         '<section class="card" id="sec-layers"><h2>Probe quality by layer</h2>'
@@ -814,7 +851,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>needleprobe report · {esc(cfg.dataset.key)}</title><style>{CSS}</style></head><body>"
+        f"<title>needleprobe report · {esc(_run_title(cfg, run))}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )
