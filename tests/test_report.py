@@ -265,6 +265,29 @@ def test_no_monitor_note(run, tmp_path):
     assert "needleprobe monitor" in page
 
 
+def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
+    """A probe file changed since the monitor ran: its stored logits are passed over, and the page says so."""
+    import dataclasses
+
+    from needleprobe.layout import Layout
+    from needleprobe.probe import LinearProbe
+    from needleprobe.report import build_html
+
+    cfg = run["cfg"]
+    src = Layout.from_config(cfg).run_dir
+    shutil.copytree(src.parent, tmp_path / "probes")
+    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, output_dir=str(tmp_path / "probes")))
+    pt, _ = probe_files(cfg2, 3, 1)
+    probe = LinearProbe.load(pt)
+    probe.intercept_ += 1.0  # a "refit": another file, the same ranking
+    probe.save(pt.with_suffix(""))
+    el = Elements(build_html(cfg2))
+    warns = " ".join("".join(e["text"]) for e in el.find("p", "warn"))
+    assert "'val' logits are of 3 of the 4 probes (none of layer 3 seed 1" in warns
+    curves = el.find("path", "roc", svg="roc-monitor")
+    assert curves and all((c["attrs"]["data-layer"], c["attrs"]["data-seed"]) != ("3", "1") for c in curves)
+
+
 def test_named_run_has_its_own_report(run, capsys):
     """`fit --run NAME` then `report --run NAME`: that run's probes, in its directory; the default report is untouched."""
     from needleprobe.cli import main
