@@ -324,6 +324,12 @@ def test_bad_inputs_are_one_line(runs, capsys, tmp_path):
     assert "absent.yaml" in err
     with pytest.raises(NeedleprobeError, match="two configs or more"):
         write_comparison([runs["cfgs"]["a"]])
+    a = runs["cfgs"]["a"]
+    other = dataclasses.replace(a, model=dataclasses.replace(a.model, name="someone/other-model"),
+                                probe=dataclasses.replace(a.probe, output_dir=str(runs["tmp"] / "results" / "probes" /
+                                                                                 "embedded--all-MiniLM-L6-v2" / "{site}")))
+    with pytest.raises(NeedleprobeError, match=r"holds probes of embedded:all-MiniLM-L6-v2 .* someone/other-model"):
+        write_comparison([other, runs["cfgs"]["b"]])  # its run directory is the MiniLM run's
     err = _error(capsys, "report", "--config", str(p["a"]), "--config", str(p["b"]), "--run", "never-fitted")
     assert "needleprobe fit --config" in err and "--run never-fitted" in err
 
@@ -347,3 +353,26 @@ def test_renders_in_headless_chromium(runs, tmp_path):
     cells = lambda e: [x for x in e.find("td") if "data-auroc" in x["attrs"]]  # noqa: E731
     assert len(cells(dom)) == len(cells(src)) > 0
     assert [x["attrs"]["data-auroc"] for x in cells(dom)] == [x["attrs"]["data-auroc"] for x in cells(src)]
+
+
+def test_common_directory_and_file_name_rules(tmp_path):
+    """Local and object-store runs share their deepest common directory; a name too long for a file is shortened."""
+    from types import SimpleNamespace
+
+    from needleprobe.errors import NeedleprobeError
+    from needleprobe.report import RunView, common_dir, comparison_path
+    from needleprobe.stores import RemotePath
+
+    assert common_dir([RemotePath("memory://b/probes/m1/t_v1"), RemotePath("memory://b/probes/m2/t_v1")]) == \
+        RemotePath("memory://b/probes")
+    assert common_dir([Path("results/probes/a"), Path("results/probes/b")]) == Path("results/probes")
+    with pytest.raises(NeedleprobeError, match="share no directory but the root"):
+        common_dir([Path("/srv/a/probes/t_v1"), Path("/home/b/probes/u_v1")])
+
+    def view(run_dir, *parts):
+        return RunView(None, SimpleNamespace(run_dir=run_dir), [], [], None, "", list(parts))
+
+    short = comparison_path([view(tmp_path / "m" / "a", "a_v1"), view(tmp_path / "m" / "b", "b<?>_v1", "x/y")])
+    assert short == tmp_path / "m" / "comparison_a_v1_vs_b-_v1-x-y.html"
+    long = comparison_path([view(tmp_path / f"r{i}", "d" * 40 + f"{i}_v1") for i in range(6)])
+    assert long.parent == tmp_path and re.fullmatch(r"comparison_6_runs_[0-9a-f]{12}\.html", long.name)

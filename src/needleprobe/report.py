@@ -1,17 +1,30 @@
-"""One self-contained HTML page per dataset: how good are the probes, and where do they fire?
+"""Self-contained HTML pages: one per run (how good are its probes, and where do they fire?), and one
+comparing several runs (AUROC by layer and by relative depth, the transfer matrix, each run's best probe).
 
 Everything is read from what the other stages left behind (probe JSONs and
-weights, the activation cache, the monitor's stored token logits); no model
-runs except the tokenizer, for token text.  The page has no external
-resources: charts are inline SVG written here, styles are one ``<style>``
-block, so it opens offline and can be mailed around.  A missing stage is a
-note in the page, never an error, except when there is no probe at all.
+weights, the activation cache, the monitor's stored token logits, the transfer
+results of ``evaluate``); no model runs except the tokenizer, for token text.
+The pages have no external resources: charts are inline SVG written here,
+styles are one ``<style>`` block, so they open offline and can be mailed
+around.  A missing stage is a note in the page, never an error, except when
+there is no probe at all.
+
+Where they go: ``report.html`` in the run directory (``Layout.report``); a
+comparison in the deepest directory holding every compared run, as
+``comparison_{A}_vs_{B}....html`` (dataset keys, with the model slug and site
+added where two runs share one).
 
 Stable hooks for tests and scripts: ``<svg class="chart">`` with ids
 ``auroc-by-layer``, ``roc-probes``, ``roc-monitor``, ``l2-path``; plotted
 series carry ``data-layer``/``data-seed``/``data-auroc`` (exact ``repr`` of
 the JSON value); heatmaps are ``div.heatmap`` of ``span.tok`` (needle tokens
-``span.tok.needle``).
+``span.tok.needle``).  In a comparison: charts ``compare-by-layer`` and
+``compare-by-depth`` with one ``path.run`` per run and ``circle.point`` marks
+carrying ``data-run`` (the run's label), ``data-layer``, ``data-seed``,
+``data-auroc`` and ``data-x`` (the layer, or layer / n_layers); transfer cells
+``td[data-source][data-target][data-layer][data-auroc]`` (``td.missing``,
+``td.stale``); the best-probe table ``#best-probes`` with one ``tr[data-run]``
+per run.
 """
 
 from __future__ import annotations
@@ -28,12 +41,15 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from .config import Config
 from .errors import NeedleprobeError
+
+if TYPE_CHECKING:
+    from .layout import Layout
 
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
@@ -924,7 +940,7 @@ class RunView:
     """One run of a comparison: its config, its directory, its probes and how deep the model is."""
 
     cfg: Config
-    layout: Any  # layout.Layout
+    layout: "Layout"
     probes: list[ProbeInfo]
     missing: list[str]
     n_layers: int | None
@@ -1009,7 +1025,8 @@ def common_dir(paths: list[Any]) -> Any:
 
     if all(is_url(p) for p in paths) and len({p.protocol for p in paths}) == 1:
         proto = paths[0].protocol
-        return RemotePath(f"{proto}://" + posixpath.commonpath([p._path for p in paths]).lstrip("/"))
+        keys = ["/" + str(p).partition("://")[2].lstrip("/") for p in paths]
+        return RemotePath(f"{proto}://" + posixpath.commonpath(keys).lstrip("/"))
     if any(is_url(p) for p in paths):  # local and remote runs, or two stores: beside the first run
         return paths[0].parent
     strs = [str(p) for p in paths]
@@ -1043,7 +1060,8 @@ def chart_runs(chart_id: str, label: str, views: list[RunView], by: str) -> str:
     if by == "layer":
         layers = sorted({layer for v in shown for layer in v.best})
         lo, hi = layers[0] - 0.5, layers[-1] + 0.5
-        ticks = [(float(t), f"{t:g}") for t in nice_ticks(layers[0], layers[-1], n=min(10, max(1, len(layers))))
+        n_ticks = min(10, max(2, layers[-1] - layers[0]))
+        ticks = [(float(t), f"{t:g}") for t in nice_ticks(layers[0], layers[-1], n=n_ticks)
                  if float(t).is_integer()] or [(float(x), str(x)) for x in layers]
         xlabel = "layer (block index)"
     else:
@@ -1056,15 +1074,14 @@ def chart_runs(chart_id: str, label: str, views: list[RunView], by: str) -> str:
     plot.axes(ticks, _yticks(plot.y0, plot.y1), xlabel, "val AUROC (token level, best seed)")
     if plot.y0 <= 0.5:
         plot.add(f'<line class="chance" x1="{plot.left}" y1="{plot.py(0.5):.1f}" x2="{plot.right}" y2="{plot.py(0.5):.1f}"/>')
-    for i, v in enumerate(shown):
+    for v in shown:
         k = views.index(v)
         color, dx = PALETTE[k % len(PALETTE)], _dodge(k, len(views))
         best = sorted(v.best.items())
         xs = [float(layer) if by == "layer" else v.depth(layer) for layer, _ in best]
         run_attr = f'data-run="{esc(v.label)}"'
-        if len(best) > 1:
-            d = "M" + " L".join(f"{plot.px(x) + dx:.1f} {plot.py(p.auroc):.1f}" for x, (_, p) in zip(xs, best))
-            plot.add(f'<path class="series run" d="{d}" stroke="{color}" {run_attr}/>')
+        d = "M" + " L".join(f"{plot.px(x) + dx:.1f} {plot.py(p.auroc):.1f}" for x, (_, p) in zip(xs, best))
+        plot.add(f'<path class="series run" d="{d}" stroke="{color}" {run_attr}/>')  # one per run, even of one point
         for x, (layer, p) in zip(xs, best):
             cx = plot.px(x) + dx
             ci_txt = ""
