@@ -221,6 +221,10 @@ def test_missing_and_stale_pairs_are_marked_with_the_command_that_fills_them(run
     seed, m = _best_per_layer(b2)[3]
     m["val_metrics"]["auroc"] += 1e-6  # b's layer-3 probe "refit" since its evaluation
     probe_files(b2, 3, seed)[1].write_text(json.dumps(m))
+    (seed_a, _), other = _best_per_layer(a2)[1], 1 - _best_per_layer(a2)[1][0]
+    m = json.loads(probe_files(a2, 1, other)[1].read_text())
+    m["val_metrics"]["auroc"] = 0.99999  # a's layer-1 best seed is now another one than the evaluated one
+    probe_files(a2, 1, other)[1].write_text(json.dumps(m))
     path, page = build_comparison([a2, b2])
     el = Elements(page)
     missing = el.find("td", "missing")
@@ -228,7 +232,8 @@ def test_missing_and_stale_pairs_are_marked_with_the_command_that_fills_them(run
     assert {(e["attrs"]["data-source"], e["attrs"]["data-target"]) for e in missing} == {("t_v1", lb.identity.dataset)}
     assert {int(e["attrs"]["data-layer"]) for e in missing} == {1, 3}
     stale = el.find("td", "stale")
-    assert {(e["attrs"]["data-source"], e["attrs"]["data-layer"]) for e in stale} == {(LABELS["b"], "3")}
+    assert {(e["attrs"]["data-source"], e["attrs"]["data-layer"]) for e in stale} == {(LABELS["b"], "3"), ("t_v1", "1")}
+    assert {e["attrs"]["data-seed"] for e in stale if e["attrs"]["data-source"] == "t_v1"} == {str(seed_a)}
     text = re.sub(r"\s+", " ", "".join(sum((e["text"] for e in el.find("p")), [])))
     assert f"needleprobe evaluate --matrix {a.source} {b.source}" in text
     assert "scored with probes refit since" in text

@@ -283,7 +283,7 @@ def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
     probe.save(pt.with_suffix(""))
     el = Elements(build_html(cfg2))
     warns = " ".join("".join(e["text"]) for e in el.find("p", "warn"))
-    assert "'val' logits are of 3 of the 4 probes (none of layer 3 seed 1" in warns
+    assert "'val' logits are of 3 of the 4 probes (not of layer 3 seed 1: scored before a refit" in warns
     curves = el.find("path", "roc", svg="roc-monitor")
     assert curves and all((c["attrs"]["data-layer"], c["attrs"]["data-seed"]) != ("3", "1") for c in curves)
 

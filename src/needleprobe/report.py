@@ -477,7 +477,7 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
                 have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
                 lack = ", ".join(f"layer {r.layer} seed {r.seed}" for r in refs if (r.layer, r.seed) not in have)
                 notes.append(f"the monitor's {split!r} logits are of {len(tokens.probes)} of the {len(refs)} probes "
-                             f"(none of {lack}, or of its current file)")
+                             f"(not of {lack}: scored before a refit, or never)")
             return (split, tokens), notes
         if split in stored:
             notes.append(f"the monitor's stored {split!r} logits are of other probe files or other documents "
@@ -1133,7 +1133,8 @@ def read_transfer(source: RunView, target: RunView) -> tuple[dict[int, TransferC
     Read from ``{source run}/transfer/{target dataset}-val/eval_metrics.csv``.  Per
     layer, the row of the seed that is best on the source's own val (the one
     ``evaluate --matrix`` scores); a row whose ``source_val_auroc`` is not the
-    probe's current one was scored with probes refit since (``stale``).
+    probe's current one, or of a seed that is no longer the best, was scored
+    with probes refit since (``stale``).
     """
     path = source.layout.transfer_dir(target.layout, "val") / "eval_metrics.csv"
     if not path.is_file():
@@ -1153,7 +1154,8 @@ def read_transfer(source: RunView, target: RunView) -> tuple[dict[int, TransferC
         if pick is None:
             pick = max(rows_l, key=lambda r: (float(r[3]) if r[3] else -1.0, -r[1]))
         own = float(pick[3]) if pick[3] else None
-        out[layer] = TransferCell(pick[2], pick[1], own is None or current.get((layer, pick[1])) != own)
+        refit = own is None or current.get((layer, pick[1])) != own or (want is not None and pick[1] != want)
+        out[layer] = TransferCell(pick[2], pick[1], refit)
     return out, None
 
 
@@ -1197,8 +1199,7 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
         title = f"{model}{'@' + revision if revision else ''} · {site}"
         out.append(f"<h3>{esc(title)}</h3>")
         layers = sorted({layer for c in cells.values() for layer in c})
-        stale = sorted({(group[i].label, targets[j].cfg.dataset.key) for (i, j), c in cells.items()
-                        if any(x.stale for x in c.values())})
+        stale = [(group[i], targets[j]) for (i, j), c in sorted(cells.items()) if any(x.stale for x in c.values())]
         for layer in layers:
             rows = []
             for i, s in enumerate(group):
@@ -1222,12 +1223,14 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
             out.append(table(["trained on ↓ · evaluated on →", *(t.cfg.dataset.key for t in targets)], rows,
                              cls="data matrix", table_id=f"transfer-{_file_part(title)}-layer-{layer}"))
         if stale:
-            warnings.append(f"{title}: transfer results marked * were scored with probes refit since "
-                            f"({'; '.join(f'{a} on {b}' for a, b in stale)}): evaluate again")
+            pairs = "; ".join(f"{s.label} on {t.cfg.dataset.key}" for s, t in stale)
+            cmds = _evaluate_command([s for s, _ in stale], [t for _, t in stale], run)
+            warnings.append(f"{title}: transfer results marked * were scored with probes refit since ({pairs}): "
+                            f"evaluate again with `{'` and `'.join(cmds)}`")
         if missing:
             pairs = "; ".join(f"{s.label} on {t.cfg.dataset.key}" for s, t in missing)
             cmds = _evaluate_command([s for s, _ in missing], [t for _, t in missing], run)
-            out.append(note(f"Not evaluated yet ({title}): {esc(pairs)}. Fill "
+            out.append(note(f"Not evaluated yet ({esc(title)}): {esc(pairs)}. Fill "
                             f"{'them' if len(missing) > 1 else 'it'} with "
                             + " and ".join(f"<code>{esc(c)}</code>" for c in cmds) + ", then write the comparison again.",
                             raw=True))
