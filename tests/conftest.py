@@ -94,10 +94,11 @@ def small_docs(n_train: int = 24, n_val: int = 10) -> list[dict]:
     return train + val + UNICODE_DOCS
 
 
-def write_config(tmp: Path, data_path: Path, *, model: str = "embedded:all-MiniLM-L6-v2", **probe) -> Path:
-    """A config whose every output lives under ``tmp``."""
+def write_config(tmp: Path, data_path: Path, *, model: str = "embedded:all-MiniLM-L6-v2", dataset: str = "t",
+                 config_name: str = "config.yaml", **probe) -> Path:
+    """A config whose every output lives under ``tmp`` (dataset ``{dataset}_v1``, written to ``tmp/config_name``)."""
     cfg = {
-        "dataset": {"name": "t", "version": "v1", "path": str(data_path)},
+        "dataset": {"name": dataset, "version": "v1", "path": str(data_path)},
         "model": {"name": model, "max_length": probe.pop("max_length", 512), "chat_template": probe.pop("chat_template", False)},
         "probe": {
             "layers_to_probe": [1, 3],
@@ -114,7 +115,7 @@ def write_config(tmp: Path, data_path: Path, *, model: str = "embedded:all-MiniL
             **probe,
         },
     }
-    path = tmp / "config.yaml"
+    path = tmp / config_name
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import probe_files
 from pipeline_fixture import HOSTILE_DOC, build_pipeline, pipeline_docs
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -78,7 +79,6 @@ class Elements(HTMLParser):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One train + monitor(val) + report; the tests only read."""
-    from needleprobe.fit import probe_paths
     from needleprobe.report import write_report
 
     tmp = tmp_path_factory.mktemp("report")
@@ -87,9 +87,21 @@ def run(tmp_path_factory):
     probes = {}
     for layer in cfg.probe.layers_to_probe:
         for seed in cfg.probe.train_seeds:
-            probes[(layer, seed)] = json.loads(probe_paths(cfg, layer, seed)[1].read_text())
+            probes[(layer, seed)] = json.loads(probe_files(cfg, layer, seed)[1].read_text())
     text = path.read_text(encoding="utf-8")
-    return {"tmp": tmp, "cfg": cfg, "path": path, "html": text, "el": Elements(text), "probes": probes}
+    return {"tmp": tmp, "cfg_path": cfg_path, "cfg": cfg, "path": path, "html": text, "el": Elements(text), "probes": probes}
+
+
+def _stored_tokens(cfg, split: str, run: str | None = None):
+    """The token logits the monitor stored in the run for all of its probes on ``split`` (no model run)."""
+    from needleprobe.layout import Layout
+    from needleprobe.monitor import LogitStore, probe_refs, stored_tokens
+
+    layout = Layout.from_config(cfg, run)
+    refs = probe_refs(layout, cfg.probe.layers_to_probe, cfg.probe.train_seeds)
+    tokens = stored_tokens(cfg, LogitStore(layout.monitor_store), split, refs)
+    assert tokens is not None and len(tokens.probes) == len(refs)
+    return tokens
 
 
 def _n_points(d: str) -> int:
@@ -97,9 +109,11 @@ def _n_points(d: str) -> int:
 
 
 def test_written_where_promised_and_atomically(run):
-    cfg = run["cfg"]
-    assert run["path"] == Path(cfg.probe.output_dir).parent / "report" / "t_v1.html"
-    assert [p.name for p in run["path"].parent.iterdir()] == ["t_v1.html"]  # no temp file left behind
+    from needleprobe.layout import Layout
+
+    layout = Layout.from_config(run["cfg"])
+    assert run["path"] == layout.report == layout.run_dir / "report.html"
+    assert not [p.name for p in layout.run_dir.iterdir() if ".tmp-" in p.name]  # no temp file left behind
 
 
 def test_self_contained_and_escaped(run):
@@ -160,26 +174,25 @@ def test_probe_roc_rescored_from_cache_matches_json(run):
 
 
 def test_monitor_roc_matches_monitor_outputs(run):
-    from needleprobe.monitor import AGGREGATIONS, aggregation_label, monitor_dir
+    from needleprobe.layout import Layout
+    from needleprobe.monitor import AGGREGATIONS, aggregation_label
 
     el, cfg = run["el"], run["cfg"]
     curves = el.find("path", "roc", svg="roc-monitor")
     assert sorted(c["attrs"]["data-aggregation"] for c in curves) == sorted(AGGREGATIONS)
-    with open(monitor_dir(cfg) / "monitor_metrics.csv", newline="") as f:
+    with open(Layout.from_config(cfg).monitor_csv("val"), newline="") as f:
         rows = list(csv.DictReader(f))
+    assert {r["split"] for r in rows} == {"val"}
     for c in curves:
         a = c["attrs"]
-        row = next(r for r in rows if (r["layer"], r["seed"]) == (a["data-layer"], a["data-seed"])
+        row = next(r for r in rows if (r["split"], r["layer"], r["seed"]) == ("val", a["data-layer"], a["data-seed"])
                    and r["aggregation"] == aggregation_label(a["data-aggregation"], cfg.monitor))
         assert float(a["data-auroc"]) == pytest.approx(float(row["auroc"]), abs=1e-12)
 
 
 def test_heatmaps_show_documents_tokens_and_needles(run):
-    from needleprobe.cache import open_cache
-    from needleprobe.monitor import read_tokens
-
     el, cfg = run["el"], run["cfg"]
-    tokens = read_tokens(open_cache(cfg).root["monitor/val"])
+    tokens = _stored_tokens(cfg, "val")
     by_id = {d: i for i, d in enumerate(tokens.doc_ids)}
     n_clean = int((tokens.doc_n_needles == 0).sum())
     n_needle = len(tokens.doc_ids) - n_clean
@@ -237,16 +250,94 @@ def test_no_monitor_note(run, tmp_path):
 
     from needleprobe.report import build_html
 
+    from needleprobe.layout import Layout
+
     cfg = run["cfg"]
-    src = Path(cfg.probe.cache_dir)
-    dst = tmp_path / "cache"  # the same cache without its monitor group
-    shutil.copytree(src, dst, ignore=lambda d, names: ["monitor"] if Path(d).name == "resid_post" else [])
-    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, cache_dir=str(dst)))
+    src = Layout.from_config(cfg).run_dir
+    dst = tmp_path / "probes"  # the same probes without the run's monitor folder
+    shutil.copytree(src.parent, dst, ignore=lambda d, names: ["monitor"] if Path(d) == src else [])
+    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, output_dir=str(dst)))
+    assert not Layout.from_config(cfg2).monitor_dir.exists() and Layout.from_config(cfg2).run_dir.is_dir()
     page = build_html(cfg2)
     el = Elements(page)
     assert el.find("svg", svg="auroc-by-layer") and el.find("svg", svg="roc-probes")
     assert not el.find("svg", svg="roc-monitor") and not el.find("div", "heatmap")
     assert "needleprobe monitor" in page
+
+
+def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
+    """A probe file changed since the monitor ran: its stored logits are passed over, and the page says so."""
+    import dataclasses
+
+    from needleprobe.layout import Layout
+    from needleprobe.probe import LinearProbe
+    from needleprobe.report import build_html
+
+    cfg = run["cfg"]
+    src = Layout.from_config(cfg).run_dir
+    shutil.copytree(src.parent, tmp_path / "probes")
+    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, output_dir=str(tmp_path / "probes")))
+    pt, _ = probe_files(cfg2, 3, 1)
+    probe = LinearProbe.load(pt)
+    probe.intercept_ += 1.0  # a "refit": another file, the same ranking
+    probe.save(pt.with_suffix(""))
+    el = Elements(build_html(cfg2))
+    warns = " ".join("".join(e["text"]) for e in el.find("p", "warn"))
+    assert "'val' logits are of 3 of the 4 probes (not of layer 3 seed 1: scored before a refit" in warns
+    curves = el.find("path", "roc", svg="roc-monitor")
+    assert curves and all((c["attrs"]["data-layer"], c["attrs"]["data-seed"]) != ("3", "1") for c in curves)
+
+
+def test_named_run_has_its_own_report(run, capsys):
+    """`fit --run NAME` then `report --run NAME`: that run's probes, in its directory; the default report is untouched."""
+    from needleprobe.cli import main
+    from needleprobe.layout import Layout
+
+    cfg, cfg_path = run["cfg"], run["cfg_path"]
+    before = run["path"].read_bytes()
+    assert main(["fit", "--config", str(cfg_path), "--run", "wide", "--l2-grid", "0.5,5"]) == 0
+    capsys.readouterr()
+    assert main(["report", "--config", str(cfg_path), "--run", "wide"]) == 0
+    path = Layout.from_config(cfg, "wide").report
+    assert capsys.readouterr().err.strip() == f"wrote {path}"
+    assert path.parent == run["path"].parent.with_name("t_v1-wide") and run["path"].read_bytes() == before
+    page = path.read_text(encoding="utf-8")
+    el = Elements(page)
+    named = {(layer, seed): json.loads(probe_files(cfg, layer, seed, "wide")[1].read_text())
+             for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds}
+    points = el.find("circle", "point", svg="auroc-by-layer")
+    assert {(int(p["attrs"]["data-layer"]), int(p["attrs"]["data-seed"])): float(p["attrs"]["data-auroc"])
+            for p in points} == {k: m["val_metrics"]["auroc"] for k, m in named.items()}
+    assert {m["selected_l2"] for m in named.values()} <= {0.5, 5.0}
+    assert len(el.find("circle", "l2-point", svg="l2-path")) == 4 * 2  # the named run's grid, not the config's
+    # the named run has no monitor results of its own: the note names the command for this run
+    assert not el.find("svg", svg="roc-monitor")
+    assert f"needleprobe monitor --config {cfg_path} --run wide" in page
+    assert "· run wide" in page
+
+
+def test_named_run_without_probes_names_the_fit_command(run, capsys):
+    from needleprobe.cli import main
+
+    assert main(["report", "--config", str(run["cfg_path"]), "--run", "nothing-here"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"needleprobe fit --config {run['cfg_path']} --run nothing-here" in err[0]
+
+
+def test_refuses_a_run_directory_of_another_model(run):
+    """A config of another model pointed at this run directory: refused in one line, the report left as it was."""
+    import dataclasses
+
+    from needleprobe.errors import NeedleprobeError
+    from needleprobe.report import write_report
+
+    cfg = run["cfg"]
+    before = run["path"].read_bytes()
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="someone/other-model"))
+    with pytest.raises(NeedleprobeError, match=r"holds outputs of embedded:all-MiniLM-L6-v2 .* this report is someone/other-model") as e:
+        write_report(other)
+    assert "\n" not in str(e.value)
+    assert run["path"].read_bytes() == before
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: apt-get install chromium")

@@ -1,33 +1,55 @@
-"""One self-contained HTML page per dataset: how good are the probes, and where do they fire?
+"""Self-contained HTML pages: one per run (how good are its probes, and where do they fire?), and one
+comparing several runs (AUROC by layer and by relative depth, the transfer matrix, each run's best probe).
 
 Everything is read from what the other stages left behind (probe JSONs and
-weights, the activation cache, the monitor's stored token logits); no model
-runs except the tokenizer, for token text.  The page has no external
-resources: charts are inline SVG written here, styles are one ``<style>``
-block, so it opens offline and can be mailed around.  A missing stage is a
-note in the page, never an error, except when there is no probe at all.
+weights, the activation cache, the monitor's stored token logits, the transfer
+results of ``evaluate``); no model runs except the tokenizer, for token text.
+The pages have no external resources: charts are inline SVG written here,
+styles are one ``<style>`` block, so they open offline and can be mailed
+around.  A missing stage is a note in the page, never an error, except when
+there is no probe at all.
+
+Where they go: ``report.html`` in the run directory (``Layout.report``); a
+comparison in the deepest directory holding every compared run, as
+``comparison_{A}_vs_{B}....html`` (dataset keys, with the model slug and site
+added where two runs share one).
 
 Stable hooks for tests and scripts: ``<svg class="chart">`` with ids
 ``auroc-by-layer``, ``roc-probes``, ``roc-monitor``, ``l2-path``; plotted
 series carry ``data-layer``/``data-seed``/``data-auroc`` (exact ``repr`` of
 the JSON value); heatmaps are ``div.heatmap`` of ``span.tok`` (needle tokens
-``span.tok.needle``).
+``span.tok.needle``).  In a comparison: charts ``compare-by-layer`` and
+``compare-by-depth`` with one ``path.run`` per run and ``circle.point`` marks
+carrying ``data-run`` (the run's label), ``data-layer``, ``data-seed``,
+``data-auroc`` and ``data-x`` (the layer, or layer / n_layers); transfer cells
+``td[data-source][data-target][data-layer][data-auroc]`` (``td.missing``,
+``td.stale``); the best-probe table ``#best-probes`` with one ``tr[data-run]``
+per run.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
+import hashlib
 import html
+import io
 import json
 import math
+import os
+import posixpath
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from .config import Config
 from .errors import NeedleprobeError
+
+if TYPE_CHECKING:
+    from .layout import Layout
 
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
@@ -40,6 +62,11 @@ MAX_HEATMAP_TOKENS = 1024  # per document; longer ones are cut (and say so)
 
 def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
+
+
+def command(name: str, cfg: Config, run: str | None = None) -> str:
+    """``needleprobe NAME --config X [--run R]``: the command a note tells the user to run for this run."""
+    return f"needleprobe {name} --config {cfg.source or '<config>'}" + (f" --run {run}" if run else "")
 
 
 def report_path(cfg: Config, run: str | None = None) -> Path:
@@ -319,14 +346,36 @@ def note(text: str, *, kind: str = "note", raw: bool = False) -> str:
     return f'<p class="{kind}">{text if raw else esc(text)}</p>'
 
 
-def table(headers: list[str], rows: list[list[str]], *, row_classes: list[str] | None = None, cls: str = "data") -> str:
-    """Cells are escaped here; pass plain text."""
+@dataclass
+class Cell:
+    """A table cell with attributes: ``data`` become ``data-*`` attributes; text is escaped like any cell's."""
+
+    text: str
+    cls: str = ""
+    style: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    title: str = ""
+
+    def html(self) -> str:
+        a = f' class="{esc(self.cls)}"' if self.cls else ""
+        a += f' style="{esc(self.style)}"' if self.style else ""
+        a += f' title="{esc(self.title)}"' if self.title else ""
+        a += "".join(f' data-{k}="{esc(v)}"' for k, v in self.data.items())
+        return f"<td{a}>{esc(self.text)}</td>"
+
+
+def table(headers: list[str], rows: list[list[str | Cell]], *, row_classes: list[str] | None = None, cls: str = "data",
+          table_id: str | None = None, row_data: list[dict[str, Any]] | None = None) -> str:
+    """Cells are escaped here; pass plain text (or a :class:`Cell`). ``row_data``: ``data-*`` attributes per row."""
     head = "".join(f"<th>{esc(h)}</th>" for h in headers)
     body = []
     for i, r in enumerate(rows):
         c = f' class="{row_classes[i]}"' if row_classes and row_classes[i] else ""
-        body.append(f"<tr{c}>" + "".join(f"<td>{esc(x)}</td>" for x in r) + "</tr>")
-    return f'<div class="table-wrap"><table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+        c += "".join(f' data-{k}="{esc(v)}"' for k, v in (row_data[i] if row_data else {}).items())
+        body.append(f"<tr{c}>" + "".join(x.html() if isinstance(x, Cell) else f"<td>{esc(x)}</td>" for x in r) + "</tr>")
+    tid = f' id="{esc(table_id)}"' if table_id else ""
+    return (f'<div class="table-wrap"><table class="{cls}"{tid}><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
 
 
 def _f4(v: Any) -> str:
@@ -405,7 +454,12 @@ class MonitorView:
 
 
 def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo]) -> tuple[tuple[str, Any] | None, list[str]]:
-    """(split, stored token logits of the run's current probes) to show: the config's split first; notes on the rest."""
+    """(split, stored token logits of the run's current probes) to show: the config's split first; notes on the rest.
+
+    Logits are looked up by each probe file's sha256 and each split's current
+    documents, so a refit probe or an edited dataset is never shown with the
+    old logits; the notes say which stored splits were passed over and why.
+    """
     from .data import file_sha256
     from .layout import Layout
     from .monitor import LogitStore, ProbeRef, stored_tokens
@@ -414,11 +468,33 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
     refs = [ProbeRef(p.layer, p.seed, p.pt, file_sha256(p.pt)) for p in probes]
     store = LogitStore(layout.monitor_store)
     order = [cfg.monitor.split] + [s for s in ("test", "val", "train") if s != cfg.monitor.split]
+    stored = set(_stored_splits(layout.monitor_store))
+    notes: list[str] = []
     for split in order:
         tokens = stored_tokens(cfg, store, split, refs)
         if tokens is not None:
-            return (split, tokens), []
-    return None, []
+            if len(tokens.probes) < len(refs):
+                have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
+                lack = ", ".join(f"layer {r.layer} seed {r.seed}" for r in refs if (r.layer, r.seed) not in have)
+                notes.append(f"the monitor's {split!r} logits are of {len(tokens.probes)} of the {len(refs)} probes "
+                             f"(not of {lack}: scored before a refit, or never)")
+            return (split, tokens), notes
+        if split in stored:
+            notes.append(f"the monitor's stored {split!r} logits are of other probe files or other documents "
+                         "(refit or dataset edited since the monitor ran)")
+    return None, notes
+
+
+def _stored_splits(store_path) -> list[str]:
+    """Split groups in a monitor store (none when it does not exist or cannot be read)."""
+    from .stores import open_group
+
+    if not (store_path / "zarr.json").is_file():
+        return []
+    try:
+        return sorted(open_group(store_path, mode="r").group_keys())
+    except Exception:  # a damaged store reads as absent here; the monitor itself reports the damage
+        return []
 
 
 def _finite(s: np.ndarray) -> np.ndarray:
@@ -517,14 +593,19 @@ RDBU = ((-1.0, (103, 160, 204)), (-0.5, (190, 215, 236)), (0.0, (247, 247, 247))
 """RdBu with a paler blue arm: the page asks "where does the probe fire?", so red must stand out."""
 
 
-def diverging(v: float) -> tuple[int, int, int]:
-    """RdBu-like colour for v in [-1, 1]: blue below zero, white at zero, red above."""
-    v = max(-1.0, min(1.0, v))
-    for (a, ca), (b, cb) in zip(RDBU, RDBU[1:]):
+def ramp(v: float, stops) -> tuple[int, int, int]:
+    """The colour at ``v`` on a piecewise-linear ramp of (value, rgb) ``stops`` (clamped at both ends)."""
+    v = max(stops[0][0], min(stops[-1][0], v))
+    for (a, ca), (b, cb) in zip(stops, stops[1:]):
         if v <= b:
             t = (v - a) / (b - a)
             return tuple(int(round(x + (y - x) * t)) for x, y in zip(ca, cb))  # type: ignore[return-value]
-    return RDBU[-1][1]
+    return stops[-1][1]
+
+
+def diverging(v: float) -> tuple[int, int, int]:
+    """RdBu-like colour for v in [-1, 1]: blue below zero, white at zero, red above."""
+    return ramp(v, RDBU)
 
 
 def token_texts(tokenizer, ids: list[int]) -> list[str]:
@@ -686,10 +767,19 @@ svg .legend text{font-size:12px;fill:#1f2328}
 .tok.needle{outline:2px solid #1f2328;outline-offset:-1px}
 .tok.sample{background:#f7f7f7;color:var(--fg);padding:1px 6px}
 footer{color:var(--muted);font-size:12px;padding:8px 0 40px}
+table.matrix td{text-align:center;min-width:92px;border:2px solid #fff}
+table.matrix td:first-child{text-align:left}
+table.matrix td.missing{color:var(--muted);background:#f6f8fa}
+table.matrix td.stale{font-style:italic}
+table.data td{white-space:nowrap}
+table.data td.name{white-space:normal;min-width:9em;text-align:left}
+table#runs th{text-align:left}
+table.data td.path{white-space:normal;word-break:break-all;min-width:14em;text-align:left;
+ font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 """
 
 
-def _header(cfg: Config, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
+def _header(cfg: Config, layout, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
     from . import __version__
 
     if facts is None:
@@ -705,12 +795,17 @@ def _header(cfg: Config, facts: dict[str, Any] | None, probes: list[ProbeInfo], 
         ("best probe", esc(f"layer {best.layer} · seed {best.seed} · val AUROC {best.auroc:.4f}")),
         ("class balance", esc(cfg.probe.class_balance)),
         ("dataset file", esc(cfg.dataset.resolved_path())), ("generated", esc(f"{now} · needleprobe {__version__}")),
+        ("run directory", esc(layout.run_dir)),
     ]
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer"), ("sec-roc", "ROC curves"),
                                                         ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps")))
-    return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(cfg.dataset.key)}</span></h1>'
+    return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(_run_title(cfg, layout.run))}</span></h1>'
             f'<dl class="meta">{meta}</dl><nav>{nav}</nav></div></header>')
+
+
+def _run_title(cfg: Config, run: str | None) -> str:
+    return cfg.dataset.key + (f" · run {run}" if run else "")
 
 
 def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
@@ -734,10 +829,10 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     layout = Layout.from_config(cfg, run)
     probes, missing = load_probe_infos(cfg, run)
     if not probes:
-        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `needleprobe fit` first)")
+        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `{command('fit', cfg, run)}` first)")
     best = best_overall(probes)
     per_layer = best_per_layer(probes)
-    warnings: list[str] = [f"probe missing: {m} (run `needleprobe fit`)" for m in missing]
+    warnings: list[str] = [f"probe missing: {m} (run `{command('fit', cfg, run)}`)" for m in missing]
     try:
         cache = open_cache(cfg)
     except NeedleprobeError as e:
@@ -764,7 +859,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         view = monitor_view(cfg, found[0], found[1], probes)
     if view is None:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
-        mon_html = note(f"No up-to-date monitor results. {why}Run `needleprobe monitor --config {cfg.source or '<config>'}` "
+        mon_html = note(f"No up-to-date monitor results. {why}Run `{command('monitor', cfg, run)}` "
                         "to score whole documents, then write the report again.")
         heat_html, mon_tables = mon_html, ""
     else:
@@ -776,7 +871,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     seed_note = ("" if any(p.meta.get("seed_dependent") for p in probes) or len({p.seed for p in probes}) < 2 else
                  " With <code>class_balance: weighted</code> the fit does not depend on the seed, so the seeds coincide.")
     body = [
-        _header(cfg, facts, probes, best),
+        _header(cfg, layout, facts, probes, best),
         '<main class="wrap">',
         "".join(note(x, kind="warn") for x in warnings),
         '<section class="card" id="sec-layers"><h2>Probe quality by layer</h2>'
@@ -814,7 +909,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>needleprobe report · {esc(cfg.dataset.key)}</title><style>{CSS}</style></head><body>"
+        f"<title>needleprobe report · {esc(_run_title(cfg, run))}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
         + "</body></html>\n"
     )
@@ -832,6 +927,418 @@ def write_report(cfg: Config, run: str | None = None) -> Path:
     return path
 
 
-def write_comparison(cfgs: list[Config], run: str | None = None) -> Path:
-    """One HTML page comparing several runs (written by ``needleprobe report`` given several configs)."""
-    raise NeedleprobeError("a comparison report is not written yet")
+# ---------------------------------------------------------------------------
+# comparison of runs
+
+
+AUROC_RAMP = ((0.0, (202, 0, 32)), (0.5, (247, 247, 247)), (0.75, (146, 197, 222)), (1.0, (5, 113, 176)))
+"""Transfer cells: red below chance, white at chance (0.5), blue towards 1."""
+
+
+@dataclass
+class RunView:
+    """One run of a comparison: its config, its directory, its probes and how deep the model is."""
+
+    cfg: Config
+    layout: "Layout"
+    probes: list[ProbeInfo]
+    missing: list[str]
+    n_layers: int | None
+    n_layers_from: str
+    parts: list[str] = field(default_factory=list)  # what tells it apart: dataset key, then model slug, site
+
+    @property
+    def label(self) -> str:
+        return " · ".join(self.parts)
+
+    @property
+    def best(self) -> dict[int, ProbeInfo]:
+        return best_per_layer(self.probes)
+
+    def depth(self, layer: int) -> float | None:
+        """Relative depth of a layer: layer / n_layers (None when the depth is unknown)."""
+        return layer / self.n_layers if self.n_layers else None
+
+
+def model_depth(cfg: Config) -> tuple[int | None, str]:
+    """(number of blocks, where it was read): the cache's metadata, else the model's config (no weights loaded)."""
+    from .cache import open_cache
+
+    try:
+        n = open_cache(cfg, allow_incomplete=True).metadata.get("n_layers")
+    except NeedleprobeError:
+        n = None
+    if n:
+        return int(n), "cache"
+    from .extract import model_shape
+
+    n = model_shape(cfg)[0]
+    return (int(n), "model config") if n else (None, "unknown")
+
+
+def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
+    """The runs to compare, each with its probes; one line naming the config when one cannot be compared."""
+    from collections import Counter
+
+    from .layout import Layout, RunIdentity, model_slug
+
+    if len(cfgs) < 2:
+        raise NeedleprobeError("a comparison needs two configs or more (--config A.yaml --config B.yaml); "
+                               "with one --config, `needleprobe report` writes that run's own report")
+    views: list[RunView] = []
+    seen: dict[str, str] = {}
+    for cfg in cfgs:
+        layout = Layout.from_config(cfg, run)
+        where = cfg.source or cfg.dataset.key
+        if str(layout.run_dir) in seen:
+            raise NeedleprobeError(f"{where}: the same run as {seen[str(layout.run_dir)]} ({layout.run_dir}); "
+                                   "a comparison needs different runs")
+        seen[str(layout.run_dir)] = where
+        owner = layout.owner()
+        if owner is not None and owner != RunIdentity.from_config(cfg):
+            raise NeedleprobeError(f"{layout.run_dir}: holds probes of {owner.describe()}, but {where} is "
+                                   f"{layout.identity.describe()}")
+        probes, missing = load_probe_infos(cfg, run)
+        if not probes:
+            raise NeedleprobeError(f"{where}: no probes in {layout.run_dir} (run `{command('fit', cfg, run)}` first)")
+        views.append(RunView(cfg, layout, probes, missing, *model_depth(cfg), parts=[cfg.dataset.key]))
+    extras = (lambda v: model_slug(v.cfg.model.name), lambda v: v.cfg.probe.activation_site)
+    for extra in extras:  # only runs that share a label get told apart
+        count = Counter(v.label for v in views)
+        for v in views:
+            if count[v.label] > 1:
+                v.parts.append(extra(v))
+    count = Counter(v.label for v in views)
+    for i, v in enumerate(views):
+        if count[v.label] > 1:  # the same dataset, model and site in two output directories
+            v.parts.append(f"#{i + 1}")
+    return views
+
+
+def _file_part(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-") or "run"
+
+
+def common_dir(paths: list[Any]) -> Any:
+    """The deepest directory holding every path (``os.path.commonpath``; on one object store, the same on its keys)."""
+    from .stores import RemotePath, is_url
+
+    if all(is_url(p) for p in paths) and len({p.protocol for p in paths}) == 1:
+        proto = paths[0].protocol
+        keys = ["/" + str(p).partition("://")[2].lstrip("/") for p in paths]
+        return RemotePath(f"{proto}://" + posixpath.commonpath(keys).lstrip("/"))
+    if any(is_url(p) for p in paths):  # local and remote runs, or two stores: beside the first run
+        return paths[0].parent
+    strs = [str(p) for p in paths]
+    if len({os.path.isabs(x) for x in strs}) > 1:
+        strs = [os.path.abspath(x) for x in strs]
+    common = Path(os.path.commonpath(strs))
+    if common.is_absolute() and common.parent == common:
+        raise NeedleprobeError(f"the runs share no directory but the root ({', '.join(strs)}): nowhere to write the "
+                               "comparison; put their probe.output_dir under one directory")
+    return common
+
+
+def comparison_path(views: list[RunView]) -> Any:
+    """``comparison_{A}_vs_{B}....html`` in the runs' common directory (A, B: dataset keys, told apart when shared)."""
+    name = "comparison_" + "_vs_".join("-".join(_file_part(x) for x in v.parts) for v in views) + ".html"
+    if len(name) > 200:  # file names stop at 255 bytes
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = f"comparison_{len(views)}_runs_{digest}.html"
+    return common_dir([v.layout.run_dir for v in views]) / name
+
+
+def _dodge(i: int, n: int) -> float:
+    """Pixels to shift run ``i`` of ``n`` sideways, so runs probing the same layers do not hide each other."""
+    return (i - (n - 1) / 2) * 5.0
+
+
+def chart_runs(chart_id: str, label: str, views: list[RunView], by: str) -> str:
+    """Val AUROC of each run's best seed per layer, one line per run; ``by`` "layer" or "depth" (layer / n_layers)."""
+    shown = [v for v in views if by == "layer" or v.n_layers]
+    vals = [x for v in shown for p in v.best.values() for x in (p.auroc, *(p.ci or ()))]
+    if by == "layer":
+        layers = sorted({layer for v in shown for layer in v.best})
+        lo, hi = layers[0] - 0.5, layers[-1] + 0.5
+        n_ticks = min(10, max(2, layers[-1] - layers[0]))
+        ticks = [(float(t), f"{t:g}") for t in nice_ticks(layers[0], layers[-1], n=n_ticks)
+                 if float(t).is_integer()] or [(float(x), str(x)) for x in layers]
+        xlabel = "layer (block index)"
+    else:
+        lo, hi = -0.03, 1.03
+        ticks = [(v, f"{v:g}") for v in (0, 0.2, 0.4, 0.6, 0.8, 1.0)]
+        xlabel = "relative depth (layer / number of layers)"
+    longest = max(len(v.label) for v in shown)
+    legend_width = min(340, max(200, 56 + 7 * longest))
+    plot = Plot(chart_id, label, (lo, hi), _auroc_ylim(vals), width=560 + legend_width, legend_width=legend_width)
+    plot.axes(ticks, _yticks(plot.y0, plot.y1), xlabel, "val AUROC (token level, best seed)")
+    if plot.y0 <= 0.5:
+        plot.add(f'<line class="chance" x1="{plot.left}" y1="{plot.py(0.5):.1f}" x2="{plot.right}" y2="{plot.py(0.5):.1f}"/>')
+    for v in shown:
+        k = views.index(v)
+        color, dx = PALETTE[k % len(PALETTE)], _dodge(k, len(views))
+        best = sorted(v.best.items())
+        xs = [float(layer) if by == "layer" else v.depth(layer) for layer, _ in best]
+        run_attr = f'data-run="{esc(v.label)}"'
+        d = "M" + " L".join(f"{plot.px(x) + dx:.1f} {plot.py(p.auroc):.1f}" for x, (_, p) in zip(xs, best))
+        plot.add(f'<path class="series run" d="{d}" stroke="{color}" {run_attr}/>')  # one per run, even of one point
+        for x, (layer, p) in zip(xs, best):
+            cx = plot.px(x) + dx
+            ci_txt = ""
+            if p.ci:
+                y0, y1 = plot.py(p.ci[0]), plot.py(p.ci[1])
+                plot.add(
+                    f'<g class="errorbar" stroke="{color}" {run_attr} data-layer="{layer}" '
+                    f'data-ci-low="{p.ci[0]!r}" data-ci-high="{p.ci[1]!r}">'
+                    f'<line x1="{cx:.1f}" y1="{y0:.1f}" x2="{cx:.1f}" y2="{y1:.1f}"/>'
+                    f'<line x1="{cx - 4:.1f}" y1="{y0:.1f}" x2="{cx + 4:.1f}" y2="{y0:.1f}"/>'
+                    f'<line x1="{cx - 4:.1f}" y1="{y1:.1f}" x2="{cx + 4:.1f}" y2="{y1:.1f}"/></g>'
+                )
+                ci_txt = f" (95% CI {p.ci[0]:.4f}–{p.ci[1]:.4f})"
+            where = f"layer {layer}" + ("" if by == "layer" else f" of {v.n_layers} (depth {x:.3f})")
+            plot.add(
+                f'<circle class="point" cx="{cx:.1f}" cy="{plot.py(p.auroc):.1f}" r="4.5" fill="{color}" {run_attr} '
+                f'data-layer="{layer}" data-seed="{p.seed}" data-auroc="{p.auroc!r}" data-x="{x!r}">'
+                f"<title>{esc(v.label)} · {esc(where)} · seed {p.seed} · AUROC {p.auroc:.4f}{esc(ci_txt)}</title></circle>"
+            )
+        text = v.label if len(v.label) * 7 + 56 <= legend_width else v.label[: (legend_width - 56) // 7 - 1] + "…"
+        plot.legend(text, color, marker=True)
+    return plot.render()
+
+
+def _by_layer_table(views: list[RunView]) -> str:
+    layers = sorted({layer for v in views for layer in v.best})
+    rows = []
+    for layer in layers:
+        row: list[str | Cell] = [str(layer)]
+        for v in views:
+            p = v.best.get(layer)
+            row.append(Cell("–") if p is None else Cell(
+                f"{p.auroc:.4f} (seed {p.seed})" + (f" · depth {v.depth(layer):.2f}" if v.n_layers else ""),
+                data={"run": v.label, "layer": layer, "auroc": repr(p.auroc)}))
+        rows.append(row)
+    return table(["layer", *(v.label for v in views)], rows, table_id="auroc-by-layer-table")
+
+
+@dataclass
+class TransferCell:
+    auroc: float
+    seed: int
+    stale: bool
+
+
+def read_transfer(source: RunView, target: RunView) -> tuple[dict[int, TransferCell] | None, str | None]:
+    """(layer → token AUROC of ``source``'s best probe on ``target``'s val, or None when not evaluated; a problem).
+
+    Read from ``{source run}/transfer/{target dataset}-val/eval_metrics.csv``.  Per
+    layer, the row of the seed that is best on the source's own val (the one
+    ``evaluate --matrix`` scores); a row whose ``source_val_auroc`` is not the
+    probe's current one, or of a seed that is no longer the best, was scored
+    with probes refit since (``stale``).
+    """
+    path = source.layout.transfer_dir(target.layout, "val") / "eval_metrics.csv"
+    if not path.is_file():
+        return None, None
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        parsed = [(int(r["layer"]), int(r["seed"]), float(r["token_auroc"]), r.get("source_val_auroc") or "") for r in rows]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as e:
+        return None, f"{path}: cannot read ({type(e).__name__}: {str(e)[:80]})"
+    current = {(p.layer, p.seed): p.auroc for p in source.probes}
+    best = source.best
+    out: dict[int, TransferCell] = {}
+    for layer in sorted({r[0] for r in parsed}):
+        rows_l = [r for r in parsed if r[0] == layer]
+        want = best[layer].seed if layer in best else None
+        pick = next((r for r in rows_l if r[1] == want), None)
+        if pick is None:
+            pick = max(rows_l, key=lambda r: (float(r[3]) if r[3] else -1.0, -r[1]))
+        own = float(pick[3]) if pick[3] else None
+        refit = own is None or current.get((layer, pick[1])) != own or (want is not None and pick[1] != want)
+        out[layer] = TransferCell(pick[2], pick[1], refit)
+    return out, None
+
+
+def _evaluate_command(sources: list[RunView], targets: list[RunView], run: str | None) -> list[str]:
+    """The commands that fill the missing cells: one ``--matrix`` when it can, else one ``evaluate`` per pair."""
+    cfgs = {id(v): v.cfg.source or "<config>" for v in sources + targets}
+    if run is None and len({v.cfg.dataset.key for v in sources + targets}) == len({id(v) for v in sources + targets}):
+        group = list(dict.fromkeys(cfgs[id(v)] for v in sources + targets))
+        return ["needleprobe evaluate --matrix " + " ".join(group)]
+    runflag = f" --probes-run {run}" if run else ""
+    return [f"needleprobe evaluate --probes {cfgs[id(s)]}{runflag} --config {cfgs[id(t)]}" for s, t in zip(sources, targets)]
+
+
+def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[str]]:
+    """Heatmap tables of token AUROC (rows trained on, columns evaluated on), one per layer and model; warnings."""
+    groups: dict[tuple[str, str | None, str], list[RunView]] = {}
+    for v in views:
+        groups.setdefault((v.cfg.model.name, v.cfg.model.revision, v.cfg.probe.activation_site), []).append(v)
+    shared = {k: g for k, g in groups.items() if len(g) > 1}
+    warnings: list[str] = []
+    if not shared:
+        return note("No two of these runs share a model and activation site, so there is no transfer to show: a probe "
+                    "reads one model's activations at one site."), warnings
+    out = []
+    for (model, revision, site), group in shared.items():
+        targets: list[RunView] = []  # one column per dataset (the first run of it gives the data)
+        for v in group:
+            if v.cfg.dataset.key not in {t.cfg.dataset.key for t in targets}:
+                targets.append(v)
+        cells: dict[tuple[int, int], dict[int, TransferCell]] = {}
+        missing: list[tuple[RunView, RunView]] = []
+        for i, s in enumerate(group):
+            for j, t in enumerate(targets):
+                got, problem = read_transfer(s, t)
+                if problem:
+                    warnings.append(problem)
+                if got is None:
+                    missing.append((s, t))
+                else:
+                    cells[(i, j)] = got
+        title = f"{model}{'@' + revision if revision else ''} · {site}"
+        out.append(f"<h3>{esc(title)}</h3>")
+        layers = sorted({layer for c in cells.values() for layer in c})
+        stale = [(group[i], targets[j]) for (i, j), c in sorted(cells.items()) if any(x.stale for x in c.values())]
+        for layer in layers:
+            rows = []
+            for i, s in enumerate(group):
+                row: list[str | Cell] = [s.label]
+                for j, t in enumerate(targets):
+                    c = cells.get((i, j), {}).get(layer)
+                    key = {"layer": layer, "source": s.label, "target": t.cfg.dataset.key}
+                    if c is None:
+                        row.append(Cell("–", cls="missing", data=key, title="not evaluated"))
+                        continue
+                    rgb = ramp(c.auroc, AUROC_RAMP)
+                    ink = "#fff" if c.auroc > 0.85 or c.auroc < 0.15 else "#1f2328"
+                    tip = (f"probes of {s.label} (layer {layer}, seed {c.seed}) on {t.cfg.dataset.key} val: "
+                           f"token AUROC {c.auroc:.4f}" + (" · scored with probes refit since" if c.stale else ""))
+                    row.append(Cell(f"{c.auroc:.4f}" + (" *" if c.stale else ""), cls="stale" if c.stale else "",
+                                    style=f"background:rgb{rgb};color:{ink}", title=tip,
+                                    data={**key, "seed": c.seed, "auroc": repr(c.auroc)}))
+                rows.append(row)
+            out.append(f'<p class="caption">layer {layer}: token AUROC on the val split (rows: trained on; columns: '
+                       "evaluated on; the diagonal is each run on its own data)</p>")
+            out.append(table(["trained on ↓ · evaluated on →", *(t.cfg.dataset.key for t in targets)], rows,
+                             cls="data matrix", table_id=f"transfer-{_file_part(title)}-layer-{layer}"))
+        if stale:
+            pairs = "; ".join(f"{s.label} on {t.cfg.dataset.key}" for s, t in stale)
+            cmds = _evaluate_command([s for s, _ in stale], [t for _, t in stale], run)
+            warnings.append(f"{title}: transfer results marked * were scored with probes refit since ({pairs}): "
+                            f"evaluate again with `{'` and `'.join(cmds)}`")
+        if missing:
+            pairs = "; ".join(f"{s.label} on {t.cfg.dataset.key}" for s, t in missing)
+            cmds = _evaluate_command([s for s, _ in missing], [t for _, t in missing], run)
+            out.append(note(f"Not evaluated yet ({esc(title)}): {esc(pairs)}. Fill "
+                            f"{'them' if len(missing) > 1 else 'it'} with "
+                            + " and ".join(f"<code>{esc(c)}</code>" for c in cmds) + ", then write the comparison again.",
+                            raw=True))
+    lone = [v for v in views if len(groups[(v.cfg.model.name, v.cfg.model.revision, v.cfg.probe.activation_site)]) == 1]
+    if lone:
+        out.append(note("Without another run of the same model and site here, so without transfer: "
+                        + "; ".join(v.label for v in lone) + "."))
+    return "".join(out), warnings
+
+
+def _best_table(views: list[RunView]) -> str:
+    rows, data = [], []
+    for v in views:
+        b = best_overall(v.probes)
+        ci = f"{b.ci[0]:.4f}–{b.ci[1]:.4f}" if b.ci else "–"
+        depth = f"{v.depth(b.layer):.3f} ({b.layer}/{v.n_layers})" if v.n_layers else "– (depth unknown)"
+        rows.append([Cell(v.label, cls="name"), str(b.layer), str(b.seed), _f4(b.auroc), ci,
+                     f"{b.meta.get('selected_l2', float('nan')):g}", depth])
+        data.append({"run": v.label, "layer": b.layer, "seed": b.seed, "auroc": repr(b.auroc),
+                     "l2": repr(b.meta.get("selected_l2")), "n-layers": v.n_layers or ""})
+    return table(["run", "layer", "seed", "val AUROC", "95% CI (docs)", "selected L2", "relative depth"], rows,
+                 table_id="best-probes", row_data=data)
+
+
+def _runs_table(views: list[RunView]) -> str:
+    rows = [[Cell(v.label, cls="name"), Cell(v.cfg.model.name, cls="path"), v.cfg.probe.activation_site,
+             Cell(v.cfg.dataset.key, cls="name"), f"{v.n_layers} ({v.n_layers_from})" if v.n_layers else "unknown",
+             Cell(str(v.layout.run_dir), cls="path")] for v in views]
+    return table(["run", "model", "site", "dataset", "blocks (read from)", "run directory"], rows, table_id="runs",
+                 row_data=[{"run": v.label} for v in views])
+
+
+def _comparison_html(views: list[RunView], run: str | None) -> str:
+    from . import __version__
+
+    warnings = [f"{v.label}: probe missing: {m} (run `{command('fit', v.cfg, run)}`)" for v in views for m in v.missing]
+    unknown = [v for v in views if not v.n_layers]
+    for v in unknown:
+        warnings.append(f"{v.label}: the number of layers of {v.cfg.model.name} is unknown (no cache, no model config "
+                        "to read), so it is left out of the relative-depth chart")
+    transfer_html, w = transfer_section(views, run)
+    warnings += w
+    title = " vs ".join(v.label for v in views)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    items = [
+        ("runs", esc(len(views))), ("models", esc(", ".join(dict.fromkeys(v.cfg.model.name for v in views)))),
+        ("datasets", esc(", ".join(dict.fromkeys(v.cfg.dataset.key for v in views)))),
+        ("activation sites", esc(", ".join(dict.fromkeys(v.cfg.probe.activation_site for v in views)))),
+        ("generated", esc(f"{now} · needleprobe {__version__}")),
+    ]
+    meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
+    nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer and depth"),
+                                                        ("sec-transfer", "transfer matrix"), ("sec-best", "best probes")))
+    depth_chart = (chart_runs("compare-by-depth", "validation AUROC by relative depth, one line per run", views, "depth")
+                   if len(unknown) < len(views) else note("No run's depth is known, so no relative-depth chart."))
+    body = [
+        f'<header><div class="wrap"><h1>needleprobe comparison <span>· {esc(title)}</span></h1>'
+        f'<dl class="meta">{meta}</dl><nav>{nav}</nav></div></header>',
+        '<main class="wrap">',
+        "".join(note(x, kind="warn") for x in warnings),
+        '<section class="card" id="sec-layers"><h2>Probe quality by layer</h2>'
+        '<p class="explain">Token-level val AUROC of each run\'s best seed per layer, at the L2 strength chosen on '
+        "validation; error bars are 95% intervals from a bootstrap over documents. Runs on different datasets are "
+        "measured on different val sets, so compare their shapes more than their levels.</p>"
+        "<h3>By layer</h3>",
+        chart_runs("compare-by-layer", "validation AUROC by layer, one line per run", views, "layer"),
+        "<h3>By relative depth</h3>"
+        '<p class="caption">The same points at layer / number of layers, so models of different depth line up '
+        "(layer 0 is the first block).</p>",
+        depth_chart,
+        _by_layer_table(views),
+        '<p class="caption">Each cell: val AUROC of the layer\'s best seed (its relative depth).</p></section>',
+        '<section class="card" id="sec-transfer"><h2>Transfer matrix</h2>'
+        '<p class="explain">Token AUROC of each run\'s best probe per layer (rows: the data it was trained on) on the '
+        "cached val rows of each dataset (columns), as written by <code>needleprobe evaluate</code>. Off the diagonal "
+        "is the question a monitor must answer: does a probe trained on one kind of needle catch another?</p>",
+        transfer_html,
+        "</section>",
+        '<section class="card" id="sec-best"><h2>Best probe of each run</h2>'
+        '<p class="explain">The probe with the best val AUROC (ties: the layer with the better seed mean, then the '
+        "earlier layer), and what each run is.</p>",
+        _best_table(views),
+        "<h3>The runs</h3>",
+        _runs_table(views),
+        "</section>",
+        f"<footer>Written by <code>needleprobe.report.write_comparison</code> from "
+        f"{esc(', '.join(str(v.layout.run_dir) for v in views))}. Self-contained: no scripts, no external resources.</footer>",
+        "</main>",
+    ]
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>needleprobe comparison · {esc(title)}</title><style>{CSS}</style></head><body>"
+        + "\n".join(body)
+        + "</body></html>\n"
+    )
+
+
+def build_comparison(cfgs: list[Config], run: str | None = None) -> tuple[Any, str]:
+    """(where the comparison of ``cfgs``' runs goes, its HTML)."""
+    views = load_runs(cfgs, run)
+    return comparison_path(views), _comparison_html(views, run)
+
+
+def write_comparison(cfgs: list[Config], run: str | None = None) -> Any:
+    """Write one HTML page comparing the runs of ``cfgs`` (atomically) in their common directory; return its path."""
+    from .records import atomic_write_bytes
+
+    path, page = build_comparison(cfgs, run)
+    atomic_write_bytes(path, page.encode("utf-8"))
+    return path
