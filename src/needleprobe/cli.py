@@ -231,7 +231,7 @@ def run(args) -> int:
     if args.command == "report" and args.config and len(args.config) > 1:
         from .report import write_comparison
 
-        con.print(f"wrote {write_comparison([_config(args, c) for c in args.config], run=args.run)}")
+        con.print(f"wrote {escape(str(write_comparison([_config(args, c) for c in args.config], run=args.run)))}")
         return 0
     if args.command == "evaluate" and args.matrix:
         from .evaluate import transfer_matrix
@@ -294,7 +294,7 @@ def run(args) -> int:
     if args.command == "report":
         from .report import write_report
 
-        con.print(f"wrote {write_report(cfg, run=args.run)}")
+        con.print(f"wrote {escape(str(write_report(cfg, run=args.run)))}")
     if args.command == "check":
         from .check import check
 

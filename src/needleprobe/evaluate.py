@@ -14,6 +14,8 @@ d_model: anything else is refused in one line before any work.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 
 from .config import Config, load_config
 from .errors import NeedleprobeError
-from .layout import Layout, RunIdentity
+from .layout import Layout, RunIdentity, transfer_path
 from .metrics import binary_metrics, bootstrap_auroc_ci
 from .probe import LinearProbe, load_probes
 from .records import atomic_write_json, console
@@ -147,8 +149,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
     _check_split(target, split)
     cache = target_cache(target, show_progress)
     _check_compatible(source, target, cache)
-    tgt = Layout.from_config(target)
-    out_dir = source.run_dir / "transfer" / f"{tgt.identity.dataset}-{split}"
+    out_dir = transfer_path(source.run_dir, target.dataset.key, split)
     rows: list[dict[str, Any]] = []
     refs = [ProbeRef(layer, seed, source.run_dir / f"probe_layer_{layer}_seed_{seed}.pt",
                      file_sha256(source.run_dir / f"probe_layer_{layer}_seed_{seed}.pt"))
@@ -249,7 +250,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
                 m = token_metrics(probe, view.to_numpy(layer), y, groups, f"{cache.path} val")
                 rows.append(_row(layer, seed, "val", m, probe))
                 table[(layer, scfg.dataset.key, tcfg.dataset.key)] = m["token_auroc"]
-            write_rows_csv(src.run_dir / "transfer" / f"{tcfg.dataset.key}-val" / "eval_metrics.csv", rows)
+            write_rows_csv(transfer_path(src.run_dir, tcfg.dataset.key, "val") / "eval_metrics.csv", rows)
     layers = sorted({layer for layer, _, _ in table})
     lines = [["layer", "trained_on", *keys]]
     for layer in layers:
@@ -260,7 +261,9 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
     out = common / f"transfer_matrix_{'+'.join(keys)}.csv"
     from .records import atomic_write_bytes
 
-    atomic_write_bytes(out, "".join(",".join(r) + "\n" for r in lines).encode())
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(lines)
+    atomic_write_bytes(out, buf.getvalue().encode())
     _print_matrix(keys, layers, table)
     console().print(f"transfer matrix in {out}")
     return {"csv": str(out), "auroc": table}

@@ -9,7 +9,7 @@ directory::
         probe_layer_{L}_seed_{S}.pt / .json            probes (the seed's names)
         probe_metrics.csv
         monitor/                                       document monitor: token logits (Zarr) and metrics
-        transfer/{target}/                             these probes evaluated on another dataset
+        transfer/{target}-{split}/                     these probes evaluated on another dataset
         report.html
     {run_record_dir}/{dataset}[-{run}]_probe_run_record.json
 
@@ -45,6 +45,11 @@ def model_slug(name: str) -> str:
 def check_run_name(run: str | None) -> None:
     if run is not None and (not run or "/" in run or run.strip() != run or run.startswith(".")):
         raise NeedleprobeError(f"--run {run!r}: a run name is a non-empty name without '/' (e.g. wide-l2)")
+
+
+def transfer_path(run_dir, target_dataset: str, split: str):
+    """Where probes of ``run_dir`` scored on a target dataset's split go (a probe directory need not be a run's)."""
+    return run_dir / "transfer" / f"{target_dataset}-{split}"
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ class Layout:
 
     def transfer_dir(self, target: "Layout", split: str) -> Path:
         """This run's probes evaluated on ``target``'s data (keyed by source directory and target dataset)."""
-        return self.run_dir / "transfer" / f"{target.identity.dataset}-{split}"
+        return transfer_path(self.run_dir, target.identity.dataset, split)
 
     @property
     def lock(self) -> Path:
@@ -168,7 +173,8 @@ class Layout:
             return None
         return RunIdentity.from_config_dict(rec.get("config", {}))
 
-    def refuse_foreign(self, what: str, overwrite: bool = False, *, record_only: bool = False) -> None:
+    def refuse_foreign(self, what: str, overwrite: bool = False, *, record_only: bool = False,
+                       can_overwrite: bool = True) -> None:
         """Refuse to write ``what`` where outputs of another model, site or dataset live (unless ``overwrite``).
 
         ``record_only``: only the run record is written (an extract's section), so only it is checked.
@@ -183,6 +189,6 @@ class Layout:
                 raise NeedleprobeError(
                     f"{where}: holds outputs of {other.describe()}, and this {what} is {self.identity.describe()}; "
                     "keep both by giving each its own location (e.g. probe.output_dir: results/probes/{model}/{site} "
-                    "and probe.run_record_dir: results/run_records/{model}/{site}, or --run NAME), "
-                    "or replace them with --overwrite"
+                    "and probe.run_record_dir: results/run_records/{model}/{site}, or --run NAME)"
+                    + (", or replace them with --overwrite" if can_overwrite else "")
                 )

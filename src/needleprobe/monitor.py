@@ -416,7 +416,7 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
     """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run."""
     split = split or cfg.monitor.split
     layout = Layout.from_config(cfg, run)
-    layout.refuse_foreign("monitor")
+    layout.refuse_foreign("monitor", can_overwrite=False)
     probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
     from .fit import existing_probes
 

@@ -921,7 +921,7 @@ def write_report(cfg: Config, run: str | None = None) -> Path:
     from .records import atomic_write_bytes
 
     layout = Layout.from_config(cfg, run)
-    layout.refuse_foreign("report")
+    layout.refuse_foreign("report", can_overwrite=False)
     path = layout.report
     atomic_write_bytes(path, build_html(cfg, run).encode("utf-8"))
     return path
@@ -970,7 +970,7 @@ def model_depth(cfg: Config) -> tuple[int | None, str]:
         n = None
     if n:
         return int(n), "cache"
-    from .extract import model_shape
+    from .hooks import model_shape
 
     n = model_shape(cfg)[0]
     return (int(n), "model config") if n else (None, "unknown")
