@@ -195,9 +195,9 @@ def _row(layer: int, seed: int, split: str, m: dict[str, Any], probe: LinearProb
 def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]], doc_rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split}): token AUROC [95% CI] · AP · TPR@1%/5%FPR")
-    for c in ("layer", "seed", "on its own val", f"on {target.dataset.key}", "AP", "TPR@1%", "TPR@5%",
-              "best doc AUROC (aggregation)"):
+    t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})")
+    for c in ("layer", "seed", "own val AUROC", "token AUROC [95% CI]", "AP", "TPR@1%FPR", "TPR@5%FPR",
+              "doc AUROC (best aggregation)"):
         t.add_column(c, justify="right")
     for r in rows:
         docs = [d for d in doc_rows if (d["layer"], d["seed"]) == (r["layer"], r["seed"])]

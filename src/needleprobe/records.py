@@ -35,11 +35,15 @@ def console() -> Console:
 
     ``soft_wrap``: a message is never broken into lines by rich (in a log or a
     pipe it would be cut at 80 columns, paths included); a terminal wraps it
-    for display. Tables and progress bars are still laid out to the width.
+    for display. Tables and progress bars are laid out to the width: a
+    terminal's, or (in a log, unless ``COLUMNS`` says otherwise) 160 columns,
+    so tables are not squeezed into 80.
     """
     global _CONSOLE
     if _CONSOLE is None:
         _CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)
+        if not _CONSOLE.is_terminal and "COLUMNS" not in os.environ:
+            _CONSOLE.width = 160
     return _CONSOLE
 
 
