@@ -14,6 +14,7 @@ import json
 from .config import RUNTIME_ONLY, Config
 from .data import file_sha256
 from .layout import Layout
+from .probe import LinearProbe
 
 REQUIRED_META = ("selected_l2", "train_stats", "val_stats", "val_metrics")
 CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
@@ -52,7 +53,7 @@ def check(cfg: Config, run: str | None = None) -> list[str]:
         if not js.is_file():
             problems.append(f"{js}: probe metadata missing")
             continue
-        meta = json.loads(js.read_text())
+        meta = LinearProbe.load(pt).metadata_ if pt.is_file() else json.loads(js.read_text())
         for k in REQUIRED_META:
             if k not in meta:
                 problems.append(f"{js}: metadata field {k!r} missing")

@@ -47,6 +47,7 @@ import numpy as np
 
 from .config import Config
 from .errors import NeedleprobeError
+from .probe import LinearProbe
 
 if TYPE_CHECKING:
     from .layout import Layout
@@ -85,7 +86,11 @@ class ProbeInfo:
     layer: int
     seed: int
     pt: Path
-    meta: dict[str, Any]
+    probe: Any  # probe.LinearProbe
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.probe.metadata_
 
     @property
     def auroc(self) -> float:
@@ -107,7 +112,7 @@ def load_probe_infos(cfg: Config, run: str | None = None) -> tuple[list[ProbeInf
         for seed in cfg.probe.train_seeds:
             pt, js = layout.probe_files(layer, seed)
             if js.is_file() and pt.is_file():
-                found.append(ProbeInfo(layer, seed, pt, json.loads(js.read_text())))
+                found.append(ProbeInfo(layer, seed, pt, LinearProbe.load(pt)))
             else:
                 missing.append(f"layer {layer} seed {seed}")
     return found, missing
@@ -390,8 +395,6 @@ def probe_roc_section(cfg: Config, cache, probes: list[ProbeInfo]) -> tuple[str,
     """ROC of each layer's best probe on the cached val rows; warnings if a probe no longer reproduces its AUROC."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    from .probe import LinearProbe
-
     warnings: list[str] = []
     if cache is None:
         return note("No activation cache, so no ROC curves: run `needleprobe extract`."), warnings
@@ -408,7 +411,7 @@ def probe_roc_section(cfg: Config, cache, probes: list[ProbeInfo]) -> tuple[str,
         if layer not in val.layers:
             warnings.append(f"layer {layer} is not in the cache; its ROC curve is missing")
             continue
-        probe = LinearProbe.load(p.pt)
+        probe = p.probe
         x = val.to_numpy(layer)
         if x.shape[1] != probe.d_model:
             warnings.append(f"probe layer {layer} seed {p.seed} has d_model {probe.d_model}, the cache {x.shape[1]}")
