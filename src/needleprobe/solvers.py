@@ -55,13 +55,12 @@ is compute-bound there) and the joint scheme took 1.4-1.8x the CPU time of the
 warm path with carried memory (50k x 1024 and 100k x 2048), so the warm path is
 the default.
 
-CPU details (measured on a 2-core AMD EPYC): ``X @ p`` goes through numpy's
-BLAS, whose GEMV was ~1.5x faster than torch's there, on numpy's own threads;
-the chunked ``X^T r`` and the O(n) vector work run on torch's threads.  This
-module changes no process-wide setting (several fits may run at once, one per
-device): the fit command sets torch to one thread on CPU and disables TF32 once,
-around all of its fits (``runtime.fit_settings``), because OpenMP barriers on
-shared cores made 2-thread element-wise ops up to 100x slower.
+CPU details (measured on a 2-core AMD EPYC): both products with X go through
+numpy's BLAS, whose GEMV was ~1.5x faster than torch's there, and the O(n)
+vector work through torch.  This module changes no process-wide setting
+(several fits may run at once, one per device): the fit command sets one torch
+thread and one BLAS thread on CPU, and disables TF32, once around all of its
+fits (``runtime.fit_settings``, where the measurements are).
 
 Tolerance: ``tol = 1e-6`` on the max-abs gradient of ``J`` (100x tighter than
 scikit-learn's default ``1e-4``, which is not enough for weak penalties).  On
@@ -181,11 +180,14 @@ class _Data:
         """X^T R for R [n, K] (float64 in and out), float64 sums over row chunks."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
         chunk = _CHUNK_ROWS * (8 if self.cuda else 1)  # fewer kernel launches on GPU
+        if self.Xn is not None:  # numpy's BLAS: its GEMV was ~1.5x faster than torch's MKL on the machine measured
+            Rn, acc_n = Rt.numpy(), np.zeros((R.shape[1], self.d), dtype=np.float64)
+            for k in range(R.shape[1]):  # one GEMV per column: a [1, n] GEMM is slower
+                for i in range(0, self.n, chunk):
+                    acc_n[k] += Rn[k, i : i + chunk] @ self.Xn[i : i + chunk]
+            return torch.from_numpy(acc_n).T
         if self.mm_dtype == _F64 or self.n <= chunk:
             return (Rt @ self.X).to(_F64).T
-        # Torch's product, chunk by chunk: on CPU it runs on torch's threads, which a fit command sets to one
-        # (``runtime.fit_settings``): each chunk is a separate call, and on a busy machine every call that wakes
-        # a second thread can wait a scheduler slice for it (measured: a demo layer 21.6 s instead of 4.0 s).
         acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
         for i in range(0, self.n, chunk):
             acc += (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64)
