@@ -114,6 +114,9 @@ def test_every_stage_works_per_site(tmp_path, capsys):
     out = capsys.readouterr().err
     assert post.report.is_file() and mid.report.is_file() and "comparison_" in out  # both sites on one chart
     assert main(["inspect", "--config", str(cfg_path)]) == 0
+    # evaluate picks the target's site from the probes': resid_mid probes on the resid_mid cache
+    assert main(["evaluate", "--config", str(cfg_path), "--probes", str(mid.run_dir), "--layers", "3", "--no-progress"]) == 0
+    assert (mid.run_dir / "transfer" / "t_v1-val" / "eval_metrics.csv").is_file()
     # probes of a site read that site: the monitor's logits are resid_mid's, not resid_post's
     from needleprobe import LinearProbe
 
