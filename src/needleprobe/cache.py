@@ -391,13 +391,15 @@ def damage_of(arr: zarr.Array, k: int, reason: str) -> ChunkDamage:
     return ChunkDamage(array_location(arr), group, name, k, a, b, reason)
 
 
-def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tuple = ()) -> np.ndarray:
+def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tuple = (), *,
+              check_stored: bool = True) -> np.ndarray:
     """``arr[start:stop, *cols]``, raising :class:`CacheDamaged` (one line: array, chunk, rows) for a damaged chunk.
 
     Every read of cache arrays goes through here.  A checksum mismatch or
     undecodable bytes show up as an exception from Zarr, which is traced to its
     chunk; a missing chunk file would silently read as fill values, so the
-    chunks' files are checked first (one ``exists`` per chunk, ~4 MiB apart).
+    chunks' files are checked first (one ``exists`` per chunk, ~4 MiB apart), unless
+    ``check_stored`` is False (a reader that already checked them, such as a fit's later passes).
     """
     n = arr.shape[0]
     stop = n if stop is None else max(start, min(stop, n))
@@ -406,7 +408,7 @@ def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tu
         return arr[key]
     c = arr.chunks[0]
     ks = range(start // c, (stop - 1) // c + 1)
-    if _must_be_stored(arr):
+    if check_stored and _must_be_stored(arr):
         for k in ks:
             if not _chunk_stored(arr, k):
                 raise CacheDamaged(damage_of(arr, k, "chunk file missing"))
@@ -849,6 +851,31 @@ class RowArray:
         if not out:
             return self.parts[0][(slice(0, 0), *rest)]
         return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+    def read(self, start: int, stop: int, *, check_stored: bool = True) -> np.ndarray:
+        """Rows [start, stop) (``read_rows`` on each part; ``check_stored=False`` skips the chunk-file check)."""
+        out = []
+        for k, part in enumerate(self.parts):
+            lo, hi = max(start, int(self.bounds[k])), min(stop, int(self.bounds[k + 1]))
+            if lo < hi:
+                out.append(read_rows(part, lo - int(self.bounds[k]), hi - int(self.bounds[k]),
+                                     check_stored=check_stored))
+        if not out:
+            return self.parts[0][0:0]
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def stored_bytes(self, start: int, stop: int) -> int:
+        """Bytes of the stored chunks that reading rows [start, stop) decodes (whole chunks, checksums included)."""
+        total = 0
+        row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        for k, part in enumerate(self.parts):
+            lo, hi = max(start, int(self.bounds[k])), min(stop, int(self.bounds[k + 1]))
+            if lo < hi:
+                c = part.chunks[0]
+                a, b = lo - int(self.bounds[k]), hi - int(self.bounds[k])
+                total += ((b - 1) // c - a // c + 1) * (c * row_bytes + (4 if checksummed(part) else 0))
+        return total
 
 
 ShardedArray = RowArray  # its name before unsharded splits used it too

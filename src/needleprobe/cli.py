@@ -52,7 +52,9 @@ COMMANDS = {  # name: (one-line help, description)
         "train the probes from the activation cache",
         "Train one L2-regularised logistic-regression probe per layer and seed from the activation cache, without "
         "loading the model, and pick L2 by validation AUROC. Writes probe_layer_{L}_seed_{S}.pt and .json and "
-        "probe_metrics.csv under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir.",
+        "probe_metrics.csv under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir. "
+        "Rows that exceed --fit-memory are read from the cache block by block (the same exact solver); under "
+        "torchrun every process fits its share of the rows and rank 0 writes the files.",
     ),
     "train": (
         "extract, then fit, in one command",
@@ -144,6 +146,8 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = F
         p.add_argument("--seeds", type=_ints, help="override probe.train_seeds, e.g. 0,1")
         p.add_argument("--class-balance", choices=["weighted", "downsample"], help="override probe.class_balance")
         p.add_argument("--solver", choices=["auto", "lbfgs", "minibatch"], help="override probe.solver")
+        p.add_argument("--fit-memory", help="override probe.fit_memory: memory a fit may hold per device, e.g. 8MB, "
+                       "40GB (beyond it, exact L-BFGS streams the rows from the cache)")
 
 
 def _no_progress(p: argparse.ArgumentParser) -> None:
@@ -173,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         chk.add_argument(flag, type=kind, help=f"the probe.{what} the run was fitted with (as given to fit)")
     chk.add_argument("--class-balance", choices=["weighted", "downsample"], help="as given to fit")
     chk.add_argument("--solver", choices=["auto", "lbfgs", "minibatch"], help="as given to fit")
+    chk.add_argument("--fit-memory", help="as given to fit (it never changes what fit writes)")
     mon = _command(sub, "monitor")
     _common(mon, True, False, runs=True)
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
@@ -209,6 +214,7 @@ def _config(args, path: str | None = None):
         "train_seeds": getattr(args, "seeds", None),
         "class_balance": getattr(args, "class_balance", None),
         "solver": getattr(args, "solver", None),
+        "fit_memory": getattr(args, "fit_memory", None),
     }
     for split in ("train", "val"):
         for what in ("docs", "tokens"):
@@ -253,9 +259,9 @@ def run(args) -> int:
             for layout in layouts.values():
                 layout.refuse_foreign(args.command, args.overwrite, record_only=args.command == "extract")
         res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
-        if not is_primary():
-            return 0  # under torchrun, rank 0 records the run and does everything after extract
-        if res.status != "up to date":
+        if not is_primary() and args.command != "train":
+            return 0  # under torchrun, rank 0 records the run and does everything after extract but fit
+        if is_primary() and res.status != "up to date":
             for site, (path, fp) in res.sites.items():
                 update_run_record(
                     layouts[site],
@@ -273,8 +279,8 @@ def run(args) -> int:
                     },
                 )
             con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {', '.join(p for p, _ in res.sites.values())}")
-    if not is_primary():
-        return 0  # torchrun shards extract only; every other stage runs once, on rank 0
+    if not is_primary() and args.command not in ("fit", "train"):
+        return 0  # torchrun shards extract and fit; every other stage runs once, on rank 0
     if args.command == "evaluate":  # the probes' site picks the target's
         from .evaluate import evaluate
 
@@ -287,7 +293,7 @@ def run(args) -> int:
     status = 0
     for site in sites:  # every stage after extract works on one site at a time: each site is a run of its own
         scfg = cfg.for_site(site)
-        if len(sites) > 1:
+        if len(sites) > 1 and is_primary():
             con.print(f"[bold]site {site}[/bold]")
         status = max(status, _run_site(args, scfg, con))
     if args.command == "report" and len(sites) > 1:

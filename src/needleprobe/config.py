@@ -21,8 +21,9 @@ import yaml
 from .errors import NeedleprobeError
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
-RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device")})
-"""Settings that change how fast a run goes, never what it writes."""
+RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device"),
+                          ("probe", "fit_memory")})
+"""Settings that change how fast a run goes, never what it writes (beyond float rounding: see README "Determinism")."""
 DTYPES = ("float32", "bfloat16", "float16")
 SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
 """Activation sites, TransformerLens' ``blocks.{L}.hook_{site}`` names (see :mod:`needleprobe.sites`)."""
@@ -35,6 +36,21 @@ def template_fields(template: str) -> list[str]:
     import string
 
     return [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``8MB`` → 8,000,000; ``512MiB`` → 536,870,912; a bare number is bytes (ValueError when unreadable)."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"expected a size such as 8MB, 512MiB or 40GB, got {text!r}")
+    return int(float(m.group(1)) * _BYTE_UNITS[unit])
 
 
 def _template_problem(template: str) -> str | None:
@@ -123,7 +139,11 @@ class ProbeConfig:
     sampling_seed: int = 0
     """Seed of the negative-token sampling, independent of training seeds."""
     solver: Literal["auto", "lbfgs", "minibatch"] = "auto"
-    """``lbfgs`` (full batch, exact), ``minibatch`` (streams from the cache), or ``auto``."""
+    """``auto`` and ``lbfgs``: exact L-BFGS, in memory when a layer's rows fit ``fit_memory``, else out of core
+    (streamed from the cache), across processes under ``torchrun``; ``minibatch``: Adam (approximate), by name only."""
+    fit_memory: Optional[str] = None
+    """Memory a fit may hold per device (``8MB``, ``512MiB``, ``40GB``; ``--fit-memory``): decides in memory or out of
+    core; ``null``: half the free memory of the fit's device (host memory on CPU, divided among torchrun's processes)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where the model and the probe fits run; ``auto`` prefers CUDA, then MPS."""
     model_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
@@ -348,6 +368,12 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     need(len(p.train_seeds) > 0, "probe.train_seeds", "must list at least one seed")
     need(len(set(p.train_seeds)) == len(p.train_seeds), "probe.train_seeds", f"duplicate seeds in {p.train_seeds}")
     need(p.doc_batch_size > 0, "probe.doc_batch_size", f"must be positive, got {p.doc_batch_size}")
+    if p.fit_memory is not None:
+        try:
+            size = parse_bytes(p.fit_memory)
+        except ValueError as e:
+            need(False, "probe.fit_memory", str(e))
+        need(size > 0, "probe.fit_memory", f"must be positive, got {p.fit_memory!r}")
     need(mon.top_k > 0, "monitor.top_k", f"must be positive, got {mon.top_k}")
     need(mon.window > 0, "monitor.window", f"must be positive, got {mon.window}")
     need(mon.temperature > 0, "monitor.temperature", f"must be positive, got {mon.temperature}")

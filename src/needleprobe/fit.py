@@ -3,8 +3,12 @@
 Per layer the train and val rows are read once, standardised once with train
 statistics, and every seed and L2 value is served from that one matrix; the
 matrix is released before the next layer, so peak memory is one layer's
-train+val rows in float32.  What a probe is, and the objective every solver
-minimises, live in :mod:`needleprobe.probe`.
+train+val rows in float32.  When they do not fit the memory budget
+(``probe.fit_memory``), or under ``torchrun``, the same exact solver reads them
+from the cache block by block or splits them over the processes
+(:mod:`needleprobe.streaming`); which one, and why, is said per layer.  What a
+probe is, and the objective every solver minimises, live in
+:mod:`needleprobe.probe`.
 
 A fit writes one consistent run into its run directory (``layout.Layout``):
 every probe file, ``probe_metrics.csv`` and the run record describe the same
@@ -16,6 +20,7 @@ dataset's outputs, and says when a probe it replaces had a better val AUROC.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -33,7 +38,8 @@ from .data import file_sha256
 from .errors import NeedleprobeError
 from .layout import Layout
 from .probe import FitData, LinearProbe, fit_grid
-from .records import FileLock, atomic_write_bytes, console, update_run_record
+from .records import FileLock, atomic_write_bytes, console, human_bytes, update_run_record
+from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
 
 CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected")
 
@@ -94,28 +100,15 @@ def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device)
     return FitData(train.labels, val.labels, val.doc_index, mean, std, fit_path, val_scores, solver="minibatch")
 
 
-def choose_solver(cfg: Config, cache: Cache, layer: int, device: torch.device) -> str:
-    """``auto``: lbfgs when one layer's train+val float32 matrices fit in half the free memory."""
-    if cfg.probe.solver != "auto":
-        return cfg.probe.solver
-    d = cache.split("train").activations(layer).shape[1]
-    need = (cache.split("train").n_rows + cache.split("val").n_rows) * d * 4
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = _available_memory()
-    return "lbfgs" if need < 0.5 * free else "minibatch"
+def choose_solver(cfg: Config, cache: Cache, layer: int, device: torch.device, budget: Budget | None = None,
+                  comm=None) -> SolverChoice:
+    """Exact L-BFGS in memory, out of core or across processes (``streaming.choose``), or ``minibatch`` by name.
 
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    ``auto`` and ``lbfgs`` never fall back to an approximate solver: a layer
+    whose rows exceed the budget (``probe.fit_memory``) is streamed from the cache.
+    """
+    budget = budget or fit_budget(cfg.probe.fit_memory, device)
+    return choose(cfg.probe.solver, cache, layer, device, budget, comm)
 
 
 def _split_stats(split, labels: np.ndarray) -> dict[str, int]:
@@ -135,6 +128,29 @@ def seed_is_random(cfg: Config, solver: str) -> bool:
 
 
 @dataclass
+class FitScale:
+    """How one fit command scales: the memory budget per device, the processes it runs in, what streamed fits read."""
+
+    budget: Budget
+    comm: Any = None
+    """``distributed.FitComm`` under torchrun, else None"""
+    io: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """layer → passes over its train rows, bytes read, timings (streamed fits; for the run record)"""
+
+    @property
+    def primary(self) -> bool:
+        """The process that writes files and talks (rank 0, or the only one)."""
+        return self.comm is None or self.comm.dist.primary
+
+    def share(self, n: int) -> "FitScale":
+        """The budget of one of ``n`` workers side by side on one device."""
+        if n <= 1:
+            return self
+        return FitScale(Budget(self.budget.bytes // n, f"{self.budget.source}, shared by {n} layers side by side"),
+                        self.comm, self.io)
+
+
+@dataclass
 class FitResult:
     output_dir: str
     probes: dict[tuple[int, int], LinearProbe] = field(default_factory=dict)
@@ -143,9 +159,10 @@ class FitResult:
     """Probes this fit replaced that had a higher val AUROC (said on the terminal)."""
 
 
-def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | None = None) -> list[torch.device]:
+def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | None = None,
+                budget: Budget | None = None) -> list[torch.device]:
     """Where fit runs, one worker thread each: every visible GPU when ``dev`` is plain ``cuda`` and there are several;
-    on CPU, one worker per core (layers fit side by side, each on one thread) as far as memory holds their rows.
+    on CPU, one worker per core (layers fit side by side, each on one thread) as far as the budget holds their rows.
 
     A CPU fit runs every product on one thread (``runtime.fit_settings``): at this size a second thread barely
     helps one product, while two layers side by side use both cores (measured: the demo fit of 4 layers 20%
@@ -156,9 +173,9 @@ def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | Non
     if dev.type != "cpu" or cfg is None or cache is None:
         return [dev]
     layers = cfg.probe.layers_to_probe
-    d = cache.split("train").activations(layers[0]).shape[1]
-    need = (cache.split("train").n_rows + cache.split("val").n_rows) * d * 4
-    n = min(len(layers), os.cpu_count() or 1, max(1, int(0.5 * _available_memory() // max(need, 1))))
+    budget = budget or fit_budget(cfg.probe.fit_memory, dev)
+    need = max(LayerShape.of(cache, layer).in_memory_bytes() for layer in layers)
+    n = min(len(layers), os.cpu_count() or 1, max(1, budget.bytes // max(need, 1)))
     return [dev] * max(1, n)
 
 
@@ -201,7 +218,21 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
     With several devices (``devices``, by default every GPU when there are
     more than one) layers are fitted in parallel, one worker thread per
     device; the files written are the same bytes as a one-device run.
+    Launched by ``torchrun`` (WORLD_SIZE > 1), every process fits its share of
+    the rows of every layer together with the others, and rank 0 writes the files.
     """
+    from .distributed import Dist
+
+    dist = Dist.from_env()
+    try:
+        return _fit(cfg, run, overwrite, device, devices, dist)
+    finally:
+        dist.close()
+
+
+def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devices: list[torch.device] | None,
+         dist) -> FitResult:
+    from .distributed import FitComm
     from .hooks import resolve_device
     from .runtime import fit_settings
 
@@ -217,24 +248,34 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
         labels = cache.split(name).labels
         if labels.sum() == 0 or labels.sum() == labels.size:
             raise NeedleprobeError(f"{cache.path}: split {name!r} has only one class; cannot fit or validate a probe")
-    dev = resolve_device(device or cfg.probe.device)
+    dev = dist.device(resolve_device(device or cfg.probe.device))
     layout.refuse_foreign("fit", overwrite)
     out = layout.run_dir
     grid = list(cfg.probe.l2_grid)
     result = FitResult(str(out))
-    workers = list(devices) if devices is not None else fit_devices(dev, cfg, cache)
-    with FileLock(layout.lock, what=f"fit into {out}"):
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if dist.sharded else 1
+    scale = FitScale(fit_budget(cfg.probe.fit_memory, dev, local_procs), FitComm(dist, dev) if dist.sharded else None)
+    if dist.sharded:
+        workers = [dev]
+    else:
+        workers = list(devices) if devices is not None else fit_devices(dev, cfg, cache, scale.budget)
+    lock = FileLock(layout.lock, what=f"fit into {out}") if dist.primary else contextlib.nullcontext()
+    with lock:
         before = existing_probes(layout)
         if not overwrite:
             _refuse_partial_run(layout, cfg, before)
+        dist.barrier()  # every process checked the run directory before rank 0 writes into it
         with fit_settings(cpu=all(d.type == "cpu" for d in workers)):
             if len(workers) == 1:
                 for layer in sorted(cfg.probe.layers_to_probe):
                     t0 = time.perf_counter()
-                    result.probes.update(_fit_layer(cfg, cache, layout, layer, list(cfg.probe.train_seeds), grid, workers[0]))
+                    result.probes.update(_fit_layer(cfg, cache, layout, layer, list(cfg.probe.train_seeds), grid,
+                                                    workers[0], scale))
                     result.timings[f"layer_{layer}"] = round(time.perf_counter() - t0, 3)
             else:
-                _fit_parallel(cfg, cache, layout, grid, workers, result)
+                _fit_parallel(cfg, cache, layout, grid, workers, result, scale.share(len(workers)))
+        if not dist.primary:
+            return result
         for key in sorted(set(before) - set(result.probes)):  # --overwrite: the run is this fit, whole
             for path in layout.probe_files(*key):
                 path.unlink(missing_ok=True)
@@ -252,6 +293,9 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
                 "dataset_sha256": cache.metadata.get("dataset_sha256"),
                 "device": str(dev),
                 **({"devices": [str(d) for d in workers]} if len(workers) > 1 else {}),
+                **({"processes": dist.world} if dist.sharded else {}),
+                "fit_memory": {"bytes": scale.budget.bytes, "source": scale.budget.source},
+                **({"streaming": {str(k): v for k, v in sorted(scale.io.items())}} if scale.io else {}),
                 "timings_s": result.timings,
                 "outputs": {str(p): file_sha256(p) for p in files},
             },
@@ -275,10 +319,20 @@ def _lowered(before: dict[tuple[int, int], dict[str, Any]], after: dict[tuple[in
 
 
 def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: list[int], grid: list[float],
-               dev: torch.device) -> dict[tuple[int, int], LinearProbe]:
-    """Fit one layer's probes for ``seeds`` on ``dev`` and save them."""
-    solver = choose_solver(cfg, cache, layer, dev)
-    data = lbfgs_layer(cache, layer, grid, dev) if solver == "lbfgs" else minibatch_layer(cache, layer, cfg, dev)
+               dev: torch.device, scale: FitScale | None = None) -> dict[tuple[int, int], LinearProbe]:
+    """Fit one layer's probes for ``seeds`` on ``dev`` and save them (rank 0 saves, under torchrun)."""
+    scale = scale or FitScale(fit_budget(cfg.probe.fit_memory, dev))
+    choice = choose_solver(cfg, cache, layer, dev, scale.budget, scale.comm)
+    solver = choice.solver
+    if scale.primary:
+        console().print(f"layer {layer}: {choice.why}")
+    t0 = time.perf_counter()
+    if solver == "minibatch":
+        data = minibatch_layer(cache, layer, cfg, dev)
+    elif choice.streamed:
+        data = streamed_fit_data(cache, layer, grid, dev, choice, scale.comm)
+    else:
+        data = lbfgs_layer(cache, layer, grid, dev)
     train_stats = _split_stats(cache.split("train"), data.y_train)
     val_stats = _split_stats(cache.split("val"), data.y_val)
     shared: dict[str, Any] | None = None
@@ -305,14 +359,33 @@ def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: lis
             "config": cfg.outcome_dict(),  # without batch size or device: they never change the probe
         }
         probe = LinearProbe.from_weights(shared["weight"], shared["bias"], meta)
-        probe.save(layout.probe_stem(layer, seed))
+        if scale.primary:
+            probe.save(layout.probe_stem(layer, seed))
         probes[(layer, seed)] = probe
+    if data.io is not None:
+        _report_io(layer, data.io, time.perf_counter() - t0, choice, scale)
     del data
     return probes
 
 
+def _report_io(layer: int, io, seconds: float, choice: SolverChoice, scale: FitScale) -> None:
+    """What a streamed fit read: on the terminal, and (all processes summed) into the run record."""
+    rec = {**io.as_dict(), **io.timings(), "seconds": round(seconds, 3), "solver": choice.solver}
+    if choice.plan is not None:
+        rec.update(held_rows=choice.plan.held_rows, block_rows=choice.plan.block_rows)
+    if scale.comm is not None:  # bytes over every process; passes are the same on each
+        total = scale.comm.allsum(np.array([io.bytes_read, io.pass_bytes], dtype=np.int64))
+        rec.update(bytes_read=int(total[0]), bytes_per_pass=int(total[1]), processes=scale.comm.dist.world)
+    scale.io[layer] = rec
+    if scale.primary:
+        per = f" ({human_bytes(rec['bytes_per_pass'])} per pass)" if rec["bytes_per_pass"] else " (every row held)"
+        console().print(f"layer {layer}: {rec['passes']:,} passes over the train rows, {human_bytes(rec['bytes_read'])} "
+                        f"read{per} in {seconds:.1f} s; reading took {io.read_seconds:.1f} s on the prefetch thread, "
+                        f"the solver waited {io.wait_seconds:.1f} s for it")
+
+
 def _fit_parallel(cfg: Config, cache: Cache, layout: Layout, grid: list[float], workers: list[torch.device],
-                  result: FitResult) -> None:
+                  result: FitResult, scale: FitScale | None = None) -> None:
     """Layers (and, when seeds change the fit and layers are fewer than devices, seeds) on one thread per device.
 
     Each unit reads its layer itself and runs wholly on the device it took, so
@@ -324,7 +397,7 @@ def _fit_parallel(cfg: Config, cache: Cache, layout: Layout, grid: list[float], 
 
     layers = sorted(cfg.probe.layers_to_probe)
     seeds = list(cfg.probe.train_seeds)
-    # whether a seed changes the fit, known before the solver is chosen (``auto`` may pick either)
+    # whether a seed changes the fit, known before the solver is chosen
     random_seeds = cfg.probe.class_balance == "downsample" or cfg.probe.solver == "minibatch"
     if random_seeds and len(layers) < len(workers):
         units = [(layer, [seed]) for layer in layers for seed in seeds]
@@ -339,7 +412,7 @@ def _fit_parallel(cfg: Config, cache: Cache, layout: Layout, grid: list[float], 
         dev = free.get()
         try:
             t0 = time.perf_counter()
-            return _fit_layer(cfg, cache, layout, layer, unit_seeds, grid, dev), time.perf_counter() - t0
+            return _fit_layer(cfg, cache, layout, layer, unit_seeds, grid, dev, scale), time.perf_counter() - t0
         finally:
             free.put(dev)
 

@@ -23,7 +23,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -49,24 +49,40 @@ def column_moments(x: np.ndarray, block_rows: int = 1024) -> tuple[np.ndarray, n
     (two passes, rows summed in order), but through a small float64 block
     instead of an n × d float64 temporary: 2-10x faster on a fresh matrix.
     """
-    n, d = x.shape
+    return column_moments_of_blocks(lambda: (x,), x.shape[0], x.shape[1], block_rows)
+
+
+def column_moments_of_blocks(blocks: Callable[[], Iterable[np.ndarray]], n: int, d: int, block_rows: int = 1024,
+                             allsum: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`column_moments` of rows served as consecutive blocks (``blocks()`` starts a pass, in row order).
+
+    Rows are summed one after another whatever the blocks, so one process streaming
+    its rows gets :func:`column_moments`' numbers bit for bit.  Across processes
+    (``allsum``: the sum over processes, ``n`` the total) each sums its rows and
+    the sums are added: the same formula, equal up to float64 association.
+    """
     buf = np.empty((block_rows + 1, d))  # row 0 carries the running sum, so rows add in order
-    total = np.zeros(d)
-    for a in range(0, n, block_rows):
-        b = min(n, a + block_rows)
-        buf[0] = total
-        buf[1 : b - a + 1] = x[a:b]
-        np.add.reduce(buf[: b - a + 1], axis=0, out=total)
-    mean = total / n
-    total = np.zeros(d)
-    for a in range(0, n, block_rows):
-        b = min(n, a + block_rows)
-        buf[0] = total
-        dev = buf[1 : b - a + 1]
-        np.subtract(x[a:b], mean, out=dev)
-        np.multiply(dev, dev, out=dev)
-        np.add.reduce(buf[: b - a + 1], axis=0, out=total)
-    return mean, np.sqrt(total / n)
+    sums = []
+    mean = None
+    for _ in range(2):
+        total = np.zeros(d)
+        for x in blocks():
+            for a in range(0, x.shape[0], block_rows):
+                b = min(x.shape[0], a + block_rows)
+                buf[0] = total
+                if mean is None:
+                    buf[1 : b - a + 1] = x[a:b]
+                else:
+                    dev = buf[1 : b - a + 1]
+                    np.subtract(x[a:b], mean, out=dev)
+                    np.multiply(dev, dev, out=dev)
+                np.add.reduce(buf[: b - a + 1], axis=0, out=total)
+        if allsum is not None:
+            total = allsum(total)
+        sums.append(total)
+        if mean is None:
+            mean = total / n
+    return mean, np.sqrt(sums[1] / n)
 
 
 def feature_scale(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -103,7 +119,8 @@ class FitData:
 
     The in-memory form (:meth:`from_arrays`) holds the standardised train matrix
     (shared by every seed and L2 value) and the raw val matrix; ``fit`` also
-    builds a streaming form that reads both from the cache in blocks.
+    builds forms that read both from the cache in blocks (:mod:`needleprobe.streaming`:
+    out of core, and split over ``torchrun`` processes) and the ``minibatch`` one.
     """
 
     y_train: np.ndarray  # int8 [n_train]
@@ -116,6 +133,8 @@ class FitData:
     val_scores: Callable[[np.ndarray, np.ndarray], np.ndarray]
     """(raw weights [d, K], raw biases [K]) → val logits [n_val, K]"""
     solver: str = "lbfgs"
+    io: Any = None
+    """Streamed forms: their ``streaming.IOStats`` (passes over the train rows, bytes read); None in memory."""
 
     @classmethod
     def from_arrays(cls, x: np.ndarray, y: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, val_groups: np.ndarray,

@@ -79,21 +79,43 @@ grows, so given enough iterations the test can be met at a large-norm point;
 
 ``loss`` and ``grad_norm`` are evaluated at the float64 iterate; ``weight`` is
 its float32 rounding.
+
+Out of core and across processes
+--------------------------------
+The solver touches ``X`` only in ``X @ p`` and ``X^T r`` (:class:`_Data`); every
+other quantity is a vector over rows (z, q, residuals, weights) or over
+features.  So the same iterations run when ``X`` is a :class:`RowSource` (rows
+read group by group from the cache, see :mod:`needleprobe.streaming`) and when
+the rows are split over processes (``comm``: each process holds its rows' part
+of every row vector; the sums over rows, that is ``X^T r``, the loss and the
+line search's scalars, are all-reduced, so every process holds the same
+iterates and takes the same decisions).
+
+``X^T r`` is summed in float32 over groups of :func:`group_rows` rows, then in
+float64 across groups.  The group size depends only on the total row count, and
+a process's rows start on a group boundary, so in memory, out of core and across
+processes the float32 products are the same groups of the same rows: out of
+core on CPU every product is the in-memory one bit for bit (tested), and across
+processes only the float64 sums are associated differently (about 1e-16
+relative).  The float32 rounding inside a group is what a different grouping
+would change, and it moves weak-L2 probes by up to 2e-4 relative (measured on
+the demo cache), hence the fixed groups.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["PathResult", "fit_l2_path", "objective"]
+__all__ = ["Comm", "PathResult", "RowSource", "fit_l2_path", "group_rows", "objective"]
 
 _F64 = torch.float64
-_CHUNK_ROWS = 4096  # rows per chunk of the X^T r product (float64 accumulation)
+_CHUNK_ROWS = 4096  # most rows per float32 group of the X^T r product (float64 accumulation across groups)
+_MIN_GROUP_ROWS = 64
 _C1 = 1e-4  # Armijo constant
 _C2 = 0.9  # curvature constant (strong Wolfe)
 _MAX_LS = 30  # trial steps per line search (each O(n) per column)
@@ -120,24 +142,82 @@ class PathResult:
 # --------------------------------------------------------------------------- #
 
 
-class _Data:
-    """X plus the per-row constants, with the two matrix products the solver uses."""
+def group_rows(n_total: int, cuda: bool = False) -> int:
+    """Rows per float32 group of ``X^T r``: a power of two from the total row count alone.
 
-    def __init__(self, X: torch.Tensor, y: torch.Tensor, sample_weight: torch.Tensor | None):
-        if not isinstance(X, torch.Tensor):
-            X = torch.as_tensor(np.asarray(X))
-        if X.ndim != 2:
-            raise ValueError(f"X must be 2-D [n, d], got shape {tuple(X.shape)}")
-        n, d = X.shape
-        if n == 0 or d == 0:
-            raise ValueError(f"X must be non-empty, got shape {tuple(X.shape)}")
-        if not X.is_floating_point():
-            raise ValueError(f"X must be floating point, got {X.dtype}")
-        if X.dtype not in (torch.float32, torch.float64):
-            X = X.to(torch.float32)
-        self.X = X if X.is_contiguous() else X.contiguous()
-        self.dev = X.device
-        self.n, self.d = n, d
+    ``n_total / 16`` rounded down to a power of two, between 64 and 4096 (x8 on
+    CUDA: fewer kernel launches), so small data still has several groups (and
+    several processes each get some) while large data makes few calls.
+    """
+    g = _MIN_GROUP_ROWS
+    while 2 * g <= min(_CHUNK_ROWS, n_total // 16):
+        g *= 2
+    return g * (8 if cuda else 1)
+
+
+class RowSource(Protocol):
+    """Standardised float32 rows served group by group: the out-of-core form of ``X``.
+
+    ``groups(size)`` makes one pass over the rows in order and yields
+    ``(first row, X_g [size, d] on device)`` (the last group may be shorter);
+    each tensor is valid until the next one is asked for.
+    """
+
+    n: int
+    d: int
+    device: torch.device
+
+    def groups(self, size: int) -> Iterator[tuple[int, torch.Tensor]]: ...
+
+
+class Comm(Protocol):
+    """Sums across the processes of a distributed fit (``needleprobe.distributed.FitComm``)."""
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        """All-reduce ``t`` in place (sum over processes, the same bits on each) and return it."""
+        ...
+
+
+class _Local:
+    """One process: a sum over processes is the value itself."""
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+class _Data:
+    """X plus the per-row constants, with the two matrix products the solver uses.
+
+    ``X`` is a tensor [n, d] or a :class:`RowSource`; with ``comm`` the rows are
+    this process's part of the data (every sum over rows goes through
+    :meth:`rowsum` / ``comm.sum_``, so ``n`` in the objective is the total).
+    """
+
+    def __init__(self, X, y: torch.Tensor, sample_weight: torch.Tensor | None, comm: Comm | None = None):
+        self.comm = comm if comm is not None else _Local()
+        self.src: RowSource | None = None
+        if hasattr(X, "groups"):
+            self.src, self.X = X, None
+            n, d = int(X.n), int(X.d)
+            self.dev = X.device
+            self.mm_dtype = torch.float32
+        else:
+            if not isinstance(X, torch.Tensor):
+                X = torch.as_tensor(np.asarray(X))
+            if X.ndim != 2:
+                raise ValueError(f"X must be 2-D [n, d], got shape {tuple(X.shape)}")
+            n, d = X.shape
+            if not X.is_floating_point():
+                raise ValueError(f"X must be floating point, got {X.dtype}")
+            if X.dtype not in (torch.float32, torch.float64):
+                X = X.to(torch.float32)
+            self.X = X if X.is_contiguous() else X.contiguous()
+            self.dev = X.device
+            self.mm_dtype = self.X.dtype
+        n_total = n if comm is None else int(self.comm.sum_(torch.tensor([n], dtype=torch.int64)).item())
+        if n_total == 0 or d == 0:
+            raise ValueError(f"X must be non-empty, got shape {(n_total, d)}")
+        self.n, self.d, self.n_total = n, d, n_total
         y = torch.as_tensor(y).reshape(-1)
         if y.numel() != n:
             raise ValueError(f"y has {y.numel()} entries, X has {n} rows")
@@ -153,22 +233,37 @@ class _Data:
             s = s.to(device=self.dev, dtype=_F64)
             if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
                 raise ValueError("sample_weight must be finite and non-negative")
-        c = s / n
+        c = s / n_total
         self.c = c[:, None]  # [n, 1]: weight of row i in the mean loss
         self.cy = (c * y)[:, None]  # [n, 1]
         self.c_row = c[None, :]  # [1, n] (for gemv reductions)
         self.cny_row = (c * (1 - y))[None, :]  # [1, n]
-        self.mm_dtype = self.X.dtype
-        self.cuda = self.X.is_cuda
+        self.cuda = self.dev.type == "cuda"
+        self.group = group_rows(n_total, self.cuda)
         # On CPU, single-column products go through numpy's BLAS (OpenBLAS): its
         # GEMV was ~1.5x faster than torch's MKL GEMV on the AMD machine measured.
-        self.Xn = self.X.detach().numpy() if self.dev.type == "cpu" else None
+        self.Xn = self.X.detach().numpy() if self.X is not None and self.dev.type == "cpu" else None
+
+    def rowsum(self, M: torch.Tensor) -> torch.Tensor:
+        """Sum over rows of M [n, K] (all processes): [K]."""
+        return self.comm.sum_(M.sum(0))
 
     def xp(self, P: torch.Tensor) -> torch.Tensor:
-        """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out)."""
+        """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out); row by row, so no sum across processes."""
         K = P.shape[1]
         Pt = P[:-1].T.to(self.mm_dtype).contiguous()  # [K, d]
-        if self.Xn is None:
+        if self.src is not None:
+            out = torch.empty(self.n, K, dtype=self.mm_dtype, device=self.dev)
+            Pn = Pt.numpy() if self.dev.type == "cpu" else None
+            for a, Xg in self.src.groups(self.group):
+                b = a + Xg.shape[0]
+                if Pn is None:
+                    out[a:b] = Xg @ Pt.T
+                elif K == 1:  # the in-memory GEMV row by row: the same bits
+                    out[a:b, 0] = torch.from_numpy(Xg.numpy() @ Pn[0])
+                else:
+                    out[a:b] = torch.from_numpy(Xg.numpy() @ Pn.T)
+        elif self.Xn is None:
             out = self.X @ Pt.T
         elif K == 1:
             out = torch.from_numpy(self.Xn @ Pt[0].numpy())[:, None]
@@ -177,9 +272,21 @@ class _Data:
         return out.to(_F64) + P[-1]
 
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
-        """X^T R for R [n, K] (float64 in and out), float64 sums over row chunks."""
+        """X^T R for R [n, K] (float64 in and out) over this process's rows: float32 groups, float64 sums."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
-        chunk = _CHUNK_ROWS * (8 if self.cuda else 1)  # fewer kernel launches on GPU
+        chunk = self.group
+        if self.src is not None:
+            acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
+            if self.dev.type == "cpu":
+                Rn, acc_n = Rt.numpy(), acc.numpy()
+                for a, Xg in self.src.groups(chunk):
+                    xg = Xg.numpy()
+                    for k in range(R.shape[1]):
+                        acc_n[k] += Rn[k, a : a + xg.shape[0]] @ xg
+            else:
+                for a, Xg in self.src.groups(chunk):
+                    acc += (Rt[:, a : a + Xg.shape[0]] @ Xg).to(_F64)
+            return acc.T
         if self.Xn is not None:  # numpy's BLAS: its GEMV was ~1.5x faster than torch's MKL on the machine measured
             Rn, acc_n = Rt.numpy(), np.zeros((R.shape[1], self.d), dtype=np.float64)
             for k in range(R.shape[1]):  # one GEMV per column: a [1, n] GEMM is slower
@@ -194,9 +301,9 @@ class _Data:
         return acc.T
 
     def loss(self, Z: torch.Tensor) -> torch.Tensor:
-        """Data term (1/n) sum_i s_i logloss(y_i, z_i) for each column of Z [n, K]."""
+        """Data term (1/n) sum_i s_i logloss(y_i, z_i) for each column of Z [n, K] (all processes)."""
         # logloss(y, z) = -log sigmoid(z) + (1 - y) z
-        return (self.cny_row @ Z)[0] - (self.c_row @ torch.nn.functional.logsigmoid(Z))[0]
+        return self.comm.sum_((self.cny_row @ Z)[0] - (self.c_row @ torch.nn.functional.logsigmoid(Z))[0])
 
     def residual(self, sig: torch.Tensor) -> torch.Tensor:
         """R = c (sigmoid(z) - y), the derivative of the data term in z."""
@@ -356,8 +463,8 @@ class _State:
 
 
 def data_grad(data: _Data, R: torch.Tensor) -> torch.Tensor:
-    """Gradient of the data term for residuals R [n, K]: [X^T R; sum R] -> [D, K]."""
-    return torch.cat([data.xtr(R), R.sum(0, keepdim=True)])
+    """Gradient of the data term for residuals R [n, K]: [X^T R; sum R] -> [D, K] (all processes)."""
+    return data.comm.sum_(torch.cat([data.xtr(R), R.sum(0, keepdim=True)]))
 
 
 def _line_search(data: _Data, st: _State, P: torch.Tensor, Q: torch.Tensor,
@@ -377,15 +484,15 @@ def _line_search(data: _Data, st: _State, P: torch.Tensor, Q: torch.Tensor,
     w, pw = st.theta[:-1], P[:-1]
     ww, wp, pp = (w * w).sum(0), (w * pw).sum(0), (pw * pw).sum(0)
     phi0 = st.loss + 0.5 * l2 * ww
-    dphi0 = (st.R * Q).sum(0) + l2 * wp
+    dphi0 = data.rowsum(st.R * Q) + l2 * wp
     CQ = data.c * Q
-    B1 = (data.cy * Q).sum(0)  # sum_i c_i y_i q_i
+    B1 = data.rowsum(data.cy * Q)  # sum_i c_i y_i q_i
 
     def second(sig, idx=None):
         cq = CQ if idx is None else CQ[:, idx]
         q = Q if idx is None else Q[:, idx]
         l2i, ppi = (l2, pp) if idx is None else (l2[idx], pp[idx])
-        return (cq * q * sig * (1.0 - sig)).sum(0) + l2i * ppi
+        return data.rowsum(cq * q * sig * (1.0 - sig)) + l2i * ppi
 
     t = torch.ones(K, dtype=_F64, device=dev)
     if bool(newton_start.any()):
@@ -402,7 +509,7 @@ def _line_search(data: _Data, st: _State, P: torch.Tensor, Q: torch.Tensor,
         sig = torch.sigmoid(Zt)
         sel = (lambda v: v) if idx is None else (lambda v: v[idx])
         phi = loss + 0.5 * sel(l2) * (sel(ww) + 2 * ti * sel(wp) + ti * ti * sel(pp))
-        dphi = (CQi * sig).sum(0) - sel(B1) + sel(l2) * (sel(wp) + ti * sel(pp))
+        dphi = data.rowsum(CQi * sig) - sel(B1) + sel(l2) * (sel(wp) + ti * sel(pp))
         return Zt, sig, loss, phi, dphi
 
     # First trial for all columns at once (usually accepted everywhere).
@@ -574,8 +681,8 @@ def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
     dev = data.dev
     l2 = torch.as_tensor(np.asarray(l2_unique, dtype=np.float64), device=dev)
     # Start at w = 0 with the optimal intercept for w = 0.
-    pos = float(data.cy.sum())
-    neg = float((data.c - data.cy).sum())
+    pos = float(data.comm.sum_(data.cy.sum().reshape(1))[0])
+    neg = float(data.comm.sum_((data.c - data.cy).sum().reshape(1))[0])
     b0 = math.log(pos / neg) if pos > 0 and neg > 0 else 0.0
     theta0 = torch.zeros(D, K, dtype=_F64, device=dev)
     theta0[-1] = b0
@@ -629,22 +736,26 @@ def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
 
 
 def fit_l2_path(
-    X: torch.Tensor,
+    X: "torch.Tensor | RowSource",
     y: torch.Tensor,
     l2_grid: Sequence[float],
     sample_weight: torch.Tensor | None = None,
     *,
     tol: float = 1e-6,
     max_iter: int = 1000,
+    comm: Comm | None = None,
 ) -> list[PathResult]:
     """Minimise J (module docstring) for every l2 in ``l2_grid``.
 
-    X float32 [n, d] on any device (CPU or CUDA: all math runs on X.device),
+    X float32 [n, d] on any device (CPU or CUDA: all math runs on X.device), or
+    a :class:`RowSource` serving those rows group by group (out of core),
     y float32 [n] with values in {0, 1}, sample_weight [n] (non-negative,
     default 1).  Returns one :class:`PathResult` per grid entry, in the order of
     ``l2_grid`` (any order, duplicates allowed; duplicates are fitted once).
     ``tol`` bounds the max-abs gradient of J; ``max_iter`` the L-BFGS
-    iterations per grid value.
+    iterations per grid value.  With ``comm`` the rows (X, y, sample_weight)
+    are this process's part, starting on a :func:`group_rows` boundary of the
+    whole, and every process gets the same results.
     """
     grid = [float(v) for v in l2_grid]
     if not grid:
@@ -655,7 +766,7 @@ def fit_l2_path(
         raise ValueError(f"tol must be > 0, got {tol}")
     if max_iter < 0:
         raise ValueError(f"max_iter must be >= 0, got {max_iter}")
-    data = _Data(X, y, sample_weight)
+    data = _Data(X, y, sample_weight, comm)
     uniq = np.array(sorted(set(grid), reverse=True), dtype=np.float64)
     with torch.no_grad():
         theta, n_iter, converged, f, gmax = _fit_path(data, uniq, tol=tol, max_iter=max_iter)
