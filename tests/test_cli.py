@@ -110,7 +110,7 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
                                 r"device cpu, model dtype float32", x)
                for x in lines), lines
     assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
-    assert f"probes, metadata and probe_metrics.csv in {out}" in lines
+    assert f"probes, metadata, probe_metrics.csv and verdict.json in {out}" in lines
     logs = {"train": r.stderr}
     for command in ("fit", "check", "inspect", "report"):
         r = _run(command, "--config", str(cfg), "--no-progress")
