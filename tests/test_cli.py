@@ -106,7 +106,7 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
     cache = str(deep / "quiet" / "cache" / "t_v1" / "embedded--all-MiniLM-L6-v2" / "resid_post")
     out = str(deep / "quiet" / "results" / "probes" / "t_v1")
     assert f"extracting into {cache}" in lines
-    assert any(re.fullmatch(r"  [\d,]+ rows × \(1 layers × d_model 384 × 4 B \+ 13 B of labels and indices\) = .* on disk.*; "
+    assert any(re.fullmatch(r"  [\d,]+ rows × \(1 layers × d_model 384 × 4 B \+ 21 B of labels and indices\) = .* on disk.*; "
                                 r"device cpu, model dtype float32", x)
                for x in lines), lines
     assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
