@@ -34,6 +34,7 @@ typical use:
   needleprobe extract --config configs/demo.yaml # run the model once
   needleprobe fit     --config configs/demo.yaml # train the probes from the cache
   needleprobe check   --config configs/demo.yaml # verify the results
+  needleprobe errors  --config configs/demo.yaml # the tokens the best probe gets most wrong
 
 Every command reads one YAML config (--config, default
 {DEFAULT_CONFIG}); flags override single keys. Problems you can fix
@@ -81,6 +82,13 @@ COMMANDS = {  # name: (one-line help, description)
         "document monitor's aggregations. Writes eval_metrics.csv and eval_metrics.json under the source run's "
         "transfer/{target}-{split}/. With --matrix A.yaml B.yaml ..., every dataset's best probes on every "
         "dataset's val split, as a CSV (trained on × evaluated on, per layer).",
+    ),
+    "errors": (
+        "list the tokens the best probe gets most wrong, in their text",
+        "List the highest-scoring negatives (false positives) and the lowest-scoring needle tokens (misses) of the "
+        "best probe of a layer (--layer; default the best layer) on a cached split, each with its logit, document "
+        "and the text around it, the token marked ⟦…⟧. Reads the activation cache, the probe files and the "
+        "dataset's text; the model is not loaded. Writes nothing.",
     ),
     "inspect": (
         "summarise the activation cache and whether it matches the config",
@@ -178,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
+    err = _command(sub, "errors")
+    _common(err, False, False, runs=True)
+    err.add_argument("--layer", type=int, help="the layer whose best probe to use (default: the best layer)")
+    err.add_argument("--split", choices=["train", "val"], default="val", help="cached split to score (default val)")
+    err.add_argument("-n", type=int, default=20, help="how many tokens in each list (default %(default)s)")
     _common(insp := _command(sub, "inspect"), False, False)
     insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
     _common(_command(sub, "report"), False, False, runs=True, several=True)
@@ -287,6 +300,10 @@ def run(args) -> int:
             raise NeedleprobeError("evaluate: say which probes to score with --probes (a config or a probe directory)")
         evaluate(cfg, args.probes, split=args.split, source_run=args.probes_run, layers=args.layers,
                  show_progress=not args.no_progress)
+    if args.command == "errors":
+        from .token_errors import print_errors, token_errors
+
+        print_errors(token_errors(cfg, layer=args.layer, split=args.split, n=args.n, run=args.run))
     if args.command == "inspect":
         from .summary import inspect
 

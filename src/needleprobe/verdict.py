@@ -31,21 +31,25 @@ from .probe import LinearProbe
 N_BOOT = 1000
 
 
-def best_seed_per_layer(probes: dict[tuple[int, int], LinearProbe]) -> dict[int, int]:
-    """layer → the seed whose probe has the highest val AUROC (ties: the lowest seed)."""
+def best_seed_per_layer(aurocs: dict[tuple[int, int], float]) -> dict[int, int]:
+    """layer → the seed with the highest val AUROC (ties: the lowest seed); ``aurocs``: (layer, seed) → val AUROC."""
     out: dict[int, int] = {}
-    for (layer, seed), p in sorted(probes.items()):
+    for (layer, seed), a in sorted(aurocs.items()):
         cur = out.get(layer)
-        if cur is None or (p.val_auroc_ or 0.0) > (probes[(layer, cur)].val_auroc_ or 0.0):
+        if cur is None or a > aurocs[(layer, cur)]:
             out[layer] = seed
     return out
 
 
-def ranked_layers(probes: dict[tuple[int, int], LinearProbe]) -> list[tuple[int, int]]:
+def ranked_layers(aurocs: dict[tuple[int, int], float]) -> list[tuple[int, int]]:
     """(layer, its best seed), best layer first: val AUROC, then the layer's seed mean, then the earlier layer."""
-    best = best_seed_per_layer(probes)
-    mean = {layer: float(np.mean([p.val_auroc_ or 0.0 for (lay, _), p in probes.items() if lay == layer])) for layer in best}
-    return sorted(best.items(), key=lambda ls: (-(probes[ls].val_auroc_ or 0.0), -mean[ls[0]], ls[0]))
+    best = best_seed_per_layer(aurocs)
+    mean = {layer: float(np.mean([a for (lay, _), a in aurocs.items() if lay == layer])) for layer in best}
+    return sorted(best.items(), key=lambda ls: (-aurocs[ls], -mean[ls[0]], ls[0]))
+
+
+def val_aurocs(probes: dict[tuple[int, int], LinearProbe]) -> dict[tuple[int, int], float]:
+    return {k: float(p.val_auroc_ if p.val_auroc_ is not None else 0.0) for k, p in probes.items()}
 
 
 def identical_seeds(probes: dict[tuple[int, int], LinearProbe]) -> dict[int, list[list[int]]]:
@@ -86,7 +90,7 @@ def build_verdict(probes: dict[tuple[int, int], LinearProbe], val_scores: dict[t
     """
     from .metrics import paired_bootstrap_auroc_diff
 
-    ranked = ranked_layers(probes)
+    ranked = ranked_layers(val_aurocs(probes))
     same = identical_seeds(probes)
     layers = []
     for layer, seed in sorted(ranked):
