@@ -361,3 +361,28 @@ def test_renders_in_headless_chromium(run, tmp_path):
     assert len(dom.find("span", "needle")) == len(src.find("span", "needle")) > 0
     # spans sit inside their heatmap in the rendered tree too
     assert all(e["heatmap"] is not None for e in dom.find("span", "tok") if "sample" not in e["classes"])
+
+
+def test_verdict_and_error_lists_are_the_fits_and_the_errors_commands(run):
+    """The page shows verdict.json's sentences and the lists of `needleprobe errors` (same function, same rows);
+    a listed document shown as a heatmap is linked to it."""
+    from needleprobe.layout import Layout
+    from needleprobe.token_errors import token_errors
+
+    el, cfg, page = run["el"], run["cfg"], run["html"]
+    verdict = json.loads(Layout.from_config(cfg).verdict.read_text())
+    shown = ["".join(e["text"]) for e in el.find("li") if any(x["tag"] == "ul" and "verdict" in x["classes"]
+                                                                 for x in el.items)]
+    assert verdict["summary"] and all(line in shown for line in verdict["summary"])
+    lists = token_errors(cfg, n=10)
+    assert {e["attrs"]["id"] for e in el.find("table", "errors")} == {"errors-false-positives", "errors-misses"}
+    got = [(e["attrs"]["data-doc-id"], float(e["attrs"]["data-logit"])) for e in el.find("tr") if "data-logit" in e["attrs"]]
+    assert got == [(e.doc_id, e.logit) for e in lists.false_positives + lists.missed_needles]
+    marks = ["".join(e["text"]) for e in el.find("mark", "tokerr")]
+    assert marks == [e.token for e in lists.false_positives + lists.missed_needles]
+    anchors = {e["attrs"]["id"] for e in el.find("div", "doc")}
+    links = [e["attrs"]["href"][1:] for e in el.find("a") if e["attrs"].get("href", "").startswith("#doc-")]
+    heat_ids = {m["attrs"]["data-doc-id"] for m in el.find("div", "heatmap")}
+    assert set(links) <= anchors
+    assert 0 < len(links) == sum(1 for d, _ in got if d in heat_ids)
+    assert 'href="#sec-errors"' in page

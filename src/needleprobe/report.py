@@ -387,6 +387,10 @@ def _f4(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
+def _f3(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
 # ---------------------------------------------------------------------------
 # probe ROC curves from the cache
 
@@ -454,6 +458,9 @@ class MonitorView:
     doc_scores: dict[str, np.ndarray] = field(default_factory=dict)
     all_probe_aurocs: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
     chosen: str = "max"
+    calibration_split: str = ""
+    """whose clean documents set the thresholds (and whose AUROC chose the aggregation)"""
+    n_calibration_clean: int = 0
 
 
 def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo]) -> tuple[tuple[str, Any] | None, list[str]]:
@@ -500,6 +507,21 @@ def _stored_splits(store_path) -> list[str]:
         return []
 
 
+def calibration_tokens(cfg: Config, run: str | None, found: tuple[str, Any]):
+    """The stored logits of the shown probes on ``monitor.calibration_split`` when it is another split (else None)."""
+    from .layout import Layout
+    from .monitor import LogitStore, ProbeRef, stored_tokens
+
+    split, tokens = found
+    if cfg.monitor.calibration_split == split:
+        return None
+    layout = Layout.from_config(cfg, run)
+    refs = [ProbeRef(int(p["layer"]), int(p["seed"]), layout.probe_files(int(p["layer"]), int(p["seed"]))[0], p["sha256"])
+            for p in tokens.probes]
+    cal = stored_tokens(cfg, LogitStore(layout.monitor_store), cfg.monitor.calibration_split, refs)
+    return cal if cal is not None and len(cal.probes) == len(refs) else None
+
+
 def _finite(s: np.ndarray) -> np.ndarray:
     """A document without text tokens aggregates to -inf; rank it below every other (sklearn refuses inf)."""
     bad = ~np.isfinite(s)
@@ -509,12 +531,17 @@ def _finite(s: np.ndarray) -> np.ndarray:
     return s
 
 
-def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo]) -> MonitorView:
-    """Document scores of the best monitored probe under every aggregation, with the monitor's metrics."""
+def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calibration=None) -> MonitorView:
+    """Document scores of the best monitored probe under every aggregation, with the monitor's metrics.
+
+    ``calibration``: the same probes' stored logits on ``monitor.calibration_split`` (another split), whose clean
+    documents set the thresholds and whose document AUROC picks the aggregation, as ``needleprobe monitor`` does;
+    without it, ``split`` itself.
+    """
     from sklearn.metrics import roc_auc_score
 
-    from .metrics import bootstrap_auroc_ci, threshold_at_fpr
-    from .monitor import AGGREGATIONS, aggregate, aggregation_label
+    from .metrics import bootstrap_auroc_ci
+    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregate, aggregation_label, calibrated_rates
 
     auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
     layer_mean = {layer: float(np.mean([p.auroc for p in probes if p.layer == layer])) for layer in {p.layer for p in probes}}
@@ -534,19 +561,25 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo]) -> Mo
         view.all_probe_aurocs.append((layer, seed, per))
     if not both:
         return view
+    cal = tokens if calibration is None else calibration
+    view.calibration_split = split if calibration is None else cfg.monitor.calibration_split
+    y_cal = (np.asarray(cal.doc_n_needles) > 0).astype(np.int8)
+    view.n_calibration_clean = int((y_cal == 0).sum())
+    jc = [(int(p["layer"]), int(p["seed"])) for p in cal.probes].index(cols[j])
     for method in AGGREGATIONS:
         s = view.doc_scores[method]
+        s_cal = s if cal is tokens else _finite(np.array([aggregate(lg[:, jc], method, cfg.monitor) for lg in cal.logits]))
         try:
             lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=1000, seed=0)
         except ValueError:
             lo = hi = float("nan")
         row = {"method": method, "label": aggregation_label(method, cfg.monitor),
-               "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi)}
-        for fpr, name in ((0.01, "1pct"), (0.05, "5pct")):
-            t = threshold_at_fpr(s[y == 0], fpr)
-            row[f"tpr_{name}"] = float((s[y == 1] > t).mean())
+               "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi),
+               "cal_auroc": float(roc_auc_score(y_cal, s_cal)) if 0 < y_cal.sum() < y_cal.size else -1.0}
+        for fpr, name in TARGET_FPRS:
+            row[f"tpr_{name}"] = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)["tpr"]
         view.agg_rows.append(row)
-    view.chosen = max(view.agg_rows, key=lambda r: (r["auroc"], r["tpr_1pct"], -AGGREGATIONS.index(r["method"])))["method"]
+    view.chosen = min(view.agg_rows, key=lambda r: (-r["cal_auroc"], AGGREGATIONS.index(r["method"])))["method"]
     return view
 
 
@@ -574,9 +607,18 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
     for r in view.agg_rows:
         lo, hi = r["ci"]
         rows.append([r["label"], _f4(r["auroc"]), f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–",
-                     f"{r['tpr_1pct']:.3f}", f"{r['tpr_5pct']:.3f}"])
+                     _f3(r["tpr_1pct"]), _f3(r["tpr_5pct"])])
         classes.append("best" if r["method"] == view.chosen else "")
     out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR"], rows, row_classes=classes)
+    from .monitor import TARGET_FPRS, clean_docs_needed
+
+    held = "held out" if view.calibration_split != view.split else "the same split"
+    missing = [f"{fpr:.0%} FPR needs at least {clean_docs_needed(fpr)}" for fpr, name in TARGET_FPRS
+               if any(r[f"tpr_{name}"] is None for r in view.agg_rows)]
+    out += (f'<p class="caption">Thresholds set on the {view.n_calibration_clean} clean {esc(view.calibration_split)} '
+            f"documents ({held}); the aggregation highlighted has the best document AUROC there."
+            + (f" No TPR where the clean documents are too few to measure the rate ({esc('; '.join(missing))})."
+               if missing else "") + "</p>")
     if len(view.all_probe_aurocs) > 1:
         from .monitor import AGGREGATIONS
 
@@ -655,11 +697,9 @@ def heatmap_html(texts: list[str], raw: list[str], logits: np.ndarray, needle: n
     return "".join(parts)
 
 
-def heatmaps_section(cfg: Config, view: MonitorView) -> str:
-    from .monitor import aggregation_label
-
-    tok = view.tokens
-    y = np.asarray(tok.doc_n_needles) > 0
+def heatmap_picks(view: MonitorView) -> list[tuple[int, str]]:
+    """(document, why) shown as heatmaps: the top-scored clean ones, the lowest-scored needle ones, a few at random."""
+    y = np.asarray(view.tokens.doc_n_needles) > 0
     s = view.doc_scores[view.chosen]
     order = np.argsort(-s, kind="stable")
     picks: list[tuple[int, str]] = []
@@ -671,6 +711,16 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
     if rest.size:
         rng = np.random.default_rng(HEATMAP_SEED)
         picks += [(int(i), "random") for i in sorted(rng.choice(rest, size=min(N_RANDOM_DOCS, rest.size), replace=False))]
+    return picks
+
+
+def heatmaps_section(cfg: Config, view: MonitorView) -> str:
+    from .monitor import aggregation_label
+
+    tok = view.tokens
+    y = np.asarray(tok.doc_n_needles) > 0
+    s = view.doc_scores[view.chosen]
+    picks = heatmap_picks(view)
     if not picks:
         return note("No documents to show.")
     tok_note = ""
@@ -705,7 +755,8 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
         cut = len(tok.token_id[i]) - len(ids)
         kind = "needle" if y[i] else "clean"
         out.append(
-            f'<div class="doc {kind}"><div class="doc-head"><span class="badge {kind}">{esc(why)}</span>'
+            f'<div class="doc {kind}" id="{doc_anchor(view.split, tok.doc_ids[i])}"><div class="doc-head">'
+            f'<span class="badge {kind}">{esc(why)}</span>'
             f'<code>{esc(tok.doc_ids[i])}</code><span class="muted">{int(tok.doc_n_needles[i])} needle(s) · '
             f"{len(tok.token_id[i]):,} tokens · {esc(aggregation_label(view.chosen, cfg.monitor))} = {s[i]:.3f}"
             f"{f' · first {MAX_HEATMAP_TOKENS} tokens shown' if cut > 0 else ''}</span></div>"
@@ -777,6 +828,9 @@ table.matrix td.stale{font-style:italic}
 table.data td{white-space:nowrap}
 table.data td.name{white-space:normal;min-width:9em;text-align:left}
 table#runs th{text-align:left}
+table.errors td.context{white-space:normal;text-align:left;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
+mark.tokerr{background:#ffd8a8;font-weight:700;padding:0 1px;border-radius:2px}
+ul.verdict{margin:6px 0 4px;padding-left:20px}
 table.data td.path{white-space:normal;word-break:break-all;min-width:14em;text-align:left;
  font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 """
@@ -802,7 +856,8 @@ def _header(cfg: Config, layout, facts: dict[str, Any] | None, probes: list[Prob
     ]
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer"), ("sec-roc", "ROC curves"),
-                                                        ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps")))
+                                                        ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps"),
+                                                        ("sec-errors", "tokens it gets wrong")))
     return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(_run_title(cfg, layout.run))}</span></h1>'
             f'<dl class="meta">{meta}</dl><nav>{nav}</nav></div></header>')
 
@@ -823,6 +878,56 @@ def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
         classes.append("best" if best.get(p.layer) is p else "")
     return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "selected L2", "converged"], rows,
                  row_classes=classes)
+
+
+def doc_anchor(split: str, doc_id: str) -> str:
+    """An HTML id for a document's heatmap (any doc id, safely)."""
+    return f"doc-{split}-" + hashlib.sha256(doc_id.encode()).hexdigest()[:12]
+
+
+def verdict_html(layout, probes: list[ProbeInfo]) -> str:
+    """The fit's verdict (``verdict.json``), when the fit that wrote these probes wrote one."""
+    try:
+        v = json.loads(layout.verdict.read_text())
+    except (OSError, ValueError):
+        return note("No verdict.json beside these probes (fitted by an older needleprobe): refit to get it.")
+    if {(d["layer"], d["seed"]) for d in v.get("layers", [])} - {(p.layer, p.seed) for p in probes}:
+        return note("verdict.json does not describe these probes: refit to update it.", kind="warn")
+    items = "".join(f"<li>{esc(line)}</li>" for line in v.get("summary", []))
+    return f'<h3>Verdict</h3><ul class="verdict">{items}</ul>'
+
+
+N_ERRORS = 10
+
+
+def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str:
+    """The two lists of :func:`token_errors.token_errors` as tables; doc ids link to their heatmaps when shown."""
+    from .token_errors import token_errors
+
+    try:
+        lists = token_errors(cfg, run=run, n=N_ERRORS)
+    except NeedleprobeError as e:
+        return note(f"No error lists: {e}", kind="warn")
+    shown = set()
+    if view is not None and view.split == lists.split and view.doc_scores:
+        shown = {view.tokens.doc_ids[i] for i, _ in heatmap_picks(view)}
+    out = [f'<p class="caption">layer {lists.layer} · seed {lists.seed} on {esc(lists.split)}: {lists.n_rows:,} rows '
+           f"({lists.n_positive:,} needle tokens); logit &gt; 0 is the probe's own \"needle\".</p>"]
+    for title, kind, items in (("Highest-scoring negatives (false positives)", "false-positives", lists.false_positives),
+                               ("Lowest-scoring needle tokens (misses)", "misses", lists.missed_needles)):
+        rows = []
+        for e in items:
+            doc = esc(e.doc_id)
+            if e.doc_id in shown:
+                doc = f'<a href="#{doc_anchor(lists.split, e.doc_id)}">{doc}</a>'
+            rows.append(f'<tr data-doc-id="{esc(e.doc_id)}" data-logit="{e.logit!r}"><td>{e.rank}</td>'
+                        f"<td>{e.logit:+.3f}</td><td>{doc}</td><td class=\"context\">{esc(e.left)}"
+                        f'<mark class="tokerr">{esc(e.token)}</mark>{esc(e.right)}</td></tr>')
+        out.append(f"<h3>{esc(title)}</h3>")
+        out.append(f'<div class="table-wrap"><table class="data errors" id="errors-{kind}"><thead><tr><th>#</th>'
+                   "<th>logit</th><th>document</th><th>token in context</th></tr></thead><tbody>"
+                   + "".join(rows) + "</tbody></table></div>")
+    return "".join(out)
 
 
 def build_html(cfg: Config, run: str | None = None) -> str:
@@ -859,7 +964,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     view, mon_notes = None, []
     found, mon_notes = choose_monitor_tokens(cfg, run, probes)
     if found is not None:
-        view = monitor_view(cfg, found[0], found[1], probes)
+        view = monitor_view(cfg, found[0], found[1], probes, calibration_tokens(cfg, run, found))
     if view is None:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
         mon_html = note(f"No up-to-date monitor results. {why}Run `{command('monitor', cfg, run)}` "
@@ -883,7 +988,9 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         f"documents, since tokens of one document are not independent.{seed_note}</p>",
         chart_auroc_by_layer(probes),
         _probe_table(probes, per_layer),
-        '<p class="caption">Highlighted: the best seed of each layer (used for the ROC curves).</p></section>',
+        '<p class="caption">Highlighted: the best seed of each layer (used for the ROC curves).</p>',
+        verdict_html(layout, probes),
+        "</section>",
         '<section class="card" id="sec-roc"><h2>ROC curves</h2>'
         '<p class="explain">Left: token-level ROC of the best probe of each layer, re-scored here from the cached val '
         "activations (logit = x · w + b). Right: document-level ROC of the monitor, which scores every token of a "
@@ -903,8 +1010,15 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         "highest (its likeliest false alarms), the needle documents it scores lowest (its likeliest misses), and a few "
         f"random documents (fixed seed {HEATMAP_SEED})"
         + ("" if view is None else f"; probe layer {view.layer} · seed {view.seed}, documents ranked by "
-           f"{esc(view.chosen)}, the aggregation with the best document AUROC")
-        + ".</p>" + heat_html + "</section>",
+           f"{esc(view.chosen)}, the aggregation with the best document AUROC on {esc(view.calibration_split)}")
+        + '. The single tokens the best probe ranks most wrongly on the cached val rows are listed under '
+        '<a href="#sec-errors">tokens it gets wrong</a>, linked to these documents where they are shown.</p>'
+        + heat_html + "</section>",
+        '<section class="card" id="sec-errors"><h2>Tokens it gets wrong</h2>'
+        '<p class="explain">The highest-scoring negatives (false positives) and the lowest-scoring needle tokens '
+        "(misses) of the best probe on the cached val rows, in their text: the same lists as <code>"
+        + esc(command("errors", cfg, run)) + "</code>. A document id links to its heatmap above when it is shown there.</p>"
+        + errors_html(cfg, run, view) + "</section>",
         f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(layout.run_dir))}'
         f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
