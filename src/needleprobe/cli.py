@@ -52,8 +52,9 @@ COMMANDS = {  # name: (one-line help, description)
     "fit": (
         "train the probes from the activation cache",
         "Train one L2-regularised logistic-regression probe per layer and seed from the activation cache, without "
-        "loading the model, and pick L2 by validation AUROC. Writes probe_layer_{L}_seed_{S}.pt and .json and "
-        "probe_metrics.csv under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir.",
+        "loading the model, and pick L2 by validation AUROC. Writes probe_layer_{L}_seed_{S}.pt and .json, "
+        "probe_metrics.csv (val and train AUROC per L2) and verdict.json (the best layer and whether it beats the "
+        "runner-up) under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir.",
     ),
     "train": (
         "extract, then fit, in one command",
@@ -71,8 +72,10 @@ COMMANDS = {  # name: (one-line help, description)
         "Score every token of a split's documents with the saved probes (running the model, with the same batching, "
         "early stop and resume as extract), store the token logits in the run's monitor/ folder (never in the "
         "activation cache), and aggregate them into one score per document: mean, max, top-k mean, max of a "
-        "rolling mean, softmax-weighted mean. Writes monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% "
-        "FPR) and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
+        "rolling mean, softmax-weighted mean. Thresholds are set on the needle-free documents of "
+        "monitor.calibration_split (default val, scored too) and applied to the split. Writes "
+        "monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% FPR with threshold, true and false positives) "
+        "and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
     ),
     "evaluate": (
         "score saved probes on another dataset (transfer)",

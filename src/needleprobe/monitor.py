@@ -567,6 +567,7 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
             n_pos = best["n_needle_docs"]
             line += (f"; at {fpr:.0%} FPR (threshold {best[f'threshold_{name}_fpr']:.3f} from {n_clean} clean {cal!r} "
                      f"documents) it flags {best[f'tp_at_{name}_fpr']}/{n_pos} needle documents and "
-                     f"{best[f'fp_at_{name}_fpr']}/{best['n_docs'] - n_pos} clean ones")
+                     f"{best[f'fp_at_{name}_fpr']}/{best['n_docs'] - n_pos} clean ones "
+                     f"(FPR {best[f'observed_fpr_at_{name}_fpr']:.0%} on {split!r})")
             break
     con.print(escape(line))

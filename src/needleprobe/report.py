@@ -828,6 +828,7 @@ table.matrix td.stale{font-style:italic}
 table.data td{white-space:nowrap}
 table.data td.name{white-space:normal;min-width:9em;text-align:left}
 table#runs th{text-align:left}
+table.errors th:last-child{text-align:left}
 table.errors td.context{white-space:normal;text-align:left;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 mark.tokerr{background:#ffd8a8;font-weight:700;padding:0 1px;border-radius:2px}
 ul.verdict{margin:6px 0 4px;padding-left:20px}
@@ -873,11 +874,12 @@ def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
         ci = p.ci
         converged = all(r.get("converged", True) for r in p.meta.get("l2_results", []))
         rows.append([str(p.layer), str(p.seed), _f4(p.auroc), f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
-                     _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")), f"{p.meta.get('selected_l2', float('nan')):g}",
+                     _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")),
+                     _f4((p.meta.get("train_metrics") or {}).get("auroc")), f"{p.meta.get('selected_l2', float('nan')):g}",
                      "yes" if converged else "NO"])
         classes.append("best" if best.get(p.layer) is p else "")
-    return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "selected L2", "converged"], rows,
-                 row_classes=classes)
+    return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "train AUROC", "selected L2",
+                  "converged"], rows, row_classes=classes)
 
 
 def doc_anchor(split: str, doc_id: str) -> str:

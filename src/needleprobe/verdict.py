@@ -169,5 +169,5 @@ def verdict_lines(v: dict[str, Any]) -> list[str]:
     same = sorted({tuple(g) for layer in v["layers"] for g in layer["seeds_identical"]})
     if same:
         lines.append(f"seeds {' / '.join(_seeds(list(g)) for g in same)} gave identical probes (nothing in this fit is "
-                     "random), so each layer is shown once")
+                     "random)")
     return lines
