@@ -254,11 +254,11 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     new = load_config(new_path)
     shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(new).run_dir)  # probes and val's logits
     capsys.readouterr()
-    res = monitor(new, split="train", layers=[5], show_progress=False)
+    res = monitor(new, split="train", layers=[1], show_progress=False)  # layer 1: the forward stops early
     err = capsys.readouterr().err
     assert "token logits of 2 probe(s) on 'val' already stored (no model run)" in err
-    assert re.search(r"scoring \d+ train documents with 2 probe\(s\)", err)
-    val, train = _tokens(new, "val", [5]), _tokens(new, "train", [5])  # both stored in the run
+    assert re.search(r"scoring \d+ train documents with [12] probe\(s\)", err)  # 1 when the resume test scored one
+    val, train = _tokens(new, "val", [1]), _tokens(new, "train", [1])  # both stored in the run
     n_clean = int((val.doc_n_needles == 0).sum())
     rows = list(csv.DictReader(open(res["csv"])))
     assert rows and all((r["split"], r["calibration_split"], r["n_calibration_clean_docs"]) == ("train", "val", str(n_clean))
@@ -276,6 +276,6 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     y_train = (train.doc_n_needles > 0).astype(int)
     s = document_scores(train, want[3], want[4], new.monitor)
     assert best["auroc"] == pytest.approx(roc_auc_score(y_train, s), abs=1e-12)
-    assert f"recommended: layer 5 seed {best['seed']}, {best['aggregation']}" in err
+    assert f"recommended: layer 1 seed {best['seed']}, {best['aggregation']}" in err
     record = json.loads(Layout.from_config(new).run_record.read_text())
     assert record["stages"]["monitor:train"]["calibration_split"] == "val"
