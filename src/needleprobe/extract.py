@@ -63,7 +63,7 @@ from .records import FileLock, console, human_bytes, versions
 from .runner import Forward, SplitBatches, row_index, run_batches
 from .stores import is_url, open_group
 from .summary import dir_size
-from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
+from .tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
 
 
 
