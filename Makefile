@@ -57,6 +57,7 @@ bench: bench-extract bench-fit
 
 bench-extract: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_extract.py $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_site_extract.py
 
 bench-fit: install
 	$(BIN)/python benchmarks/bench_fit.py $(ARGS)

@@ -16,9 +16,9 @@ from sklearn.metrics import roc_auc_score
 from conftest import probe_files as probe_paths
 from conftest import run_dir as output_dir
 
-from needleprobe import LinearProbe, open_cache
+from needleprobe import open_cache
 from needleprobe.check import check
-from needleprobe.probe import column_moments
+from needleprobe.probe import LinearProbe, column_moments
 
 
 def _meta(cfg, layer, seed, run=None):

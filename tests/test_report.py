@@ -12,14 +12,13 @@ import csv
 import json
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import probe_files
+from conftest import dump_dom, probe_files
 from pipeline_fixture import HOSTILE_DOC, build_pipeline, pipeline_docs
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -344,12 +343,7 @@ def test_refuses_a_run_directory_of_another_model(run):
 @pytest.mark.slow
 def test_renders_in_headless_chromium(run, tmp_path):
     """The DOM Chromium builds holds the same charts and heatmaps: nothing mis-nested or dropped by the parser."""
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", run["path"].resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = dump_dom(CHROMIUM, run["path"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     dom = Elements(out.stdout)
     src = run["el"]

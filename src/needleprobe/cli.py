@@ -264,30 +264,59 @@ def run(args) -> int:
         from .layout import Layout
         from .records import update_run_record
 
-        layout = Layout.from_config(cfg, getattr(args, "run", None))
+        layouts = {site: Layout.from_config(cfg.for_site(site), getattr(args, "run", None)) for site in cfg.probe.sites}
         if is_primary():  # before the model runs: a run of another model would be refused after it
-            layout.refuse_foreign(args.command, args.overwrite, record_only=args.command == "extract")
+            for layout in layouts.values():
+                layout.refuse_foreign(args.command, args.overwrite, record_only=args.command == "extract")
         res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
         if not is_primary():
             return 0  # under torchrun, rank 0 records the run and does everything after extract
         if res.status != "up to date":
-            update_run_record(
-                layout,
-                cfg,
-                "repair" if res.status == "repaired" else "extract",
-                {
-                    "status": res.status,
-                    "cache_path": res.path,
-                    "cache_fingerprint": res.fingerprint,
-                    "seconds": round(res.seconds, 3),
-                    "tokens": res.tokens,
-                    "tokens_per_second": round(res.tokens / res.seconds, 1) if res.seconds else None,
-                    "splits": res.splits,
-                },
-            )
-            con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {res.path}")
+            for site, (path, fp) in res.sites.items():
+                update_run_record(
+                    layouts[site],
+                    cfg.for_site(site),
+                    "repair" if res.status == "repaired" else "extract",
+                    {
+                        "status": res.status,
+                        "cache_path": path,
+                        "cache_fingerprint": fp,
+                        **({"sites_in_one_pass": list(res.sites)} if len(res.sites) > 1 else {}),
+                        "seconds": round(res.seconds, 3),
+                        "tokens": res.tokens,
+                        "tokens_per_second": round(res.tokens / res.seconds, 1) if res.seconds else None,
+                        "splits": res.splits,
+                    },
+                )
+            con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {', '.join(p for p, _ in res.sites.values())}")
     if not is_primary():
         return 0  # torchrun shards extract only; every other stage runs once, on rank 0
+    if args.command == "evaluate":  # the probes' site picks the target's
+        from .evaluate import evaluate
+
+        if not args.probes:
+            raise NeedleprobeError("evaluate: say which probes to score with --probes (a config or a probe directory)")
+        evaluate(cfg, args.probes, split=args.split, source_run=args.probes_run, layers=args.layers,
+                 show_progress=not args.no_progress)
+        return 0
+    sites = cfg.probe.sites
+    status = 0
+    for site in sites:  # every stage after extract works on one site at a time: each site is a run of its own
+        scfg = cfg.for_site(site)
+        if len(sites) > 1:
+            con.print(f"[bold]site {site}[/bold]")
+        status = max(status, _run_site(args, scfg, con))
+    if args.command == "report" and len(sites) > 1:
+        from .report import write_comparison
+
+        con.print(f"wrote {escape(str(write_comparison([cfg.for_site(s) for s in sites], run=args.run)))}")
+    return status
+
+
+def _run_site(args, cfg, con) -> int:
+    """One command on one activation site's run."""
+    from rich.markup import escape
+
     if args.command in ("fit", "train"):
         from .fit import fit
 
@@ -296,13 +325,6 @@ def run(args) -> int:
         from .monitor import monitor
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, run=args.run, show_progress=not args.no_progress)
-    if args.command == "evaluate":
-        from .evaluate import evaluate
-
-        if not args.probes:
-            raise NeedleprobeError("evaluate: say which probes to score with --probes (a config or a probe directory)")
-        evaluate(cfg, args.probes, split=args.split, source_run=args.probes_run, layers=args.layers,
-                 show_progress=not args.no_progress)
     if args.command == "errors":
         from .token_errors import print_errors, token_errors
 

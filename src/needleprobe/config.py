@@ -24,6 +24,8 @@ EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
 RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device")})
 """Settings that change how fast a run goes, never what it writes."""
 DTYPES = ("float32", "bfloat16", "float16")
+SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
+"""Activation sites, TransformerLens' ``blocks.{L}.hook_{site}`` names (see :mod:`needleprobe.sites`)."""
 PLACEHOLDERS = ("model", "site", "dataset")
 """What ``probe.output_dir`` and ``probe.run_record_dir`` may name, so runs of several models stay apart."""
 
@@ -93,8 +95,9 @@ class ModelConfig:
 class ProbeConfig:
     layers_to_probe: list[int] = field(default_factory=lambda: [8, 16, 24])
     """Block indices (0-based) whose output (resid_post) is cached and probed."""
-    activation_site: Literal["resid_post"] = "resid_post"
-    """Where activations come from; ``resid_post`` is the output of block L."""
+    activation_site: Union[str, list[str]] = "resid_post"
+    """Where activations come from (TransformerLens' names): ``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``,
+    ``resid_post`` (block L's output), or a list of them, filled from one forward pass, one cache per site."""
     negatives_per_doc: int = 32
     """Non-needle tokens sampled per document as negatives."""
     max_train_docs: Optional[int] = None
@@ -129,6 +132,11 @@ class ProbeConfig:
     """Dtype activations are stored in (bfloat16 is stored bit-exactly as uint16)."""
     doc_batch_size: int = 8
     """Documents per forward pass (``--doc-batch-size``); rows never depend on it."""
+
+    @property
+    def sites(self) -> list[str]:
+        """``activation_site`` as a list (the seed's form is one name)."""
+        return [self.activation_site] if isinstance(self.activation_site, str) else list(self.activation_site)
     max_batch_tokens: Optional[int] = None
     """Alternative batch budget: padded tokens per forward (``--max-batch-tokens``)."""
     cache_dir: str = "cache/activations"
@@ -171,6 +179,22 @@ class Config:
                 if f.metadata.get("internal"):
                     d[name].pop(f.name)
         return d
+
+    def for_site(self, site: str) -> "Config":
+        """This config for one of its activation sites (each site is a run of its own: cache, probes, outputs)."""
+        new = dataclasses.replace(self, probe=dataclasses.replace(self.probe, activation_site=site))
+        new.source = self.source
+        return new
+
+    def single_site(self, what: str) -> "Config":
+        """This config when it names one site; several are refused for stages that work per site."""
+        sites = self.probe.sites
+        if len(sites) != 1:
+            raise NeedleprobeError(
+                f"{what} works on one activation site at a time and this config lists {', '.join(sites)}: "
+                "call it once per site (Config.for_site), as the command line does"
+            )
+        return self if isinstance(self.probe.activation_site, str) else self.for_site(sites[0])
 
     def outcome_dict(self) -> dict[str, Any]:
         """``to_dict`` without the runtime-only settings: what must match for outputs to match."""
@@ -332,6 +356,11 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     need(mon.split in ("train", "val", "test"), "monitor.split", f"must be train, val or test, got {mon.split!r}")
     need(mon.calibration_split in ("train", "val", "test"), "monitor.calibration_split",
          f"must be train, val or test, got {mon.calibration_split!r}")
+    sites = p.sites
+    need(len(sites) > 0, "probe.activation_site", "must name at least one site")
+    bad = [x for x in sites if x not in SITES]
+    need(not bad, "probe.activation_site", f"unknown site {bad[0] if bad else ''!r} (sites: {', '.join(SITES)})")
+    need(len(set(sites)) == len(sites), "probe.activation_site", f"duplicate sites in {sites}")
     for key in ("output_dir", "run_record_dir"):
         problem = _template_problem(getattr(p, key))
         need(problem is None, f"probe.{key}", problem or "")

@@ -140,6 +140,12 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
     from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, write_rows_csv
 
     source = load_source(probes, source_run)
+    if source.identity.site not in target.probe.sites:
+        raise NeedleprobeError(
+            f"{source.run_dir}: probes of site {source.identity.site}, the target config has "
+            f"{', '.join(target.probe.sites)}: probes read one model's activations at one site"
+        )
+    target = target.for_site(source.identity.site)
     if layers:
         unknown = sorted(set(layers) - {layer for layer, _ in source.probes})
         if unknown:
@@ -230,6 +236,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
 
     if len(cfgs) < 2:
         raise NeedleprobeError("--matrix needs at least two configs")
+    cfgs = [c.single_site("evaluate --matrix") for c in cfgs]
     keys = [c.dataset.key for c in cfgs]
     if len(set(keys)) != len(keys):
         raise NeedleprobeError(f"--matrix: each config must name another dataset, got {keys}")

@@ -17,8 +17,8 @@ import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -51,7 +51,6 @@ from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
 from .hooks import (
     TORCH_DTYPES,
-    capture,
     check_layers,
     check_positions,
     find_blocks,
@@ -64,7 +63,7 @@ from .records import FileLock, console, human_bytes, versions
 from .runner import Forward, SplitBatches, row_index, run_batches
 from .stores import is_url, open_group
 from .summary import dir_size
-from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
+from .tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
 
 
 
@@ -79,6 +78,8 @@ class ExtractResult:
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
     """The damaged chunks ``--repair`` rewrote (or dropped, for monitor results), as messages."""
+    sites: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Activation site → (its cache, its fingerprint): one cache per site, all filled by one forward pass."""
 
 
 def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Config) -> tuple[SplitPlan, list[np.ndarray]]:
@@ -155,9 +156,9 @@ def check_free_space(path, need: int, force: bool) -> None:
 
 
 def gather_rows(
-    acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], feature_dtype: str
-) -> Callable[[], dict[str, np.ndarray]]:
-    """Stored rows of a batch per layer, cast to the feature dtype and checked finite.
+    acts: dict[tuple[str, int], torch.Tensor], batch_rows: list[np.ndarray], feature_dtype: str
+) -> Callable[[], dict[tuple[str, int], np.ndarray]]:
+    """Stored rows of a batch per (site, layer), cast to the feature dtype and checked finite.
 
     Only sampled rows leave the device (a few % of all positions).  On CUDA the
     copy goes to pinned memory without blocking and the caller collects it
@@ -185,11 +186,14 @@ def gather_rows(
         if done is not None:
             done.synchronize()
         out = {}
-        for layer, r in rows.items():
-            if not bool(finite[layer]):
+        for key, r in rows.items():
+            if not bool(finite[key]):
                 hint = " (use feature_dtype: bfloat16 or float32)" if feature_dtype == "float16" else ""
-                raise NeedleprobeError(f"layer {layer}: activations are not finite after casting to {feature_dtype}{hint}")
-            out[f"layer_{layer}"] = (r.view(torch.uint16) if feature_dtype == "bfloat16" else r).numpy()
+                site, layer = key
+                raise NeedleprobeError(
+                    f"{site} of layer {layer}: activations are not finite after casting to {feature_dtype}{hint}"
+                )
+            out[key] = (r.view(torch.uint16) if feature_dtype == "bfloat16" else r).numpy()
         return out
 
     return finish
@@ -288,57 +292,117 @@ def _world_state(state: str, existing, world: int, overwrite: bool) -> str:
     )
 
 
+@dataclass
+class SiteJob:
+    """One activation site of an extract: its own cache, fingerprint, state and writer."""
+
+    site: str
+    cfg: Config
+    """The config for this site alone (``Config.for_site``)."""
+    path: Any
+    fields: dict[str, Any]
+    state: str
+    """``new``, ``stale``, ``resume`` or ``up to date``."""
+    existing: Any = None
+    writer: CacheWriter | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.fields["layers"])
+
+
+def _jobs(cfg: Config, docs, overwrite: bool, world: int) -> list[SiteJob]:
+    jobs = []
+    for site in cfg.probe.sites:
+        scfg = cfg.for_site(site)
+        path = cache_path(scfg)
+        state, existing = _cache_state(path, scfg, docs, overwrite)
+        state = _world_state(state, existing, world, overwrite)
+        fields = existing.fields if state in ("resume", "up to date") else fingerprint_fields(scfg, docs)
+        jobs.append(SiteJob(site, scfg, path, fields, state, existing))  # resume exactly what was started
+    return jobs
+
+
+class _SiteStreams:
+    """Takes a split's rows from ``runner.run_batches`` and hands each site's to its ChunkStream.
+
+    The run starts at the smallest commit point over the sites; each site
+    drops the rows it had already committed, so a kill between two sites'
+    flushes resumes every cache to the same bytes.
+    """
+
+    def __init__(self, streams: dict[str, tuple[ChunkStream, list[int], int]], start: int):
+        self.streams = streams  # site → (stream, layers, committed rows)
+        self.pos = start
+
+    def add(self, rows: dict[tuple[str, int], np.ndarray]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        for site, (stream, layers, committed) in self.streams.items():
+            skip = max(0, min(n, committed - self.pos))
+            if skip < n:
+                stream.add({f"layer_{layer}": rows[(site, layer)][skip:] for layer in layers})
+        self.pos += n
+
+
 def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False) -> ExtractResult:
+    from .sites import capture_sites, check_model_sites
+
     t0 = time.perf_counter()
     con = console()
     data_path = cfg.dataset.resolved_path()
     docs = load_documents(data_path, cfg.dataset.val_fraction)
-    fields = fingerprint_fields(cfg, docs)
-    path = cache_path(cfg)
-    state, existing = _cache_state(path, cfg, docs, overwrite)
-    state = _world_state(state, existing, dist.world, overwrite)
-    if repair and state in ("new", "stale"):
-        con.print(f"--repair: no cache with these settings at {path} yet, nothing to repair: extracting")
-        repair = False
-    if state == "up to date" and not repair:
-        con.print(f"cache up to date: {path} (fingerprint {existing.fingerprint})")
-        return ExtractResult(str(path), existing.fingerprint, "up to date")
-    if state in ("resume", "up to date"):
-        fields = existing.fields  # resume (or repair) exactly what was started (its layer set, its format)
-    layers = sorted(fields["layers"])
+    jobs = _jobs(cfg, docs, overwrite, dist.world)
+    if repair:
+        for job in jobs:
+            if job.state in ("new", "stale"):
+                con.print(f"--repair: no cache with these settings at {job.path} yet, nothing to repair: extracting")
+        repair = any(job.state in ("resume", "up to date") for job in jobs)
+    if all(job.state == "up to date" for job in jobs) and not repair:
+        for job in jobs:
+            con.print(f"cache up to date: {job.path} (fingerprint {job.existing.fingerprint})")
+        return _result(jobs, "up to date")
     tokenizer = load_tokenizer(cfg.model)
     plans = prepare_plans(cfg, tokenizer, docs, data_path)
-    if "documents" not in fields:  # a cache from before per-document digests: written (and repaired) as it was
-        for work in plans.values():
-            work.plan.doc_digests = None
+    legacy = {job.site for job in jobs if "documents" not in job.fields}  # caches from before per-document digests
     n_layers, d_model_cfg, limit = model_shape(cfg)
-    if n_layers is not None:
-        check_layers(layers, n_layers, cfg.model.name)
+    for job in jobs:
+        if n_layers is not None:
+            check_layers(job.layers, n_layers, cfg.model.name)
+    check_model_sites(cfg, [(job.site, layer) for job in jobs for layer in job.layers])  # before anything is written
     for work in plans.values():
         check_positions(work.batches.tdocs, limit, cfg, data_path)
     total_rows = sum(w.plan.n_rows for w in plans.values())
-    if d_model_cfg is not None and state != "up to date":
-        present = dir_size(path) if existing is not None and not is_url(path) else 0  # resumed rows stay; stale ones go
-        check_free_space(path, cache_bytes(total_rows, len(layers), d_model_cfg, cfg.probe.feature_dtype) - present, force)
+    if d_model_cfg is not None:
+        need = 0
+        for job in jobs:
+            if job.state != "up to date":
+                present = dir_size(job.path) if job.existing is not None and not is_url(job.path) else 0  # resumed rows stay
+                need += cache_bytes(total_rows, len(job.layers), d_model_cfg, cfg.probe.feature_dtype) - present
+        check_free_space(jobs[0].path, need, force)
     device = dist.device(resolve_device(cfg.probe.device))
     show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NeedleprobeError(f"{path.parent}: cannot create the cache directory ({e.strerror})") from None
-    # Under torchrun rank 0 holds the lock and decides; the others wait for its decision and follow.
-    lock = FileLock(path.with_name(path.name + ".lock"), what=f"extract of {path}") if dist.primary else nullcontext()
-    with lock:
+    for job in jobs:
+        try:
+            job.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NeedleprobeError(f"{job.path.parent}: cannot create the cache directory ({e.strerror})") from None
+    # Under torchrun rank 0 holds the locks and decides; the others wait for its decision and follow.
+    with contextlib.ExitStack() as locks:
         if dist.primary:
-            state, existing = _cache_state(path, cfg, docs, overwrite)  # again, now that we hold the lock
-            state = _world_state(state, existing, dist.world, overwrite)
-            if state == "stale":
-                con.print(f"[yellow]--overwrite: removing the stale cache {path}")
-                remove_cache(path)
-        state, found = dist.broadcast((state, existing.fingerprint if state == "up to date" else None))
-        if state == "up to date" and not repair:
-            return ExtractResult(str(path), found, "up to date")
+            for job in sorted(jobs, key=lambda j: str(j.path)):
+                locks.enter_context(FileLock(job.path.with_name(job.path.name + ".lock"), what=f"extract of {job.path}"))
+            for job in jobs:  # again, now that we hold the locks
+                job.state, job.existing = _cache_state(job.path, job.cfg, docs, overwrite)
+                job.state = _world_state(job.state, job.existing, dist.world, overwrite)
+                if job.state == "stale":
+                    con.print(f"[yellow]--overwrite: removing the stale cache {job.path}")
+                    remove_cache(job.path)
+        decided = dist.broadcast([(j.state, j.existing.fingerprint if j.state == "up to date" else None) for j in jobs])
+        for job, (state, _) in zip(jobs, decided):
+            job.state = state
+        if all(job.state == "up to date" for job in jobs) and not repair:
+            return _result(jobs, "up to date")
         loaded: dict[str, Any] = {}
 
         def model_parts():
@@ -346,7 +410,8 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             if not loaded:
                 model = load_model(cfg.model, cfg.probe.model_dtype, device)
                 blocks = find_blocks(model)
-                check_layers(layers, len(blocks), cfg.model.name)
+                for job in jobs:
+                    check_layers(job.layers, len(blocks), cfg.model.name)
                 loaded.update(model=model, blocks=blocks, d_model=int(model.config.get_text_config().hidden_size))
             return loaded["model"], loaded["blocks"], loaded["d_model"]
 
@@ -354,84 +419,127 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
         repaired: list[str] = []
         tokens = 0
         if repair:
-            repaired, tokens = repair_chunks(con, cfg, open_group(path, mode="r+"), existing.format, plans, layers,
-                                             model_parts, pad_id, device, show_progress)
-            if state == "up to date":
+            for job in jobs:
+                if job.state not in ("resume", "up to date"):
+                    continue
+                done, n = repair_chunks(con, job.cfg, open_group(job.path, mode="r+"), job.existing.format, plans,
+                                        job.layers, model_parts, pad_id, device, show_progress, site=job.site,
+                                        legacy=job.site in legacy)
+                repaired += done
+                tokens += n
+            if all(job.state == "up to date" for job in jobs):
                 status = "repaired" if repaired else "up to date"
-                return ExtractResult(str(path), found, status, time.perf_counter() - t0, tokens, repaired=repaired)
+                res = _result(jobs, status, time.perf_counter() - t0, tokens)
+                res.repaired = repaired
+                return res
+        work_jobs = [job for job in jobs if job.state != "up to date"]
         model, blocks, d_model = model_parts()
-
-        est = cache_bytes(total_rows, len(layers), d_model, cfg.probe.feature_dtype)
-        status = "resumed" if state == "resume" else "extracted"
-        free = free_bytes(path)
+        status = "resumed" if any(job.state == "resume" for job in work_jobs) else "extracted"
+        free = free_bytes(work_jobs[0].path)
+        n_sites = len(work_jobs)
+        est = sum(cache_bytes(total_rows, len(job.layers), d_model, cfg.probe.feature_dtype) for job in work_jobs)
+        into = ", ".join(str(job.path) for job in work_jobs)
         con.print(
-            f"{'resuming' if state == 'resume' else 'extracting'} into {path}\n  {total_rows:,} rows × ({len(layers)} layers × "
-            f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B + {ROW_OVERHEAD_BYTES} B of labels and indices) "
+            f"{'resuming' if status == 'resumed' else 'extracting'} into {into}\n  {total_rows:,} rows × "
+            f"({'' if n_sites == 1 else f'{n_sites} sites × '}{len(work_jobs[0].layers)} layers × d_model {d_model} × "
+            f"{BYTES_PER_VALUE[cfg.probe.feature_dtype]} B + {ROW_OVERHEAD_BYTES} B of labels and indices) "
             f"= [bold]{human_bytes(est)}[/bold] on disk"
             f"{'' if free is None else f' ({human_bytes(free)} free)'}; "
             f"device {device}, model dtype {cfg.probe.model_dtype}"
         )
-        metadata = {
-            "model_name": cfg.model.name,
-            "model_revision": cfg.model.revision,
-            "model_class": type(model).__name__,
-            "tokenizer_class": type(tokenizer).__name__,
-            "d_model": d_model,
-            "n_layers": len(blocks),
-            "layers": layers,
-            "feature_dtype": cfg.probe.feature_dtype,
-            "dataset_sha256": file_sha256(data_path),
-            "versions": versions(),
-            "compute": compute_settings(device, dist.world),
-        }
-        writer = CacheWriter(path, fields, metadata, world_size=dist.world)
-        result = ExtractResult(str(path), fingerprint(fields), status, tokens=tokens, repaired=repaired)
+        for job in work_jobs:
+            metadata = {
+                "model_name": cfg.model.name,
+                "model_revision": cfg.model.revision,
+                "model_class": type(model).__name__,
+                "tokenizer_class": type(tokenizer).__name__,
+                "d_model": d_model,
+                "n_layers": len(blocks),
+                "layers": job.layers,
+                "activation_site": job.site,
+                "feature_dtype": cfg.probe.feature_dtype,
+                "dataset_sha256": file_sha256(data_path),
+                "versions": versions(),
+                "compute": compute_settings(device, dist.world),
+            }
+            job.writer = CacheWriter(job.path, job.fields, metadata, world_size=dist.world)
+        result = _result(jobs, status, tokens=tokens)
+        result.repaired = repaired
+        current = None
         try:
-            if dist.primary:
-                writer.open()  # creates the root group (its fingerprint and world size)
+            for job in work_jobs:
+                current = job
+                if dist.primary:
+                    job.writer.open()  # creates the root group (its fingerprint and world size)
             dist.barrier()
-            if not dist.primary:
-                writer.open()
-            if dist.sharded:
-                writer.split_parent = writer.root.require_group(shard_name(dist.rank, dist.world))
-            writer.clear_failure()
+            for job in work_jobs:
+                current = job
+                if not dist.primary:
+                    job.writer.open()
+                if dist.sharded:
+                    job.writer.split_parent = job.writer.root.require_group(shard_name(dist.rank, dist.world))
+                job.writer.clear_failure()
+            current = None
+            requests = [(job.site, layer) for job in work_jobs for layer in job.layers]
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool, torch.inference_mode():
-                with capture(blocks, layers) as cap:
+                with capture_sites(blocks, requests) as cap:
                     fwd = Forward(model, cap, pad_id, device)
                     for name, work in plans.items():
                         plan, split = work.plan, work.batches
                         if dist.sharded:
                             plan, split = _shard(con, dist, plan, split)
-                        group, committed = writer.prepare_split(plan, layers, d_model, cfg.probe.feature_dtype)
-                        stream = ChunkStream(group, [f"layer_{layer}" for layer in layers], committed, pool)
+                        streams = {}
+                        for job in work_jobs:
+                            job_plan = replace(plan, doc_digests=None) if job.site in legacy else plan
+                            group, committed = job.writer.prepare_split(job_plan, job.layers, d_model, cfg.probe.feature_dtype)
+                            names = [f"layer_{layer}" for layer in job.layers]
+                            streams[job.site] = (ChunkStream(group, names, committed, pool), job.layers, committed)
+                        start = min(c for _, _, c in streams.values())
                         result.tokens += run_batches(
-                            fwd, split, stream, committed, partial(gather_rows, feature_dtype=cfg.probe.feature_dtype),
-                            show_progress,
+                            fwd, split, _SiteStreams(streams, start), start,
+                            partial(gather_rows, feature_dtype=cfg.probe.feature_dtype), show_progress,
                         )
-                        stream.close()
+                        for stream, _, _ in streams.values():
+                            stream.close()
                         result.splits[name] = plan.stats
                         if dist.primary:
                             _report_truncation(con, name, plan.stats)
             result.tokens = dist.total(result.tokens)  # waits for every shard
             if dist.primary:
-                _check_shards(writer, list(plans), dist.world)
-                writer.finish(list(plans), {})
+                for job in work_jobs:
+                    _check_shards(job.writer, list(plans), dist.world)
+                    job.writer.finish(list(plans), {})
         except NeedleprobeError as e:
-            if state != "resume" and not dist.sharded:  # sharded: other processes may still write; resume instead
-                remove_cache(path)  # nothing half-written under the real name
-            else:
-                writer.record_failure(e)
+            for job in work_jobs:
+                if job.state != "resume" and not dist.sharded:  # sharded: others may still write; resume instead
+                    remove_cache(job.path)  # nothing half-written under the real name
+                elif job.writer is not None and job.writer.root is not None:
+                    job.writer.record_failure(e)
             raise
         except OSError as e:
-            writer.record_failure(e)
+            for job in work_jobs:
+                if job.writer is not None and job.writer.root is not None:
+                    job.writer.record_failure(e)
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise NeedleprobeError(_disk_full(path, writer, plans, e)) from None
+            job = current or next((j for j in work_jobs if j.writer.root is not None), work_jobs[0])
+            raise NeedleprobeError(_disk_full(job.path, job.writer, plans, e)) from None
         except Exception as e:  # a bug, or a failing device: keep the committed rows, and say on the cache what happened
-            writer.record_failure(e)
+            for job in work_jobs:
+                if job.writer is not None and job.writer.root is not None:
+                    job.writer.record_failure(e)
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _result(jobs: list[SiteJob], status: str, seconds: float = 0.0, tokens: int = 0) -> ExtractResult:
+    """The extract's result: the first site's cache, with every site's (path, fingerprint) in ``sites``."""
+    fps = {j.site: (j.existing.fingerprint if j.state == "up to date" and j.existing is not None else fingerprint(j.fields))
+           for j in jobs}
+    res = ExtractResult(str(jobs[0].path), fps[jobs[0].site], status, seconds, tokens)
+    res.sites = {j.site: (str(j.path), fps[j.site]) for j in jobs}
+    return res
 
 
 def compute_settings(device: torch.device, world: int) -> dict[str, Any]:
@@ -479,7 +587,7 @@ class _RowSink:
 
 def repair_chunks(
     con, cfg: Config, root, fmt: int, plans: dict[str, SplitWork], layers: list[int], model_parts, pad_id: int, device,
-    show_progress: bool,
+    show_progress: bool, site: str = "resid_post", legacy: bool = False,
 ) -> tuple[list[str], int]:
     """Verify every chunk and rewrite the damaged ones; returns (what was repaired, tokens run through the model).
 
@@ -518,7 +626,7 @@ def repair_chunks(
         if d.name.startswith("layer_"):
             todo.setdefault(split, []).append((offset + d.start, offset + d.stop, arr, d))
             continue
-        small = small_arrays(plans[split].plan)
+        small = small_arrays(replace(plans[split].plan, doc_digests=None) if legacy else plans[split].plan)
         if d.name not in small:
             raise NeedleprobeError(f"{d}: cannot repair it (needleprobe does not write {d.name!r})")
         values = small[d.name][0]
@@ -531,8 +639,15 @@ def repair_chunks(
     tokens = 0
     if todo:
         model, blocks, _ = model_parts()
-        to_rows = partial(gather_rows, feature_dtype=cfg.probe.feature_dtype)
-        with torch.inference_mode(), capture(blocks, layers) as cap:
+        from .sites import capture_sites
+
+        gather = partial(gather_rows, feature_dtype=cfg.probe.feature_dtype)
+
+        def to_rows(acts, batch_rows):  # rows named as the site group's arrays (layer_{L})
+            finish = gather(acts, batch_rows)
+            return lambda: {f"layer_{layer}": r for (_, layer), r in finish().items()}
+
+        with torch.inference_mode(), capture_sites(blocks, [(site, layer) for layer in layers]) as cap:
             fwd = Forward(model, cap, pad_id, device)
             for split, items in todo.items():
                 work = plans[split].batches

@@ -5,14 +5,14 @@ site on one dataset, and everything made from its probes lives in its
 directory::
 
     {cache_dir}/{dataset}/{model}/{site}/              the activation cache (write-once after extract)
-    {output_dir}/{dataset}[-{run}]/                    the run directory
+    {output_dir}/{dataset}[-{site}][-{run}]/           the run directory (``-{site}`` for sites other than resid_post)
         probe_layer_{L}_seed_{S}.pt / .json            probes (the seed's names)
         probe_metrics.csv
         verdict.json                                   best layer, paired margin over the runner-up, warnings
         monitor/                                       document monitor: token logits (Zarr) and metrics
         transfer/{target}-{split}/                     these probes evaluated on another dataset
         report.html
-    {run_record_dir}/{dataset}[-{run}]_probe_run_record.json
+    {run_record_dir}/{dataset}[-{site}][-{run}]_probe_run_record.json
 
 ``probe.output_dir`` and ``probe.run_record_dir`` may hold the placeholders
 ``{model}``, ``{site}`` and ``{dataset}``, so one config line keeps the runs of
@@ -64,7 +64,7 @@ class RunIdentity:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RunIdentity":
-        return cls(cfg.dataset.key, cfg.model.name, cfg.model.revision, cfg.probe.activation_site)
+        return cls(cfg.dataset.key, cfg.model.name, cfg.model.revision, cfg.single_site("a run").probe.activation_site)
 
     @classmethod
     def from_config_dict(cls, d: dict[str, Any]) -> "RunIdentity | None":
@@ -92,21 +92,29 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Config, run: str | None = None) -> "Layout":
+        """The paths of ``cfg``'s run (a config naming several sites: one of them, ``Config.for_site``).
+
+        The run directory is ``{output_dir}/{dataset}``: the seed's path for ``resid_post``; for another site,
+        whose probes must not land on ``resid_post``'s, ``{dataset}-{site}`` unless ``output_dir`` names
+        ``{site}`` itself; a named run appends ``-{run}``.
+        """
         check_run_name(run)
-        ident = RunIdentity.from_config(cfg)
-        values = {"model": model_slug(cfg.model.name), "site": cfg.probe.activation_site, "dataset": cfg.dataset.key}
-        key = cfg.dataset.key + (f"-{run}" if run else "")
+        site = cfg.single_site("a run's layout").probe.activation_site
+        ident = RunIdentity(cfg.dataset.key, cfg.model.name, cfg.model.revision, site)
+        values = {"model": model_slug(cfg.model.name), "site": site, "dataset": cfg.dataset.key}
 
-        def expand(template: str) -> tuple[Path, bool]:
-            """(formatted path, whether it named the dataset itself)."""
-            named = "dataset" in template_fields(template)
-            return as_path(template.format(**values)), named
+        def expand(template: str) -> tuple[Path, bool, bool]:
+            """(formatted path, whether it names the dataset, whether it names the site)."""
+            fields = template_fields(template)
+            return as_path(template.format(**values)), "dataset" in fields, "site" in fields
 
-        out, named = expand(cfg.probe.output_dir)
-        run_dir = (out.with_name(out.name + f"-{run}") if run else out) if named else out / key
-        rec_dir, _ = expand(cfg.probe.run_record_dir)
-        record = rec_dir / f"{key}_probe_run_record.json"
-        cache = as_path(cfg.probe.cache_dir) / cfg.dataset.key / values["model"] / cfg.probe.activation_site
+        out, named, site_named = expand(cfg.probe.output_dir)
+        suffix = ("" if site == "resid_post" or site_named else f"-{site}") + (f"-{run}" if run else "")
+        run_dir = (out.with_name(out.name + suffix) if suffix else out) if named else out / (cfg.dataset.key + suffix)
+        rec_dir, _, rec_site_named = expand(cfg.probe.run_record_dir)
+        rec_suffix = ("" if site == "resid_post" or rec_site_named else f"-{site}") + (f"-{run}" if run else "")
+        record = rec_dir / f"{cfg.dataset.key}{rec_suffix}_probe_run_record.json"
+        cache = as_path(cfg.probe.cache_dir) / cfg.dataset.key / values["model"] / site
         return cls(cache=cache, run_dir=run_dir, run_record=record, identity=ident, run=run)
 
     # -- the run directory -----------------------------------------------------

@@ -283,8 +283,8 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     ``loaded``: a dict that keeps the tokenizer and model between calls (two
     splits of one command load the model once).
     """
-    from .hooks import (capture, check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape,
-                        resolve_device)
+    from .hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
+    from .sites import capture_sites
     from .runner import Forward, SplitBatches, run_batches
     from .tokens import plan_batches, tokenize_documents
 
@@ -334,7 +334,9 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     mats = [(layer, w.to(device), b.to(device)) for layer, w, b in _by_layer(missing, weights)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     con.print(f"monitor: scoring {len(tdocs)} {split} documents with {len(missing)} probe(s) on {device}")
-    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), capture(blocks, sorted({p.layer for p in missing})) as cap:
+    site = cfg.single_site("the monitor").probe.activation_site
+    requests = [(site, layer) for layer in sorted({p.layer for p in missing})]
+    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), capture_sites(blocks, requests) as cap:
         stream = ChunkStream(pg, ["logits"], committed, pool)
         run_batches(Forward(model, cap, pad_id, device), SplitBatches(split, tdocs, rows_of, batches), stream, committed,
                     partial(_logit_rows, weights=mats), show_progress)
@@ -373,7 +375,8 @@ def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], wei
     from .runner import row_index
 
     b_idx, t_idx = row_index(batch_rows, next(iter(acts.values())).device)
-    logits = torch.cat([acts[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
+    by_layer = {layer: a for (_, layer), a in acts.items()}  # one site per run
+    logits = torch.cat([by_layer[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
     return lambda: {"logits": logits}
 
 

@@ -202,6 +202,16 @@ class Plot:
                   f'text-anchor="middle">{esc(ylabel)}</text>')
         self.marks[:0] = g + ["</g>"] + ax + ["</g>"]
 
+    def error_bar(self, cx: float, ci: tuple[float, float], color: str, attrs: str) -> None:
+        """A vertical 95% interval at x = ``cx`` with end caps; ``attrs`` are the group's data attributes."""
+        lo, hi = self.py(ci[0]), self.py(ci[1])
+        self.add(
+            f'<g class="errorbar" stroke="{color}" {attrs}>'
+            f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}"/>'
+            f'<line x1="{cx - 4:.1f}" y1="{lo:.1f}" x2="{cx + 4:.1f}" y2="{lo:.1f}"/>'
+            f'<line x1="{cx - 4:.1f}" y1="{hi:.1f}" x2="{cx + 4:.1f}" y2="{hi:.1f}"/></g>'
+        )
+
     def add(self, svg: str) -> None:
         self.marks.append(svg)
 
@@ -270,13 +280,7 @@ def chart_auroc_by_layer(probes: list[ProbeInfo]) -> str:
         cx, color = plot.px(x), PALETTE[j % len(PALETTE)]
         ci_txt = ""
         if p.ci:
-            lo, hi = plot.py(p.ci[0]), plot.py(p.ci[1])
-            plot.add(
-                f'<g class="errorbar" stroke="{color}" data-layer="{p.layer}" data-seed="{p.seed}">'
-                f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}"/>'
-                f'<line x1="{cx - 4:.1f}" y1="{lo:.1f}" x2="{cx + 4:.1f}" y2="{lo:.1f}"/>'
-                f'<line x1="{cx - 4:.1f}" y1="{hi:.1f}" x2="{cx + 4:.1f}" y2="{hi:.1f}"/></g>'
-            )
+            plot.error_bar(cx, p.ci, color, f'data-layer="{p.layer}" data-seed="{p.seed}"')
             ci_txt = f" (95% CI {p.ci[0]:.4f}–{p.ci[1]:.4f})"
         plot.add(
             f'<circle class="point" cx="{cx:.1f}" cy="{plot.py(p.auroc):.1f}" r="4.5" fill="{color}" '
@@ -1205,14 +1209,8 @@ def chart_runs(chart_id: str, label: str, views: list[RunView], by: str) -> str:
             cx = plot.px(x) + dx
             ci_txt = ""
             if p.ci:
-                y0, y1 = plot.py(p.ci[0]), plot.py(p.ci[1])
-                plot.add(
-                    f'<g class="errorbar" stroke="{color}" {run_attr} data-layer="{layer}" '
-                    f'data-ci-low="{p.ci[0]!r}" data-ci-high="{p.ci[1]!r}">'
-                    f'<line x1="{cx:.1f}" y1="{y0:.1f}" x2="{cx:.1f}" y2="{y1:.1f}"/>'
-                    f'<line x1="{cx - 4:.1f}" y1="{y0:.1f}" x2="{cx + 4:.1f}" y2="{y0:.1f}"/>'
-                    f'<line x1="{cx - 4:.1f}" y1="{y1:.1f}" x2="{cx + 4:.1f}" y2="{y1:.1f}"/></g>'
-                )
+                plot.error_bar(cx, p.ci, color,
+                               f'{run_attr} data-layer="{layer}" data-ci-low="{p.ci[0]!r}" data-ci-high="{p.ci[1]!r}"')
                 ci_txt = f" (95% CI {p.ci[0]:.4f}–{p.ci[1]:.4f})"
             where = f"layer {layer}" + ("" if by == "layer" else f" of {v.n_layers} (depth {x:.3f})")
             plot.add(

@@ -45,8 +45,7 @@ import torch
 from .errors import NeedleprobeError
 from .hooks import _StopForward, find_blocks
 
-SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
-"""Every site name, TransformerLens' ``hook_{site}`` without the prefix."""
+from .config import SITES  # noqa: E402  (every site name, TransformerLens' ``hook_{site}`` without the prefix)
 
 # The order in which a forward reaches the sites of one block (in every layout
 # below); the early stop raises after the last requested one.
@@ -240,3 +239,27 @@ def capture_sites(
     finally:
         for h in handles:
             h.remove()
+
+
+def check_model_sites(cfg, requests: Iterable[tuple[str, int]]) -> None:
+    """Check (site, layer) requests against the model's block classes before any weight is loaded.
+
+    The model is built on the meta device from its config (no weights, no
+    memory), so an unsupported site/family pair is one line before anything is
+    written.  Skipped, silently, when the config cannot be read here (loading
+    the model reports that problem with full context).
+    """
+    requests = list(requests)
+    if all(site == "resid_post" for site, _ in requests):
+        return  # every block has an output
+    from transformers import AutoConfig, AutoModel
+
+    from .hooks import model_location
+
+    try:
+        mc = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision)
+        with torch.device("meta"):
+            model = AutoModel.from_config(mc)
+    except (OSError, ValueError):
+        return
+    check_requests(model, requests)
