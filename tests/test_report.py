@@ -146,10 +146,21 @@ def test_auroc_by_layer_plots_every_probe_with_its_json_auroc(run):
 
 def test_l2_path_has_one_line_per_probe_and_grid_point(run):
     el, probes, cfg = run["el"], run["probes"], run["cfg"]
-    paths = el.find("path", "series", svg="l2-path")
+    paths = el.find("path", "l2", svg="l2-path")
     assert len(paths) == 4
     for p in paths:
         assert _n_points(p["attrs"]["d"]) == len(cfg.probe.l2_grid)
+    # beside each val line, the train AUROC of every grid value (its y ordered like the probe file's numbers)
+    train = el.find("path", "l2-train", svg="l2-path")
+    assert len(train) == 4
+    for p in train:
+        m = probes[(int(p["attrs"]["data-layer"]), int(p["attrs"]["data-seed"]))]
+        res = sorted(m["l2_results"], key=lambda r: r["l2"])
+        assert "".join(p["text"]).endswith(", ".join(f"L2 {r['l2']:g} {r['train_auroc']:.4f}" for r in res))
+        ys = [float(v) for v in re.findall(r"[ML]\s*-?[\d.]+ (-?[\d.]+)", p["attrs"]["d"])]
+        assert len(ys) == len(res)
+        for (a, ra), (b, rb) in zip(zip(ys, res), zip(ys[1:], res[1:])):
+            assert (a > b) == (ra["train_auroc"] < rb["train_auroc"]) or ra["train_auroc"] == rb["train_auroc"]
     assert len(el.find("circle", "l2-point", svg="l2-path")) == 4 * len(cfg.probe.l2_grid)
     selected = el.find("circle", "selected", svg="l2-path")
     assert len(selected) == 4

@@ -397,16 +397,18 @@ def _print_table(con, cfg: Config, result: FitResult) -> None:
 
     from .verdict import identical_seeds
 
-    t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2")
-    for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR@1%FPR", "train AUROC", "L2"):
-        t.add_column(c, justify="right")
     same = identical_seeds(result.probes)
+    shared = any(len(g) > 1 for groups in same.values() for g in groups)
+    t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2",
+              caption="seeds on one row gave identical probes" if shared else None)
+    for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR at 1% FPR", "train AUROC", "L2"):
+        t.add_column(c, justify="right", no_wrap=c in ("seed", "95% CI (docs)"))  # the others fold to fit 80 columns
     for layer in sorted(cfg.probe.layers_to_probe):
         for group in same[layer]:
             m = result.probes[(layer, group[0])].metadata_
             v, tr = m["val_metrics"], m.get("train_metrics") or {}
             lo, hi = v["auroc_ci95"]
-            seeds = str(group[0]) if len(group) == 1 else ", ".join(map(str, group)) + " (identical)"
+            seeds = ", ".join(map(str, group))
             t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
                       f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
                       f"{m['selected_l2']:g}")

@@ -547,7 +547,7 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
     where = "the same split" if cal == split else "held out"
     t = Table(title=f"document monitor on {split!r}: AUROC [95% CI] · TPR (needle documents flagged, false positives) "
                     f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})")
-    for c in ("layer", "seed", "aggregation", "AUROC", "TPR@1%FPR", "TPR@5%FPR"):
+    for c in ("layer", "seed", "aggregation", "AUROC", "TPR at 1% FPR", "TPR at 5% FPR"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["layer"]), str(r["seed"]), r["aggregation"],

@@ -294,17 +294,18 @@ def chart_auroc_by_layer(probes: list[ProbeInfo]) -> str:
 
 def chart_l2_path(probes: list[ProbeInfo]) -> str:
     l2s = [r["l2"] for p in probes for r in p.meta.get("l2_results", [])]
-    aucs = [r["val_auroc"] for p in probes for r in p.meta.get("l2_results", [])]
+    aucs = [r[k] for p in probes for r in p.meta.get("l2_results", []) for k in ("val_auroc", "train_auroc")
+            if r.get(k) is not None]
     if not l2s:
         return note("The probe files have no l2_results; refit with `needleprobe fit`.")
     lo, hi = min(l2s), max(l2s)
-    plot = Plot("l2-path", "validation AUROC against the L2 strength, per layer and seed", (lo / 1.8, hi * 1.8),
+    plot = Plot("l2-path", "train and validation AUROC against the L2 strength, per layer and seed", (lo / 1.8, hi * 1.8),
                 _auroc_ylim(aucs), xlog=True)
     decades = range(math.floor(math.log10(lo / 1.8)) + 1, math.floor(math.log10(hi * 1.8)) + 1)
     xt = [(10.0**k, fmt_num(10.0**k)) for k in decades]
     if len(xt) < 2:
         xt = [(v, fmt_num(v)) for v in sorted(set(l2s))]
-    plot.axes(xt, _yticks(plot.y0, plot.y1), "L2 strength (log scale)", "val AUROC")
+    plot.axes(xt, _yticks(plot.y0, plot.y1), "L2 strength (log scale)", "AUROC")
     layers = sorted({p.layer for p in probes})
     seeds = sorted({p.seed for p in probes})
     for p in probes:
@@ -313,6 +314,12 @@ def chart_l2_path(probes: list[ProbeInfo]) -> str:
         dash = SEED_DASH[seeds.index(p.seed) % len(SEED_DASH)]
         d_attr = f' stroke-dasharray="{dash}"' if dash else ""
         xs, ys = [r["l2"] for r in res], [r["val_auroc"] for r in res]
+        train = [(r["l2"], r["train_auroc"]) for r in res if r.get("train_auroc") is not None]
+        if train:  # the fit's own rows: the gap to the val line is what the probe memorised at that L2
+            plot.add(f'<path class="series l2-train" d="{plot.path_d(*zip(*train))}" stroke="{color}" stroke-opacity="0.4" '
+                     f'stroke-width="1.5"{d_attr} data-layer="{p.layer}" data-seed="{p.seed}">'
+                     f"<title>layer {p.layer} · seed {p.seed} · train AUROC: "
+                     + esc(", ".join(f"L2 {x:g} {y:.4f}" for x, y in train)) + "</title></path>")
         plot.add(f'<path class="series l2" d="{plot.path_d(xs, ys)}" stroke="{color}"{d_attr} '
                  f'data-layer="{p.layer}" data-seed="{p.seed}"/>')
         for r in res:
@@ -330,6 +337,8 @@ def chart_l2_path(probes: list[ProbeInfo]) -> str:
         for j, s in enumerate(seeds):
             plot.legend(f"seed {s}", "#57606a", dash=SEED_DASH[j % len(SEED_DASH)])
     plot.legend("selected L2", "#57606a", ring=True)
+    if any(r.get("train_auroc") is not None for p in probes for r in p.meta.get("l2_results", [])):
+        plot.legend("train AUROC (faint)", "#c4cad1")
     return plot.render()
 
 
