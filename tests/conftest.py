@@ -64,6 +64,18 @@ def one_thread():
         yield
 
 
+def dump_dom(chromium: str, page: Path, tmp_path: Path):
+    """Headless Chromium's DOM of ``page`` (a CompletedProcess: ``stdout`` is the DOM)."""
+    import subprocess
+
+    return subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
+         "--dump-dom", Path(page).resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
 def probe_files(cfg, layer: int, seed: int, run: str | None = None):
     """(.pt, .json) of a probe of ``cfg``'s run."""
     from needleprobe.layout import Layout

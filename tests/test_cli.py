@@ -16,7 +16,7 @@ from needleprobe.cli import build_parser, main
 from needleprobe.records import console, model_loading_bar
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["extract", "fit", "train", "check", "monitor", "inspect", "report", "evaluate", "demo-data"]
+COMMANDS = ["extract", "fit", "train", "check", "monitor", "errors", "inspect", "report", "evaluate", "demo-data"]
 JARGON = re.compile(r"seed's|\bthe seed\b|\bTask \d|\(#\d+\)|\bissue \d|thin layer", re.IGNORECASE)
 
 
@@ -106,13 +106,13 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
     cache = str(deep / "quiet" / "cache" / "t_v1" / "embedded--all-MiniLM-L6-v2" / "resid_post")
     out = str(deep / "quiet" / "results" / "probes" / "t_v1")
     assert f"extracting into {cache}" in lines
-    assert any(re.fullmatch(r"  [\d,]+ rows × \(1 layers × d_model 384 × 4 B \+ 13 B of labels and indices\) = .* on disk.*; "
+    assert any(re.fullmatch(r"  [\d,]+ rows × \(1 layers × d_model 384 × 4 B \+ 21 B of labels and indices\) = .* on disk.*; "
                                 r"device cpu, model dtype float32", x)
                for x in lines), lines
     assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
-    assert f"probes, metadata and probe_metrics.csv in {out}" in lines
+    assert f"probes, metadata, probe_metrics.csv and verdict.json in {out}" in lines
     logs = {"train": r.stderr}
-    for command in ("fit", "check", "inspect", "report"):
+    for command in ("check", "inspect", "report"):  # fit's lines are in train's
         r = _run(command, "--config", str(cfg), "--no-progress")
         assert r.returncode == 0, (command, r.stderr)
         logs[command] = r.stderr

@@ -14,12 +14,11 @@ import dataclasses
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import probe_files, write_config, write_jsonl
+from conftest import dump_dom, probe_files, write_config, write_jsonl
 from pipeline_fixture import pipeline_docs
 from test_report import CHROMIUM, Elements
 from tiny_models import make_tiny_model
@@ -343,12 +342,7 @@ def test_bad_inputs_are_one_line(runs, capsys, tmp_path):
 @pytest.mark.slow
 def test_renders_in_headless_chromium(runs, tmp_path):
     """The DOM Chromium builds holds the same charts, lines, points and matrix cells as the page."""
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", Path(runs["path"]).resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = dump_dom(CHROMIUM, Path(runs["path"]), tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     dom, src = Elements(out.stdout), runs["el"]
     for chart in ("compare-by-layer", "compare-by-depth"):

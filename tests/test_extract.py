@@ -149,9 +149,9 @@ def test_cache_and_probes_identical_for_any_batch_size(tmp_path, small_dataset, 
         assert ref.keys() == other.keys()
         for k in ref:
             np.testing.assert_array_equal(ref[k], other[k], err_msg=f"{label}: {k}")
-        for f in sorted(runs["bs1"][1].glob("probe_*")) + [runs["bs1"][1] / "probe_metrics.csv"]:
+        for f in sorted(runs["bs1"][1].glob("probe_*")) + [runs["bs1"][1] / n for n in ("probe_metrics.csv", "verdict.json")]:
             mine, theirs = f.read_bytes(), (runs[label][1] / f.name).read_bytes()
-            if f.suffix == ".json":  # identical but for the run's own directories
+            if f.name.startswith("probe_") and f.suffix == ".json":  # identical but for the run's own directories
                 mine, theirs = (_without_dirs(json.loads(x)) for x in (mine, theirs))
             assert mine == theirs, f"{label}: {f.name}"
 
@@ -230,6 +230,8 @@ def test_chat_template_rows_equal_model_on_rendered_text(tmp_path):
             assert all(any(h) for h in hits)
             kept = offs[int(view.token_index[rows].max())][1] if len(rows) else 0  # truncation at max_length
             assert all(any(h[k] for h in hits) for k in range(len(spans)) if spans[k][1] <= kept)
+            # each row's stored characters are its token's, in the document's own text
+            assert_char_offsets_are_the_tokens(view, rows, by_id[doc_id]["text"], np.asarray(offs) - start)
 
 
 def test_bfloat16_features_are_the_exact_cast_of_float32(tmp_path, small_dataset):
@@ -283,3 +285,51 @@ def test_cache_records_how_it_was_computed(minilm_run):
     compute = open_cache(minilm_run[1]).metadata["compute"]
     assert compute["device"] == "cpu" and compute["processes"] == 1 and compute["torch"] == torch.__version__
     assert compute["torch_threads"] >= 1 and compute["mkl_dynamic"] == "FALSE" and compute["cpu_capability"]
+
+
+def assert_char_offsets_are_the_tokens(view, rows: np.ndarray, text: str, offsets: np.ndarray) -> None:
+    """``text[char_start:char_end]`` of each row is a non-empty part of the text overlapping the tokenizer's own span
+    of that token (``offsets`` [T, 2]: the tokenizer's offsets into ``text``)."""
+    cs, ce = view.char_start[rows], view.char_end[rows]
+    own = offsets[view.token_index[rows]]
+    assert ((0 <= cs) & (cs < ce) & (ce <= len(text))).all()
+    assert (np.maximum(cs, own[:, 0]) < np.minimum(ce, own[:, 1])).all()
+    assert all(text[a:b] for a, b in zip(cs, ce))
+
+
+def test_char_offsets_without_chat_template_are_the_tokens(minilm_run):
+    """Every row of the demo-data cache (WordPiece, no chat template): its characters are the tokenizer's for it;
+    the cache's own tokenizer is the one it was built with."""
+    _, cfg = minilm_run
+    cache = open_cache(cfg)
+    tok = cache.tokenizer()
+    assert tok.name_or_path == AutoTokenizer.from_pretrained(model_location(cfg.model)).name_or_path
+    texts = {json.loads(line)["doc_id"]: json.loads(line)["text"] for line in open(cfg.dataset.resolved_path())}
+    n = 0
+    for split in cache.splits:
+        view = cache.split(split)
+        for di, doc_id in enumerate(view.doc_ids):
+            enc = tok(texts[doc_id], truncation=True, max_length=cfg.model.max_length, return_offsets_mapping=True)
+            rows = np.flatnonzero(view.doc_index == di)
+            assert_char_offsets_are_the_tokens(view, rows, texts[doc_id], np.asarray(enc["offset_mapping"]))
+            n += rows.size
+    assert n == sum(cache.split(s).n_rows for s in cache.splits)
+
+
+def test_a_cache_without_char_offsets_says_to_re_extract(minilm_run, tmp_path):
+    """Caches written before the offsets were stored: one line naming the cache and what to do, not a KeyError."""
+    import shutil
+
+    from needleprobe.errors import NeedleprobeError
+
+    _, cfg = minilm_run
+    old = tmp_path / "old"
+    shutil.copytree(open_cache(cfg).path, old)
+    for split in ("train", "val"):
+        for name in ("char_start", "char_end"):
+            shutil.rmtree(old / split / name)
+    view = open_cache(old).split("val")
+    assert view.labels.size == view.n_rows  # everything else reads as before
+    with pytest.raises(NeedleprobeError, match="re-extract") as e:
+        view.char_start
+    assert str(old) in str(e.value) and "\n" not in str(e.value)

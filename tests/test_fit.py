@@ -16,9 +16,9 @@ from sklearn.metrics import roc_auc_score
 from conftest import probe_files as probe_paths
 from conftest import run_dir as output_dir
 
-from needleprobe import LinearProbe, open_cache
+from needleprobe import open_cache
 from needleprobe.check import check
-from needleprobe.probe import column_moments
+from needleprobe.probe import LinearProbe, column_moments
 
 
 def _meta(cfg, layer, seed, run=None):
@@ -50,7 +50,8 @@ def test_saved_probe_reproduces_reported_auroc(minilm_run):
 def test_metrics_csv_matches_json_and_selection(minilm_run):
     _, cfg = minilm_run
     rows = list(csv.DictReader(open(output_dir(cfg) / "probe_metrics.csv")))
-    assert list(rows[0]) == ["layer", "seed", "l2", "val_auroc", "val_average_precision", "selected"]
+    assert list(rows[0]) == ["layer", "seed", "l2", "val_auroc", "val_average_precision", "selected", "train_auroc",
+                             "train_average_precision"]
     assert len(rows) == len(cfg.probe.layers_to_probe) * len(cfg.probe.train_seeds) * len(cfg.probe.l2_grid)
     for layer in cfg.probe.layers_to_probe:
         for seed in cfg.probe.train_seeds:
@@ -60,6 +61,10 @@ def test_metrics_csv_matches_json_and_selection(minilm_run):
             meta = _meta(cfg, layer, seed)
             assert float(best["l2"]) == meta["selected_l2"]
             assert float(best["val_auroc"]) == pytest.approx(meta["val_metrics"]["auroc"], abs=1e-9)
+            for r, res in zip(mine, meta["l2_results"]):  # the CSV's train columns are the JSON's numbers
+                assert (float(r["train_auroc"]), float(r["train_average_precision"])) == (
+                    res["train_auroc"], res["train_average_precision"])
+            assert meta["train_metrics"]["auroc"] == float(best["train_auroc"])
 
 
 def test_every_grid_value_matches_sklearn(minilm_run):
@@ -211,3 +216,94 @@ def test_fit_command_starts_without_heavy_imports():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[] []"
+
+
+@pytest.mark.parametrize("balance", ["weighted", "downsample"])
+def test_train_auroc_of_every_grid_value_is_sklearns_on_the_rows_used(minilm_run, balance):
+    """Train AUROC and AP per L2 value: scikit-learn's on the train rows the fit used (all of them with balanced
+    weights, whose AUROC equals the unweighted one; the drawn 1:1 subset with downsample), within 1e-9."""
+    from sklearn.metrics import average_precision_score
+
+    from needleprobe.probe import FitData, fit_grid
+    from needleprobe.runtime import fit_settings
+
+    _, cfg = minilm_run
+    cache = open_cache(cfg)
+    tr, va = cache.split("train"), cache.split("val")
+    layer, grid = 1, cfg.probe.l2_grid
+    x, y = tr.to_numpy(layer), tr.labels
+    with fit_settings():
+        data = FitData.from_arrays(x, y, va.to_numpy(layer), va.labels, va.doc_index, grid)
+        out = fit_grid(data, grid, balance, seed=3)
+    n_pos = int(y.sum())
+    y_used, scores = out["train_labels"], out["train_scores"]
+    if balance == "weighted":
+        np.testing.assert_array_equal(y_used, y)
+        # the CLI's fit wrote the same numbers
+        assert out["l2_results"] == _meta(cfg, layer, 0)["l2_results"]
+    else:  # every positive and as many negatives
+        assert int(y_used.sum()) == n_pos and y_used.size == 2 * n_pos < y.size
+    assert out["train_rows_used"] == y_used.size and scores.shape == (y_used.size, len(grid))
+    sw = np.where(y_used == 1, y_used.size / (2 * n_pos), y_used.size / (2 * (y_used.size - n_pos)))
+    for k, r in enumerate(out["l2_results"]):
+        assert abs(r["train_auroc"] - roc_auc_score(y_used, scores[:, k])) <= 1e-9
+        assert abs(r["train_auroc"] - roc_auc_score(y_used, scores[:, k], sample_weight=sw)) <= 1e-9
+        assert abs(r["train_average_precision"] - average_precision_score(y_used, scores[:, k])) <= 1e-9
+    # the scores are the saved probe on those rows' raw activations
+    best = grid.index(out["selected_l2"])
+    if balance == "downsample":
+        from needleprobe.probe import training_rows
+
+        x = x[training_rows(y, balance, 3)[0]]
+    np.testing.assert_allclose(scores[:, best], x.astype(np.float64) @ out["weight"] + out["bias"], atol=2e-3, rtol=1e-4)
+    assert out["train_metrics"]["auroc"] == out["l2_results"][best]["train_auroc"]
+
+
+def test_fit_says_its_verdict_and_writes_it(minilm_run, capsys):
+    """After a fit: the best layer, its paired margin over the runner-up, train AUROC, identical seeds once; the same
+    in verdict.json, whose difference is the JSONs' val AUROCs' and whose CI is the paired bootstrap's."""
+    from needleprobe.cli import main
+    from needleprobe.layout import Layout
+    from needleprobe.metrics import paired_bootstrap_auroc_diff
+
+    cfg_path, cfg = minilm_run
+    capsys.readouterr()
+    assert main(["fit", "--config", str(cfg_path), "--run", "verdict"]) == 0
+    err = capsys.readouterr().err
+    layout = Layout.from_config(cfg, "verdict")
+    v = json.loads(layout.verdict.read_text())
+    metas = {(layer, s): _meta(cfg, layer, s, "verdict") for layer in (1, 5) for s in (0, 1)}
+    best = max((1, 5), key=lambda layer: metas[(layer, 0)]["val_metrics"]["auroc"])
+    other = 6 - best
+    assert (v["best"]["layer"], v["runner_up"]["layer"]) == (best, other)
+    a, b = (metas[(layer, 0)]["val_metrics"]["auroc"] for layer in (best, other))
+    d = v["difference"]
+    assert d["auroc_difference"] == pytest.approx(a - b, abs=1e-12)
+    val = open_cache(cfg).split("val")
+    scores = [LinearProbe.load(probe_paths(cfg, layer, 0, "verdict")[0]).decision_function(val.to_numpy(layer))
+              for layer in (best, other)]
+    ref = paired_bootstrap_auroc_diff(val.labels, *scores, val.doc_index, n_boot=1000, seed=0)
+    assert d["ci95"] == pytest.approx([ref["ci_low"], ref["ci_high"]], abs=1e-3)  # fit's own scores vs re-scored
+    assert d["distinguishable"] == (d["ci95"][0] > 0)
+    assert v["best"]["train_auroc"] == metas[(best, 0)]["train_metrics"]["auroc"]
+    assert all(layer["seeds_identical"] == [[0, 1]] for layer in v["layers"])
+    lines = [x for x in err.splitlines() if x.startswith("verdict: ")]
+    assert [x[len("verdict: "):] for x in lines] == v["summary"]
+    assert lines[0].startswith(f"verdict: best layer: {best} (seed 0, val AUROC {a:.4f}")
+    assert "seeds on one row gave identical probes" in err and "seeds 0, 1 gave identical probes" in err
+    assert "0.9" in err and "…" not in err  # no cell cut at 80 columns
+    record = json.loads(layout.run_record.read_text())
+    assert str(layout.verdict) in record["stages"]["fit"]["outputs"]
+
+
+def test_l2_at_the_edge_of_the_grid_is_flagged_only_when_it_beats_its_neighbour():
+    from needleprobe.verdict import l2_at_edge
+
+    def probe(selected, aurocs):
+        res = [{"l2": l2, "val_auroc": a} for l2, a in zip((0.01, 0.1, 1.0), aurocs)]
+        return LinearProbe.from_weights(np.zeros(2, np.float32), 0.0, {"selected_l2": selected, "l2_results": res})
+
+    assert l2_at_edge(probe(1.0, (0.8, 0.85, 0.9))) == {"l2": 1.0, "edge": "largest", "wider_grid": "0.01,0.1,1,10"}
+    assert l2_at_edge(probe(0.01, (0.9, 0.85, 0.8))) == {"l2": 0.01, "edge": "smallest", "wider_grid": "0.001,0.01,0.1,1"}
+    assert l2_at_edge(probe(1.0, (0.8, 0.9, 0.9))) is None  # a flat end: the tie went to the stronger L2
+    assert l2_at_edge(probe(0.1, (0.8, 0.9, 0.85))) is None

@@ -134,13 +134,13 @@ def test_damaged_chunk_is_named_on_every_read_path(run, how, capsys):
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 2
     out = capsys.readouterr().err
     assert f"damaged: {want.split(': run')[0]}" in out.splitlines()
-    assert "1 of 46 chunks are damaged (crc32c checksums): run needleprobe extract --repair" in out.splitlines()[-1]
+    assert "1 of 50 chunks are damaged (crc32c checksums): run needleprobe extract --repair" in out.splitlines()[-1]
 
 
 def test_undamaged_cache_verifies(run, capsys):
     cfg_path, _, _ = run
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 46 chunks verified (crc32c checksums)" in capsys.readouterr().err
+    assert "all 50 chunks verified (crc32c checksums)" in capsys.readouterr().err
 
 
 def test_damaged_small_arrays_and_monitor_results_are_named(run, capsys):
@@ -204,10 +204,10 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
     rewritten = {k for k in after if before.get(k) != after[k]}
     assert rewritten == set(damaged)
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 46 chunks verified" in capsys.readouterr().err
+    assert "all 50 chunks verified" in capsys.readouterr().err
     assert_same_arrays(cache_dir, ref_dir)
     assert ex.extract(load_config(cfg_path), repair=True, show_progress=False).status == "up to date"
-    assert "all 46 chunks verified, nothing to repair" in capsys.readouterr().err
+    assert "all 50 chunks verified, nothing to repair" in capsys.readouterr().err
 
 
 def test_repair_refuses_under_torchrun(monkeypatch, tmp_path):
@@ -248,7 +248,7 @@ def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monke
     assert extract(load_config(cfg_path), show_progress=False).status == "up to date"
     assert main(["fit", "--config", str(cfg_path)]) == 0
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 46 chunks verified (format 1, no checksums" in " ".join(capsys.readouterr().err.split())
+    assert "all 50 chunks verified (format 1, no checksums" in " ".join(capsys.readouterr().err.split())
 
     # without checksums, foreign bytes are still found when they cannot be decoded, and repaired in format 1
     good = _files(cache.path)
@@ -299,7 +299,7 @@ def test_disk_full_mid_run_keeps_committed_rows_and_resumes(reference, tmp_path,
     monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
     cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS)
     with monkeypatch.context() as mp:
-        _fail_chunk_writes_after(mp, 8 + 2 * 3)  # train's 8 small arrays, then 3 chunks of both layers
+        _fail_chunk_writes_after(mp, 10 + 2 * 3)  # train's 10 small arrays, then 3 chunks of both layers
         assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 2
     err = _one_line_error(capsys)
     assert err == (

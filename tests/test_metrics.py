@@ -284,3 +284,45 @@ def test_bootstrap_ci_is_the_document_bootstrap():
     want = np.quantile(aucs, [0.025, 0.975])
     got = bootstrap_auroc_ci(y, s, doc, n_boot=n_boot, seed=11)
     assert abs(got[0] - want[0]) <= 1e-12 and abs(got[1] - want[1]) <= 1e-12
+
+
+# --------------------------------------------------------------------------- #
+# paired_bootstrap_auroc_diff
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize("n_docs, tokens", [(30, 10), (120, 1)])  # group pairs, then weighted rows
+def test_paired_difference_is_the_hand_computation_on_given_resamples(n_docs, tokens):
+    """Given draw counts: each resample's AUROC(a) − AUROC(b) with the same document weights, then percentiles."""
+    y, s_a, doc = _documents(n_docs=n_docs, tokens=tokens, seed=8)
+    s_a = np.round(s_a, 1)
+    s_b = np.round(s_a + np.random.default_rng(9).normal(scale=0.7, size=s_a.size), 1)
+    counts = np.random.default_rng(10).multinomial(n_docs, np.full(n_docs, 1 / n_docs), size=150)
+    counts[0, np.unique(doc[y])] = 0  # a resample without positives: skipped
+    diffs = []
+    for c in counts:
+        w = c[doc]
+        if w[y].sum() > 0 and w[~y].sum() > 0:
+            diffs.append(roc_auc_score(y, s_a, sample_weight=w) - roc_auc_score(y, s_b, sample_weight=w))
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    got = metrics.paired_bootstrap_auroc_diff(y, s_a, s_b, doc, counts=counts)
+    assert abs(got["ci_low"] - lo) <= 1e-12 and abs(got["ci_high"] - hi) <= 1e-12
+    assert got["n_boot"] == len(diffs) == 149
+    assert got["share_a_better"] == pytest.approx(np.mean(np.array(diffs) > 0), abs=1e-15)
+    assert abs(got["difference"] - (roc_auc_score(y, s_a) - roc_auc_score(y, s_b))) <= 1e-12
+
+
+def test_paired_difference_draws_the_resamples_of_the_single_ci():
+    """Against a constant scoring (AUROC 0.5 on every resample) the difference CI is the single CI minus 0.5."""
+    y, s, doc = _documents(n_docs=50, tokens=8, seed=1)
+    got = metrics.paired_bootstrap_auroc_diff(y, s, np.zeros_like(s), doc, n_boot=200, seed=4)
+    lo, hi = bootstrap_auroc_ci(y, s, doc, n_boot=200, seed=4)
+    assert abs(got["ci_low"] - (lo - 0.5)) <= 1e-12 and abs(got["ci_high"] - (hi - 0.5)) <= 1e-12
+
+
+def test_pairing_removes_the_shared_document_variation():
+    """Two scorings sharing a document effect: the paired CI of their difference is far narrower than either CI."""
+    y, s_a, doc = _documents(n_docs=200, tokens=20, seed=2)
+    s_b = s_a + np.random.default_rng(3).normal(scale=0.3, size=s_a.size)
+    got = metrics.paired_bootstrap_auroc_diff(y, s_a, s_b, doc, n_boot=300, seed=0)
+    lo_a, hi_a = bootstrap_auroc_ci(y, s_a, doc, n_boot=300, seed=0)
+    assert got["ci_high"] - got["ci_low"] < 0.25 * (hi_a - lo_a)
+    assert got["ci_low"] <= got["difference"] <= got["ci_high"]

@@ -20,7 +20,8 @@ from conftest import probe_files
 from needleprobe.cli import main
 from needleprobe.config import MonitorConfig, load_config
 from needleprobe.layout import Layout
-from needleprobe.monitor import AGGREGATIONS, LogitStore, aggregate, monitor, probe_refs, stored_tokens
+from needleprobe.monitor import (AGGREGATIONS, LogitStore, MonitorTokens, aggregate, document_metrics, monitor, probe_refs,
+                                 recommend, stored_tokens)
 from needleprobe.probe import LinearProbe
 
 
@@ -92,9 +93,10 @@ def test_outputs_and_thresholds(monitored):
 
         assert float(r["auroc"]) == pytest.approx(roc_auc_score(y, s))
         assert float(r["auroc_ci_low"]) <= float(r["auroc"]) <= float(r["auroc_ci_high"])
-        t = float(r["threshold_5pct_fpr"])
-        assert (s[~y] > t).mean() <= 0.05
-        assert float(r["tpr_at_5pct_fpr"]) == pytest.approx((s[y] > t).mean())
+        # calibrated on val's own clean documents: one, too few to measure 1% or 5% FPR, so no number, a note
+        assert (r["calibration_split"], r["n_calibration_clean_docs"]) == ("val", str(int((~y).sum())))
+        assert int((~y).sum()) < 20 and r["threshold_5pct_fpr"] == r["tpr_at_5pct_fpr"] == r["tp_at_5pct_fpr"] == ""
+        assert "5% FPR needs at least 20 clean calibration documents" in r["note"]
     best = max(float(r["auroc"]) for r in rows)
     assert best > 0.8
     assert {r["split"] for r in rows} == {"val"} and res["csv"].endswith("monitor_metrics_val.csv")
@@ -167,13 +169,14 @@ def test_refit_probe_is_scored_again_and_its_old_logits_dropped(monitored, tmp_p
 
 
 @pytest.mark.slow
-def test_killed_monitor_resumes(minilm_run, tmp_path):
+def test_killed_monitor_resumes(minilm_run, tmp_path, monkeypatch, capsys):
     from needleprobe import open_cache
 
     cfg_path, cfg = minilm_run
     env = {**os.environ, "NEEDLEPROBE_CHUNK_ROWS": "128", "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, "-m", "needleprobe", "monitor", "--config", str(cfg_path), "--split", "train", "--layer", "1",
             "--seed", "0", "--no-progress"]
+    assert main([*argv[3:6], "--split", "val", *argv[8:]]) == 0  # the thresholds' val logits first: the kill is in train's
     killed = subprocess.run(argv, env={**env, "NEEDLEPROBE_FAULT": "chunk_committed:3"}, capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr
     import zarr
@@ -181,10 +184,12 @@ def test_killed_monitor_resumes(minilm_run, tmp_path):
     g = zarr.open_group(str(Layout.from_config(cfg).monitor_store), mode="r")["train"]
     (pg,) = [g[k] for k in g.group_keys() if k.startswith("pass-")]
     assert not pg.attrs["complete"] and pg.attrs["committed_rows"] == 3 * 128
-    again = subprocess.run(argv, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stderr
-    fresh = subprocess.run(argv, env=env, capture_output=True, text=True)
-    assert "already stored (no model run)" in fresh.stderr
+    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", "128")  # the resume and the rerun run here
+    capsys.readouterr()
+    assert main(argv[3:]) == 0
+    assert "on 'train' already stored (no model run)" not in capsys.readouterr().err
+    assert main(argv[3:]) == 0
+    assert "on 'train' already stored (no model run)" in capsys.readouterr().err
     # the resumed logits equal a direct computation from the cached activations of the same tokens
     tokens = _tokens(cfg, "train", [1], [0])
     train = open_cache(cfg).split("train")
@@ -195,3 +200,85 @@ def test_killed_monitor_resumes(minilm_run, tmp_path):
         pos = {int(t): i for i, t in enumerate(tokens.token_index[d])}
         got = tokens.logits[d][[pos[int(t)] for t in ti[rows]], 0]
         np.testing.assert_allclose(got, probe.decision_function(x[rows]), atol=1e-4, rtol=1e-4)
+
+
+def _one_token_docs(scores: np.ndarray, needles: np.ndarray) -> MonitorTokens:
+    """Documents of one token each (every aggregation is that token's logit), one probe."""
+    n = len(scores)
+    return MonitorTokens([f"d{i}" for i in range(n)], needles.astype(np.int32), [{"layer": 3, "seed": 0, "sha256": "x"}],
+                         [np.array([[v]], np.float32) for v in scores], [np.array([k > 0], np.int8) for k in needles],
+                         [np.zeros(1, np.int32)] * n, [np.ones(1, np.int32)] * n)
+
+
+@pytest.mark.parametrize("n_clean_val", [150, 30])
+def test_thresholds_from_val_clean_documents_applied_to_test_by_hand(n_clean_val):
+    """TPR at 1% and 5% FPR on test, recomputed by hand: the threshold lets at most ⌊fpr·C⌋ of val's C clean document
+    scores above it; test documents strictly above it are flagged. Fewer than 1/fpr clean val documents: empty, a note."""
+    rng = np.random.default_rng(n_clean_val)
+    val_y = np.r_[np.zeros(n_clean_val), np.ones(40)].astype(int)
+    test_y = np.r_[np.zeros(60), np.ones(50)].astype(int)
+    val_s = np.round(rng.normal(size=val_y.size) + 2.5 * val_y, 2).astype(np.float32)  # ties, as logits have
+    test_s = np.round(rng.normal(size=test_y.size) + 2.0 * test_y, 2).astype(np.float32)
+    val, test = _one_token_docs(val_s, val_y), _one_token_docs(test_s, test_y)
+    rows, _ = document_metrics(test, MonitorConfig(), "test", n_boot=50, calibration=val, calibration_split="val")
+    assert len(rows) == len(AGGREGATIONS)
+    clean = np.sort(val_s[val_y == 0].astype(np.float64))[::-1]  # highest first
+    for r in rows:
+        assert (r["split"], r["calibration_split"], r["n_calibration_clean_docs"]) == ("test", "val", n_clean_val)
+        for fpr, name in ((0.01, "1pct"), (0.05, "5pct")):
+            if n_clean_val < round(1 / fpr):
+                assert r[f"threshold_{name}_fpr"] is r[f"tpr_at_{name}_fpr"] is r[f"tp_at_{name}_fpr"] is None
+                assert f"{fpr:.0%} FPR needs at least {round(1 / fpr)} clean calibration documents, there are 30" in r["note"]
+                continue
+            allowed = int(fpr * n_clean_val)  # documents allowed above the threshold
+            t = clean[allowed]  # the (allowed+1)-th highest: any lower value has allowed+1 documents above it
+            assert (clean > t).sum() <= allowed < (clean >= t).sum()
+            assert r[f"threshold_{name}_fpr"] == t
+            tp, fp = int((test_s[test_y == 1] > t).sum()), int((test_s[test_y == 0] > t).sum())
+            assert (r[f"tp_at_{name}_fpr"], r[f"fp_at_{name}_fpr"]) == (tp, fp)
+            assert r[f"tpr_at_{name}_fpr"] == tp / 50 and r[f"observed_fpr_at_{name}_fpr"] == fp / 60
+    # the recommendation is chosen on val (one probe here, so the first aggregation of the tie) and reports test
+    best = recommend(rows)
+    assert best["aggregation"] == "mean" and best["split"] == "test"
+
+
+def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, tmp_path, capsys):
+    """`monitor --split train`: val's stored logits set the thresholds (the model runs for train only), the CSV says so,
+    the unresolvable FPRs are a warning, and the recommendation is val's best AUROC reported on train."""
+    import shutil
+
+    from needleprobe.monitor import document_scores
+
+    cfg_path, cfg, _ = monitored
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["probe"].update(output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    new_path = tmp_path / "c.yaml"
+    new_path.write_text(yaml.safe_dump(raw))
+    new = load_config(new_path)
+    shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(new).run_dir)  # probes and val's logits
+    capsys.readouterr()
+    res = monitor(new, split="train", layers=[1], show_progress=False)  # layer 1: the forward stops early
+    err = capsys.readouterr().err
+    assert "token logits of 2 probe(s) on 'val' already stored (no model run)" in err
+    assert re.search(r"scoring \d+ train documents with [12] probe\(s\)", err)  # 1 when the resume test scored one
+    val, train = _tokens(new, "val", [1]), _tokens(new, "train", [1])  # both stored in the run
+    n_clean = int((val.doc_n_needles == 0).sum())
+    rows = list(csv.DictReader(open(res["csv"])))
+    assert rows and all((r["split"], r["calibration_split"], r["n_calibration_clean_docs"]) == ("train", "val", str(n_clean))
+                        for r in rows)
+    assert all(r["tpr_at_1pct_fpr"] == r["threshold_1pct_fpr"] == "" for r in rows)
+    assert f"warning: no TPR at 1% FPR: 'val' has {n_clean} clean documents" in err
+    y_val = (val.doc_n_needles > 0).astype(int)
+    from sklearn.metrics import roc_auc_score
+
+    want = max(((roc_auc_score(y_val, document_scores(val, j, m, new.monitor)), -AGGREGATIONS.index(m), -p["seed"], j, m)
+                for j, p in enumerate(val.probes) for m in AGGREGATIONS))
+    best = res["recommended"]
+    assert best["calibration_auroc"] == pytest.approx(want[0], abs=1e-12)
+    assert (best["seed"], best["aggregation"].split("(")[0]) == (val.probes[want[3]]["seed"], want[4])
+    y_train = (train.doc_n_needles > 0).astype(int)
+    s = document_scores(train, want[3], want[4], new.monitor)
+    assert best["auroc"] == pytest.approx(roc_auc_score(y_train, s), abs=1e-12)
+    assert f"recommended: layer 1 seed {best['seed']}, {best['aggregation']}" in err
+    record = json.loads(Layout.from_config(new).run_record.read_text())
+    assert record["stages"]["monitor:train"]["calibration_split"] == "val"

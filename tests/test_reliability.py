@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,41 +42,57 @@ def extract_status(cfg_path: Path) -> str:
     return extract(load_config(cfg_path), show_progress=False).status
 
 
+FAULTS = [
+    "split_prepared:1",  # early: train's label arrays written, not yet marked initialised
+    "chunk_partly_written:3",  # mid-split, one layer's chunk written, counter not advanced
+    "chunk_committed:2",  # mid-split, right after a commit
+    "split_complete:1",  # between splits
+    "last",  # during the last flush of the last split
+]
+
+
 @pytest.fixture(scope="module")
 def resume_setup(tmp_path_factory):
-    """An uninterrupted reference cache with 64-row chunks (many commits per split)."""
+    """An uninterrupted reference cache with 64-row chunks (many commits per split), and one extract per fault,
+    killed there: started two at a time while the reference is computed (each mostly imports; one thread each)."""
+    from conftest import threads
+
+    from needleprobe.extract import extract
+
     tmp = tmp_path_factory.mktemp("resume")
     data = write_jsonl(tmp / "d.jsonl", small_docs(14, 6))
     ref_dir = tmp / "ref"
     ref_dir.mkdir()
     ref_cfg = write_config(ref_dir, data, layers_to_probe=[1, 4])
-    r = _cli(ref_cfg, "extract")
-    assert r.returncode == 0, r.stderr
+    os.environ["NEEDLEPROBE_CHUNK_ROWS"] = CHUNK
+    try:
+        with threads(1):
+            extract(load_config(ref_cfg), show_progress=False)
+    finally:
+        del os.environ["NEEDLEPROBE_CHUNK_ROWS"]
     cache = open_cache(ref_cfg)
     n_chunks = {s: -(-cache.split(s).n_rows // int(CHUNK)) for s in cache.splits}
     assert n_chunks["train"] >= 4 and n_chunks["val"] >= 2
-    return tmp, data, _files(cache.path), n_chunks
+    last = f"chunk_partly_written:{n_chunks['train'] + n_chunks['val']}"
+
+    def killed(fault: str):
+        where = tmp / fault.replace(":", "_")
+        where.mkdir()
+        cfg = write_config(where, data, layers_to_probe=[1, 4])
+        return cfg, _cli(cfg, "extract", env={"NEEDLEPROBE_FAULT": last if fault == "last" else fault})
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = dict(zip(FAULTS, pool.map(killed, FAULTS)))
+    return _files(cache.path), runs
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "fault",
-    [
-        "split_prepared:1",  # early: train's label arrays written, not yet marked initialised
-        "chunk_partly_written:3",  # mid-split, one layer's chunk written, counter not advanced
-        "chunk_committed:2",  # mid-split, right after a commit
-        "split_complete:1",  # between splits
-        "last",  # during the last flush of the last split
-    ],
-)
-def test_killed_extract_resumes_to_identical_cache(resume_setup, fault, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("fault", FAULTS)
+def test_killed_extract_resumes_to_identical_cache(resume_setup, fault, monkeypatch, capsys):
     from conftest import threads
 
-    tmp, data, ref_files, n_chunks = resume_setup
-    if fault == "last":
-        fault = f"chunk_partly_written:{n_chunks['train'] + n_chunks['val']}"
-    cfg = write_config(tmp_path, data, layers_to_probe=[1, 4])
-    killed = _cli(cfg, "extract", env={"NEEDLEPROBE_FAULT": fault})
+    ref_files, runs = resume_setup
+    cfg, killed = runs[fault]
     assert killed.returncode == -9, killed.stderr
     with pytest.raises(Exception, match="incomplete|no activation cache"):
         open_cache(cfg)

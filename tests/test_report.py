@@ -12,14 +12,13 @@ import csv
 import json
 import re
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import probe_files
+from conftest import dump_dom, probe_files
 from pipeline_fixture import HOSTILE_DOC, build_pipeline, pipeline_docs
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -147,10 +146,21 @@ def test_auroc_by_layer_plots_every_probe_with_its_json_auroc(run):
 
 def test_l2_path_has_one_line_per_probe_and_grid_point(run):
     el, probes, cfg = run["el"], run["probes"], run["cfg"]
-    paths = el.find("path", "series", svg="l2-path")
+    paths = el.find("path", "l2", svg="l2-path")
     assert len(paths) == 4
     for p in paths:
         assert _n_points(p["attrs"]["d"]) == len(cfg.probe.l2_grid)
+    # beside each val line, the train AUROC of every grid value (its y ordered like the probe file's numbers)
+    train = el.find("path", "l2-train", svg="l2-path")
+    assert len(train) == 4
+    for p in train:
+        m = probes[(int(p["attrs"]["data-layer"]), int(p["attrs"]["data-seed"]))]
+        res = sorted(m["l2_results"], key=lambda r: r["l2"])
+        assert "".join(p["text"]).endswith(", ".join(f"L2 {r['l2']:g} {r['train_auroc']:.4f}" for r in res))
+        ys = [float(v) for v in re.findall(r"[ML]\s*-?[\d.]+ (-?[\d.]+)", p["attrs"]["d"])]
+        assert len(ys) == len(res)
+        for (a, ra), (b, rb) in zip(zip(ys, res), zip(ys[1:], res[1:])):
+            assert (a > b) == (ra["train_auroc"] < rb["train_auroc"]) or ra["train_auroc"] == rb["train_auroc"]
     assert len(el.find("circle", "l2-point", svg="l2-path")) == 4 * len(cfg.probe.l2_grid)
     selected = el.find("circle", "selected", svg="l2-path")
     assert len(selected) == 4
@@ -344,12 +354,7 @@ def test_refuses_a_run_directory_of_another_model(run):
 @pytest.mark.slow
 def test_renders_in_headless_chromium(run, tmp_path):
     """The DOM Chromium builds holds the same charts and heatmaps: nothing mis-nested or dropped by the parser."""
-    out = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}",
-         "--dump-dom", run["path"].resolve().as_uri()],
-        capture_output=True, text=True, timeout=120,
-    )
+    out = dump_dom(CHROMIUM, run["path"], tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
     dom = Elements(out.stdout)
     src = run["el"]
@@ -361,3 +366,28 @@ def test_renders_in_headless_chromium(run, tmp_path):
     assert len(dom.find("span", "needle")) == len(src.find("span", "needle")) > 0
     # spans sit inside their heatmap in the rendered tree too
     assert all(e["heatmap"] is not None for e in dom.find("span", "tok") if "sample" not in e["classes"])
+
+
+def test_verdict_and_error_lists_are_the_fits_and_the_errors_commands(run):
+    """The page shows verdict.json's sentences and the lists of `needleprobe errors` (same function, same rows);
+    a listed document shown as a heatmap is linked to it."""
+    from needleprobe.layout import Layout
+    from needleprobe.token_errors import token_errors
+
+    el, cfg, page = run["el"], run["cfg"], run["html"]
+    verdict = json.loads(Layout.from_config(cfg).verdict.read_text())
+    shown = ["".join(e["text"]) for e in el.find("li") if any(x["tag"] == "ul" and "verdict" in x["classes"]
+                                                                 for x in el.items)]
+    assert verdict["summary"] and all(line in shown for line in verdict["summary"])
+    lists = token_errors(cfg, n=10)
+    assert {e["attrs"]["id"] for e in el.find("table", "errors")} == {"errors-false-positives", "errors-misses"}
+    got = [(e["attrs"]["data-doc-id"], float(e["attrs"]["data-logit"])) for e in el.find("tr") if "data-logit" in e["attrs"]]
+    assert got == [(e.doc_id, e.logit) for e in lists.false_positives + lists.missed_needles]
+    marks = ["".join(e["text"]) for e in el.find("mark", "tokerr")]
+    assert marks == [e.token for e in lists.false_positives + lists.missed_needles]
+    anchors = {e["attrs"]["id"] for e in el.find("div", "doc")}
+    links = [e["attrs"]["href"][1:] for e in el.find("a") if e["attrs"].get("href", "").startswith("#doc-")]
+    heat_ids = {m["attrs"]["data-doc-id"] for m in el.find("div", "heatmap")}
+    assert set(links) <= anchors
+    assert 0 < len(links) == sum(1 for d, _ in got if d in heat_ids)
+    assert 'href="#sec-errors"' in page

@@ -89,7 +89,7 @@ def test_a_partial_refit_is_a_named_run_beside_the_first(workspace, capsys):
     record = json.loads(wide.run_record.read_text())
     assert record["run"] == "wide-l2" and record["config"]["probe"]["l2_grid"] == [1.0, 3.0, 10.0, 30.0]
     outputs = record["stages"]["fit"]["outputs"]
-    assert sorted(outputs) == sorted(str(wide.run_dir / n) for n in on_disk + ["probe_metrics.csv"])
+    assert sorted(outputs) == sorted(str(wide.run_dir / n) for n in on_disk + ["probe_metrics.csv", "verdict.json"])
     assert all(file_sha256(p) == h for p, h in outputs.items())
     # check without the flags says what differs instead of passing
     problems = check(cfg, run="wide-l2")

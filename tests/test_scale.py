@@ -245,7 +245,7 @@ def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance
     files_one = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
     two = fit(cfg, devices=[torch.device("cpu"), torch.device("cpu")])
     files_two = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name != ".lock"}
-    assert len(files_one) == 2 * len(layers) * len(cfg.probe.train_seeds) + 1
+    assert len(files_one) == 2 * len(layers) * len(cfg.probe.train_seeds) + 2  # and the CSV, the verdict
     assert files_one == files_two
     assert list(one.probes) == list(two.probes)
     record = json.loads((tmp_path / "rr" / "t_v1_probe_run_record.json").read_text())

@@ -10,6 +10,8 @@ Layout (a contract read by fit, the monitor and notebooks)::
             doc_index     [N] int32     row of the split's doc table
             token_index   [N] int32     position in the model input (BOS included)
             token_id      [N] int32
+            char_start, char_end [N] int32  the token's characters in its document's text (caches since offsets were
+                                          stored; ``SplitView.char_start`` names older ones)
             doc_ids       [D] str       the split's doc table (file order)
             doc_n_tokens  [D] int32     model input length after truncation
             doc_n_needles [D] int32     needle spans in the document
@@ -480,6 +482,10 @@ class SplitPlan:
     stats: dict[str, Any]
     doc_digests: list[str] | None = None
     """Per document of the doc table (``doc_digest``): lets a stale cache name the documents that changed."""
+    char_start: np.ndarray | None = None
+    """int32 [N]: where each row's token starts in its document's text (``TokenizedDoc.offsets``)."""
+    char_end: np.ndarray | None = None
+    """int32 [N]: where it ends (exclusive), so ``text[char_start:char_end]`` is the token's text."""
     shard: dict[str, Any] | None = None
     """Under torchrun: which rows of the split this process writes (see ``distributed.shard_split``)."""
 
@@ -495,6 +501,8 @@ def small_arrays(plan: SplitPlan) -> dict[str, tuple[np.ndarray, Any]]:
         "doc_index": (plan.doc_index, "int32"),
         "token_index": (plan.token_index, "int32"),
         "token_id": (plan.token_id, "int32"),
+        **({"char_start": (plan.char_start, "int32"), "char_end": (plan.char_end, "int32")}
+           if plan.char_start is not None and plan.char_end is not None else {}),
         "doc_ids": (np.asarray(plan.doc_ids, dtype=str), str),
         "doc_n_tokens": (plan.doc_n_tokens, "int32"),
         "doc_n_needles": (plan.doc_n_needles, "int32"),
@@ -726,6 +734,8 @@ class SplitView:
         self.group = group
         self.feature_dtype = feature_dtype
         self.attrs = dict(group.attrs)
+        self.cache_path: Path | None = None
+        """The cache directory (set by ``Cache.split``; for messages)."""
 
     def activations(self, layer: int) -> "RowArray":
         """The stored rows as read-only array (``shape``, ``dtype``, ``chunks``, ``attrs``, ``[a:b]``): bfloat16 is
@@ -774,6 +784,25 @@ class SplitView:
         return self._small("token_id")
 
     @property
+    def char_start(self) -> np.ndarray:
+        """int32 [N]: where each row's token starts in its document's text; ``text[char_start:char_end]`` is the token."""
+        return self._char_offsets("char_start")
+
+    @property
+    def char_end(self) -> np.ndarray:
+        """int32 [N]: where each row's token ends in its document's text (exclusive)."""
+        return self._char_offsets("char_end")
+
+    def _char_offsets(self, name: str) -> np.ndarray:
+        if name not in self.group.array_keys():
+            where = getattr(self, "cache_path", None) or array_location(self.group)
+            raise NeedleprobeError(
+                f"{where}: this cache has no token character offsets (char_start, char_end: caches written before they "
+                "were stored lack them); re-extract it to get them: remove that directory and run `needleprobe extract`"
+            )
+        return self._small(name)
+
+    @property
     def doc_ids(self) -> list[str]:
         return [str(x) for x in self._small("doc_ids")]
 
@@ -797,7 +826,7 @@ class SplitView:
         return dict(self.attrs.get("stats", {}))
 
 
-ROW_ARRAYS = ("labels", "doc_index", "token_index", "token_id")
+ROW_ARRAYS = ("labels", "doc_index", "token_index", "token_id", "char_start", "char_end")
 """Arrays with one entry per row (sharded: concatenated); the others are the split's doc table."""
 
 
@@ -971,8 +1000,19 @@ class Cache:
         if name not in self.splits:
             raise NeedleprobeError(f"{self.path}: split {name!r} is not in the cache (has {self.splits})")
         if self.world_size > 1:
-            return ShardedSplitView(self.split_groups(name), self.feature_dtype)
-        return SplitView(self.root[name], self.feature_dtype)
+            view: SplitView = ShardedSplitView(self.split_groups(name), self.feature_dtype)
+        else:
+            view = SplitView(self.root[name], self.feature_dtype)
+        view.cache_path = self.path  # for messages
+        return view
+
+    def tokenizer(self):
+        """The tokenizer the cache was built with (its model and revision, from the fingerprint; imports transformers)."""
+        from .config import ModelConfig
+        from .hooks import load_tokenizer
+
+        f = self.fields
+        return load_tokenizer(ModelConfig(name=f["model_name"], revision=f.get("model_revision")))
 
     @property
     def world_size(self) -> int:

@@ -34,6 +34,7 @@ typical use:
   needleprobe extract --config configs/demo.yaml # run the model once
   needleprobe fit     --config configs/demo.yaml # train the probes from the cache
   needleprobe check   --config configs/demo.yaml # verify the results
+  needleprobe errors  --config configs/demo.yaml # the tokens the best probe gets most wrong
 
 Every command reads one YAML config (--config, default
 {DEFAULT_CONFIG}); flags override single keys. Problems you can fix
@@ -51,8 +52,9 @@ COMMANDS = {  # name: (one-line help, description)
     "fit": (
         "train the probes from the activation cache",
         "Train one L2-regularised logistic-regression probe per layer and seed from the activation cache, without "
-        "loading the model, and pick L2 by validation AUROC. Writes probe_layer_{L}_seed_{S}.pt and .json and "
-        "probe_metrics.csv under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir. "
+        "loading the model, and pick L2 by validation AUROC. Writes probe_layer_{L}_seed_{S}.pt and .json, "
+        "probe_metrics.csv (val and train AUROC per L2) and verdict.json (the best layer and whether it beats the "
+        "runner-up) under probe.output_dir/{name}_{version}, and the run record under probe.run_record_dir. "
         "Rows that exceed --fit-memory are read from the cache block by block (the same exact solver); under "
         "torchrun every process fits its share of the rows and rank 0 writes the files.",
     ),
@@ -72,8 +74,10 @@ COMMANDS = {  # name: (one-line help, description)
         "Score every token of a split's documents with the saved probes (running the model, with the same batching, "
         "early stop and resume as extract), store the token logits in the run's monitor/ folder (never in the "
         "activation cache), and aggregate them into one score per document: mean, max, top-k mean, max of a "
-        "rolling mean, softmax-weighted mean. Writes monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% "
-        "FPR) and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
+        "rolling mean, softmax-weighted mean. Thresholds are set on the needle-free documents of "
+        "monitor.calibration_split (default val, scored too) and applied to the split. Writes "
+        "monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% FPR with threshold, true and false positives) "
+        "and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
     ),
     "evaluate": (
         "score saved probes on another dataset (transfer)",
@@ -83,6 +87,13 @@ COMMANDS = {  # name: (one-line help, description)
         "document monitor's aggregations. Writes eval_metrics.csv and eval_metrics.json under the source run's "
         "transfer/{target}-{split}/. With --matrix A.yaml B.yaml ..., every dataset's best probes on every "
         "dataset's val split, as a CSV (trained on × evaluated on, per layer).",
+    ),
+    "errors": (
+        "list the tokens the best probe gets most wrong, in their text",
+        "List the highest-scoring negatives (false positives) and the lowest-scoring needle tokens (misses) of the "
+        "best probe of a layer (--layer; default the best layer) on a cached split, each with its logit, document "
+        "and the text around it, the token marked ⟦…⟧. Reads the activation cache, the probe files and the "
+        "dataset's text; the model is not loaded. Writes nothing.",
     ),
     "inspect": (
         "summarise the activation cache and whether it matches the config",
@@ -183,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     mon.add_argument("--layer", type=_ints, help="probe layer(s) to apply, e.g. 3 or 1,3 (default: all probed)")
     mon.add_argument("--seed", type=_ints, help="probe seed(s) to apply (default: all train_seeds)")
     mon.add_argument("--split", choices=["train", "val", "test"], help="split to score (default monitor.split)")
+    err = _command(sub, "errors")
+    _common(err, False, False, runs=True)
+    err.add_argument("--layer", type=int, help="the layer whose best probe to use (default: the best layer)")
+    err.add_argument("--split", choices=["train", "val"], default="val", help="cached split to score (default val)")
+    err.add_argument("-n", type=int, default=20, help="how many tokens in each list (default %(default)s)")
     _common(insp := _command(sub, "inspect"), False, False)
     insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
     _common(_command(sub, "report"), False, False, runs=True, several=True)
@@ -315,6 +331,10 @@ def _run_site(args, cfg, con) -> int:
         from .monitor import monitor
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, run=args.run, show_progress=not args.no_progress)
+    if args.command == "errors":
+        from .token_errors import print_errors, token_errors
+
+        print_errors(token_errors(cfg, layer=args.layer, split=args.split, n=args.n, run=args.run))
     if args.command == "inspect":
         from .summary import inspect
 

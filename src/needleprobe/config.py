@@ -177,6 +177,8 @@ class MonitorConfig:
     """Temperature of the softmax-weighted mean aggregation."""
     split: str = "test"
     """Split the monitor scores by default."""
+    calibration_split: str = "val"
+    """Split whose needle-free documents set the thresholds (and whose document AUROC picks the aggregation)."""
 
 
 @dataclass
@@ -378,6 +380,8 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     need(mon.window > 0, "monitor.window", f"must be positive, got {mon.window}")
     need(mon.temperature > 0, "monitor.temperature", f"must be positive, got {mon.temperature}")
     need(mon.split in ("train", "val", "test"), "monitor.split", f"must be train, val or test, got {mon.split!r}")
+    need(mon.calibration_split in ("train", "val", "test"), "monitor.calibration_split",
+         f"must be train, val or test, got {mon.calibration_split!r}")
     sites = p.sites
     need(len(sites) > 0, "probe.activation_site", "must name at least one site")
     bad = [x for x in sites if x not in SITES]

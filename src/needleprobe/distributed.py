@@ -166,6 +166,8 @@ def shard_split(plan: SplitPlan, split: "SplitBatches", rank: int, world: int) -
         doc_index=plan.doc_index[r0:r1],
         token_index=plan.token_index[r0:r1],
         token_id=plan.token_id[r0:r1],
+        char_start=None if plan.char_start is None else plan.char_start[r0:r1],
+        char_end=None if plan.char_end is None else plan.char_end[r0:r1],
         shard=shard,
     )
     return part, replace(split, batches=batches[b0:b1])

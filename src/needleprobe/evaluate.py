@@ -202,7 +202,7 @@ def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]
     from rich.table import Table
 
     t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})")
-    for c in ("layer", "seed", "own val AUROC", "token AUROC [95% CI]", "AP", "TPR@1%FPR", "TPR@5%FPR",
+    for c in ("layer", "seed", "own val AUROC", "token AUROC [95% CI]", "AP", "TPR at 1% FPR", "TPR at 5% FPR",
               "doc AUROC (best aggregation)"):
         t.add_column(c, justify="right")
     for r in rows:

@@ -63,7 +63,7 @@ from .records import FileLock, console, human_bytes, versions
 from .runner import Forward, SplitBatches, row_index, run_batches
 from .stores import is_url, open_group
 from .summary import dir_size
-from .tokens import TokenizedDoc, apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
+from .tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
 
 
 
@@ -92,6 +92,7 @@ def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Con
     token_index = np.concatenate(positions).astype(np.int32) if idx else np.zeros(0, np.int32)
     doc_index = np.concatenate([np.full(len(per_doc[i][0]), i, np.int32) for i in idx]) if idx else np.zeros(0, np.int32)
     token_id = np.concatenate([tdocs[i].input_ids[per_doc[i][0]] for i in idx]).astype(np.int32) if idx else np.zeros(0, np.int32)
+    chars = np.concatenate([tdocs[i].offsets[per_doc[i][0]] for i in idx]).astype(np.int32) if idx else np.zeros((0, 2), np.int32)
     n_pos = int(labels.sum())
     stats = {
         "docs": len(tdocs),
@@ -115,11 +116,14 @@ def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Con
         token_id=token_id,
         stats=stats,
         doc_digests=[doc_digest(td.doc) for td in tdocs],
+        char_start=chars[:, 0].copy(),
+        char_end=chars[:, 1].copy(),
     ), [r for r, _ in per_doc]
 
 
-ROW_OVERHEAD_BYTES = 13
-"""Per row, besides the activations: labels (1 byte), doc_index, token_index, token_id (4 each), before zstd."""
+ROW_OVERHEAD_BYTES = 21
+"""Per row, besides the activations: labels (1 byte), doc_index, token_index, token_id, char_start, char_end (4 each),
+before zstd."""
 
 
 def cache_bytes(n_rows: int, n_layers: int, d_model: int, feature_dtype: str) -> int:

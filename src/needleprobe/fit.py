@@ -37,11 +37,12 @@ from .config import Config
 from .data import file_sha256
 from .errors import NeedleprobeError
 from .layout import Layout
-from .probe import FitData, LinearProbe, fit_grid
-from .records import FileLock, atomic_write_bytes, console, human_bytes, update_run_record
+from .probe import FitData, LinearProbe, fit_grid, to_raw
+from .records import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, update_run_record
 from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
 
-CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected")
+CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected", "train_auroc",
+               "train_average_precision")
 
 
 def verify_cache(cfg: Config, cache: Cache) -> None:
@@ -97,7 +98,13 @@ def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device)
             out.append(val.to_numpy(layer, rows=slice(a, a + block)) @ w + b)
         return np.concatenate(out)
 
-    return FitData(train.labels, val.labels, val.doc_index, mean, std, fit_path, val_scores, solver="minibatch")
+    def train_scores(rows, w_std, b_std):
+        raw = [to_raw(w_std[:, k], float(b_std[k]), mean, std) for k in range(w_std.shape[1])]
+        w, b = np.stack([x for x, _ in raw], 1), np.array([y for _, y in raw], np.float32)
+        return np.concatenate([read(a, a + block) @ w + b for a in range(0, n, block)])
+
+    return FitData(train.labels, val.labels, val.doc_index, mean, std, fit_path, val_scores, solver="minibatch",
+                   train_scores=train_scores)
 
 
 def choose_solver(cfg: Config, cache: Cache, layer: int, device: torch.device, budget: Budget | None = None,
@@ -157,6 +164,9 @@ class FitResult:
     timings: dict[str, float] = field(default_factory=dict)
     replaced_better: list[str] = field(default_factory=list)
     """Probes this fit replaced that had a higher val AUROC (said on the terminal)."""
+    val_scores: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
+    """(layer, seed) → val logits [n_val] of the selected L2 (for the verdict; not written)."""
+    verdict: dict[str, Any] = field(default_factory=dict)
 
 
 def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | None = None,
@@ -269,8 +279,10 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
             if len(workers) == 1:
                 for layer in sorted(cfg.probe.layers_to_probe):
                     t0 = time.perf_counter()
-                    result.probes.update(_fit_layer(cfg, cache, layout, layer, list(cfg.probe.train_seeds), grid,
-                                                    workers[0], scale))
+                    probes, scores = _fit_layer(cfg, cache, layout, layer, list(cfg.probe.train_seeds), grid,
+                                                workers[0], scale)
+                    result.probes.update(probes)
+                    result.val_scores.update(scores)
                     result.timings[f"layer_{layer}"] = round(time.perf_counter() - t0, 3)
             else:
                 _fit_parallel(cfg, cache, layout, grid, workers, result, scale.share(len(workers)))
@@ -281,8 +293,13 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
                 path.unlink(missing_ok=True)
         result.replaced_better = _lowered(before, result.probes)
         _write_csv(layout.metrics_csv, result.probes)
+        from .verdict import build_verdict
+
+        val = cache.split("val")
+        result.verdict = build_verdict(result.probes, result.val_scores, val.labels, val.doc_index)
+        atomic_write_json(layout.verdict, result.verdict)
         result.timings["fit_total"] = round(time.perf_counter() - t_start, 3)
-        files = [p for key in sorted(result.probes) for p in layout.probe_files(*key)] + [layout.metrics_csv]
+        files = [p for key in sorted(result.probes) for p in layout.probe_files(*key)] + [layout.metrics_csv, layout.verdict]
         update_run_record(
             layout,
             cfg,
@@ -319,8 +336,10 @@ def _lowered(before: dict[tuple[int, int], dict[str, Any]], after: dict[tuple[in
 
 
 def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: list[int], grid: list[float],
-               dev: torch.device, scale: FitScale | None = None) -> dict[tuple[int, int], LinearProbe]:
-    """Fit one layer's probes for ``seeds`` on ``dev`` and save them (rank 0 saves, under torchrun)."""
+               dev: torch.device, scale: FitScale | None = None
+               ) -> tuple[dict[tuple[int, int], LinearProbe], dict[tuple[int, int], np.ndarray]]:
+    """Fit one layer's probes for ``seeds`` on ``dev`` and save them (rank 0 saves, under torchrun); returns them
+    and their val logits [n_val]."""
     scale = scale or FitScale(fit_budget(cfg.probe.fit_memory, dev))
     choice = choose_solver(cfg, cache, layer, dev, scale.budget, scale.comm)
     solver = choice.solver
@@ -336,7 +355,7 @@ def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: lis
     train_stats = _split_stats(cache.split("train"), data.y_train)
     val_stats = _split_stats(cache.split("val"), data.y_val)
     shared: dict[str, Any] | None = None
-    probes = {}
+    probes, scores = {}, {}
     for seed in seeds:
         if shared is None or seed_is_random(cfg, solver):
             shared = fit_grid(data, grid, cfg.probe.class_balance, seed)
@@ -350,6 +369,7 @@ def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: lis
             "train_stats": {**train_stats, "rows_used": shared["train_rows_used"]},
             "val_stats": val_stats,
             "val_metrics": shared["val_metrics"],
+            "train_metrics": shared["train_metrics"],
             "solver": solver,
             "class_balance": cfg.probe.class_balance,
             "fitted_with_seed": shared["fitted_with_seed"],
@@ -362,10 +382,11 @@ def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: lis
         if scale.primary:
             probe.save(layout.probe_stem(layer, seed))
         probes[(layer, seed)] = probe
+        scores[(layer, seed)] = shared["val_scores"]
     if data.io is not None:
         _report_io(layer, data.io, time.perf_counter() - t0, choice, scale)
     del data
-    return probes
+    return probes, scores
 
 
 def _report_io(layer: int, io, seconds: float, choice: SolverChoice, scale: FitScale) -> None:
@@ -420,8 +441,9 @@ def _fit_parallel(cfg: Config, cache: Cache, layout: Layout, grid: list[float], 
         done = list(pool.map(run, units))
     seconds: dict[int, float] = {}
     gathered: dict[tuple[int, int], LinearProbe] = {}
-    for (layer, _), (probes, t) in zip(units, done):
+    for (layer, _), ((probes, scores), t) in zip(units, done):
         gathered.update(probes)
+        result.val_scores.update(scores)
         seconds[layer] = seconds.get(layer, 0.0) + t
     for layer in layers:
         for seed in seeds:
@@ -437,25 +459,37 @@ def _write_csv(path, probes: dict[tuple[int, int], LinearProbe]) -> None:
     for (layer, seed), probe in sorted(probes.items()):
         for r in probe.metadata_["l2_results"]:
             row = {"layer": layer, "seed": seed, "l2": r["l2"], "val_auroc": r["val_auroc"],
-                   "val_average_precision": r["val_average_precision"], "selected": int(r["l2"] == probe.selected_l2_)}
-            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+                   "val_average_precision": r["val_average_precision"], "selected": int(r["l2"] == probe.selected_l2_),
+                   "train_auroc": r.get("train_auroc"), "train_average_precision": r.get("train_average_precision")}
+            w.writerow({k: (repr(v) if isinstance(v, float) else "" if v is None else v) for k, v in row.items()})
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
 def _print_table(con, cfg: Config, result: FitResult) -> None:
+    """One row per layer and seed (seeds that gave identical probes share a row), then the verdict."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2")
-    for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR@1%FPR", "L2"):
-        t.add_column(c, justify="right")
+    from .verdict import identical_seeds
+
+    same = identical_seeds(result.probes)
+    shared = any(len(g) > 1 for groups in same.values() for g in groups)
+    t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2",
+              caption="seeds on one row gave identical probes" if shared else None)
+    for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR at 1% FPR", "train AUROC", "L2"):
+        t.add_column(c, justify="right", no_wrap=c in ("seed", "95% CI (docs)"))  # the others fold to fit 80 columns
     for layer in sorted(cfg.probe.layers_to_probe):
-        for s in cfg.probe.train_seeds:
-            m = result.probes[(layer, s)].metadata_
-            v = m["val_metrics"]
+        for group in same[layer]:
+            m = result.probes[(layer, group[0])].metadata_
+            v, tr = m["val_metrics"], m.get("train_metrics") or {}
             lo, hi = v["auroc_ci95"]
-            t.add_row(str(layer), str(s), f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
-                      f"{v['tpr_at_1pct_fpr']:.3f}", f"{m['selected_l2']:g}")
+            seeds = ", ".join(map(str, group))
+            t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
+                      f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
+                      f"{m['selected_l2']:g}")
     con.print(t)
     for line in result.replaced_better:
         con.print(f"[yellow]replaced by a probe with lower val AUROC: {line}")
-    con.print(f"probes, metadata and probe_metrics.csv in {result.output_dir}")
+    for line in result.verdict.get("summary", []):
+        con.print(("[yellow]" if line.startswith("warning:") else "") + escape(f"verdict: {line}"))
+    con.print(f"probes, metadata, probe_metrics.csv and verdict.json in {result.output_dir}")

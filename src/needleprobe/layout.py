@@ -8,6 +8,7 @@ directory::
     {output_dir}/{dataset}[-{site}][-{run}]/           the run directory (``-{site}`` for sites other than resid_post)
         probe_layer_{L}_seed_{S}.pt / .json            probes (the seed's names)
         probe_metrics.csv
+        verdict.json                                   best layer, paired margin over the runner-up, warnings
         monitor/                                       document monitor: token logits (Zarr) and metrics
         transfer/{target}-{split}/                     these probes evaluated on another dataset
         report.html
@@ -127,6 +128,11 @@ class Layout:
     @property
     def metrics_csv(self) -> Path:
         return self.run_dir / "probe_metrics.csv"
+
+    @property
+    def verdict(self) -> Path:
+        """What the fit concludes (best layer, its margin over the runner-up, L2 and seed warnings): ``verdict.py``."""
+        return self.run_dir / "verdict.json"
 
     @property
     def monitor_dir(self) -> Path:

@@ -7,7 +7,8 @@ would compute.  They are written here because one sort serves all of them, and
 because importing scikit-learn (with scipy) costs longer than a whole probe fit
 on small data.  The bootstrap CI is written by hand for speed: the AUROC of a
 resample is a quadratic form in its per-document draw counts (see
-:func:`bootstrap_auroc_ci`).
+:func:`bootstrap_auroc_ci`); :func:`paired_bootstrap_auroc_diff` runs two
+scorings of the same rows through the same resamples.
 
 Bad inputs (one class only, mismatched shapes, non-finite scores) raise
 ``ValueError``: they are programming errors upstream, not user-fixable config.
@@ -23,6 +24,7 @@ __all__ = [
     "binary_metrics",
     "weighted_auroc",
     "bootstrap_auroc_ci",
+    "paired_bootstrap_auroc_diff",
 ]
 
 # Bootstrap resamples evaluated per weighted_auroc call; bounds memory to a few
@@ -226,6 +228,52 @@ def weighted_auroc(y_true: np.ndarray, scores: np.ndarray, weights: np.ndarray) 
     return auc[0] if scalar else auc
 
 
+def _group_index(groups: np.ndarray, n: int) -> tuple[np.ndarray, int]:
+    """(group of each row as 0..G-1 in sorted group order [n], G)."""
+    g = np.asarray(groups)
+    if g.shape != (n,):
+        raise ValueError(f"groups must have shape ({n},), got {g.shape}")
+    _, inv = np.unique(g, return_inverse=True)
+    inv = inv.reshape(-1)
+    return inv, int(inv.max()) + 1
+
+
+def _check_boot(n_boot: int, alpha: float) -> int:
+    n_boot = int(n_boot)
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    return n_boot
+
+
+def _draw_counts(n_boot: int, n_groups: int, seed: int):
+    """Per-group draw counts [b, G] of the resamples, in chunks of ``_BOOT_CHUNK`` (G draws with replacement each)."""
+    rng = np.random.default_rng(seed)
+    for lo in range(0, n_boot, _BOOT_CHUNK):
+        b = min(_BOOT_CHUNK, n_boot - lo)
+        draws = rng.integers(0, n_groups, size=(b, n_groups))
+        # Per-resample draw counts via one flat bincount (row r offset by r * G).
+        flat = (draws + (np.arange(b) * n_groups)[:, None]).ravel()
+        yield np.bincount(flat, minlength=b * n_groups).reshape(b, n_groups)
+
+
+def _resample_aurocs(y: np.ndarray, s: np.ndarray, inv: np.ndarray, n_groups: int, n_boot: int):
+    """counts [b, G] → AUROC [b] (NaN where a class weighs zero): group pairs or weighted rows, whichever is cheaper."""
+    g_pos, g_neg = np.unique(inv[y]).size, np.unique(inv[~y]).size
+    if _pairs_are_cheaper(y.size, n_boot, g_pos, g_neg, y):
+        return _GroupPairs(y, s, inv, n_groups).aurocs
+    return lambda counts: weighted_auroc(y, s, counts[:, inv])
+
+
+def _skipped_check(n_skipped: int, n_boot: int, n_groups: int) -> None:
+    if n_skipped * 2 > n_boot:
+        raise ValueError(
+            f"{n_skipped} of {n_boot} bootstrap resamples contained only one class; "
+            f"too few groups ({n_groups}) with both classes for a group bootstrap CI"
+        )
+
+
 def bootstrap_auroc_ci(
     y_true: np.ndarray,
     scores: np.ndarray,
@@ -255,40 +303,61 @@ def bootstrap_auroc_ci(
     n = y.size
     s = _scores(scores, n)
     _require_both_classes(y)
-    g = np.asarray(groups)
-    if g.shape != (n,):
-        raise ValueError(f"groups must have shape ({n},), got {g.shape}")
-    n_boot = int(n_boot)
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-
-    _, inv = np.unique(g, return_inverse=True)
-    inv = inv.reshape(-1)
-    n_groups = int(inv.max()) + 1
-    g_pos, g_neg = np.unique(inv[y]).size, np.unique(inv[~y]).size
-    pairs = _GroupPairs(y, s, inv, n_groups) if _pairs_are_cheaper(n, n_boot, g_pos, g_neg, y) else None
-    rng = np.random.default_rng(seed)
-
-    aucs = np.empty(n_boot, dtype=np.float64)
-    for lo in range(0, n_boot, _BOOT_CHUNK):
-        b = min(_BOOT_CHUNK, n_boot - lo)
-        draws = rng.integers(0, n_groups, size=(b, n_groups))
-        # Per-resample draw counts via one flat bincount (row r offset by r * G).
-        flat = (draws + (np.arange(b) * n_groups)[:, None]).ravel()
-        counts = np.bincount(flat, minlength=b * n_groups).reshape(b, n_groups)
-        aucs[lo : lo + b] = pairs.aurocs(counts) if pairs else weighted_auroc(y, s, counts[:, inv])
-
+    inv, n_groups = _group_index(groups, n)
+    n_boot = _check_boot(n_boot, alpha)
+    aurocs_of = _resample_aurocs(y, s, inv, n_groups, n_boot)
+    aucs = np.concatenate([aurocs_of(c) for c in _draw_counts(n_boot, n_groups, seed)])
     valid = aucs[~np.isnan(aucs)]
-    n_skipped = n_boot - valid.size
-    if n_skipped * 2 > n_boot:
-        raise ValueError(
-            f"{n_skipped} of {n_boot} bootstrap resamples contained only one class; "
-            f"too few groups ({n_groups}) with both classes for a group bootstrap CI"
-        )
+    _skipped_check(n_boot - valid.size, n_boot, n_groups)
     lo_q, hi_q = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
     return float(lo_q), float(hi_q)
+
+
+def paired_bootstrap_auroc_diff(
+    y_true: np.ndarray,
+    scores_a: np.ndarray,
+    scores_b: np.ndarray,
+    groups: np.ndarray,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    counts: np.ndarray | None = None,
+) -> dict[str, float | int]:
+    """AUROC(a) − AUROC(b) of two scorings of the same rows, with a paired document-bootstrap CI.
+
+    Is layer A really better than layer B, or did the val set favour it?  Both
+    probes score the same val rows, so each resample draws the documents once
+    and computes both AUROCs on it: the document-to-document variation that
+    moves both together cancels in the difference, which unpaired CIs cannot
+    see.  The draws are those of :func:`bootstrap_auroc_ci` with the same seed;
+    ``counts`` [B, G] (draw count of each group, groups in sorted order) gives
+    them explicitly instead.  Returns ``difference`` (on all rows), ``ci_low``,
+    ``ci_high`` (percentile, 1 - alpha), ``share_a_better`` (fraction of
+    resamples where A's AUROC is higher) and ``n_boot`` (resamples used).
+    """
+    y = _labels(y_true)
+    n = y.size
+    sa, sb = _scores(scores_a, n), _scores(scores_b, n)
+    _require_both_classes(y)
+    inv, n_groups = _group_index(groups, n)
+    if counts is not None:
+        counts = np.asarray(counts)
+        if counts.ndim != 2 or counts.shape[1] != n_groups or (counts < 0).any():
+            raise ValueError(f"counts must be non-negative with shape (B, {n_groups}), got shape {counts.shape}")
+        n_boot = _check_boot(counts.shape[0], alpha)
+        blocks = [counts]
+    else:
+        n_boot = _check_boot(n_boot, alpha)
+        blocks = _draw_counts(n_boot, n_groups, seed)
+    fa = _resample_aurocs(y, sa, inv, n_groups, n_boot)
+    fb = _resample_aurocs(y, sb, inv, n_groups, n_boot)
+    diffs = np.concatenate([fa(c) - fb(c) for c in blocks])
+    valid = diffs[~np.isnan(diffs)]
+    _skipped_check(n_boot - valid.size, n_boot, n_groups)
+    lo_q, hi_q = np.quantile(valid, [alpha / 2, 1 - alpha / 2])
+    point = _auroc(*_counts_at_thresholds(y, sa)) - _auroc(*_counts_at_thresholds(y, sb))
+    return {"difference": float(point), "ci_low": float(lo_q), "ci_high": float(hi_q),
+            "share_a_better": float(np.mean(valid > 0)), "n_boot": int(valid.size)}
 
 
 # Costs relative to one row of one resample on the row path (measured on a 2-core

@@ -18,9 +18,15 @@ Store layout, one group per split::
         doc_index [N], token_index [N], token_id [N], needle [N]   every text token, in processing order
         pass-{fingerprint}/logits [N, P]                     one model run's probes (attrs: probes, commit state)
 
-Thresholds are set on needle-free documents at a target false-positive rate
-and reported as TPR at 1% and 5% FPR, next to document AUROC with a bootstrap
-95% CI.
+Thresholds are set on the needle-free documents of a calibration split
+(``monitor.calibration_split``, default ``val``) at a target false-positive
+rate and applied to the evaluated split, as a deployed monitor would be: set
+on data it has seen, used on data it has not.  TPR at 1% and 5% FPR (with the
+threshold, true and false positives) is reported next to document AUROC with a
+bootstrap 95% CI.  A clean set of n documents cannot tell an FPR below 1/n
+from 0, so a target needing more than the calibration split has is left empty,
+with a note, never guessed.  The aggregation and layer to recommend are chosen
+on the calibration split too, and reported on the evaluated one.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +57,8 @@ from .records import FileLock, atomic_write_bytes, console, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
 LOGIT_CHUNK_ROWS = 1 << 16
+TARGET_FPRS = ((0.01, "1pct"), (0.05, "5pct"))
+"""False-positive rates the monitor sets thresholds for, and their names in the CSV's columns."""
 
 
 def aggregate(logits: np.ndarray, method: str, mon: MonitorConfig) -> float:
@@ -265,12 +274,14 @@ def stored_tokens(cfg: Config, store: LogitStore, split: str, probes: list[Probe
 
 
 def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeRef], *, show_progress: bool = True,
-                 current: dict[tuple[int, int], str] | None = None) -> MonitorTokens:
+                 current: dict[tuple[int, int], str] | None = None, loaded: dict[str, Any] | None = None) -> MonitorTokens:
     """Per-token logits of ``probes`` on ``cfg``'s ``split``: read from ``store``, the model run only for probes it lacks.
 
     ``cfg`` says which documents and model (the probes may come from another
     run, as in a transfer evaluation); ``current`` lists the probe files that
     are still current, so passes of probes refit since are dropped.
+    ``loaded``: a dict that keeps the tokenizer and model between calls (two
+    splits of one command load the model once).
     """
     from .hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
     from .sites import capture_sites
@@ -296,7 +307,10 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
         if found is not None:
             con.print(f"monitor: token logits of {len(probes)} probe(s) on {split!r} already stored (no model run)")
             return found
-    tokenizer = load_tokenizer(cfg.model)
+    loaded = {} if loaded is None else loaded
+    if "tokenizer" not in loaded:
+        loaded["tokenizer"] = load_tokenizer(cfg.model)
+    tokenizer = loaded["tokenizer"]
     tdocs = tokenize_documents(tokenizer, docs, cfg.model.max_length, cfg.model.chat_template)
     n_layers, d_model, limit = model_shape(cfg)
     check_positions(tdocs, limit, cfg, data_path)
@@ -312,7 +326,9 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     missing = [p for p in probes if (p.layer, p.seed, p.sha256) not in have]
     pg, committed = store.open_pass(g, missing)
     device = resolve_device(cfg.probe.device)
-    model = load_model(cfg.model, cfg.probe.model_dtype, device)
+    if "model" not in loaded:
+        loaded["model"] = load_model(cfg.model, cfg.probe.model_dtype, device)
+    model = loaded["model"]
     blocks = find_blocks(model)
     check_layers(sorted({p.layer for p in missing}), len(blocks), cfg.model.name)
     mats = [(layer, w.to(device), b.to(device)) for layer, w, b in _by_layer(missing, weights)]
@@ -373,17 +389,59 @@ def document_scores(tokens: MonitorTokens, j: int, method: str, mon: MonitorConf
     return s
 
 
-def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_boot: int = 1000
+def doc_labels(tokens: MonitorTokens) -> np.ndarray:
+    """1 for a document with needles, 0 for a clean one [D]."""
+    return (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
+
+
+def clean_docs_needed(fpr: float) -> int:
+    """How many clean documents resolve a false-positive rate: below 1/n, n clean documents only tell "none"."""
+    return math.ceil(round(1.0 / fpr, 9))
+
+
+def calibrated_rates(clean_cal: np.ndarray, scores: np.ndarray, y: np.ndarray, fpr: float) -> dict[str, Any]:
+    """A threshold set on a calibration split's clean document scores [C] at ``fpr``, applied to other scores [D].
+
+    The threshold is the smallest t with at most ``fpr`` of the clean
+    calibration documents above it; a document is flagged when its score is
+    strictly above t.  Returns threshold, TP, FP, TPR and the evaluated
+    split's own FPR; all None, with a ``note``, when C < 1/fpr.
+    """
+    need = clean_docs_needed(fpr)
+    if clean_cal.size < need:
+        return {"threshold": None, "tp": None, "fp": None, "tpr": None, "fpr": None,
+                "note": f"{fpr:.0%} FPR needs at least {need} clean calibration documents, there are {clean_cal.size}"}
+    t = threshold_at_fpr(clean_cal, fpr)
+    pos, neg = scores[y == 1], scores[y == 0]
+    tp, fp = int((pos > t).sum()), int((neg > t).sum())
+    return {"threshold": t, "tp": tp, "fp": fp, "tpr": tp / pos.size if pos.size else None,
+            "fpr": fp / neg.size if neg.size else None, "note": None}
+
+
+def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_boot: int = 1000, *,
+                     calibration: MonitorTokens | None = None, calibration_split: str | None = None
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(metrics rows per probe × aggregation, per-document scores)."""
-    y = (tokens.doc_n_needles > 0).astype(np.int8)
+    """(metrics rows per probe × aggregation, per-document scores) of ``split``.
+
+    Thresholds come from the clean documents of ``calibration`` (the same
+    probes' logits on ``calibration_split``), or of ``split`` itself when it
+    is None (in-sample, as a transfer evaluation does).  Each row also holds
+    the aggregation's document AUROC on the calibration split, which
+    :func:`recommend` chooses by.
+    """
+    y = doc_labels(tokens)
     if y.min() == y.max():
         raise NeedleprobeError(f"split {split!r} needs documents both with and without needles for the monitor's metrics")
+    cal, cal_split = (tokens, split) if calibration is None else (calibration, calibration_split or "calibration")
+    y_cal = doc_labels(cal)
+    cal_col = {(p["layer"], p["seed"], p.get("sha256")): j for j, p in enumerate(cal.probes)}
     rows, per_doc = [], [{"doc_id": d, "n_needles": int(n), "scores": {}} for d, n in zip(tokens.doc_ids, tokens.doc_n_needles)]
     for j, p in enumerate(tokens.probes):
         key = f"layer_{p['layer']}_seed_{p['seed']}"
+        jc = cal_col[(p["layer"], p["seed"], p.get("sha256"))]
         for method in AGGREGATIONS:
             s = document_scores(tokens, j, method, mon)
+            s_cal = s if cal is tokens else document_scores(cal, jc, method, mon)
             lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=n_boot, seed=0)
             row = {
                 "split": split,
@@ -394,15 +452,34 @@ def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_bo
                 "auroc_ci_low": lo,
                 "auroc_ci_high": hi,
             }
-            for fpr, name in ((0.01, "1pct"), (0.05, "5pct")):
-                t = threshold_at_fpr(s[y == 0], fpr)
-                row[f"threshold_{name}_fpr"] = t
-                row[f"tpr_at_{name}_fpr"] = float((s[y == 1] > t).mean())
+            rates = {name: calibrated_rates(s_cal[y_cal == 0], s, y, fpr) for fpr, name in TARGET_FPRS}
+            for _, name in TARGET_FPRS:
+                row[f"threshold_{name}_fpr"] = rates[name]["threshold"]
+                row[f"tpr_at_{name}_fpr"] = rates[name]["tpr"]
             row["n_docs"], row["n_needle_docs"] = int(len(y)), int(y.sum())
+            row["calibration_split"] = cal_split
+            row["n_calibration_clean_docs"] = int((y_cal == 0).sum())
+            row["calibration_auroc"] = binary_metrics(y_cal, s_cal)["auroc"] if 0 < y_cal.sum() < y_cal.size else None
+            for _, name in TARGET_FPRS:
+                row[f"tp_at_{name}_fpr"] = rates[name]["tp"]
+                row[f"fp_at_{name}_fpr"] = rates[name]["fp"]
+                row[f"observed_fpr_at_{name}_fpr"] = rates[name]["fpr"]
+            row["note"] = "; ".join(r["note"] for r in rates.values() if r["note"]) or None
             rows.append(row)
             for d, v in zip(per_doc, s):
                 d["scores"].setdefault(key, {})[method] = float(v)
     return rows, per_doc
+
+
+def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The row of the probe and aggregation to deploy: the best document AUROC on the calibration split (ties: the
+    aggregation listed first, then the lower layer and seed), so the choice never peeks at the evaluated split it
+    reports.  None when the calibration split lacks needle or clean documents."""
+    ok = [r for r in rows if r["calibration_auroc"] is not None]
+    if not ok:
+        return None
+    order = {aggregation: i for i, aggregation in enumerate(dict.fromkeys(r["aggregation"] for r in rows))}
+    return min(ok, key=lambda r: (-r["calibration_auroc"], order[r["aggregation"]], r["layer"], r["seed"]))
 
 
 def write_rows_csv(path, rows: list[dict[str, Any]]) -> None:
@@ -423,32 +500,77 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
     probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
     from .fit import existing_probes
 
+    cal_split = cfg.monitor.calibration_split
     with FileLock(layout.lock, what=f"fit or monitor of {layout.run_dir}"):
         current = {k: file_sha256(layout.probe_files(*k)[0]) for k in existing_probes(layout)}
-        tokens = score_tokens(cfg, LogitStore(layout.monitor_store), split, probes, show_progress=show_progress,
-                              current=current)
-        rows, per_doc = document_metrics(tokens, cfg.monitor, split)
+        store, loaded = LogitStore(layout.monitor_store), {}
+        calibration = None
+        if cal_split != split:  # thresholds from another split's clean documents: its logits too (stored once)
+            if not by_split(load_documents(cfg.dataset.resolved_path(), cfg.dataset.val_fraction))[cal_split]:
+                raise NeedleprobeError(f"monitor.calibration_split {cal_split!r}: the dataset has no {cal_split} "
+                                       "documents to set thresholds on; name a split with needle-free documents")
+            calibration = score_tokens(cfg, store, cal_split, probes, show_progress=show_progress, current=current,
+                                       loaded=loaded)
+        tokens = score_tokens(cfg, store, split, probes, show_progress=show_progress, current=current, loaded=loaded)
+        rows, per_doc = document_metrics(tokens, cfg.monitor, split, calibration=calibration, calibration_split=cal_split)
+        best = recommend(rows)
         csv_path, jsonl_path = layout.monitor_csv(split), layout.doc_scores(split)
         write_rows_csv(csv_path, rows)
         atomic_write_bytes(jsonl_path, "".join(json.dumps(d, sort_keys=True) + "\n" for d in per_doc).encode())
         update_run_record(layout, cfg, f"monitor:{split}", {
             "split": split,
+            "calibration_split": cal_split,
             "monitor": cfg.to_dict()["monitor"],
             "probes": [p.key for p in probes],
+            "recommended": best,
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
         })
-    _print(rows, split)
-    return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path)}
+    _print(rows, split, best)
+    return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best}
 
 
-def _print(rows: list[dict[str, Any]], split: str) -> None:
+def _rate_cell(r: dict[str, Any], name: str) -> str:
+    if r[f"tpr_at_{name}_fpr"] is None:
+        return "–"
+    tp, fp, n_pos = r[f"tp_at_{name}_fpr"], r[f"fp_at_{name}_fpr"], r["n_needle_docs"]
+    return f"{r[f'tpr_at_{name}_fpr']:.2f} ({tp}/{n_pos}, FP {fp}/{r['n_docs'] - n_pos})"
+
+
+def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None) -> None:
+    """The table, a warning for each FPR the calibration split cannot resolve, and the recommendation."""
+    from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"document monitor on {split!r}: AUROC [95% CI] · TPR@1%FPR · TPR@5%FPR")
-    for c in ("layer", "seed", "aggregation", "AUROC", "TPR@1%", "TPR@5%"):
+    con = console()
+    r0 = rows[0]
+    cal, n_clean = r0["calibration_split"], r0["n_calibration_clean_docs"]
+    where = "the same split" if cal == split else "held out"
+    t = Table(title=f"document monitor on {split!r}: AUROC [95% CI] · TPR (needle documents flagged, false positives) "
+                    f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})")
+    for c in ("layer", "seed", "aggregation", "AUROC", "TPR at 1% FPR", "TPR at 5% FPR"):
         t.add_column(c, justify="right")
     for r in rows:
         t.add_row(str(r["layer"]), str(r["seed"]), r["aggregation"],
                   f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
-                  f"{r['tpr_at_1pct_fpr']:.2f}", f"{r['tpr_at_5pct_fpr']:.2f}")
-    console().print(t)
+                  _rate_cell(r, "1pct"), _rate_cell(r, "5pct"))
+    con.print(t)
+    for fpr, name in TARGET_FPRS:
+        if r0[f"tpr_at_{name}_fpr"] is None:
+            con.print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and a {fpr:.0%} "
+                      f"false-positive rate needs at least {clean_docs_needed(fpr)} to be measured (add needle-free "
+                      "documents, or set monitor.calibration_split)")
+    if best is None:
+        con.print(f"no recommendation: {cal!r} needs documents with and without needles to choose an aggregation on")
+        return
+    line = (f"recommended: layer {best['layer']} seed {best['seed']}, {best['aggregation']} (best document AUROC on "
+            f"{cal!r}: {best['calibration_auroc']:.3f}); on {split!r}: AUROC {best['auroc']:.3f} "
+            f"({best['auroc_ci_low']:.3f}–{best['auroc_ci_high']:.3f})")
+    for fpr, name in reversed(TARGET_FPRS):
+        if best[f"tpr_at_{name}_fpr"] is not None:
+            n_pos = best["n_needle_docs"]
+            line += (f"; at {fpr:.0%} FPR (threshold {best[f'threshold_{name}_fpr']:.3f} from {n_clean} clean {cal!r} "
+                     f"documents) it flags {best[f'tp_at_{name}_fpr']}/{n_pos} needle documents and "
+                     f"{best[f'fp_at_{name}_fpr']}/{best['n_docs'] - n_pos} clean ones "
+                     f"(FPR {best[f'observed_fpr_at_{name}_fpr']:.0%} on {split!r})")
+            break
+    con.print(escape(line))

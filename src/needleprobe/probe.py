@@ -133,6 +133,8 @@ class FitData:
     val_scores: Callable[[np.ndarray, np.ndarray], np.ndarray]
     """(raw weights [d, K], raw biases [K]) → val logits [n_val, K]"""
     solver: str = "lbfgs"
+    train_scores: Callable[[np.ndarray | None, np.ndarray, np.ndarray], np.ndarray] | None = None
+    """(row subset or None, standardised weights [d, K], biases [K]) → logits [n_used, K] of the train rows the fit used"""
     io: Any = None
     """Streamed forms: their ``streaming.IOStats`` (passes over the train rows, bytes read); None in memory."""
 
@@ -163,23 +165,44 @@ class FitData:
             sw = None if weights is None else torch.from_numpy(weights).to(dev)
             return fit_l2_path(xs, ys, list(grid), sample_weight=sw)
 
-        return cls(y, np.asarray(y_val), np.asarray(val_groups), mean, std, fit_path, lambda w, b: x_val @ w + b)
+        def train_scores(rows, w, b):
+            xs = x_t if rows is None else x_t[torch.from_numpy(rows).to(dev)]
+            return (xs @ torch.from_numpy(w).to(dev) + torch.from_numpy(b).to(dev)).cpu().numpy()
+
+        return cls(y, np.asarray(y_val), np.asarray(val_groups), mean, std, fit_path, lambda w, b: x_val @ w + b,
+                   train_scores=train_scores)
 
 
 def fit_grid(data: FitData, grid: Sequence[float], class_balance: str, seed: int) -> dict[str, Any]:
-    """Fit every grid value, score val, select the best: the numbers a probe's ``.json`` reports."""
+    """Fit every grid value, score train and val, select the best: the numbers a probe's ``.json`` reports.
+
+    Train metrics are on the rows the fit used (the downsampled subset, or every
+    row; unweighted, which for AUROC equals the balanced-weight AUROC), so a
+    train AUROC far above val says the probe memorised its rows.  Besides the
+    JSON's numbers the dict holds ``val_scores`` [n_val] of the selected L2 and
+    ``train_scores`` [n_used, K], ``train_labels`` [n_used] (never written).
+    """
     rows, weights = training_rows(data.y_train, class_balance, seed)
     path = data.fit_path(rows, weights, seed)
     raw = [to_raw(r.weight, r.bias, data.mean, data.std) for r in path]
     scores = data.val_scores(np.stack([w for w, _ in raw], 1), np.array([b for _, b in raw], np.float32))
-    l2_results = []
+    y_used = data.y_train if rows is None else data.y_train[rows]
+    train_scores = None
+    if data.train_scores is not None:
+        w_std = np.stack([np.asarray(r.weight, np.float32) for r in path], 1)
+        train_scores = data.train_scores(rows, w_std, np.array([r.bias for r in path], np.float32))
+    l2_results, train_metrics = [], []
     for k, r in enumerate(path):
         m = binary_metrics(data.y_val, scores[:, k])
+        mt = binary_metrics(y_used, train_scores[:, k]) if train_scores is not None else None
+        train_metrics.append(mt)
         l2_results.append(
             {
                 "l2": float(r.l2),
                 "val_auroc": m["auroc"],
                 "val_average_precision": m["average_precision"],
+                "train_auroc": None if mt is None else mt["auroc"],
+                "train_average_precision": None if mt is None else mt["average_precision"],
                 "train_objective": float(r.loss),
                 "grad_max_abs": float(r.grad_norm),
                 "n_iter": int(r.n_iter),
@@ -197,7 +220,11 @@ def fit_grid(data: FitData, grid: Sequence[float], class_balance: str, seed: int
         "bias": b,
         "l2_results": l2_results,
         "val_metrics": metrics,
-        "train_rows_used": int(data.y_train.size if rows is None else rows.size),
+        "train_metrics": train_metrics[best],
+        "train_rows_used": int(y_used.size),
+        "val_scores": s,
+        "train_scores": train_scores,
+        "train_labels": y_used,
     }
 
 
@@ -242,6 +269,7 @@ class LinearProbe:
             "selected_l2": fitted["selected_l2"],
             "l2_results": fitted["l2_results"],
             "val_metrics": fitted["val_metrics"],
+            "train_metrics": fitted["train_metrics"],
             "class_balance": self.class_balance,
             "solver": "lbfgs",
             "train_stats": {"rows": int(len(y)), "positives": int(np.sum(y)), "rows_used": fitted["train_rows_used"]},

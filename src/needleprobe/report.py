@@ -202,6 +202,16 @@ class Plot:
                   f'text-anchor="middle">{esc(ylabel)}</text>')
         self.marks[:0] = g + ["</g>"] + ax + ["</g>"]
 
+    def error_bar(self, cx: float, ci: tuple[float, float], color: str, attrs: str) -> None:
+        """A vertical 95% interval at x = ``cx`` with end caps; ``attrs`` are the group's data attributes."""
+        lo, hi = self.py(ci[0]), self.py(ci[1])
+        self.add(
+            f'<g class="errorbar" stroke="{color}" {attrs}>'
+            f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}"/>'
+            f'<line x1="{cx - 4:.1f}" y1="{lo:.1f}" x2="{cx + 4:.1f}" y2="{lo:.1f}"/>'
+            f'<line x1="{cx - 4:.1f}" y1="{hi:.1f}" x2="{cx + 4:.1f}" y2="{hi:.1f}"/></g>'
+        )
+
     def add(self, svg: str) -> None:
         self.marks.append(svg)
 
@@ -270,13 +280,7 @@ def chart_auroc_by_layer(probes: list[ProbeInfo]) -> str:
         cx, color = plot.px(x), PALETTE[j % len(PALETTE)]
         ci_txt = ""
         if p.ci:
-            lo, hi = plot.py(p.ci[0]), plot.py(p.ci[1])
-            plot.add(
-                f'<g class="errorbar" stroke="{color}" data-layer="{p.layer}" data-seed="{p.seed}">'
-                f'<line x1="{cx:.1f}" y1="{lo:.1f}" x2="{cx:.1f}" y2="{hi:.1f}"/>'
-                f'<line x1="{cx - 4:.1f}" y1="{lo:.1f}" x2="{cx + 4:.1f}" y2="{lo:.1f}"/>'
-                f'<line x1="{cx - 4:.1f}" y1="{hi:.1f}" x2="{cx + 4:.1f}" y2="{hi:.1f}"/></g>'
-            )
+            plot.error_bar(cx, p.ci, color, f'data-layer="{p.layer}" data-seed="{p.seed}"')
             ci_txt = f" (95% CI {p.ci[0]:.4f}–{p.ci[1]:.4f})"
         plot.add(
             f'<circle class="point" cx="{cx:.1f}" cy="{plot.py(p.auroc):.1f}" r="4.5" fill="{color}" '
@@ -290,17 +294,18 @@ def chart_auroc_by_layer(probes: list[ProbeInfo]) -> str:
 
 def chart_l2_path(probes: list[ProbeInfo]) -> str:
     l2s = [r["l2"] for p in probes for r in p.meta.get("l2_results", [])]
-    aucs = [r["val_auroc"] for p in probes for r in p.meta.get("l2_results", [])]
+    aucs = [r[k] for p in probes for r in p.meta.get("l2_results", []) for k in ("val_auroc", "train_auroc")
+            if r.get(k) is not None]
     if not l2s:
         return note("The probe files have no l2_results; refit with `needleprobe fit`.")
     lo, hi = min(l2s), max(l2s)
-    plot = Plot("l2-path", "validation AUROC against the L2 strength, per layer and seed", (lo / 1.8, hi * 1.8),
+    plot = Plot("l2-path", "train and validation AUROC against the L2 strength, per layer and seed", (lo / 1.8, hi * 1.8),
                 _auroc_ylim(aucs), xlog=True)
     decades = range(math.floor(math.log10(lo / 1.8)) + 1, math.floor(math.log10(hi * 1.8)) + 1)
     xt = [(10.0**k, fmt_num(10.0**k)) for k in decades]
     if len(xt) < 2:
         xt = [(v, fmt_num(v)) for v in sorted(set(l2s))]
-    plot.axes(xt, _yticks(plot.y0, plot.y1), "L2 strength (log scale)", "val AUROC")
+    plot.axes(xt, _yticks(plot.y0, plot.y1), "L2 strength (log scale)", "AUROC")
     layers = sorted({p.layer for p in probes})
     seeds = sorted({p.seed for p in probes})
     for p in probes:
@@ -309,6 +314,12 @@ def chart_l2_path(probes: list[ProbeInfo]) -> str:
         dash = SEED_DASH[seeds.index(p.seed) % len(SEED_DASH)]
         d_attr = f' stroke-dasharray="{dash}"' if dash else ""
         xs, ys = [r["l2"] for r in res], [r["val_auroc"] for r in res]
+        train = [(r["l2"], r["train_auroc"]) for r in res if r.get("train_auroc") is not None]
+        if train:  # the fit's own rows: the gap to the val line is what the probe memorised at that L2
+            plot.add(f'<path class="series l2-train" d="{plot.path_d(*zip(*train))}" stroke="{color}" stroke-opacity="0.4" '
+                     f'stroke-width="1.5"{d_attr} data-layer="{p.layer}" data-seed="{p.seed}">'
+                     f"<title>layer {p.layer} · seed {p.seed} · train AUROC: "
+                     + esc(", ".join(f"L2 {x:g} {y:.4f}" for x, y in train)) + "</title></path>")
         plot.add(f'<path class="series l2" d="{plot.path_d(xs, ys)}" stroke="{color}"{d_attr} '
                  f'data-layer="{p.layer}" data-seed="{p.seed}"/>')
         for r in res:
@@ -326,6 +337,8 @@ def chart_l2_path(probes: list[ProbeInfo]) -> str:
         for j, s in enumerate(seeds):
             plot.legend(f"seed {s}", "#57606a", dash=SEED_DASH[j % len(SEED_DASH)])
     plot.legend("selected L2", "#57606a", ring=True)
+    if any(r.get("train_auroc") is not None for p in probes for r in p.meta.get("l2_results", [])):
+        plot.legend("train AUROC (faint)", "#c4cad1")
     return plot.render()
 
 
@@ -385,6 +398,10 @@ def table(headers: list[str], rows: list[list[str | Cell]], *, row_classes: list
 
 def _f4(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
+
+
+def _f3(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "–"
 
 
 # ---------------------------------------------------------------------------
@@ -454,6 +471,9 @@ class MonitorView:
     doc_scores: dict[str, np.ndarray] = field(default_factory=dict)
     all_probe_aurocs: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
     chosen: str = "max"
+    calibration_split: str = ""
+    """whose clean documents set the thresholds (and whose AUROC chose the aggregation)"""
+    n_calibration_clean: int = 0
 
 
 def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo]) -> tuple[tuple[str, Any] | None, list[str]]:
@@ -500,6 +520,21 @@ def _stored_splits(store_path) -> list[str]:
         return []
 
 
+def calibration_tokens(cfg: Config, run: str | None, found: tuple[str, Any]):
+    """The stored logits of the shown probes on ``monitor.calibration_split`` when it is another split (else None)."""
+    from .layout import Layout
+    from .monitor import LogitStore, ProbeRef, stored_tokens
+
+    split, tokens = found
+    if cfg.monitor.calibration_split == split:
+        return None
+    layout = Layout.from_config(cfg, run)
+    refs = [ProbeRef(int(p["layer"]), int(p["seed"]), layout.probe_files(int(p["layer"]), int(p["seed"]))[0], p["sha256"])
+            for p in tokens.probes]
+    cal = stored_tokens(cfg, LogitStore(layout.monitor_store), cfg.monitor.calibration_split, refs)
+    return cal if cal is not None and len(cal.probes) == len(refs) else None
+
+
 def _finite(s: np.ndarray) -> np.ndarray:
     """A document without text tokens aggregates to -inf; rank it below every other (sklearn refuses inf)."""
     bad = ~np.isfinite(s)
@@ -509,12 +544,17 @@ def _finite(s: np.ndarray) -> np.ndarray:
     return s
 
 
-def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo]) -> MonitorView:
-    """Document scores of the best monitored probe under every aggregation, with the monitor's metrics."""
+def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calibration=None) -> MonitorView:
+    """Document scores of the best monitored probe under every aggregation, with the monitor's metrics.
+
+    ``calibration``: the same probes' stored logits on ``monitor.calibration_split`` (another split), whose clean
+    documents set the thresholds and whose document AUROC picks the aggregation, as ``needleprobe monitor`` does;
+    without it, ``split`` itself.
+    """
     from sklearn.metrics import roc_auc_score
 
-    from .metrics import bootstrap_auroc_ci, threshold_at_fpr
-    from .monitor import AGGREGATIONS, aggregate, aggregation_label
+    from .metrics import bootstrap_auroc_ci
+    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregate, aggregation_label, calibrated_rates
 
     auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
     layer_mean = {layer: float(np.mean([p.auroc for p in probes if p.layer == layer])) for layer in {p.layer for p in probes}}
@@ -534,19 +574,25 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo]) -> Mo
         view.all_probe_aurocs.append((layer, seed, per))
     if not both:
         return view
+    cal = tokens if calibration is None else calibration
+    view.calibration_split = split if calibration is None else cfg.monitor.calibration_split
+    y_cal = (np.asarray(cal.doc_n_needles) > 0).astype(np.int8)
+    view.n_calibration_clean = int((y_cal == 0).sum())
+    jc = [(int(p["layer"]), int(p["seed"])) for p in cal.probes].index(cols[j])
     for method in AGGREGATIONS:
         s = view.doc_scores[method]
+        s_cal = s if cal is tokens else _finite(np.array([aggregate(lg[:, jc], method, cfg.monitor) for lg in cal.logits]))
         try:
             lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=1000, seed=0)
         except ValueError:
             lo = hi = float("nan")
         row = {"method": method, "label": aggregation_label(method, cfg.monitor),
-               "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi)}
-        for fpr, name in ((0.01, "1pct"), (0.05, "5pct")):
-            t = threshold_at_fpr(s[y == 0], fpr)
-            row[f"tpr_{name}"] = float((s[y == 1] > t).mean())
+               "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi),
+               "cal_auroc": float(roc_auc_score(y_cal, s_cal)) if 0 < y_cal.sum() < y_cal.size else -1.0}
+        for fpr, name in TARGET_FPRS:
+            row[f"tpr_{name}"] = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)["tpr"]
         view.agg_rows.append(row)
-    view.chosen = max(view.agg_rows, key=lambda r: (r["auroc"], r["tpr_1pct"], -AGGREGATIONS.index(r["method"])))["method"]
+    view.chosen = min(view.agg_rows, key=lambda r: (-r["cal_auroc"], AGGREGATIONS.index(r["method"])))["method"]
     return view
 
 
@@ -574,9 +620,18 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
     for r in view.agg_rows:
         lo, hi = r["ci"]
         rows.append([r["label"], _f4(r["auroc"]), f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–",
-                     f"{r['tpr_1pct']:.3f}", f"{r['tpr_5pct']:.3f}"])
+                     _f3(r["tpr_1pct"]), _f3(r["tpr_5pct"])])
         classes.append("best" if r["method"] == view.chosen else "")
     out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR"], rows, row_classes=classes)
+    from .monitor import TARGET_FPRS, clean_docs_needed
+
+    held = "held out" if view.calibration_split != view.split else "the same split"
+    missing = [f"{fpr:.0%} FPR needs at least {clean_docs_needed(fpr)}" for fpr, name in TARGET_FPRS
+               if any(r[f"tpr_{name}"] is None for r in view.agg_rows)]
+    out += (f'<p class="caption">Thresholds set on the {view.n_calibration_clean} clean {esc(view.calibration_split)} '
+            f"documents ({held}); the aggregation highlighted has the best document AUROC there."
+            + (f" No TPR where the clean documents are too few to measure the rate ({esc('; '.join(missing))})."
+               if missing else "") + "</p>")
     if len(view.all_probe_aurocs) > 1:
         from .monitor import AGGREGATIONS
 
@@ -655,11 +710,9 @@ def heatmap_html(texts: list[str], raw: list[str], logits: np.ndarray, needle: n
     return "".join(parts)
 
 
-def heatmaps_section(cfg: Config, view: MonitorView) -> str:
-    from .monitor import aggregation_label
-
-    tok = view.tokens
-    y = np.asarray(tok.doc_n_needles) > 0
+def heatmap_picks(view: MonitorView) -> list[tuple[int, str]]:
+    """(document, why) shown as heatmaps: the top-scored clean ones, the lowest-scored needle ones, a few at random."""
+    y = np.asarray(view.tokens.doc_n_needles) > 0
     s = view.doc_scores[view.chosen]
     order = np.argsort(-s, kind="stable")
     picks: list[tuple[int, str]] = []
@@ -671,6 +724,16 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
     if rest.size:
         rng = np.random.default_rng(HEATMAP_SEED)
         picks += [(int(i), "random") for i in sorted(rng.choice(rest, size=min(N_RANDOM_DOCS, rest.size), replace=False))]
+    return picks
+
+
+def heatmaps_section(cfg: Config, view: MonitorView) -> str:
+    from .monitor import aggregation_label
+
+    tok = view.tokens
+    y = np.asarray(tok.doc_n_needles) > 0
+    s = view.doc_scores[view.chosen]
+    picks = heatmap_picks(view)
     if not picks:
         return note("No documents to show.")
     tok_note = ""
@@ -705,7 +768,8 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
         cut = len(tok.token_id[i]) - len(ids)
         kind = "needle" if y[i] else "clean"
         out.append(
-            f'<div class="doc {kind}"><div class="doc-head"><span class="badge {kind}">{esc(why)}</span>'
+            f'<div class="doc {kind}" id="{doc_anchor(view.split, tok.doc_ids[i])}"><div class="doc-head">'
+            f'<span class="badge {kind}">{esc(why)}</span>'
             f'<code>{esc(tok.doc_ids[i])}</code><span class="muted">{int(tok.doc_n_needles[i])} needle(s) · '
             f"{len(tok.token_id[i]):,} tokens · {esc(aggregation_label(view.chosen, cfg.monitor))} = {s[i]:.3f}"
             f"{f' · first {MAX_HEATMAP_TOKENS} tokens shown' if cut > 0 else ''}</span></div>"
@@ -777,6 +841,10 @@ table.matrix td.stale{font-style:italic}
 table.data td{white-space:nowrap}
 table.data td.name{white-space:normal;min-width:9em;text-align:left}
 table#runs th{text-align:left}
+table.errors th:last-child{text-align:left}
+table.errors td.context{white-space:normal;text-align:left;font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
+mark.tokerr{background:#ffd8a8;font-weight:700;padding:0 1px;border-radius:2px}
+ul.verdict{margin:6px 0 4px;padding-left:20px}
 table.data td.path{white-space:normal;word-break:break-all;min-width:14em;text-align:left;
  font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12px}
 """
@@ -802,7 +870,8 @@ def _header(cfg: Config, layout, facts: dict[str, Any] | None, probes: list[Prob
     ]
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer"), ("sec-roc", "ROC curves"),
-                                                        ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps")))
+                                                        ("sec-l2", "L2 path"), ("sec-heat", "token heatmaps"),
+                                                        ("sec-errors", "tokens it gets wrong")))
     return (f'<header><div class="wrap"><h1>needleprobe report <span>· {esc(_run_title(cfg, layout.run))}</span></h1>'
             f'<dl class="meta">{meta}</dl><nav>{nav}</nav></div></header>')
 
@@ -818,11 +887,62 @@ def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
         ci = p.ci
         converged = all(r.get("converged", True) for r in p.meta.get("l2_results", []))
         rows.append([str(p.layer), str(p.seed), _f4(p.auroc), f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
-                     _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")), f"{p.meta.get('selected_l2', float('nan')):g}",
+                     _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")),
+                     _f4((p.meta.get("train_metrics") or {}).get("auroc")), f"{p.meta.get('selected_l2', float('nan')):g}",
                      "yes" if converged else "NO"])
         classes.append("best" if best.get(p.layer) is p else "")
-    return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "selected L2", "converged"], rows,
-                 row_classes=classes)
+    return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "train AUROC", "selected L2",
+                  "converged"], rows, row_classes=classes)
+
+
+def doc_anchor(split: str, doc_id: str) -> str:
+    """An HTML id for a document's heatmap (any doc id, safely)."""
+    return f"doc-{split}-" + hashlib.sha256(doc_id.encode()).hexdigest()[:12]
+
+
+def verdict_html(layout, probes: list[ProbeInfo]) -> str:
+    """The fit's verdict (``verdict.json``), when the fit that wrote these probes wrote one."""
+    try:
+        v = json.loads(layout.verdict.read_text())
+    except (OSError, ValueError):
+        return note("No verdict.json beside these probes (fitted by an older needleprobe): refit to get it.")
+    if {(d["layer"], d["seed"]) for d in v.get("layers", [])} - {(p.layer, p.seed) for p in probes}:
+        return note("verdict.json does not describe these probes: refit to update it.", kind="warn")
+    items = "".join(f"<li>{esc(line)}</li>" for line in v.get("summary", []))
+    return f'<h3>Verdict</h3><ul class="verdict">{items}</ul>'
+
+
+N_ERRORS = 10
+
+
+def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str:
+    """The two lists of :func:`token_errors.token_errors` as tables; doc ids link to their heatmaps when shown."""
+    from .token_errors import token_errors
+
+    try:
+        lists = token_errors(cfg, run=run, n=N_ERRORS)
+    except NeedleprobeError as e:
+        return note(f"No error lists: {e}", kind="warn")
+    shown = set()
+    if view is not None and view.split == lists.split and view.doc_scores:
+        shown = {view.tokens.doc_ids[i] for i, _ in heatmap_picks(view)}
+    out = [f'<p class="caption">layer {lists.layer} · seed {lists.seed} on {esc(lists.split)}: {lists.n_rows:,} rows '
+           f"({lists.n_positive:,} needle tokens); logit &gt; 0 is the probe's own \"needle\".</p>"]
+    for title, kind, items in (("Highest-scoring negatives (false positives)", "false-positives", lists.false_positives),
+                               ("Lowest-scoring needle tokens (misses)", "misses", lists.missed_needles)):
+        rows = []
+        for e in items:
+            doc = esc(e.doc_id)
+            if e.doc_id in shown:
+                doc = f'<a href="#{doc_anchor(lists.split, e.doc_id)}">{doc}</a>'
+            rows.append(f'<tr data-doc-id="{esc(e.doc_id)}" data-logit="{e.logit!r}"><td>{e.rank}</td>'
+                        f"<td>{e.logit:+.3f}</td><td>{doc}</td><td class=\"context\">{esc(e.left)}"
+                        f'<mark class="tokerr">{esc(e.token)}</mark>{esc(e.right)}</td></tr>')
+        out.append(f"<h3>{esc(title)}</h3>")
+        out.append(f'<div class="table-wrap"><table class="data errors" id="errors-{kind}"><thead><tr><th>#</th>'
+                   "<th>logit</th><th>document</th><th>token in context</th></tr></thead><tbody>"
+                   + "".join(rows) + "</tbody></table></div>")
+    return "".join(out)
 
 
 def build_html(cfg: Config, run: str | None = None) -> str:
@@ -859,7 +979,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     view, mon_notes = None, []
     found, mon_notes = choose_monitor_tokens(cfg, run, probes)
     if found is not None:
-        view = monitor_view(cfg, found[0], found[1], probes)
+        view = monitor_view(cfg, found[0], found[1], probes, calibration_tokens(cfg, run, found))
     if view is None:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
         mon_html = note(f"No up-to-date monitor results. {why}Run `{command('monitor', cfg, run)}` "
@@ -883,7 +1003,9 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         f"documents, since tokens of one document are not independent.{seed_note}</p>",
         chart_auroc_by_layer(probes),
         _probe_table(probes, per_layer),
-        '<p class="caption">Highlighted: the best seed of each layer (used for the ROC curves).</p></section>',
+        '<p class="caption">Highlighted: the best seed of each layer (used for the ROC curves).</p>',
+        verdict_html(layout, probes),
+        "</section>",
         '<section class="card" id="sec-roc"><h2>ROC curves</h2>'
         '<p class="explain">Left: token-level ROC of the best probe of each layer, re-scored here from the cached val '
         "activations (logit = x · w + b). Right: document-level ROC of the monitor, which scores every token of a "
@@ -903,8 +1025,15 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         "highest (its likeliest false alarms), the needle documents it scores lowest (its likeliest misses), and a few "
         f"random documents (fixed seed {HEATMAP_SEED})"
         + ("" if view is None else f"; probe layer {view.layer} · seed {view.seed}, documents ranked by "
-           f"{esc(view.chosen)}, the aggregation with the best document AUROC")
-        + ".</p>" + heat_html + "</section>",
+           f"{esc(view.chosen)}, the aggregation with the best document AUROC on {esc(view.calibration_split)}")
+        + '. The single tokens the best probe ranks most wrongly on the cached val rows are listed under '
+        '<a href="#sec-errors">tokens it gets wrong</a>, linked to these documents where they are shown.</p>'
+        + heat_html + "</section>",
+        '<section class="card" id="sec-errors"><h2>Tokens it gets wrong</h2>'
+        '<p class="explain">The highest-scoring negatives (false positives) and the lowest-scoring needle tokens '
+        "(misses) of the best probe on the cached val rows, in their text: the same lists as <code>"
+        + esc(command("errors", cfg, run)) + "</code>. A document id links to its heatmap above when it is shown there.</p>"
+        + errors_html(cfg, run, view) + "</section>",
         f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(layout.run_dir))}'
         f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
@@ -1089,14 +1218,8 @@ def chart_runs(chart_id: str, label: str, views: list[RunView], by: str) -> str:
             cx = plot.px(x) + dx
             ci_txt = ""
             if p.ci:
-                y0, y1 = plot.py(p.ci[0]), plot.py(p.ci[1])
-                plot.add(
-                    f'<g class="errorbar" stroke="{color}" {run_attr} data-layer="{layer}" '
-                    f'data-ci-low="{p.ci[0]!r}" data-ci-high="{p.ci[1]!r}">'
-                    f'<line x1="{cx:.1f}" y1="{y0:.1f}" x2="{cx:.1f}" y2="{y1:.1f}"/>'
-                    f'<line x1="{cx - 4:.1f}" y1="{y0:.1f}" x2="{cx + 4:.1f}" y2="{y0:.1f}"/>'
-                    f'<line x1="{cx - 4:.1f}" y1="{y1:.1f}" x2="{cx + 4:.1f}" y2="{y1:.1f}"/></g>'
-                )
+                plot.error_bar(cx, p.ci, color,
+                               f'{run_attr} data-layer="{layer}" data-ci-low="{p.ci[0]!r}" data-ci-high="{p.ci[1]!r}"')
                 ci_txt = f" (95% CI {p.ci[0]:.4f}–{p.ci[1]:.4f})"
             where = f"layer {layer}" + ("" if by == "layer" else f" of {v.n_layers} (depth {x:.3f})")
             plot.add(

@@ -529,33 +529,38 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
     mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
     y_train = train.labels
 
-    def fit_path(rows: np.ndarray | None, weights: np.ndarray | None, seed: int):
+    def local_rows(rows: np.ndarray | None) -> tuple[int, int, np.ndarray | None, int]:
+        """(lo, hi, index, n_fit): this process's train rows of a fit on all rows or on the subset ``rows``."""
         if rows is None:
-            lo, hi, index = t0, t1, None
-            n_fit = n_train
-        else:  # a row subset (downsample): this process's part of it, on group boundaries of the subset
-            from .distributed import row_shares
+            return t0, t1, None, n_train
+        # a row subset (downsample): this process's part of it, on group boundaries of the subset
+        from .distributed import row_shares
 
-            n_fit = int(rows.size)
-            group = group_rows(n_fit, device.type == "cuda")
-            if comm is None:
-                a, b = 0, n_fit
-            else:
-                cuts = [int(np.searchsorted(rows, x)) for x in _range_cuts(choice, n_train, comm)]
-                a, b = row_shares(n_fit, comm.dist.world, group, cuts)[comm.dist.rank]
-            index = rows[a:b]
-            lo, hi = 0, n_train
+        n_fit = int(rows.size)
+        group = group_rows(n_fit, device.type == "cuda")
+        if comm is None:
+            a, b = 0, n_fit
+        else:
+            cuts = [int(np.searchsorted(rows, x)) for x in _range_cuts(choice, n_train, comm)]
+            a, b = row_shares(n_fit, comm.dist.world, group, cuts)[comm.dist.rank]
+        return 0, n_train, rows[a:b], n_fit
+
+    def source(rows: np.ndarray | None, held: bool = True) -> LayerRows:
+        lo, hi, index, n_fit = local_rows(rows)
         group = group_rows(n_fit, device.type == "cuda")
         local = (hi - lo) if index is None else index.size
         sub_plan = plan if index is None else stream_plan(
             LayerShape.of(cache, layer), local, group, choice.budget.bytes if choice.budget else 0,
             hold_all=plan.held_rows >= t1 - t0, subset=True)
-        src = LayerRows(train, layer, lo, hi, index=index, mean32=mean32, std32=std32,
-                        block_rows=sub_plan.block_rows, piece_rows=sub_plan.piece_rows,
-                        held_rows=sub_plan.held_rows, device=device, stats=stats, check_stored=False)
+        return LayerRows(train, layer, lo, hi, index=index, mean32=mean32, std32=std32,
+                         block_rows=sub_plan.block_rows, piece_rows=sub_plan.piece_rows,
+                         held_rows=sub_plan.held_rows if held else 0, device=device, stats=stats, check_stored=False)
+
+    def fit_path(rows: np.ndarray | None, weights: np.ndarray | None, seed: int):
+        src = source(rows)
         stats.pass_bytes = src.pass_bytes
         try:
-            pick = slice(lo, hi) if index is None else index
+            pick = slice(src.start, src.stop) if src.index is None else src.index
             y = torch.from_numpy(y_train[pick].astype(np.float32)).to(device)
             sw = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights[pick])).to(device)
             out = fit_l2_path(src, y, list(grid), sample_weight=sw, comm=comm)
@@ -565,6 +570,17 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
             raise NeedleprobeError("the processes of a distributed fit ended with different weights (a bug: "
                                    "please report it with the command line)")
         return out
+
+    def train_scores(rows: np.ndarray | None, w_std: np.ndarray, b_std: np.ndarray) -> np.ndarray:
+        """Logits of the train rows the fit used (one more pass, read block by block; every process's gathered)."""
+        src = source(rows, held=False)
+        try:
+            out = np.empty((src.n, w_std.shape[1]), dtype=np.float32)
+            for a, block in src.blocks():
+                out[a : a + block.shape[0]] = block @ w_std + b_std
+        finally:
+            src.close()
+        return out if comm is None else comm.gather_rows(out)
 
     def val_scores(w: np.ndarray, b: np.ndarray) -> np.ndarray:
         rows = LayerRows(val, layer, v0, v1, **host_plan)
@@ -576,7 +592,8 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
             rows.close()
         return out if comm is None else comm.gather_rows(out)
 
-    return FitData(y_train, val.labels, val.doc_index, mean, std, fit_path, val_scores, solver=choice.solver, io=stats)
+    return FitData(y_train, val.labels, val.doc_index, mean, std, fit_path, val_scores, solver=choice.solver,
+                   train_scores=train_scores, io=stats)
 
 
 def _range_cuts(choice: SolverChoice, n_train: int, comm) -> list[int]:
