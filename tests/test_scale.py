@@ -288,3 +288,64 @@ def test_memory_store_extract_fit_and_check(scale_setup, capsys, one_thread):
         assert "up to date" in capsys.readouterr().err
     finally:
         fsspec.filesystem("memory").rm("/needleprobe-test", recursive=True)
+
+
+# ---------------------------------------------------------------------------
+# exact fits beyond memory and across processes
+
+
+@pytest.mark.slow
+def test_out_of_core_fit_writes_the_in_memory_bytes(scale_setup, sharded_run, tmp_path, one_thread):
+    """--fit-memory below the layer's rows (the sharded cache: 64-row chunks): the exact solver reads them from the
+    cache at every pass, and every probe file and the CSV are the in-memory fit's bytes; the run record says how each
+    layer was fitted and what it read."""
+    from needleprobe.cli import _config, build_parser
+
+    tmp, data, ref_cfg, ref_probes = scale_setup
+    run, _, _ = sharded_run
+    cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
+    cfg = _config(build_parser().parse_args(["fit", "--config", str(cfg_path), "--fit-memory", "3.5MB"]))
+    assert cfg.probe.fit_memory == "3.5MB"
+    fit(cfg)
+    assert _probe_files(tmp_path / "results" / "probes" / "t_v1") == ref_probes
+    stage = json.loads(next((tmp_path / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
+    assert stage["solvers"] == {"1": "lbfgs-out-of-core", "4": "lbfgs-out-of-core"}
+    assert stage["fit_memory"]["bytes"] == 3_500_000
+    io = stage["streaming"]["1"]
+    assert io["passes"] > 10 and io["bytes_read"] >= io["passes"] * io["bytes_per_pass"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_fit_equals_one_process(scale_setup, sharded_run, tmp_path):
+    """2 gloo processes, each its shard's rows (out of core): one optimisation, rank 0 writes.
+
+    Only the order in which float64 partial sums are added differs from one
+    process, so the probes agree to the solver's tolerance: the same L2, the
+    selected probe's val AUROC within 1e-6.  (This cache has fewer train rows
+    than features, so the weakest L2 is nearly separable and its iterates may
+    part at tolerance level: each swapped val pair moves AUROC by 7e-5.)
+    """
+    tmp, data, ref_cfg, _ = scale_setup
+    run, _, _ = sharded_run  # written by 2 processes: each fits its own shard's rows
+    cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "needleprobe", "fit", "--config", str(cfg_path), "--fit-memory", "3.5MB"],
+        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV},
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "exact L-BFGS across 2 processes (each its shard of the cache" in r.stdout + r.stderr
+    ref_dir, out = tmp / "ref" / "results" / "probes" / "t_v1", tmp_path / "results" / "probes" / "t_v1"
+    for want_json in sorted(ref_dir.glob("probe_layer_*.json")):
+        want, got = json.loads(want_json.read_text()), json.loads((out / want_json.name).read_text())
+        assert got["selected_l2"] == want["selected_l2"] and got["solver"] == "lbfgs"
+        assert abs(got["val_metrics"]["auroc"] - want["val_metrics"]["auroc"]) <= 1e-6
+        for g, w in zip(got["l2_results"], want["l2_results"]):
+            assert abs(g["val_auroc"] - w["val_auroc"]) <= 1e-3
+        wa = torch.load(want_json.with_suffix(".pt"))["weight"]
+        wb = torch.load((out / want_json.name).with_suffix(".pt"))["weight"]
+        assert float((wa - wb).abs().max() / wa.abs().max()) <= 1e-5
+    stage = json.loads(next((tmp_path / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
+    assert stage["processes"] == 2 and set(stage["solvers"].values()) <= {"lbfgs-distributed",
+                                                                           "lbfgs-distributed-out-of-core"}

@@ -244,6 +244,10 @@ def run(args) -> int:
     from .records import console
 
     con = console()
+    if args.command in ("fit", "train"):
+        from .runtime import one_malloc_arena
+
+        one_malloc_arena()  # before Zarr's reader threads exist: memory they free is reused, so --fit-memory holds
     if args.command == "demo-data":
         from .demo_data import write_demo_dataset
 

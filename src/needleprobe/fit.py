@@ -143,6 +143,8 @@ class FitScale:
     """``distributed.FitComm`` under torchrun, else None"""
     io: dict[int, dict[str, Any]] = field(default_factory=dict)
     """layer → passes over its train rows, bytes read, timings (streamed fits; for the run record)"""
+    modes: dict[int, str] = field(default_factory=dict)
+    """layer → how it was fitted (``streaming.SolverChoice.solver``; for the run record)"""
 
     @property
     def primary(self) -> bool:
@@ -154,7 +156,7 @@ class FitScale:
         if n <= 1:
             return self
         return FitScale(Budget(self.budget.bytes // n, f"{self.budget.source}, shared by {n} layers side by side"),
-                        self.comm, self.io)
+                        self.comm, self.io, self.modes)
 
 
 @dataclass
@@ -312,6 +314,7 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
                 **({"devices": [str(d) for d in workers]} if len(workers) > 1 else {}),
                 **({"processes": dist.world} if dist.sharded else {}),
                 "fit_memory": {"bytes": scale.budget.bytes, "source": scale.budget.source},
+                "solvers": {str(k): v for k, v in sorted(scale.modes.items())},
                 **({"streaming": {str(k): v for k, v in sorted(scale.io.items())}} if scale.io else {}),
                 "timings_s": result.timings,
                 "outputs": {str(p): file_sha256(p) for p in files},
@@ -342,7 +345,10 @@ def _fit_layer(cfg: Config, cache: Cache, layout: Layout, layer: int, seeds: lis
     and their val logits [n_val]."""
     scale = scale or FitScale(fit_budget(cfg.probe.fit_memory, dev))
     choice = choose_solver(cfg, cache, layer, dev, scale.budget, scale.comm)
-    solver = choice.solver
+    # the probe's file names the method; how its rows were laid out (in memory, out of core, processes) depends on
+    # the memory free at the time, so it goes to the run record, never into the probe's bytes
+    solver = "minibatch" if choice.solver == "minibatch" else "lbfgs"
+    scale.modes[layer] = choice.solver
     if scale.primary:
         console().print(f"layer {layer}: {choice.why}")
     t0 = time.perf_counter()

@@ -369,7 +369,8 @@ class LayerShape:
         """What reading ``rows`` rows at a time holds: the stored chunks and the decoded rows (and the copy of a
         row subset), plus a chunk kept by each of Zarr's reader threads (freed memory that their own malloc arenas
         keep for the next read: measured 32 MB for 4 MiB chunks and 6 threads)."""
-        return ((3 if subset else 2) * rows + zarr_reader_threads() * self.chunk_rows) * self.d * self.itemsize
+        kept = min(zarr_reader_threads(), -(-rows // self.chunk_rows) + 1)  # threads a read of ``rows`` rows keeps busy
+        return ((3 if subset else 2) * rows + kept * self.chunk_rows) * self.d * self.itemsize
 
     def fixed_bytes(self, n_rows: int) -> int:
         """Held whatever the layout: solver vectors, L-BFGS history, the statistics' float64 block."""

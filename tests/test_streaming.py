@@ -1,0 +1,92 @@
+"""Exact L-BFGS out of core: the memory budget, the choice of solver, and the streamed fit against the in-memory one.
+
+A small synthetic cache (``benchmarks/synthetic_cache.py``, 512-row chunks) and
+a budget that holds a quarter of the train rows: the rest are read from the
+cache in several blocks at every pass.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from needleprobe.config import parse_bytes
+from needleprobe.errors import NeedleprobeError
+from needleprobe.fit import lbfgs_layer
+from needleprobe.probe import fit_grid
+from needleprobe.runtime import fit_settings
+from needleprobe.streaming import Budget, LayerShape, choose, streamed_fit_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from synthetic_cache import write_synthetic_cache  # noqa: E402
+
+GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NEEDLEPROBE_CHUNK_ROWS", "512")
+    try:
+        return write_synthetic_cache(tmp_path_factory.mktemp("synth") / "cache", 6000, 2000, 128)
+    finally:
+        mp.undo()
+
+
+def test_parse_bytes():
+    assert parse_bytes("8MB") == 8_000_000 and parse_bytes("40GB") == 40 * 10**9
+    assert parse_bytes("512MiB") == 512 << 20 and parse_bytes("1.5 kb") == 1500 and parse_bytes("100") == 100
+    with pytest.raises(ValueError, match="8MB"):
+        parse_bytes("lots")
+
+
+def test_fit_memory_is_validated(tmp_path):
+    from needleprobe.config import Config, ProbeConfig, validate
+
+    for bad in ("lots", "0MB"):
+        with pytest.raises(NeedleprobeError, match="probe.fit_memory"):
+            validate(Config(probe=ProbeConfig(fit_memory=bad)))
+
+
+def test_auto_never_picks_an_approximate_solver(synthetic):
+    shape = LayerShape.of(synthetic, 0)
+    roomy = choose("auto", synthetic, 0, CPU, Budget(shape.in_memory_bytes(), "test"))
+    assert roomy.solver == "lbfgs" and not roomy.streamed and "in memory" in roomy.why
+    for solver in ("auto", "lbfgs"):
+        tight = choose(solver, synthetic, 0, CPU, Budget(shape.in_memory_bytes() // 2, "test"))
+        assert tight.solver == "lbfgs-out-of-core" and "out of core" in tight.why
+        assert 0 < tight.plan.held_rows < shape.n_train
+    assert choose("minibatch", synthetic, 0, CPU, Budget(10**12, "test")).solver == "minibatch"
+    with pytest.raises(NeedleprobeError, match="raise --fit-memory") as e:
+        choose("auto", synthetic, 0, CPU, Budget(100_000, "test"))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("class_balance", ["weighted", "downsample"])
+def test_out_of_core_equals_in_memory(synthetic, class_balance):
+    """Several blocks per pass: every grid value's val AUROC, the selected L2 and the weights are the in-memory ones."""
+    shape = LayerShape.of(synthetic, 0)
+    budget = Budget(6_000_000, "test")
+    assert shape.in_memory_bytes() > 2 * budget.bytes
+    choice = choose("auto", synthetic, 0, CPU, budget)
+    assert choice.solver == "lbfgs-out-of-core"
+    assert (shape.n_train - choice.plan.held_rows) >= 4 * choice.plan.block_rows  # several blocks read per pass
+    with fit_settings():
+        want = fit_grid(lbfgs_layer(synthetic, 0, GRID, CPU), GRID, class_balance, 1)
+        data = streamed_fit_data(synthetic, 0, GRID, CPU, choice)
+        got = fit_grid(data, GRID, class_balance, 1)
+    assert got["selected_l2"] == want["selected_l2"]
+    for g, w in zip(got["l2_results"], want["l2_results"]):
+        assert abs(g["val_auroc"] - w["val_auroc"]) <= 1e-6
+        assert abs(g["train_auroc"] - w["train_auroc"]) <= 1e-6
+        assert g["n_iter"] == w["n_iter"]
+    rel = np.abs(got["weight"] - want["weight"]).max() / np.abs(want["weight"]).max()
+    assert rel <= 1e-5
+    io = data.io
+    assert io.passes > 10 and io.pass_bytes > 0 and io.bytes_read >= io.passes * io.pass_bytes
+    assert io.peak_rows_held < shape.n_train  # never the whole layer at once
