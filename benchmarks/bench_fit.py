@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fit benchmark: the whole ``needleprobe fit`` command vs a scikit-learn loop, and the solver alone.
 
-    .venv/bin/python benchmarks/bench_fit.py [--parts whole,layers,refit,synthetic] [--reps 3] [--quick]
+    .venv/bin/python benchmarks/bench_fit.py [--parts whole,layers,refit,synthetic,out-of-core] [--reps 3] [--quick]
 
 Parts, each measured in this one run (ratios, not absolute targets):
 
@@ -27,6 +27,10 @@ layers     Per layer of the demo cache (``configs/demo.yaml``; built first if
 refit      ``needleprobe fit --l2-grid …`` with a new grid on that demo cache.
 synthetic  An n × d matrix with a few ~100× outlier dimensions (like Gemma's
            residual stream): ``benchmarks/bench_solver.py``.
+out-of-core  A synthetic cache 3× the memory budget (40k + 8k rows × 1536,
+           --fit-memory 96MB): exact L-BFGS streamed from the cache vs in memory
+           (time per pass, AUROC, weights, peak RSS) and vs the reader alone
+           (the cache's read speed): ``benchmarks/bench_out_of_core.py``.
 
 Target on a 2-core machine: the whole command ≥ 2.5× faster than the
 scikit-learn loop, every grid value's val AUROC within 1e-3 of scikit-learn's.
@@ -250,7 +254,7 @@ def whole_part(reps: int, tight: bool) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="whole,layers,refit,synthetic", help="comma-separated, in this order")
+    ap.add_argument("--parts", default="whole,layers,refit,synthetic,out-of-core", help="comma-separated, in this order")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the whole-command part")
     ap.add_argument("--no-tight", action="store_true", help="skip the tol=1e-6 scikit-learn reference (whole part)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="the demo cache of parts layers/refit")
@@ -278,6 +282,11 @@ def main() -> None:
         n, d = (20_000, 512) if args.quick else (args.synthetic_n, args.synthetic_d)
         print(f"\n## synthetic {n} × {d} with outlier dimensions\n", flush=True)
         bench_solver.main(["--n", str(n), "--d", str(d), "--grid", ",".join(map(str, GRID))])
+    if "out-of-core" in parts:
+        import bench_out_of_core
+
+        print("\n## out of core: exact L-BFGS streamed from a cache 3× the memory budget\n", flush=True)
+        bench_out_of_core.main([])
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def choose_solver(cfg: Config, cache: Cache, layer: int, device: torch.device, b
     whose rows exceed the budget (``probe.fit_memory``) is streamed from the cache.
     """
     budget = budget or fit_budget(cfg.probe.fit_memory, device)
-    return choose(cfg.probe.solver, cache, layer, device, budget, comm)
+    return choose(cfg.probe.solver, cache, layer, device, budget, comm, columns=len(set(cfg.probe.l2_grid)))
 
 
 def _split_stats(split, labels: np.ndarray) -> dict[str, int]:
@@ -186,7 +186,7 @@ def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | Non
         return [dev]
     layers = cfg.probe.layers_to_probe
     budget = budget or fit_budget(cfg.probe.fit_memory, dev)
-    need = max(LayerShape.of(cache, layer).in_memory_bytes() for layer in layers)
+    need = max(LayerShape.of(cache, layer, len(set(cfg.probe.l2_grid))).in_memory_bytes() for layer in layers)
     n = min(len(layers), os.cpu_count() or 1, max(1, budget.bytes // max(need, 1)))
     return [dev] * max(1, n)
 

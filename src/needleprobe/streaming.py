@@ -45,9 +45,11 @@ from .probe import FitData, column_moments_of_blocks, feature_scale
 from .records import human_bytes
 from .solvers import _MEMORY, fit_l2_path, group_rows
 
-SOLVER_ROW_BYTES = 320
-"""Float64 vectors over rows the solver holds at once per train row (z, q, residuals, weights, line-search trials):
-up to 40 × 8 B (measured: 180-260 B per row at the peak of a fit)."""
+SOLVER_ROW_BYTES = 48
+SOLVER_COLUMN_ROW_BYTES = 112
+"""Vectors over rows the solver holds at once, per train row: 48 B (labels, weights) plus 112 B per L2 value
+(z, q, residuals and the line search's trials in float64; the final check scores every L2 value at once).
+Measured: a 60,000 × 768 layer with 5 L2 values peaked at ~560 B per row beyond the rows and buffers."""
 BLOCK_BYTES = 32 << 20
 """Float32 rows per streamed block, at most (two such buffers): large reads, few Python calls."""
 MAX_PIECE_CHUNKS = 16
@@ -354,12 +356,14 @@ class LayerShape:
     itemsize: int
     """bytes per stored value (2 for bfloat16 and float16, 4 for float32)"""
     chunk_rows: int
+    columns: int = 5
+    """distinct L2 values of the grid (the solver's vectors over rows grow with them)"""
 
     @classmethod
-    def of(cls, cache: Cache, layer: int) -> "LayerShape":
+    def of(cls, cache: Cache, layer: int, columns: int = 5) -> "LayerShape":
         arr = cache.split("train").activations(layer)
         return cls(int(arr.shape[0]), int(cache.split("val").n_rows), int(arr.shape[1]),
-                   int(np.dtype(arr.dtype).itemsize), int(arr.chunks[0]))
+                   int(np.dtype(arr.dtype).itemsize), int(arr.chunks[0]), columns)
 
     def history_bytes(self) -> int:
         """L-BFGS pairs (S, Y) and their products (S^T Y, Y^T Y), float64."""
@@ -374,7 +378,8 @@ class LayerShape:
 
     def fixed_bytes(self, n_rows: int) -> int:
         """Held whatever the layout: solver vectors, L-BFGS history, the statistics' float64 block."""
-        return n_rows * SOLVER_ROW_BYTES + self.history_bytes() + (MOMENT_BLOCK_ROWS + 1) * self.d * 8
+        return (n_rows * (SOLVER_ROW_BYTES + SOLVER_COLUMN_ROW_BYTES * self.columns) + self.history_bytes()
+                + (MOMENT_BLOCK_ROWS + 1) * self.d * 8)
 
     def in_memory_bytes(self) -> int:
         """One process, every train and val row in float32 (``FitData.from_arrays``), read 16 chunks at a time."""
@@ -448,9 +453,11 @@ class SolverChoice:
         return self.plan is not None
 
 
-def choose(solver: str, cache: Cache, layer: int, device: torch.device, budget: Budget, comm=None) -> SolverChoice:
-    """In memory, out of core or across processes, from the rows, the budget and the processes (see module doc)."""
-    shape = LayerShape.of(cache, layer)
+def choose(solver: str, cache: Cache, layer: int, device: torch.device, budget: Budget, comm=None,
+           columns: int = 5) -> SolverChoice:
+    """In memory, out of core or across processes, from the rows, the budget, the processes (see module doc) and
+    the grid's ``columns`` (distinct L2 values)."""
+    shape = LayerShape.of(cache, layer, columns)
     rows = human_bytes((shape.n_train + shape.n_val) * shape.d * 4)
     if solver == "minibatch":
         if comm is not None:
@@ -551,7 +558,7 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
         group = group_rows(n_fit, device.type == "cuda")
         local = (hi - lo) if index is None else index.size
         sub_plan = plan if index is None else stream_plan(
-            LayerShape.of(cache, layer), local, group, choice.budget.bytes if choice.budget else 0,
+            LayerShape.of(cache, layer, len(set(grid))), local, group, choice.budget.bytes if choice.budget else 0,
             hold_all=plan.held_rows >= t1 - t0, subset=True)
         return LayerRows(train, layer, lo, hi, index=index, mean32=mean32, std32=std32,
                          block_rows=sub_plan.block_rows, piece_rows=sub_plan.piece_rows,
@@ -577,7 +584,7 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
         src = source(rows, held=False)
         try:
             out = np.empty((src.n, w_std.shape[1]), dtype=np.float32)
-            for a, block in src.blocks():
+            for a, block in src.blocks():  # numpy's BLAS, as the in-memory form scores on CPU (rows alike in any block)
                 out[a : a + block.shape[0]] = block @ w_std + b_std
         finally:
             src.close()

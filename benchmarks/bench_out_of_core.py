@@ -1,0 +1,153 @@
+#!/usr/bin/env python
+"""Out-of-core fit benchmark: exact L-BFGS with a layer several times the memory budget, against the in-memory fit.
+
+    .venv/bin/python benchmarks/bench_out_of_core.py [--n 40000] [--d 1536] [--budget 96MB]
+
+A synthetic cache (``synthetic_cache.py``: bfloat16, 4 MiB chunks, ~57 rows per
+document) is written once under ``build/bench-fit/``.  Each fit runs in a child
+process of its own, so its peak RSS (``VmHWM``) is its own:
+
+* ``in memory``: ``fit.lbfgs_layer`` (the whole layer in float32);
+* ``out of core``: ``streaming.streamed_fit_data`` with ``--budget`` (rows read
+  from the cache at every pass, the next block prefetched);
+* ``read``: three passes of the same reader over the train rows, no solver
+  (the cache's read speed, decoding included: the floor of a streamed pass).
+
+Reported: seconds, passes, time per pass, bytes read, the RSS growth over the
+child's RSS after imports (against the budget), and the largest val-AUROC
+difference over the grid, the selected L2 and the weights' relative difference.
+The cache was just written, so its file pages are usually in the page cache:
+``read`` is then memory-speed decoding, not the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+READ_PASSES = 3
+
+
+def _rss() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return out
+
+
+def child(mode: str, path: str, budget: str) -> None:
+    """One measurement, printed as one JSON line."""
+    from needleprobe.runtime import fit_settings, one_malloc_arena
+
+    one_malloc_arena()  # as ``needleprobe fit`` does
+    import numpy as np
+    import torch
+
+    from needleprobe import open_cache
+    from needleprobe.config import parse_bytes
+    from needleprobe.fit import lbfgs_layer
+    from needleprobe.probe import fit_grid
+    from needleprobe.streaming import Budget, LayerRows, choose, streamed_fit_data
+
+    cache = open_cache(path)
+    cpu = torch.device("cpu")
+    base = _rss()["VmRSS"]
+    t0 = time.perf_counter()
+    rec: dict = {"mode": mode}
+    with fit_settings():
+        if mode == "read":
+            train = cache.split("train")
+            choice = choose("auto", cache, 0, cpu, Budget(parse_bytes(budget), "bench"))
+            rows = LayerRows(train, 0, 0, train.n_rows, block_rows=choice.plan.block_rows,
+                             piece_rows=choice.plan.piece_rows, check_stored=False)  # as a fit's passes
+            sum(b.shape[0] for _, b in rows.blocks())
+            t0 = time.perf_counter()  # after a first pass (thread and buffer start-up), three timed ones
+            for _ in range(READ_PASSES):
+                n = sum(b.shape[0] for _, b in rows.blocks())
+            rows.close()
+            rec.update(rows=n, bytes_read=rows.stats.bytes_read // (READ_PASSES + 1) * READ_PASSES)
+        else:
+            if mode == "memory":
+                data = lbfgs_layer(cache, 0, GRID, cpu)
+            else:
+                choice = choose("auto", cache, 0, cpu, Budget(parse_bytes(budget), "bench"))
+                rec.update(solver=choice.solver, held_rows=choice.plan.held_rows, block_rows=choice.plan.block_rows)
+                data = streamed_fit_data(cache, 0, GRID, cpu, choice)
+            r = fit_grid(data, GRID, "weighted", 0)
+            rec.update(val_auroc=[x["val_auroc"] for x in r["l2_results"]], n_iter=[x["n_iter"] for x in r["l2_results"]],
+                       selected_l2=r["selected_l2"], weight=np.asarray(r["weight"], np.float64).tolist())
+            if data.io is not None:
+                rec.update(passes=data.io.passes, bytes_read=data.io.bytes_read, bytes_per_pass=data.io.pass_bytes,
+                           wait_s=data.io.wait_seconds)
+    rec.update(seconds=time.perf_counter() - t0, rss_growth=_rss()["VmHWM"] - base, rss_base=base)
+    print(json.dumps(rec))
+
+
+def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
+    import numpy as np
+
+    from needleprobe.config import parse_bytes
+    from needleprobe.records import human_bytes
+
+    path = ROOT / "build" / "bench-fit" / f"ooc-{n}x{d}"
+    if not (path / "zarr.json").exists():
+        from synthetic_cache import write_synthetic_cache
+
+        write_synthetic_cache(path, n, n_val, d, feature_dtype="bfloat16")
+    layer_bytes = (n + n_val) * d * 4
+    out = [f"synthetic cache: {n:,} train + {n_val:,} val rows × {d} (bfloat16 on disk, {human_bytes((n + n_val) * d * 2)}; "
+           f"{human_bytes(layer_bytes)} in float32), budget {budget} ({layer_bytes / parse_bytes(budget):.1f}× smaller "
+           f"than the layer)", "",
+           "| fit | wall | passes | per pass | read | RSS growth | max val-AUROC diff | L2 | weights rel. diff |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    got = {}
+    for mode in ("memory", "out-of-core", "read"):
+        r = subprocess.run([sys.executable, __file__, "--child", mode, str(path), budget],
+                           capture_output=True, text=True, check=True)
+        got[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+    mem, ooc, rd = got["memory"], got["out-of-core"], got["read"]
+    passes = ooc["passes"]
+    diff = max(abs(a - b) for a, b in zip(mem["val_auroc"], ooc["val_auroc"]))
+    wm, wo = np.array(mem["weight"]), np.array(ooc["weight"])
+    rel = float(np.abs(wm - wo).max() / np.abs(wm).max())
+    out.append(f"| in memory | {mem['seconds']:.1f} s | ({passes} by the same iterations) | "
+               f"{1e3 * mem['seconds'] / passes:.0f} ms | – | {human_bytes(mem['rss_growth'])} | – | {mem['selected_l2']:g} | – |")
+    out.append(f"| out of core | {ooc['seconds']:.1f} s | {passes} | {1e3 * ooc['seconds'] / passes:.0f} ms | "
+               f"{human_bytes(ooc['bytes_read'])} ({human_bytes(ooc['bytes_per_pass'])} per pass; solver waited "
+               f"{ooc['wait_s']:.1f} s) | {human_bytes(ooc['rss_growth'])} | {diff:.1e} | {ooc['selected_l2']:g} | {rel:.1e} |")
+    per = rd["seconds"] / READ_PASSES
+    out.append(f"| read only (the reader, no solver) | {rd['seconds']:.2f} s | {READ_PASSES} | {1e3 * per:.0f} ms | "
+               f"{human_bytes(rd['bytes_read'])} ({rd['bytes_read'] / rd['seconds'] / 1e6:.0f} MB/s) | "
+               f"{human_bytes(rd['rss_growth'])} | | | |")
+    out += ["", f"held rows {ooc['held_rows']:,} of {n:,}, blocks of {ooc['block_rows']:,} rows; iterations per L2 "
+            f"{ooc['n_iter']} (in memory {mem['n_iter']}); child RSS after imports {human_bytes(ooc['rss_base'])}"]
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=40_000, help="train rows")
+    ap.add_argument("--n-val", type=int, default=8_000)
+    ap.add_argument("--d", type=int, default=1536)
+    ap.add_argument("--budget", default="96MB", help="--fit-memory of the out-of-core fit")
+    ap.add_argument("--child", nargs=3, metavar=("MODE", "CACHE", "BUDGET"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return
+    print("\n".join(run(args.n, args.n_val, args.d, args.budget)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
