@@ -111,3 +111,57 @@ def test_layer_rows_serve_rows_and_subsets_in_order(synthetic):
         assert stats.passes == 2 and stats.peak_rows_held == 512 + 2 * 256
         rows.close()
         assert stats.rows_held == 0
+
+
+class _ThreadComm:
+    """``solvers.Comm`` between threads of one process: what ``distributed.FitComm`` does between processes."""
+
+    def __init__(self, rank: int, world: int, board: list, barrier):
+        self.rank, self.world, self.board, self.barrier = rank, world, board, barrier
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        self.barrier.wait()
+        self.board[self.rank] = t.clone()
+        self.barrier.wait()
+        out = torch.cat([self.board[r] for r in range(self.world)])
+        self.barrier.wait()
+        return out
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        t.copy_(self.cat(t[None]).sum(0))
+        return t
+
+
+def test_split_rows_give_the_one_process_bits():
+    """Rows split over 2 or 3 'processes' (threads with a gather), shares on group boundaries: the same weights,
+    losses and iterations as one process, bit for bit."""
+    import threading
+
+    from needleprobe.solvers import fit_l2_path, group_rows
+
+    rng = np.random.default_rng(0)
+    n, d = 3000, 40
+    x = (rng.standard_normal((n, d)) * np.r_[np.full(3, 30.0), np.ones(d - 3)]).astype(np.float32)
+    y = (x[:, 3] + x[:, 4] + rng.standard_normal(n) > 1.5).astype(np.float32)
+    grid = [1e-4, 1e-2, 1.0]
+    with fit_settings():
+        want = fit_l2_path(torch.from_numpy(x), torch.from_numpy(y), grid)
+        g = group_rows(n)
+        for cuts in ([0, 7 * g, n], [0, 2 * g, 10 * g, n]):
+            world = len(cuts) - 1
+            board, barrier, got = [None] * world, threading.Barrier(world), [None] * world
+
+            def work(r):
+                a, b = cuts[r], cuts[r + 1]
+                got[r] = fit_l2_path(torch.from_numpy(x[a:b]), torch.from_numpy(y[a:b]), grid,
+                                     comm=_ThreadComm(r, world, board, barrier))
+
+            threads = [threading.Thread(target=work, args=(r,)) for r in range(world)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for r in range(world):
+                for a, b in zip(got[r], want):
+                    assert np.array_equal(a.weight, b.weight) and a.bias == b.bias
+                    assert a.loss == b.loss and a.n_iter == b.n_iter

@@ -226,6 +226,13 @@ class FitComm:
             t.copy_(host)
         return t
 
+    def cat(self, t: "torch.Tensor") -> "torch.Tensor":
+        """Every rank's ``t`` [m_r, ...] concatenated in rank order, on every rank (``solvers.Comm``)."""
+        import torch
+
+        host = t.detach().cpu().contiguous().numpy()
+        return torch.from_numpy(self.gather_rows(host)).to(t.device)
+
     def allsum(self, a: np.ndarray) -> np.ndarray:
         """A numpy array summed over ranks (float64 stays float64)."""
         import torch

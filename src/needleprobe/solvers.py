@@ -88,18 +88,25 @@ features.  So the same iterations run when ``X`` is a :class:`RowSource` (rows
 read group by group from the cache, see :mod:`needleprobe.streaming`) and when
 the rows are split over processes (``comm``: each process holds its rows' part
 of every row vector; the sums over rows, that is ``X^T r``, the loss and the
-line search's scalars, are all-reduced, so every process holds the same
-iterates and takes the same decisions).
+line search's scalars, are combined across processes, so every process holds the
+same iterates and takes the same decisions).
 
-``X^T r`` is summed in float32 over groups of :func:`group_rows` rows, then in
-float64 across groups.  The group size depends only on the total row count, and
-a process's rows start on a group boundary, so in memory, out of core and across
-processes the float32 products are the same groups of the same rows: out of
-core on CPU every product is the in-memory one bit for bit (tested), and across
-processes only the float64 sums are associated differently (about 1e-16
-relative).  The float32 rounding inside a group is what a different grouping
-would change, and it moves weak-L2 probes by up to 2e-4 relative (measured on
-the demo cache), hence the fixed groups.
+Every sum over rows is made independent of how the rows are laid out, so that
+in memory, out of core and across processes give the same bits.  Rows are cut
+into groups of :func:`group_rows` rows (the size depends only on the total row
+count; a process's rows start on a group boundary, so the groups are the same
+rows in every layout).  ``X^T r`` is a float32 product per group, added across
+groups in float64 as a double-double (TwoSum, the rounding errors kept), and the
+processes' double-doubles are added in rank order and rounded once: the float64
+rounding of the exact sum of the same group products, whatever the split (a sum
+lying within ~1e-32 relative of a rounding midpoint could still differ).  Sums
+of vectors over rows (:meth:`_Data.rowsum`) sum each group alone, gather every
+group sum in order and sum that one array: the same operations on the same
+numbers.  Without this, the float64 association alone (about 1e-16 relative)
+let a 2-process fit stop a few iterations apart from the 1-process one on a
+nearly separable problem.  The float32 rounding inside a group is what a
+different grouping would change, and it moves weak-L2 probes by up to 2e-4
+relative (measured on the demo cache), hence the fixed groups.
 """
 
 from __future__ import annotations
@@ -171,18 +178,33 @@ class RowSource(Protocol):
 
 
 class Comm(Protocol):
-    """Sums across the processes of a distributed fit (``needleprobe.distributed.FitComm``)."""
+    """Sums and gathers across the processes of a distributed fit (``needleprobe.distributed.FitComm``)."""
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """All-reduce ``t`` in place (sum over processes, the same bits on each) and return it."""
         ...
 
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        """Every process's ``t`` [m_r, ...] concatenated in rank order (on every process, on t's device)."""
+        ...
+
 
 class _Local:
-    """One process: a sum over processes is the value itself."""
+    """One process: a sum over processes is the value itself, a gather the tensor."""
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+    def cat(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+
+def _two_sum_into(hi, lo, p) -> None:
+    """hi + lo += p without losing the rounding error of hi + p (Knuth's TwoSum; numpy arrays or tensors)."""
+    s = hi + p
+    bp = s - hi
+    lo += (hi - (s - bp)) + (p - bp)
+    hi[...] = s
 
 
 class _Data:
@@ -236,8 +258,7 @@ class _Data:
         c = s / n_total
         self.c = c[:, None]  # [n, 1]: weight of row i in the mean loss
         self.cy = (c * y)[:, None]  # [n, 1]
-        self.c_row = c[None, :]  # [1, n] (for gemv reductions)
-        self.cny_row = (c * (1 - y))[None, :]  # [1, n]
+        self.cny = (c * (1 - y))[:, None]  # [n, 1]
         self.cuda = self.dev.type == "cuda"
         self.group = group_rows(n_total, self.cuda)
         # On CPU, single-column products go through numpy's BLAS (OpenBLAS): its
@@ -245,8 +266,36 @@ class _Data:
         self.Xn = self.X.detach().numpy() if self.X is not None and self.dev.type == "cpu" else None
 
     def rowsum(self, M: torch.Tensor) -> torch.Tensor:
-        """Sum over rows of M [n, K] (all processes): [K]."""
-        return self.comm.sum_(M.sum(0))
+        """Sum over rows of M [n, K] (all processes): [K], the same bits however the rows are split over processes.
+
+        Each group of :func:`group_rows` rows is summed alone (processes' rows
+        start on group boundaries, so these are the same groups of the same
+        rows), the group sums of every process are gathered in rank order, and
+        that one [G, K] array is summed: the same operation on the same numbers.
+        """
+        K = M.shape[1]
+        g, n = self.group, M.shape[0]
+        full = n // g * g
+        parts = [M[:full].reshape(-1, g, K).sum(1)] if full else []
+        if full < n:
+            parts.append(M[full:].sum(0, keepdim=True))
+        sums = torch.cat(parts) if parts else M.new_zeros(0, K)
+        return self.comm.cat(sums).sum(0)
+
+    def dd_total(self, hi: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+        """A double-double sum (hi + lo) of every process, added in rank order, rounded to float64.
+
+        The rounding errors of the float64 additions are carried in ``lo``, so
+        the result is the float64 rounding of the exact sum (up to ~1e-32
+        relative): the same bits whether one process added all groups or each
+        process its own, except for a sum within that of a rounding midpoint.
+        """
+        both = self.comm.cat(torch.stack([hi, lo])[None])  # [world, 2, ...]
+        H, L = both[0, 0].clone(), both[0, 1].clone()
+        for r in range(1, both.shape[0]):
+            _two_sum_into(H, L, both[r, 0])
+            L += both[r, 1]
+        return H + L
 
     def xp(self, P: torch.Tensor) -> torch.Tensor:
         """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out); row by row, so no sum across processes."""
@@ -272,38 +321,41 @@ class _Data:
         return out.to(_F64) + P[-1]
 
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
-        """X^T R for R [n, K] (float64 in and out) over this process's rows: float32 groups, float64 sums."""
+        """X^T R for R [n, K] (float64 in and out), all processes: float32 groups, exact float64 sums over groups."""
+        return self.dd_total(*self.xtr_parts(R)).T
+
+    def xtr_parts(self, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's X^T R as a double-double (hi, lo) [K, d]: float32 products per group of rows, added in
+        float64 with their rounding errors kept."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
-        chunk = self.group
+        K, chunk = R.shape[1], self.group
+        hi = torch.zeros(K, self.d, dtype=_F64, device=self.dev)
+        lo = torch.zeros_like(hi)
         if self.src is not None:
-            acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
             if self.dev.type == "cpu":
-                Rn, acc_n = Rt.numpy(), acc.numpy()
+                Rn, hn, ln = Rt.numpy(), hi.numpy(), lo.numpy()
                 for a, Xg in self.src.groups(chunk):
                     xg = Xg.numpy()
-                    for k in range(R.shape[1]):
-                        acc_n[k] += Rn[k, a : a + xg.shape[0]] @ xg
+                    for k in range(K):
+                        _two_sum_into(hn[k], ln[k], (Rn[k, a : a + xg.shape[0]] @ xg).astype(np.float64))
             else:
                 for a, Xg in self.src.groups(chunk):
-                    acc += (Rt[:, a : a + Xg.shape[0]] @ Xg).to(_F64)
-            return acc.T
+                    _two_sum_into(hi, lo, (Rt[:, a : a + Xg.shape[0]] @ Xg).to(_F64))
+            return hi, lo
         if self.Xn is not None:  # numpy's BLAS: its GEMV was ~1.5x faster than torch's MKL on the machine measured
-            Rn, acc_n = Rt.numpy(), np.zeros((R.shape[1], self.d), dtype=np.float64)
-            for k in range(R.shape[1]):  # one GEMV per column: a [1, n] GEMM is slower
+            Rn, hn, ln = Rt.numpy(), hi.numpy(), lo.numpy()
+            for k in range(K):  # one GEMV per column: a [1, n] GEMM is slower
                 for i in range(0, self.n, chunk):
-                    acc_n[k] += Rn[k, i : i + chunk] @ self.Xn[i : i + chunk]
-            return torch.from_numpy(acc_n).T
-        if self.mm_dtype == _F64 or self.n <= chunk:
-            return (Rt @ self.X).to(_F64).T
-        acc = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
+                    _two_sum_into(hn[k], ln[k], (Rn[k, i : i + chunk] @ self.Xn[i : i + chunk]).astype(np.float64))
+            return hi, lo
         for i in range(0, self.n, chunk):
-            acc += (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64)
-        return acc.T
+            _two_sum_into(hi, lo, (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64))
+        return hi, lo
 
     def loss(self, Z: torch.Tensor) -> torch.Tensor:
         """Data term (1/n) sum_i s_i logloss(y_i, z_i) for each column of Z [n, K] (all processes)."""
         # logloss(y, z) = -log sigmoid(z) + (1 - y) z
-        return self.comm.sum_((self.cny_row @ Z)[0] - (self.c_row @ torch.nn.functional.logsigmoid(Z))[0])
+        return self.rowsum(self.cny * Z - self.c * torch.nn.functional.logsigmoid(Z))
 
     def residual(self, sig: torch.Tensor) -> torch.Tensor:
         """R = c (sigmoid(z) - y), the derivative of the data term in z."""
@@ -464,7 +516,7 @@ class _State:
 
 def data_grad(data: _Data, R: torch.Tensor) -> torch.Tensor:
     """Gradient of the data term for residuals R [n, K]: [X^T R; sum R] -> [D, K] (all processes)."""
-    return data.comm.sum_(torch.cat([data.xtr(R), R.sum(0, keepdim=True)]))
+    return torch.cat([data.xtr(R), data.rowsum(R)[None]])
 
 
 def _line_search(data: _Data, st: _State, P: torch.Tensor, Q: torch.Tensor,
@@ -681,8 +733,8 @@ def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
     dev = data.dev
     l2 = torch.as_tensor(np.asarray(l2_unique, dtype=np.float64), device=dev)
     # Start at w = 0 with the optimal intercept for w = 0.
-    pos = float(data.comm.sum_(data.cy.sum().reshape(1))[0])
-    neg = float(data.comm.sum_((data.c - data.cy).sum().reshape(1))[0])
+    pos = float(data.rowsum(data.cy)[0])
+    neg = float(data.rowsum(data.c - data.cy)[0])
     b0 = math.log(pos / neg) if pos > 0 and neg > 0 else 0.0
     theta0 = torch.zeros(D, K, dtype=_F64, device=dev)
     theta0[-1] = b0
