@@ -244,10 +244,6 @@ def run(args) -> int:
     from .records import console
 
     con = console()
-    if args.command in ("fit", "train"):
-        from .runtime import one_malloc_arena
-
-        one_malloc_arena()  # before Zarr's reader threads exist: memory they free is reused, so --fit-memory holds
     if args.command == "demo-data":
         from .demo_data import write_demo_dataset
 
@@ -363,6 +359,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .runtime import one_malloc_arena
+
+    # a fit's memory: one malloc arena, set before Zarr's reader threads exist, so what they free is reused and
+    # --fit-memory holds; the default again afterwards (main() also runs inside other programs, tests included)
+    arena = args.command in ("fit", "train") and one_malloc_arena()
     try:
         with model_loading_bar(shown=not (args.no_progress and args.command in MODEL_COMMANDS)):
             return run(args)
@@ -374,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("needleprobe: interrupted (an extract resumes where it stopped when run again)", file=sys.stderr)
         return 130
+    finally:
+        if arena:
+            one_malloc_arena(0)
 
 
 if __name__ == "__main__":

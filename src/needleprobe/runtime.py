@@ -44,9 +44,9 @@ def fit_settings(cpu: bool = True) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def one_malloc_arena() -> bool:
-    """glibc: one malloc arena for the whole process, set once at the start of a fit command (before Zarr's
-    reader threads exist).
+def one_malloc_arena(arenas: int = 1) -> bool:
+    """glibc: at most ``arenas`` malloc arenas for the process (1 for a fit command, set before Zarr's reader threads
+    exist; 0 restores glibc's default, one per thread up to 8 per core).
 
     Each thread otherwise gets an arena of its own, and memory freed in one (a
     chunk Zarr read on one of its threads) stays resident there instead of being
@@ -59,6 +59,6 @@ def one_malloc_arena() -> bool:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-8, 1))  # M_ARENA_MAX
+        return bool(libc.mallopt(-8, int(arenas)))  # M_ARENA_MAX
     except (OSError, AttributeError):
         return False
