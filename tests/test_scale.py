@@ -295,30 +295,10 @@ def test_memory_store_extract_fit_and_check(scale_setup, capsys, one_thread):
 
 
 @pytest.mark.slow
-def test_out_of_core_fit_writes_the_in_memory_bytes(scale_setup, sharded_run, tmp_path, one_thread):
-    """--fit-memory below the layer's rows (the sharded cache: 64-row chunks): the exact solver reads them from the
-    cache at every pass, and every probe file and the CSV are the in-memory fit's bytes; the run record says how each
-    layer was fitted and what it read."""
-    from needleprobe.cli import _config, build_parser
-
-    tmp, data, ref_cfg, ref_probes = scale_setup
-    run, _, _ = sharded_run
-    cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
-    cfg = _config(build_parser().parse_args(["fit", "--config", str(cfg_path), "--fit-memory", "3.5MB"]))
-    assert cfg.probe.fit_memory == "3.5MB"
-    fit(cfg)
-    assert _probe_files(tmp_path / "results" / "probes" / "t_v1") == ref_probes
-    stage = json.loads(next((tmp_path / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
-    assert stage["solvers"] == {"1": "lbfgs-out-of-core", "4": "lbfgs-out-of-core"}
-    assert stage["fit_memory"]["bytes"] == 3_500_000
-    io = stage["streaming"]["1"]
-    assert io["passes"] > 10 and io["bytes_read"] >= io["passes"] * io["bytes_per_pass"] > 0
-
-
-@pytest.mark.slow
 def test_torchrun_fit_equals_one_process(scale_setup, sharded_run, tmp_path):
-    """2 gloo processes, each its shard's rows (out of core): one optimisation whose sums over rows are the
-    one-process sums bit for bit, so rank 0 writes the one-process probe files, CSV included."""
+    """2 gloo processes, each its shard's rows, out of core (--fit-memory below a share's rows): one optimisation
+    whose sums over rows are the one-process in-memory sums bit for bit, so rank 0 writes the one-process probe
+    files, CSV included; the run record says how each layer was fitted and what it read."""
     tmp, data, ref_cfg, ref_probes = scale_setup
     run, _, _ = sharded_run  # written by 2 processes: each fits its own shard's rows
     cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
@@ -332,5 +312,7 @@ def test_torchrun_fit_equals_one_process(scale_setup, sharded_run, tmp_path):
     assert "exact L-BFGS across 2 processes (each its shard of the cache" in r.stdout + r.stderr
     assert _probe_files(tmp_path / "results" / "probes" / "t_v1") == ref_probes
     stage = json.loads(next((tmp_path / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
-    assert stage["processes"] == 2 and set(stage["solvers"].values()) <= {"lbfgs-distributed",
-                                                                           "lbfgs-distributed-out-of-core"}
+    assert stage["processes"] == 2 and stage["fit_memory"]["bytes"] == 3_500_000
+    assert stage["solvers"] == {"1": "lbfgs-distributed-out-of-core", "4": "lbfgs-distributed-out-of-core"}
+    io = stage["streaming"]["1"]
+    assert io["passes"] > 10 and io["bytes_read"] >= io["passes"] * io["bytes_per_pass"] > 0
