@@ -70,12 +70,12 @@ def host_later(tensors: dict) -> Callable[[], dict]:
     """Device tensors copied to the host without waiting: ``collect()`` returns the host tensors once copied.
 
     On CUDA the copies go to pinned memory behind the queued work and only
-    ``collect`` waits (for them alone); elsewhere the tensors are returned as
-    they are.
+    ``collect`` waits (for them alone); elsewhere ``collect`` copies (MPS) or
+    returns them as they are (CPU).
     """
     first = next(iter(tensors.values()), None)
     if first is None or first.device.type != "cuda":
-        return lambda: tensors
+        return lambda: {key: t.cpu() for key, t in tensors.items()}
     host = {}
     for key, t in tensors.items():
         host[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
@@ -188,7 +188,7 @@ def _forward(fwd: Forward, split: SplitBatches, batch: np.ndarray, lens: list[in
     try:
         inputs = model_inputs(fwd.model, to_device(ids, fwd.device), to_device(mask, fwd.device))
         return to_rows(run_forward(fwd.model, fwd.cap, inputs), [split.rows_of[i] for i in batch])
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError (any device) since torch 2.5
         pass  # handled outside the except clause: its traceback holds the failed forward's tensors
     inputs = None
     fwd.cap.outputs.clear()
