@@ -186,7 +186,9 @@ def test_cuda_with_no_batch_setting_gets_the_budget_of_its_free_memory(monkeypat
     config = Gemma3TextConfig(hidden_size=2560, num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4,
                               head_dim=256, intermediate_size=10240, vocab_size=262208)
     model = SimpleNamespace(config=config, parameters=lambda: iter([torch.zeros(1, dtype=torch.bfloat16)]))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (6 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * GiB, 80 * GiB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GiB)  # 1 GiB of it cached, reusable
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * GiB)
     cuda = torch.device("cuda", 0)
     probe = Config().probe
     assert device_budget(probe, 2048, model, cuda, 3) == (token_budget(6 * GiB, GEMMA_4B, 2, 3, 2048), 6 * GiB)

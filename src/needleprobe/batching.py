@@ -108,6 +108,7 @@ def device_budget(probe, max_length: int, model, device, n_captured: int) -> tup
     if device.type != "cuda" or probe.doc_batch_size is not None or probe.max_batch_tokens is not None:
         return None
     free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached by this process: reusable
     dims = ModelDims.from_config(model.config)
     dtype_bytes = torch.empty(0, dtype=next(model.parameters()).dtype).element_size()
     return token_budget(free, dims, dtype_bytes, n_captured, max_length), free
