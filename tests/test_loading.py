@@ -35,6 +35,14 @@ def test_cuda_loads_with_a_device_map_in_the_model_dtype(monkeypatch):
     assert hooks.placement("float16", torch.device("cpu")) == {"dtype": torch.float16}
 
 
+def test_cuda_without_accelerate_loads_through_the_host_and_says_so(monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real_find_spec(name, *a))
+    assert hooks.placement("bfloat16", torch.device("cuda", 0)) == {"dtype": torch.bfloat16}
+    err = capsys.readouterr().err
+    assert "install accelerate" in err and "needleprobe[gpu]" in err and len(err.strip().splitlines()) == 1
+
+
 def test_a_device_mapped_load_equals_the_plain_one():
     """Where ``accelerate`` is installed: the device-mapped path gives the same weights, dtype and device."""
     pytest.importorskip("accelerate")

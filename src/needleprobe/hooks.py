@@ -82,8 +82,14 @@ def placement(dtype: str, device: torch.device) -> dict:
     import importlib.util
 
     kw: dict = {"dtype": TORCH_DTYPES[dtype]}
-    if device.type == "cuda" and importlib.util.find_spec("accelerate") is not None:
-        kw["device_map"] = device
+    if device.type == "cuda":
+        if importlib.util.find_spec("accelerate") is not None:
+            kw["device_map"] = device
+        else:
+            from .records import console
+
+            console().print("[yellow]loading the weights on the host, then moving them to the GPU: install accelerate "
+                            "(pip install \"needleprobe\\[gpu]\") to read them straight onto the GPU")
     return kw
 
 
