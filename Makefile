@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/dataset_main.yaml
 DEMO_CONFIG := configs/demo.yaml
 # The CPU build of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
-# On a GPU machine: make install TORCH_SPEC=torch
+# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,gpu
 TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev
 NP := $(BIN)/needleprobe
 export TOKENIZERS_PARALLELISM := false
 
@@ -18,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: install

@@ -64,3 +64,17 @@ def test_every_model_input_is_on_the_benchmark_device(bench, tmp_path, monkeypat
     assert all("input_ids" in call and "attention_mask" in call for call in seen)
     off = [call for call in seen if set(call.values()) != {meta}]
     assert not off, f"{len(off)} forward(s) got tensors off the benchmark's device, first: {off[0]}"
+
+
+def test_gemma_shaped_case_has_gemma_special_ids_and_documents_of_600_to_1800_tokens(bench, tmp_path):
+    from transformers import AutoTokenizer
+
+    bench.gemma_like_tokenizer(tmp_path, bench.synthetic_words())
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert {name: tok.convert_tokens_to_ids(name) for name in bench.GEMMA_SPECIAL_IDS} == bench.GEMMA_SPECIAL_IDS
+    docs = bench.synthetic_documents(tmp_path, 6, 3)
+    lengths = [len(ids) for ids in tok([d["text"] for d in docs])["input_ids"]]
+    assert all(540 <= n <= 1980 for n in lengths), lengths  # 600–1,800 drawn, ±10% from the words' mean length
+    for split in ("train", "val"):
+        spans = [(d["text"], s) for d in docs if d["split"] == split for s in d["needle_spans"]]
+        assert spans and all(text[s:e] == bench.NEEDLE for text, (s, e) in spans)

@@ -25,6 +25,7 @@ from needleprobe import open_cache
 from needleprobe.cache import CacheDamaged
 from needleprobe.cli import main
 from needleprobe.config import load_config
+from needleprobe.runner import IN_FLIGHT
 
 CHUNK = "64"
 LAYERS = [1, 4]
@@ -383,7 +384,7 @@ def test_a_crash_is_recorded_and_a_repairing_resume_clears_it(reference, tmp_pat
 
     def failing(*a, **k):
         calls[0] += 1
-        if calls[0] == 6:  # two chunks of train are committed by then
+        if calls[0] == 5 + IN_FLIGHT:  # two chunks of train are committed by then (rows are stored IN_FLIGHT batches late)
             raise RuntimeError("the device fell over")
         return real(*a, **k)
 

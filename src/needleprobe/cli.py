@@ -146,7 +146,9 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = F
         p.add_argument(f"--max-{split}-docs", type=int, help=f"override probe.max_{split}_docs")
         p.add_argument(f"--max-{split}-tokens", type=int, help=f"override probe.max_{split}_tokens")
     if extract:
-        p.add_argument("--doc-batch-size", type=int, help="documents per forward pass (rows do not depend on it)")
+        p.add_argument("--doc-batch-size", type=int,
+                       help="documents per forward pass (rows do not depend on it; default 8, and on CUDA, with "
+                       "neither flag, as many tokens as free memory allows)")
         p.add_argument("--max-batch-tokens", type=int, help="padded tokens per forward pass, instead of a document count")
         p.add_argument("--overwrite", action="store_true", help="rebuild a cache built with other settings")
     if fit and not extract:

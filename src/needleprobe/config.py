@@ -150,8 +150,9 @@ class ProbeConfig:
     """Dtype of the model weights during extraction."""
     feature_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype activations are stored in (bfloat16 is stored bit-exactly as uint16)."""
-    doc_batch_size: int = 8
-    """Documents per forward pass (``--doc-batch-size``); rows never depend on it."""
+    doc_batch_size: Optional[int] = None
+    """Documents per forward pass (``--doc-batch-size``); rows never depend on it.  Unset, with
+    ``max_batch_tokens`` unset too: 8 on CPU and MPS, a token budget from free memory on CUDA (:mod:`needleprobe.batching`)."""
 
     @property
     def sites(self) -> list[str]:
@@ -369,7 +370,8 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
     need(len(set(p.l2_grid)) == len(p.l2_grid), "probe.l2_grid", f"duplicate values in {p.l2_grid}")
     need(len(p.train_seeds) > 0, "probe.train_seeds", "must list at least one seed")
     need(len(set(p.train_seeds)) == len(p.train_seeds), "probe.train_seeds", f"duplicate seeds in {p.train_seeds}")
-    need(p.doc_batch_size > 0, "probe.doc_batch_size", f"must be positive, got {p.doc_batch_size}")
+    need(p.doc_batch_size is None or p.doc_batch_size > 0, "probe.doc_batch_size",
+         f"must be positive or null, got {p.doc_batch_size}")
     if p.fit_memory is not None:
         try:
             size = parse_bytes(p.fit_memory)

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .batching import batch_limits, budget_message, device_budget
 from .cache import (
     BYTES_PER_VALUE,
     ROW_ARRAYS,
@@ -60,7 +61,7 @@ from .hooks import (
     resolve_device,
 )
 from .records import FileLock, console, human_bytes, versions
-from .runner import Forward, SplitBatches, row_index, run_batches
+from .runner import Forward, SplitBatches, host_later, row_index, run_batches
 from .stores import is_url, open_group
 from .summary import dir_size
 from .tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
@@ -162,32 +163,22 @@ def gather_rows(
 
     Only sampled rows leave the device (a few % of all positions).  On CUDA the
     copy goes to pinned memory without blocking and the caller collects it
-    (``finish()``) after launching the next forward, so the GPU never waits for
+    (``finish()``) once later forwards are queued, so the GPU never waits for
     the host; on CPU ``finish`` just returns the arrays.
     """
     dev = next(iter(acts.values())).device
     b_idx, t_idx = row_index(batch_rows, dev)
     target = TORCH_DTYPES[feature_dtype]
     rows = {layer: a[b_idx, t_idx].to(target) for layer, a in acts.items()}
-    finite = {layer: torch.isfinite(r).all() for layer, r in rows.items()}
-    if dev.type == "cuda":
-        host = {}
-        for layer, r in rows.items():
-            host[layer] = torch.empty(r.shape, dtype=r.dtype, pin_memory=True)
-            host[layer].copy_(r, non_blocking=True)
-        finite = {layer: f.to("cpu", non_blocking=True) for layer, f in finite.items()}
-        done = torch.cuda.Event()
-        done.record()
-        rows = host
-    else:
-        done = None
+    rows["finite"] = torch.stack([torch.isfinite(r).all() for r in rows.values()])  # one check copied, not one per layer
+    collect = host_later(rows)
 
     def finish() -> dict[str, np.ndarray]:
-        if done is not None:
-            done.synchronize()
+        host = dict(collect())
+        finite = host.pop("finite")
         out = {}
-        for key, r in rows.items():
-            if not bool(finite[key]):
+        for ok, (key, r) in zip(finite.tolist(), host.items()):
+            if not ok:
                 hint = " (use feature_dtype: bfloat16 or float32)" if feature_dtype == "float16" else ""
                 site, layer = key
                 raise NeedleprobeError(
@@ -237,7 +228,8 @@ def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, SplitWor
         )
         if not tdocs:
             raise NeedleprobeError(f"{data_path}: split {name!r} has no documents (after caps)")
-        order, batches = plan_batches([td.n_tokens for td in tdocs], cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
+        limits = batch_limits(cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
+        order, batches = plan_batches([td.n_tokens for td in tdocs], *limits)
         plan, rows_of = plan_split(name, tdocs, order, cfg)
         if plan.stats["positives"] == 0:
             raise NeedleprobeError(
@@ -434,6 +426,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
                 return res
         work_jobs = [job for job in jobs if job.state != "up to date"]
         model, blocks, d_model = model_parts()
+        _auto_plan(con, cfg, plans, model, device, sum(len(job.layers) for job in work_jobs), dist)
         status = "resumed" if any(job.state == "resume" for job in work_jobs) else "extracted"
         free = free_bytes(work_jobs[0].path)
         n_sites = len(work_jobs)
@@ -531,6 +524,20 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _auto_plan(con, cfg: Config, plans: dict[str, SplitWork], model, device, n_captured: int, dist) -> None:
+    """With no batch size set, on CUDA: batches of the token budget free memory allows (rank 0's under torchrun,
+    so that every process shards the same plan).  The row order, hence the cache, does not change."""
+    found = dist.broadcast(device_budget(cfg.probe, cfg.model.max_length, model, device, n_captured))
+    if found is None:
+        return
+    budget, free = found
+    for work in plans.values():
+        split = work.batches
+        split.batches = plan_batches([td.n_tokens for td in split.tdocs], *batch_limits(None, None, budget))[1]
+    if dist.primary:
+        con.print(budget_message(budget, free, device))
 
 
 def _result(jobs: list[SiteJob], status: str, seconds: float = 0.0, tokens: int = 0) -> ExtractResult:

@@ -75,16 +75,34 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
+def placement(dtype: str, device: torch.device) -> dict:
+    """``from_pretrained``'s dtype and, on CUDA, ``device_map``: the weights are read straight onto the device in
+    the model dtype, never through host memory as a whole (which needs ``accelerate``; without it they are moved
+    after loading, as on CPU)."""
+    import importlib.util
+
+    kw: dict = {"dtype": TORCH_DTYPES[dtype]}
+    if device.type == "cuda":
+        if importlib.util.find_spec("accelerate") is not None:
+            kw["device_map"] = device
+        else:
+            from .records import console
+
+            console().print("[yellow]loading the weights on the host, then moving them to the GPU: install accelerate "
+                            "(pip install \"needleprobe\\[gpu]\") to read them straight onto the GPU")
+    return kw
+
+
 def load_model(cfg: ModelConfig, dtype: str, device: torch.device):
-    """The base model (``AutoModel``: no LM head is ever built or run), eval mode."""
+    """The base model (``AutoModel``: no LM head is ever built or run), on ``device`` in ``dtype``, eval mode."""
     from transformers import AutoModel
 
     where = model_location(cfg)
     try:
-        model = AutoModel.from_pretrained(where, revision=cfg.revision, dtype=TORCH_DTYPES[dtype])
+        model = AutoModel.from_pretrained(where, revision=cfg.revision, **placement(dtype, device))
     except (OSError, ValueError) as e:
         raise _load_error(cfg, "model", e) from None
-    return model.to(device).eval()
+    return model.to(device).eval()  # a no-op where device_map placed it
 
 
 def check_layers(layers: list[int], n_layers: int, model_name: str) -> None:

@@ -285,6 +285,7 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     """
     from .hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
     from .sites import capture_sites
+    from .batching import batch_limits, budget_message, device_budget
     from .runner import Forward, SplitBatches, run_batches
     from .tokens import plan_batches, tokenize_documents
 
@@ -318,7 +319,8 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     if n_layers is not None:
         check_layers(layers, n_layers, cfg.model.name)
     weights = _probe_matrices(probes, d_model)
-    order, batches = plan_batches([td.n_tokens for td in tdocs], cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
+    lengths = [td.n_tokens for td in tdocs]
+    order, batches = plan_batches(lengths, *batch_limits(cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens))
     rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
     if g is None:
         g = store.create_split(split, tokens_fp, tdocs, rows_of, order)
@@ -332,6 +334,10 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     blocks = find_blocks(model)
     check_layers(sorted({p.layer for p in missing}), len(blocks), cfg.model.name)
     mats = [(layer, w.to(device), b.to(device)) for layer, w, b in _by_layer(missing, weights)]
+    found = device_budget(cfg.probe, cfg.model.max_length, model, device, len({p.layer for p in missing}))
+    if found is not None:  # the row order does not depend on the batches
+        batches = plan_batches(lengths, *batch_limits(None, None, found[0]))[1]
+        con.print(budget_message(*found, device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     con.print(f"monitor: scoring {len(tdocs)} {split} documents with {len(missing)} probe(s) on {device}")
     site = cfg.single_site("the monitor").probe.activation_site
@@ -372,12 +378,12 @@ def _by_layer(probes: list[ProbeRef], weights) -> list[tuple[int, torch.Tensor, 
 
 def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
     """Probe logits [rows, n_probes] of a batch's text tokens (see ``runner.run_batches``)."""
-    from .runner import row_index
+    from .runner import host_later, row_index
 
     b_idx, t_idx = row_index(batch_rows, next(iter(acts.values())).device)
     by_layer = {layer: a for (_, layer), a in acts.items()}  # one site per run
-    logits = torch.cat([by_layer[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1).cpu().numpy()
-    return lambda: {"logits": logits}
+    collect = host_later({"logits": torch.cat([by_layer[layer][b_idx, t_idx].float() @ w + b for layer, w, b in weights], 1)})
+    return lambda: {"logits": collect()["logits"].numpy()}
 
 
 def document_scores(tokens: MonitorTokens, j: int, method: str, mon: MonitorConfig) -> np.ndarray:
