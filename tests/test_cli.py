@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -95,12 +96,13 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
 
     # without --no-progress: the bars are there (in a log, their final state), transformers' included
     shown = write_config(deep / "shown", data, layers_to_probe=[1])
-    r = _run("extract", "--config", str(shown))
-    assert r.returncode == 0, r.stderr
-    assert "Loading weights" in r.stderr and "tok/s" in r.stderr
-
     cfg = write_config(deep / "quiet", data, layers_to_probe=[1])
-    r = _run("train", "--config", str(cfg), "--no-progress")
+    with ThreadPoolExecutor(2) as pool:  # two runs of their own, side by side
+        shown_run = pool.submit(_run, "extract", "--config", str(shown))
+        r = _run("train", "--config", str(cfg), "--no-progress")
+        s = shown_run.result()
+    assert s.returncode == 0, s.stderr
+    assert "Loading weights" in s.stderr and "tok/s" in s.stderr
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     cache = str(deep / "quiet" / "cache" / "t_v1" / "embedded--all-MiniLM-L6-v2" / "resid_post")
@@ -112,10 +114,11 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
     assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
     assert f"probes, metadata, probe_metrics.csv and verdict.json in {out}" in lines
     logs = {"train": r.stderr}
-    for command in ("check", "inspect", "report"):  # fit's lines are in train's
-        r = _run(command, "--config", str(cfg), "--no-progress")
-        assert r.returncode == 0, (command, r.stderr)
-        logs[command] = r.stderr
+    commands = ("check", "inspect", "report")  # fit's lines are in train's; these only read, side by side
+    with ThreadPoolExecutor(len(commands)) as pool:
+        for command, r in zip(commands, pool.map(lambda c: _run(c, "--config", str(cfg), "--no-progress"), commands)):
+            assert r.returncode == 0, (command, r.stderr)
+            logs[command] = r.stderr
     for command, log in logs.items():
         assert "Loading weights" not in log and "tok/s" not in log, (command, log)
         for x in log.splitlines():  # a path is never cut: a message with part of the long name has all of it

@@ -337,9 +337,6 @@ def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path, monkeypatch):
     layers = [0, 1, 2, 3, 4, 5]  # ~8 MB of rows
     ref_dir = tmp_path / "ref"
     ref_dir.mkdir()
-    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
-    with threads(1):  # the subprocesses below run one thread too: bit-identity holds for one thread configuration
-        want = extract(load_config(write_config(ref_dir, data, layers_to_probe=layers)), show_progress=False)
     cfg_path = write_config(tmp_path, data, layers_to_probe=layers, cache_dir=str(mnt / "cache"))
     script = (
         'mount -t tmpfs -o size=3m tmpfs "$MNT" || exit 90\n'
@@ -353,8 +350,13 @@ def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path, monkeypatch):
     env = {**os.environ, "MNT": str(mnt), "PY": sys.executable, "CFG": str(cfg_path), "OUT": str(tmp_path / "out"),
            "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV}
     (tmp_path / "out").mkdir()
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
-                       capture_output=True, text=True, timeout=600)
+    proc = subprocess.Popen(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
+    with threads(1):  # while the steps run; they run one thread too: bit-identity holds for one thread configuration
+        want = extract(load_config(write_config(ref_dir, data, layers_to_probe=layers)), show_progress=False)
+    out, err = proc.communicate(timeout=600)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert r.returncode == 0, r.stderr[-3000:]
     steps = dict(part.split("\n", 1) for part in r.stderr.split("=== ")[1:])
     refused, forced, resumed = (steps[k].strip().splitlines() for k in ("refused", "forced", "resumed"))
