@@ -164,3 +164,18 @@ def test_split_rows_give_the_one_process_bits():
                 for a, b in zip(got[r], want):
                     assert np.array_equal(a.weight, b.weight) and a.bias == b.bias
                     assert a.loss == b.loss and a.n_iter == b.n_iter
+
+
+@pytest.mark.parametrize("feature_dtype", ["bfloat16", "float32"])
+def test_conversion_into_a_buffer_equals_the_allocating_one(feature_dtype):
+    """Streamed blocks are widened into reused buffers: the same float32 values as ``to_float32`` returns."""
+    from needleprobe.cache import to_float32
+
+    x = torch.randn(7, 5)
+    raw = (x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if feature_dtype == "bfloat16"
+           else x.numpy())
+    out = np.full((7, 5), np.nan, np.float32)
+    assert to_float32(raw, feature_dtype, out=out) is out
+    np.testing.assert_array_equal(out, to_float32(raw, feature_dtype))
+    if feature_dtype == "bfloat16":
+        np.testing.assert_array_equal(out, x.to(torch.bfloat16).float().numpy())

@@ -261,8 +261,15 @@ def chunk_rows_for(d_model: int, feature_dtype: str) -> int:
     return max(64, 1 << (rows.bit_length() - 1))
 
 
-def to_float32(raw: np.ndarray, feature_dtype: str) -> np.ndarray:
-    """Stored values → float32; bfloat16 bits are widened exactly."""
+def to_float32(raw: np.ndarray, feature_dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored values → float32; bfloat16 bits are widened exactly. ``out``: a float32 array to fill instead of a new
+    one (streamed fits convert into buffers they reuse)."""
+    if out is not None:
+        if feature_dtype == "bfloat16":
+            np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
+        else:
+            np.copyto(out, raw)
+        return out
     if feature_dtype == "bfloat16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32, copy=False)

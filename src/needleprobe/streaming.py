@@ -39,7 +39,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .cache import Cache, SplitView
+from .cache import Cache, SplitView, to_float32
 from .errors import NeedleprobeError
 from .probe import FitData, column_moments_of_blocks, feature_scale
 from .records import human_bytes
@@ -111,14 +111,6 @@ def _return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
-
-
-def _convert(src: np.ndarray, dst: np.ndarray, feature_dtype: str) -> None:
-    """Stored values → float32 rows in ``dst`` (bfloat16 bits widened exactly, as ``cache.to_float32``)."""
-    if feature_dtype == "bfloat16":
-        np.left_shift(src, 16, out=dst.view(np.uint32), dtype=np.uint32)
-    else:
-        np.copyto(dst, src)
 
 
 class LayerRows:
@@ -210,7 +202,7 @@ class LayerRows:
             raw1 = raw0 + (b - a) if sel is None else int(sel[-1]) + 1
             raw = self.arr.read(raw0, raw1, check_stored=self.check_stored)
             nbytes += self.arr.stored_bytes(raw0, raw1)
-            _convert(raw if sel is None else raw[sel - raw0], dst[a - r0 : b - r0], self.feature_dtype)
+            to_float32(raw if sel is None else raw[sel - raw0], self.feature_dtype, out=dst[a - r0 : b - r0])
             del raw
         out = dst[: r1 - r0]
         if self.mean32 is not None:  # as FitData.from_arrays: x -= mean; x /= std (float32)
