@@ -156,7 +156,7 @@ class ProbeConfig:
 
     @property
     def sites(self) -> list[str]:
-        """``activation_site`` as a list (the seed's form is one name)."""
+        """``activation_site`` as a list (a single name is the common form)."""
         return [self.activation_site] if isinstance(self.activation_site, str) else list(self.activation_site)
     max_batch_tokens: Optional[int] = None
     """Alternative batch budget: padded tokens per forward (``--max-batch-tokens``)."""

@@ -6,7 +6,7 @@ directory::
 
     {cache_dir}/{dataset}/{model}/{site}/              the activation cache (write-once after extract)
     {output_dir}/{dataset}[-{site}][-{run}]/           the run directory (``-{site}`` for sites other than resid_post)
-        probe_layer_{L}_seed_{S}.pt / .json            probes (the seed's names)
+        probe_layer_{L}_seed_{S}.pt / .json            probes (the documented names)
         probe_metrics.csv
         verdict.json                                   best layer, paired margin over the runner-up, warnings
         monitor/                                       document monitor: token logits (Zarr) and metrics
@@ -17,7 +17,7 @@ directory::
 ``probe.output_dir`` and ``probe.run_record_dir`` may hold the placeholders
 ``{model}``, ``{site}`` and ``{dataset}``, so one config line keeps the runs of
 several models apart (``results/probes/{model}/{site}``); without
-``{dataset}`` the dataset key is appended, which gives the seed's default
+``{dataset}`` the dataset key is appended, which gives the documented default
 paths.  A named run (``--run NAME``) sits beside the default one.
 """
 
@@ -94,7 +94,7 @@ class Layout:
     def from_config(cls, cfg: Config, run: str | None = None) -> "Layout":
         """The paths of ``cfg``'s run (a config naming several sites: one of them, ``Config.for_site``).
 
-        The run directory is ``{output_dir}/{dataset}``: the seed's path for ``resid_post``; for another site,
+        The run directory is ``{output_dir}/{dataset}``: the documented path for ``resid_post``; for another site,
         whose probes must not land on ``resid_post``'s, ``{dataset}-{site}`` unless ``output_dir`` names
         ``{site}`` itself; a named run appends ``-{run}``.
         """
