@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fit benchmark: the whole ``needleprobe fit`` command vs a scikit-learn loop, and the solver alone.
 
-    .venv/bin/python benchmarks/bench_fit.py [--parts whole,layers,refit,synthetic,out-of-core] [--reps 3] [--quick]
+    .venv/bin/python benchmarks/bench_fit.py [--parts whole,layers,refit,synthetic,out-of-core,s3] [--reps 3] [--quick]
 
 Parts, each measured in this one run (ratios, not absolute targets):
 
@@ -31,6 +31,10 @@ out-of-core  A synthetic cache 3× the memory budget (40k + 8k rows × 1536,
            --fit-memory 96MB): exact L-BFGS streamed from the cache vs in memory
            (time per pass, AUROC, weights, peak RSS) and vs the reader alone
            (the cache's read speed): ``benchmarks/bench_out_of_core.py``.
+s3         The out-of-core fit and the reader on a smaller synthetic cache
+           (20k + 4k rows × 1024, --fit-memory 48MB), from local disk and from a
+           local S3 endpoint (moto's server, through s3fs): time and bytes per
+           pass: ``bench_out_of_core.py --s3``.
 
 Target on a 2-core machine: the whole command ≥ 2.5× faster than the
 scikit-learn loop, every grid value's val AUROC within 1e-3 of scikit-learn's.
@@ -62,6 +66,7 @@ from needleprobe.config import load_config  # noqa: E402
 from needleprobe.solvers import fit_l2_path  # noqa: E402
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
+S3_CASE = ["--n", "20000", "--n-val", "4000", "--d", "1024", "--budget", "48MB"]
 WHOLE_DIR = ROOT / "build" / "bench-fit"
 # children import this checkout's needleprobe, whatever the venv has installed
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -254,7 +259,7 @@ def whole_part(reps: int, tight: bool) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="whole,layers,refit,synthetic,out-of-core", help="comma-separated, in this order")
+    ap.add_argument("--parts", default="whole,layers,refit,synthetic,out-of-core,s3", help="comma-separated, in this order")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of the whole-command part")
     ap.add_argument("--no-tight", action="store_true", help="skip the tol=1e-6 scikit-learn reference (whole part)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="the demo cache of parts layers/refit")
@@ -287,6 +292,11 @@ def main() -> None:
 
         print("\n## out of core: exact L-BFGS streamed from a cache 3× the memory budget\n", flush=True)
         bench_out_of_core.main([])
+    if "s3" in parts:
+        import bench_out_of_core
+
+        print("\n## out of core from an S3 endpoint against local disk\n", flush=True)
+        bench_out_of_core.main(["--s3", *S3_CASE])
 
 
 if __name__ == "__main__":

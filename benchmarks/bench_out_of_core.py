@@ -18,6 +18,13 @@ child's RSS after imports (against the budget), and the largest val-AUROC
 difference over the grid, the selected L2 and the weights' relative difference.
 The cache was just written, so its file pages are usually in the page cache:
 ``read`` is then memory-speed decoding, not the disk.
+
+``--s3`` repeats the out-of-core fit and the reader with the cache copied to a
+local S3-compatible endpoint (``local_s3.py``: moto's server on localhost,
+reached through s3fs as a real bucket is): time per pass and bytes per pass
+against the same cache on local disk.  moto answers from memory over
+loopback, so this measures the client path's cost per request and per byte
+(HTTP, signing, zarr's concurrent chunk reads), not a data centre's latency.
 """
 
 from __future__ import annotations
@@ -94,17 +101,33 @@ def child(mode: str, path: str, budget: str) -> None:
     print(json.dumps(rec))
 
 
+def synthetic(n: int, n_val: int, d: int) -> Path:
+    path = ROOT / "build" / "bench-fit" / f"ooc-{n}x{d}"
+    if not (path / "zarr.json").exists():
+        from synthetic_cache import write_synthetic_cache
+
+        write_synthetic_cache(path, n, n_val, d, feature_dtype="bfloat16")
+    return path
+
+
+def measure(mode: str, path: str, budget: str, env: dict | None = None) -> dict:
+    """One child process's measurement (its own RSS; ``env`` points it at an S3 endpoint)."""
+    import os
+
+    r = subprocess.run([sys.executable, __file__, "--child", mode, path, budget], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    if r.returncode:
+        sys.exit(f"{mode} on {path}: {r.stderr.strip().splitlines()[-1]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
     import numpy as np
 
     from needleprobe.config import parse_bytes
     from needleprobe.records import human_bytes
 
-    path = ROOT / "build" / "bench-fit" / f"ooc-{n}x{d}"
-    if not (path / "zarr.json").exists():
-        from synthetic_cache import write_synthetic_cache
-
-        write_synthetic_cache(path, n, n_val, d, feature_dtype="bfloat16")
+    path = synthetic(n, n_val, d)
     layer_bytes = (n + n_val) * d * 4
     out = [f"synthetic cache: {n:,} train + {n_val:,} val rows × {d} (bfloat16 on disk, {human_bytes((n + n_val) * d * 2)}; "
            f"{human_bytes(layer_bytes)} in float32), budget {budget} ({layer_bytes / parse_bytes(budget):.1f}× smaller "
@@ -113,9 +136,7 @@ def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
            "|---|---|---|---|---|---|---|---|---|"]
     got = {}
     for mode in ("memory", "out-of-core", "read"):
-        r = subprocess.run([sys.executable, __file__, "--child", mode, str(path), budget],
-                           capture_output=True, text=True, check=True)
-        got[mode] = json.loads(r.stdout.strip().splitlines()[-1])
+        got[mode] = measure(mode, str(path), budget)
     mem, ooc, rd = got["memory"], got["out-of-core"], got["read"]
     passes = ooc["passes"]
     diff = max(abs(a - b) for a, b in zip(mem["val_auroc"], ooc["val_auroc"]))
@@ -135,18 +156,54 @@ def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
     return out
 
 
+def run_s3(n: int, n_val: int, d: int, budget: str) -> list[str]:
+    """The same out-of-core fit and reader on local disk and from a bucket: per pass, time and bytes."""
+    from local_s3 import LocalS3
+
+    from needleprobe.records import human_bytes
+
+    path = synthetic(n, n_val, d)
+    with LocalS3() as s3:
+        t0 = time.perf_counter()
+        s3.filesystem().put(str(path), f"{s3.bucket}/ooc", recursive=True)
+        upload = time.perf_counter() - t0
+        url = f"{s3.bucket_url}/ooc"
+        got = {(where, mode): measure(mode, src, budget, env)
+               for where, src, env in (("local disk", str(path), None), ("S3 (moto, localhost)", url, s3.env))
+               for mode in ("out-of-core", "read")}
+    out = [f"synthetic cache: {n:,} train + {n_val:,} val rows × {d} (bfloat16, {human_bytes((n + n_val) * d * 2)}), "
+           f"budget {budget}; copied to the bucket in {upload:.1f} s", "",
+           "| store | fit | passes | per pass | read per pass | read in all | reader alone per pass | reader speed |",
+           "|---|---|---|---|---|---|---|---|"]
+    for where in ("local disk", "S3 (moto, localhost)"):
+        ooc, rd = got[(where, "out-of-core")], got[(where, "read")]
+        per_read = rd["seconds"] / READ_PASSES
+        out.append(f"| {where} | {ooc['seconds']:.1f} s | {ooc['passes']} | {1e3 * ooc['seconds'] / ooc['passes']:.0f} ms | "
+                   f"{human_bytes(ooc['bytes_per_pass'])} | {human_bytes(ooc['bytes_read'])} | {1e3 * per_read:.0f} ms | "
+                   f"{rd['bytes_read'] / rd['seconds'] / 1e6:.0f} MB/s |")
+    local, remote = got[("local disk", "out-of-core")], got[("S3 (moto, localhost)", "out-of-core")]
+    same = local["weight"] == remote["weight"] and local["val_auroc"] == remote["val_auroc"]
+    out += ["", f"time per pass, S3 / local disk: {remote['seconds'] / remote['passes'] / (local['seconds'] / local['passes']):.1f}×; "
+            f"same bytes per pass: {local['bytes_per_pass'] == remote['bytes_per_pass']}; "
+            f"the same probe from both: {same}"]
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=40_000, help="train rows")
     ap.add_argument("--n-val", type=int, default=8_000)
     ap.add_argument("--d", type=int, default=1536)
     ap.add_argument("--budget", default="96MB", help="--fit-memory of the out-of-core fit")
+    ap.add_argument("--s3", action="store_true", help="the out-of-core fit and the reader from a local S3 endpoint "
+                    "against local disk, instead of the in-memory comparison")
     ap.add_argument("--child", nargs=3, metavar=("MODE", "CACHE", "BUDGET"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(*args.child)
         return
-    print("\n".join(run(args.n, args.n_val, args.d, args.budget)), flush=True)
+    lines = (run_s3 if args.s3 else run)(args.n, args.n_val, args.d, args.budget)
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Reliability: resume after SIGKILL, fingerprints, locks, and the bad-input matrix."""
+"""Reliability: resume after SIGKILL (on local disk and on an S3 endpoint), fingerprints, locks, and the bad-input matrix."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import ONE_THREAD_ENV, small_docs, write_config, write_jsonl
@@ -22,6 +23,7 @@ from needleprobe.errors import NeedleprobeError
 from needleprobe.records import FileLock
 
 CHUNK = "64"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # local_s3: the S3 endpoint of the s3:// tests
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -54,13 +56,29 @@ FAULTS = [
 @pytest.fixture(scope="module")
 def resume_setup(tmp_path_factory):
     """An uninterrupted reference cache with 64-row chunks (many commits per split), and one extract per fault,
-    killed there: started two at a time while the reference is computed (each mostly imports; one thread each)."""
+    killed there: started two at a time while the reference is computed (each mostly imports; one thread each).
+
+    One more killed run writes to ``s3://`` on a local S3 endpoint (moto's server, a child process; clients reach it
+    through the standard AWS variables, set here for the module); while the runs go, the reference is fitted and
+    monitored here, for the S3 tests to compare with. ``runs["s3"]`` is None, and ``skip_s3`` says why, when the
+    endpoint cannot start.
+    """
+    import threading
+
     from conftest import threads
 
     from needleprobe.extract import extract
+    from needleprobe.fit import fit
+    from needleprobe.monitor import monitor
 
+    sys.path.insert(0, str(BENCHMARKS))
+    from local_s3 import LocalS3
+
+    server, failed = LocalS3(), []
+    starting = threading.Thread(target=lambda: _start(server, failed))
+    starting.start()  # while the reference is computed
     tmp = tmp_path_factory.mktemp("resume")
-    data = write_jsonl(tmp / "d.jsonl", small_docs(14, 6))
+    data = write_jsonl(tmp / "d.jsonl", small_docs(14, 8))  # val holds a needle-free document, as the monitor needs
     ref_dir = tmp / "ref"
     ref_dir.mkdir()
     ref_cfg = write_config(ref_dir, data, layers_to_probe=[1, 4])
@@ -74,16 +92,45 @@ def resume_setup(tmp_path_factory):
     n_chunks = {s: -(-cache.split(s).n_rows // int(CHUNK)) for s in cache.splits}
     assert n_chunks["train"] >= 4 and n_chunks["val"] >= 2
     last = f"chunk_partly_written:{n_chunks['train'] + n_chunks['val']}"
+    starting.join()
+    skip_s3 = f"no local S3 endpoint, so the s3:// tests cannot run: {failed[0]}" if failed else None
 
     def killed(fault: str):
         where = tmp / fault.replace(":", "_")
         where.mkdir()
+        if fault == "s3":
+            cfg = write_config(where, data, layers_to_probe=[1, 4], cache_dir=f"{server.bucket_url}/cache",
+                               output_dir=f"{server.bucket_url}/results/probes")
+            return cfg, _cli(cfg, "extract", env={**server.env, "NEEDLEPROBE_FAULT": "chunk_committed:2"})
         cfg = write_config(where, data, layers_to_probe=[1, 4])
         return cfg, _cli(cfg, "extract", env={"NEEDLEPROBE_FAULT": last if fault == "last" else fault})
 
-    with ThreadPoolExecutor(2) as pool:
-        runs = dict(zip(FAULTS, pool.map(killed, FAULTS)))
-    return _files(cache.path), runs
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in server.env.items():
+            mp.setenv(k, v)
+        for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+            mp.delenv(k, raising=False)
+        try:
+            with ThreadPoolExecutor(2) as pool:
+                started = {f: pool.submit(killed, f) for f in (["s3"] if skip_s3 is None else []) + FAULTS}
+                with threads(1):  # the reference's probes and monitor, while the killed runs go
+                    fit(load_config(ref_cfg))
+                    monitor(load_config(ref_cfg), split="val", show_progress=False)
+                runs = {f: job.result() for f, job in started.items()}
+            runs.setdefault("s3", None)
+            yield _files(cache.path), runs, ref_cfg, skip_s3
+        finally:
+            server.stop()
+            sys.path.remove(str(BENCHMARKS))
+
+
+def _start(server, failed: list) -> None:
+    from local_s3 import EndpointUnavailable
+
+    try:
+        server.start()
+    except EndpointUnavailable as e:
+        failed.append(e)
 
 
 @pytest.mark.slow
@@ -91,7 +138,7 @@ def resume_setup(tmp_path_factory):
 def test_killed_extract_resumes_to_identical_cache(resume_setup, fault, monkeypatch, capsys):
     from conftest import threads
 
-    ref_files, runs = resume_setup
+    ref_files, runs, _, _ = resume_setup
     cfg, killed = runs[fault]
     assert killed.returncode == -9, killed.stderr
     with pytest.raises(Exception, match="incomplete|no activation cache"):
@@ -103,6 +150,105 @@ def test_killed_extract_resumes_to_identical_cache(resume_setup, fault, monkeypa
         assert "resuming" in capsys.readouterr().err
     assert _files(open_cache(cfg).path) == ref_files
     assert extract_status(cfg) == "up to date"
+
+
+# ---------------------------------------------------------------------------
+# the same on an S3 endpoint, through s3fs over HTTP
+
+
+def _s3_objects(url: str) -> dict[str, bytes]:
+    """Every object under ``url`` by its key below it, listed afresh (other processes wrote some)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    root = url.removeprefix("s3://").rstrip("/")
+    return {key[len(root) + 1:]: fs.cat_file(key) for key in sorted(fs.find(root))}
+
+
+def _s3_run(resume_setup, monkeypatch):
+    """(S3 config, its killed extract, reference config), or a skip saying why there is no endpoint."""
+    _, runs, ref_cfg, skip_s3 = resume_setup
+    if skip_s3:
+        pytest.skip(skip_s3)
+    cfg, killed = runs["s3"]
+    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)  # as the reference and the killed run
+    return cfg, killed, ref_cfg
+
+
+@pytest.mark.slow
+def test_s3_cache_killed_mid_split_resumes_to_the_local_cache(resume_setup, monkeypatch, capsys, one_thread):
+    """An extract into s3:// SIGKILLed after two commits resumes; every object of the cache equals, byte for byte,
+    the file of the same name in the uninterrupted local cache; it opens by config and by URL; a second extract
+    finds it up to date."""
+    from needleprobe.cache import cache_path
+
+    cfg, killed, ref_cfg = _s3_run(resume_setup, monkeypatch)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert "no lock on a remote store" in killed.stderr
+    with pytest.raises(Exception, match="incomplete"):
+        open_cache(cfg)
+    assert main(["extract", "--config", str(cfg), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().err
+    url = str(cache_path(load_config(cfg)))
+    assert url.startswith("s3://needleprobe-test/cache/") and _s3_objects(url) == resume_setup[0]
+    cache, by_url, ref = open_cache(cfg), open_cache(url), open_cache(ref_cfg)  # by URL, as a notebook does
+    assert cache.complete and cache.fingerprint == by_url.fingerprint == ref.fingerprint
+    for split in ref.splits:
+        np.testing.assert_array_equal(by_url.split(split).to_numpy(4), ref.split(split).to_numpy(4))
+    assert main(["extract", "--config", str(cfg), "--no-progress"]) == 0
+    assert "up to date" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_s3_fit_monitor_and_out_of_core_fit_write_the_local_bytes(resume_setup, tmp_path, monkeypatch, capsys,
+                                                                   one_thread):
+    """Probes and the monitor's outputs written to s3:// are the local run's bytes; an out-of-core fit reading its
+    train rows from the bucket at every pass (each chunk once per pass) writes the in-memory probe."""
+    from needleprobe.layout import Layout
+
+    cfg, _, ref_cfg = _s3_run(resume_setup, monkeypatch)
+    if not open_cache(cfg, allow_incomplete=True).complete:  # run alone: resume the killed extract first
+        assert main(["extract", "--config", str(cfg), "--no-progress"]) == 0
+    assert main(["fit", "--config", str(cfg)]) == 0
+    assert main(["monitor", "--config", str(cfg), "--split", "val", "--no-progress"]) == 0
+    remote, ref = Layout.from_config(load_config(cfg)), Layout.from_config(load_config(ref_cfg))
+    got = _s3_objects(str(remote.run_dir))
+    assert [k for k in got if k.startswith("probe")] == sorted(p.name for p in ref.run_dir.glob("probe*"))
+    for name, body in got.items():
+        if name.startswith("probe_layer") and name.endswith(".json"):  # the config names its own store
+            a, b = json.loads(body), json.loads((ref.run_dir / name).read_bytes())
+            for meta in (a, b):
+                for k in ("cache_dir", "output_dir", "run_record_dir"):
+                    meta["config"]["probe"].pop(k)
+            assert a == b, name
+        elif name.startswith("probe"):
+            assert body == (ref.run_dir / name).read_bytes(), name
+    for name in ("monitor_csv", "doc_scores"):
+        here, there = getattr(remote, name)("val"), getattr(ref, name)("val")
+        assert here.read_bytes() == there.read_bytes(), here
+    # out of core from the bucket against in memory from local disk: one layer, one L2 value (fewer passes)
+    fits = {}
+    for where, source, extra in (("s3", cfg, ["--fit-memory", "4.5MB"]), ("local", ref_cfg, [])):
+        raw = yaml.safe_load(source.read_text())
+        raw["probe"].update(output_dir=str(tmp_path / where / "probes"), run_record_dir=str(tmp_path / where / "rr"))
+        (tmp_path / where).mkdir()
+        (tmp_path / where / "c.yaml").write_text(yaml.safe_dump(raw))
+        capsys.readouterr()
+        assert main(["fit", "--config", str(tmp_path / where / "c.yaml"), "--layers", "1", "--l2-grid", "0.1", *extra]) == 0
+        assert ("exact L-BFGS out of core" if extra else "exact L-BFGS in memory") in capsys.readouterr().err
+        out = tmp_path / where / "probes" / "t_v1"
+        record = json.loads(next((tmp_path / where / "rr").glob("*.json")).read_text())["stages"]["fit"]
+        fits[where] = ((out / "probe_layer_1_seed_0.pt").read_bytes(),
+                       json.loads((out / "probe_layer_1_seed_0.json").read_text())["l2_results"], record)
+    (s3_pt, s3_l2, s3_rec), (pt, l2, _) = fits["s3"], fits["local"]
+    assert s3_pt == pt and s3_l2 == l2
+    io = s3_rec["streaming"]["1"]
+    assert s3_rec["solvers"] == {"1": "lbfgs-out-of-core"} and io["passes"] > 10
+    train = open_cache(ref_cfg).split("train")
+    assert 0 < io["held_rows"] < train.n_rows
+    assert io["bytes_per_pass"] == train.activations(1).stored_bytes(io["held_rows"], train.n_rows)  # each chunk once
+    assert io["bytes_read"] >= io["passes"] * io["bytes_per_pass"]
 
 
 def test_fingerprint_refuses_changed_settings_and_overwrite_rebuilds(minilm_run, tmp_path, capsys):
