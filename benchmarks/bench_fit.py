@@ -32,7 +32,7 @@ out-of-core  A synthetic cache 3× the memory budget (40k + 8k rows × 1536,
            (time per pass, AUROC, weights, peak RSS) and vs the reader alone
            (the cache's read speed): ``benchmarks/bench_out_of_core.py``.
 s3         The out-of-core fit and the reader on a smaller synthetic cache
-           (20k + 4k rows × 1024, --fit-memory 48MB), from local disk and from a
+           (20k + 4k rows × 1024, --fit-memory 56MB), from local disk and from a
            local S3 endpoint (moto's server, through s3fs): time and bytes per
            pass: ``bench_out_of_core.py --s3``.
 
@@ -66,7 +66,7 @@ from needleprobe.config import load_config  # noqa: E402
 from needleprobe.solvers import fit_l2_path  # noqa: E402
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
-S3_CASE = ["--n", "20000", "--n-val", "4000", "--d", "1024", "--budget", "48MB"]
+S3_CASE = ["--n", "20000", "--n-val", "4000", "--d", "1024", "--budget", "56MB"]
 WHOLE_DIR = ROOT / "build" / "bench-fit"
 # children import this checkout's needleprobe, whatever the venv has installed
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",

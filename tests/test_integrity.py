@@ -131,6 +131,12 @@ def test_damaged_chunk_is_named_on_every_read_path(run, how, capsys):
         train.activations(1)[250:260]
     assert train.activations(1)[:192].shape == (192, 384)  # chunks before it read as before
     train.to_numpy(4)  # and the other layer is whole
+    from needleprobe.streaming import LayerRows
+
+    streamed = LayerRows(train, 1, 0, train.n_rows, block_rows=32, piece_rows=64)  # an out-of-core fit's reads
+    with pytest.raises(CacheDamaged) as e:
+        sum(block.shape[0] for _, block in streamed.blocks())
+    assert str(e.value) == want
 
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 2
     out = capsys.readouterr().err

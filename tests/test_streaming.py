@@ -112,6 +112,34 @@ def test_layer_rows_serve_rows_and_subsets_in_order(synthetic):
         assert stats.rows_held == 0
 
 
+@pytest.mark.parametrize("block", [64, 192])
+def test_each_chunk_is_fetched_once_per_pass(synthetic, block):
+    """Blocks smaller than a chunk (64 rows of 128) or ending inside one (192): a pass fetches each chunk of the
+    streamed rows once, not once per block that touches it (what an object store bills); the rows are the same."""
+    from needleprobe.streaming import IOStats, LayerRows
+
+    train = synthetic.split("train")
+    x, arr = train.to_numpy(0), train.activations(0)
+    c = arr.chunks[0]
+    idx = np.sort(np.random.default_rng(1).choice(x.shape[0], 1500, replace=False))
+    for start, stop, index in ((100, 3000, None), (0, x.shape[0], idx)):
+        stats = IOStats()
+        rows = LayerRows(train, 0, start, stop, index=index, block_rows=block, piece_rows=c, held_rows=2 * block,
+                         stats=stats)
+        raw = np.arange(start, stop) if index is None else index
+        streamed = raw[2 * block :]
+        once = sum(arr.stored_bytes(k * c, k * c + 1) for k in np.unique(streamed // c))
+        per_block = sum(arr.stored_bytes(int(b[0]), int(b[-1]) + 1) for b in np.array_split(
+            streamed, range(block, len(streamed), block)))
+        assert rows.pass_bytes == once < per_block
+        for _ in range(2):
+            before = stats.bytes_read
+            got = np.concatenate([b.copy() for _, b in rows.blocks()])
+            np.testing.assert_array_equal(got, x[raw])
+            assert stats.bytes_read - before == once
+        rows.close()
+
+
 class _ThreadComm:
     """``solvers.Comm`` between threads of one process: what ``distributed.FitComm`` does between processes."""
 

@@ -401,7 +401,7 @@ def damage_of(arr: zarr.Array, k: int, reason: str) -> ChunkDamage:
 
 
 def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tuple = (), *,
-              check_stored: bool = True) -> np.ndarray:
+              check_stored: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """``arr[start:stop, *cols]``, raising :class:`CacheDamaged` (one line: array, chunk, rows) for a damaged chunk.
 
     Every read of cache arrays goes through here.  A checksum mismatch or
@@ -409,6 +409,7 @@ def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tu
     chunk; a missing chunk file would silently read as fill values, so the
     chunks' files are checked first (one ``exists`` per chunk, ~4 MiB apart), unless
     ``check_stored`` is False (a reader that already checked them, such as a fit's later passes).
+    ``out``: an array of the rows' shape and dtype to read into (a streamed fit reuses one: no allocation per read).
     """
     n = arr.shape[0]
     stop = n if stop is None else max(start, min(stop, n))
@@ -422,7 +423,12 @@ def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tu
             if not _chunk_stored(arr, k):
                 raise CacheDamaged(damage_of(arr, k, "chunk file missing"))
     try:
-        return arr[key]
+        if out is None:
+            return arr[key]
+        from zarr.core.buffer.cpu import NDBuffer
+
+        arr.get_basic_selection(key, out=NDBuffer.from_numpy_array(out))
+        return out
     except Exception:
         for k in ks:
             why = chunk_problem(arr, k)
@@ -889,17 +895,26 @@ class RowArray:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
 
-    def read(self, start: int, stop: int, *, check_stored: bool = True) -> np.ndarray:
-        """Rows [start, stop) (``read_rows`` on each part; ``check_stored=False`` skips the chunk-file check)."""
-        out = []
+    def read(self, start: int, stop: int, *, check_stored: bool = True, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows [start, stop) (``read_rows`` on each part; ``check_stored=False`` skips the chunk-file check),
+        into ``out[: stop - start]`` when given."""
+        got = []
         for k, part in enumerate(self.parts):
             lo, hi = max(start, int(self.bounds[k])), min(stop, int(self.bounds[k + 1]))
             if lo < hi:
-                out.append(read_rows(part, lo - int(self.bounds[k]), hi - int(self.bounds[k]),
-                                     check_stored=check_stored))
-        if not out:
+                got.append(read_rows(part, lo - int(self.bounds[k]), hi - int(self.bounds[k]), check_stored=check_stored,
+                                     out=None if out is None else out[lo - start : hi - start]))
+        if out is not None:
+            return out[: max(0, stop - start)]
+        if not got:
             return self.parts[0][0:0]
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return got[0] if len(got) == 1 else np.concatenate(got)
+
+    def chunk_end(self, row: int) -> int:
+        """The row after the stored chunk that holds ``row`` (a chunk never spans two parts)."""
+        k = int(np.searchsorted(self.bounds, row, side="right")) - 1
+        lo, c = int(self.bounds[k]), int(self.parts[k].chunks[0])
+        return min(int(self.bounds[k + 1]), lo + ((row - lo) // c + 1) * c)
 
     def stored_bytes(self, start: int, stop: int) -> int:
         """Bytes of the stored chunks that reading rows [start, stop) decodes (whole chunks, checksums included)."""

@@ -142,6 +142,11 @@ class LayerRows:
         self._buffers: list[np.ndarray] = []
         self._device_buffer: torch.Tensor | None = None
         self._holding = 0
+        self._tail: tuple[int, np.ndarray] | None = None
+        """(first row, stored rows): the rest of the chunk the last read ended in, for the next read"""
+        c = int(self.arr.chunks[0])
+        self._fetched = np.empty((self.piece_rows + c, self.d), dtype=self.arr.dtype)  # (``LayerShape.read_bytes``)
+        self._tail_buffer = np.empty((c, self.d), dtype=self.arr.dtype)
         self.check_stored = check_stored
         """look for deleted chunk files before each read (``cache.read_rows``); a fit's later passes skip it"""
         if self.held_rows:
@@ -156,9 +161,8 @@ class LayerRows:
                 self.held = torch.empty(self.held_rows, self.d, dtype=torch.float32, device=self.device)
                 for a, block in self._stream(0, self.held_rows):
                     self.held[a : a + block.shape[0]].copy_(torch.from_numpy(block))
-        self.pass_bytes = sum(self._stored_bytes(a, min(self.n, a + self.block_rows))
-                              for a in range(self.held_rows, self.n, self.block_rows))
-        """bytes of stored chunks one pass reads (the rows not held; a chunk read by two blocks counts twice)"""
+        self.pass_bytes = self._pass_bytes()
+        """bytes of stored chunks one pass reads (the rows not held; each chunk once)"""
 
     # -- reading ---------------------------------------------------------------------
     def _hold(self, rows: int) -> None:
@@ -167,43 +171,90 @@ class LayerRows:
 
     def close(self) -> None:
         """Release the held rows and the buffers (their count leaves ``IOStats.rows_held``)."""
-        self.held, self._buffers, self._device_buffer = None, [], None
+        self.held, self._buffers, self._device_buffer, self._tail = None, [], None, None
+        self._fetched = self._tail_buffer = None
         self.stats.release(self._holding)
         self._holding = 0
         _return_freed_memory()
 
-    def _runs(self, r0: int, r1: int) -> Iterator[tuple[int, int, int, np.ndarray | None]]:
+    def _runs(self, r0: int, r1: int) -> Iterator[tuple[int, int, int, int, np.ndarray | None]]:
         """(first row, last row + 1, raw start, raw stop, rows of the raw range or None) per Zarr read."""
         if self.index is None:  # cut at multiples of piece_rows of the split: whole chunks per read
             a, end = self.start + r0, self.start + r1
             while a < end:
                 b = min(end, (a // self.piece_rows + 1) * self.piece_rows)
-                yield a - self.start, b - self.start, a, None
+                yield a - self.start, b - self.start, a, b, None
                 a = b
             return
         idx = self.index[r0:r1]
         piece = idx // self.piece_rows
         cuts = np.flatnonzero(np.diff(piece)) + 1
         for i, j in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [idx.size]])):
-            yield r0 + int(i), r0 + int(j), int(idx[i]), idx[i:j]
+            yield r0 + int(i), r0 + int(j), int(idx[i]), int(idx[j - 1]) + 1, idx[i:j]
 
-    def _stored_bytes(self, r0: int, r1: int) -> int:
-        total = 0
-        for a, b, raw0, sel in self._runs(r0, r1):
-            raw1 = raw0 + (b - a) if sel is None else int(sel[-1]) + 1
-            total += self.arr.stored_bytes(raw0, raw1)
+    def _span(self, raw0: int, raw1: int, tail: tuple[int, int] | None):
+        """How reading stored rows [raw0, raw1) goes when rows ``tail`` (first, end) are kept from the last read:
+        (rows taken from the tail, (first, end) rows to fetch or None, the rows to keep after it or None).
+
+        A fetch that ends inside a chunk runs to the chunk's end (Zarr decodes it whole anyway) and keeps the rest,
+        where the next block starts: blocks that do not end on a chunk boundary would otherwise fetch and decode
+        that chunk twice per pass, and an object store bills every fetch."""
+        take = 0
+        if tail is not None and tail[0] <= raw0 < tail[1]:
+            take = min(raw1, tail[1]) - raw0
+            if raw1 <= tail[1]:
+                return take, None, (raw1, tail[1]) if raw1 < tail[1] else None
+            raw0 = tail[1]
+        end = self.arr.chunk_end(raw1 - 1)
+        return take, (raw0, end), (raw1, end) if end > raw1 else None
+
+    def _read(self, raw0: int, raw1: int) -> tuple[list[tuple[int, np.ndarray]], int]:
+        """Stored rows [raw0, raw1) as consecutive (first row, rows) pieces, and the stored bytes fetched (``_span``).
+
+        Fetches go into one reused buffer (a new multi-MiB array per read costs page faults that outweigh the
+        read); the pieces are valid until the next call."""
+        kept = self._tail
+        take, fetch, tail = self._span(raw0, raw1, None if kept is None else (kept[0], kept[0] + len(kept[1])))
+        pieces, nbytes = [], 0
+        if take:
+            if fetch is not None and kept[1].base is self._fetched:  # the fetch below overwrites it: move it first
+                moved = self._tail_buffer[: len(kept[1])]
+                moved[...] = kept[1]
+                kept = (kept[0], moved)
+            pieces.append((raw0, kept[1][raw0 - kept[0] : raw0 - kept[0] + take]))
+        source = kept
+        if fetch is not None:
+            lo, hi = fetch
+            rows = self.arr.read(lo, hi, check_stored=self.check_stored, out=self._fetched[: hi - lo])
+            nbytes = self.arr.stored_bytes(lo, hi)
+            pieces.append((lo, rows[: raw1 - lo]))
+            source = (lo, rows)
+        self._tail = None if tail is None else (tail[0], source[1][tail[0] - source[0] :])
+        return pieces, nbytes
+
+    def _pass_bytes(self) -> int:
+        """Bytes of stored chunks one pass fetches: ``_read``'s fetches for the rows not held, from an empty tail."""
+        total, tail = 0, None
+        for a in range(self.held_rows, self.n, self.block_rows):
+            for _, _, raw0, raw1, _ in self._runs(a, min(self.n, a + self.block_rows)):
+                _, fetch, tail = self._span(raw0, raw1, tail)
+                if fetch is not None:
+                    total += self.arr.stored_bytes(*fetch)
         return total
 
     def _fill(self, dst: np.ndarray, r0: int, r1: int) -> None:
         """Rows [r0, r1) (converted to float32, standardised) into dst[: r1 - r0]."""
         t0 = time.perf_counter()
         nbytes = 0
-        for a, b, raw0, sel in self._runs(r0, r1):
-            raw1 = raw0 + (b - a) if sel is None else int(sel[-1]) + 1
-            raw = self.arr.read(raw0, raw1, check_stored=self.check_stored)
-            nbytes += self.arr.stored_bytes(raw0, raw1)
-            to_float32(raw if sel is None else raw[sel - raw0], self.feature_dtype, out=dst[a - r0 : b - r0])
-            del raw
+        for a, _, raw0, raw1, sel in self._runs(r0, r1):
+            pieces, fetched = self._read(raw0, raw1)
+            nbytes += fetched
+            o = a - r0
+            for first, rows in pieces:
+                part = rows if sel is None else rows[sel[(sel >= first) & (sel < first + len(rows))] - first]
+                to_float32(part, self.feature_dtype, out=dst[o : o + len(part)])
+                o += len(part)
+            del pieces
         out = dst[: r1 - r0]
         if self.mean32 is not None:  # as FitData.from_arrays: x -= mean; x /= std (float32)
             out -= self.mean32
@@ -215,6 +266,7 @@ class LayerRows:
         starts = list(range(r0, r1, self.block_rows))
         if not starts:
             return
+        self._tail = None  # every pass reads the same chunks (``pass_bytes``)
         if not self._buffers:
             k = 1 if self.n <= self.block_rows else 2
             self._buffers = [np.empty((self.block_rows, self.d), dtype=np.float32) for _ in range(k)]
@@ -363,10 +415,12 @@ class LayerShape:
 
     def read_bytes(self, rows: int, subset: bool = False) -> int:
         """What reading ``rows`` rows at a time holds: the stored chunks and the decoded rows (and the copy of a
-        row subset), plus a chunk kept by each of Zarr's reader threads (freed memory that their own malloc arenas
-        keep for the next read: measured 32 MB for 4 MiB chunks and 6 threads)."""
-        kept = min(zarr_reader_threads(), -(-rows // self.chunk_rows) + 1)  # threads a read of ``rows`` rows keeps busy
-        return ((3 if subset else 2) * rows + kept * self.chunk_rows) * self.d * self.itemsize
+        row subset), two chunks more (a read runs to the end of its last chunk, and the rest of that chunk is
+        kept for the next read), plus a chunk kept by each of Zarr's reader threads (freed memory that their own
+        malloc arenas keep for the next read: measured 32 MB for 4 MiB chunks and 6 threads)."""
+        c = self.chunk_rows
+        kept = min(zarr_reader_threads(), -(-rows // c) + 1)  # threads a read of ``rows`` rows keeps busy
+        return ((3 if subset else 2) * rows + (kept + 2) * c) * self.d * self.itemsize
 
     def fixed_bytes(self, n_rows: int) -> int:
         """Held whatever the layout: solver vectors, L-BFGS history, the statistics' float64 block."""
