@@ -211,6 +211,7 @@ def test_s3_fit_monitor_and_out_of_core_fit_write_the_local_bytes(resume_setup, 
     if not open_cache(cfg, allow_incomplete=True).complete:  # run alone: resume the killed extract first
         assert main(["extract", "--config", str(cfg), "--no-progress"]) == 0
     assert main(["fit", "--config", str(cfg)]) == 0
+    assert main(["check", "--config", str(cfg)]) == 0  # each probe reproduces its AUROC, read back from the bucket
     assert main(["monitor", "--config", str(cfg), "--split", "val", "--no-progress"]) == 0
     remote, ref = Layout.from_config(load_config(cfg)), Layout.from_config(load_config(ref_cfg))
     got = _s3_objects(str(remote.run_dir))

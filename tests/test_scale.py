@@ -1,6 +1,8 @@
-"""Scale-out: torchrun-sharded extraction (gloo, 2 CPU processes), data-parallel fit, remote (fsspec) stores.
+"""Scale-out: torchrun-sharded extraction (gloo, 2 CPU processes), data-parallel and multi-process fits.
 
-Every sharded or remote cache is compared with one single-process reference
+Remote stores (s3:// on a local S3 endpoint) are tested in ``test_reliability.py``, beside the killed extracts.
+
+Every sharded cache is compared with one single-process reference
 cache: the same rows bit for bit, and the same probe bytes after ``fit``.
 """
 
@@ -260,65 +262,37 @@ def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance
 
 
 # ---------------------------------------------------------------------------
-# remote stores
-
-
-def test_memory_store_extract_fit_and_check(scale_setup, capsys, one_thread):
-    """cache_dir and output_dir as memory:// URLs: same rows, same probe bytes; locks are skipped with a warning."""
-    import fsspec
-
-    tmp, data, ref_cfg, ref_probes = scale_setup
-    run = tmp / "memory"
-    run.mkdir()
-    url = "memory://needleprobe-test"
-    cfg_path = write_config(run, data, layers_to_probe=LAYERS, cache_dir=f"{url}/cache", output_dir=f"{url}/results/probes")
-    try:
-        assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
-        err = capsys.readouterr().err
-        assert "no lock on a remote store" in err
-        cache = open_cache(cfg_path)
-        assert str(cache.path) == f"{url}/cache/t_v1/embedded--all-MiniLM-L6-v2/resid_post"
-        assert_same_cache(cache, open_cache(ref_cfg))
-        assert_same_cache(open_cache(str(cache.path)), cache)  # by URL too
-        fs = fsspec.filesystem("memory")
-        out = "/needleprobe-test/results/probes/t_v1"
-        for f in sorted(fs.ls(out, detail=False)):
-            name = f.rsplit("/", 1)[1]
-            if name.startswith("probe"):
-                local = run / "fetched" / name
-                local.parent.mkdir(exist_ok=True)
-                local.write_bytes(fs.cat_file(f))
-        got = _probe_files(run / "fetched")
-        assert got == ref_probes
-        assert main(["check", "--config", str(cfg_path)]) == 0
-        assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 0
-        assert "up to date" in capsys.readouterr().err
-    finally:
-        fsspec.filesystem("memory").rm("/needleprobe-test", recursive=True)
-
-
-# ---------------------------------------------------------------------------
 # exact fits beyond memory and across processes
 
 
 @pytest.mark.slow
 def test_torchrun_fit_equals_one_process(scale_setup, sharded_run, tmp_path):
-    """2 gloo processes, each its shard's rows, out of core (--fit-memory below a share's rows): one optimisation
-    whose sums over rows are the one-process in-memory sums bit for bit, so rank 0 writes the one-process probe
-    files, CSV included; the run record says how each layer was fitted and what it read."""
+    """2 gloo processes fit one optimisation whose sums over rows are the one-process in-memory sums bit for bit, so
+    rank 0 writes the one-process probe files, CSV included; the run record says how each layer was fitted and what
+    it read. On the sharded cache each process takes its own shard's rows, out of core (--fit-memory below a share's
+    rows); on the single-process cache each takes a contiguous share, in memory. Both run side by side."""
     tmp, data, ref_cfg, ref_probes = scale_setup
     run, _, _, _ = sharded_run  # written by 2 processes: each fits its own shard's rows
-    cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS, cache_dir=f"file://{run / 'cache'}")
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "needleprobe", "fit", "--config", str(cfg_path), "--fit-memory", "3.8MB"],
-        env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV},
-        capture_output=True, text=True, timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "exact L-BFGS across 2 processes (each its shard of the cache" in r.stdout + r.stderr
-    assert _probe_files(tmp_path / "results" / "probes" / "t_v1") == ref_probes
-    stage = json.loads(next((tmp_path / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
+    cases = {"sharded": (f"file://{run / 'cache'}", ["--fit-memory", "3.8MB"]), "unsharded": (str(tmp / "ref" / "cache"), [])}
+    started = {}
+    for name, (cache_dir, extra) in cases.items():
+        (tmp_path / name).mkdir()
+        cfg_path = write_config(tmp_path / name, data, layers_to_probe=LAYERS, cache_dir=cache_dir)
+        started[name] = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             "-m", "needleprobe", "fit", "--config", str(cfg_path), *extra],
+            env={**os.environ, "NEEDLEPROBE_CHUNK_ROWS": CHUNK, "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    logs = {name: p.communicate(timeout=300) for name, p in started.items()}
+    for name, p in started.items():
+        assert p.returncode == 0, logs[name][1][-3000:]
+        assert _probe_files(tmp_path / name / "results" / "probes" / "t_v1") == ref_probes, name
+    assert "exact L-BFGS across 2 processes (each its shard of the cache" in "".join(logs["sharded"])
+    assert "exact L-BFGS across 2 processes (each a contiguous share; sums over rows all-reduced), every share in " \
+           "memory" in "".join(logs["unsharded"])
+    stage = json.loads(next((tmp_path / "unsharded" / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
+    assert stage["processes"] == 2 and stage["solvers"] == {"1": "lbfgs-distributed", "4": "lbfgs-distributed"}
+    stage = json.loads(next((tmp_path / "sharded" / "results" / "run_records").glob("*.json")).read_text())["stages"]["fit"]
     assert stage["processes"] == 2 and stage["fit_memory"]["bytes"] == 3_800_000
     assert stage["solvers"] == {"1": "lbfgs-distributed-out-of-core", "4": "lbfgs-distributed-out-of-core"}
     io = stage["streaming"]["1"]
