@@ -159,6 +159,52 @@ class _ThreadComm:
         return t
 
 
+def test_a_share_too_big_for_the_budget_stops_every_process_with_a_message(synthetic, monkeypatch):
+    """Under torchrun, when one process's share does not fit --fit-memory, every process stops with a one-line
+    error (that one says what it needs, the others point to it) instead of the others waiting on its sums."""
+    import threading
+    from types import SimpleNamespace
+
+    import needleprobe.streaming as streaming
+
+    real = streaming.stream_plan
+
+    def plan(*args, **kwargs):  # rank 1's share is refused, as a larger share under a tight budget would be
+        if threading.current_thread().name == "rank-1":
+            raise NeedleprobeError("a fit memory of 1 B cannot hold even two blocks of 64 rows: it needs at least 2 MiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "stream_plan", plan)
+    board, barrier, errors = [0, 0], threading.Barrier(2, timeout=60), {}
+
+    class Comm:  # ``distributed.FitComm.any`` between two threads
+        def __init__(self, rank: int):
+            self.dist = SimpleNamespace(rank=rank, world=2)
+
+        def any(self, flag: bool) -> bool:
+            barrier.wait()
+            board[self.dist.rank] = int(flag)
+            barrier.wait()
+            out = any(board)
+            barrier.wait()
+            return out
+
+    def rank(r: int) -> None:
+        try:
+            choose("auto", synthetic, 0, CPU, Budget(10**9, "test"), comm=Comm(r))
+        except NeedleprobeError as e:
+            errors[r] = str(e)
+
+    threads = [threading.Thread(target=rank, args=(r,), name=f"rank-{r}") for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors[1] == "rank 1: a fit memory of 1 B cannot hold even two blocks of 64 rows: it needs at least 2 MiB"
+    assert errors[0].startswith("rank 0: another process's share of the train rows does not fit the budget")
+    assert "\n" not in errors[0] and "--fit-memory" in errors[0]
+
+
 def test_split_rows_give_the_one_process_bits():
     """Rows split over 2 or 3 'processes' (threads with a gather), shares on group boundaries: the same weights,
     losses and iterations as one process, bit for bit."""

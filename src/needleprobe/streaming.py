@@ -530,7 +530,14 @@ def choose(solver: str, cache: Cache, layer: int, device: torch.device, budget: 
 
     t0, t1 = row_shares(shape.n_train, dist.world, group, train_bounds)[dist.rank]
     v0, v1 = row_shares(shape.n_val, dist.world, 1, val_bounds)[dist.rank]
-    plan = stream_plan(shape, t1 - t0, group, budget.bytes)
+    try:
+        plan, refused = stream_plan(shape, t1 - t0, group, budget.bytes), None
+    except NeedleprobeError as e:
+        plan, refused = None, NeedleprobeError(f"rank {dist.rank}: {e}")
+    if comm.any(refused is not None):  # every process stops with a message, none waits on the others' sums
+        raise refused or NeedleprobeError(
+            f"rank {dist.rank}: another process's share of the train rows does not fit the budget of {budget}; its "
+            "own message says what it needs: raise --fit-memory / probe.fit_memory, or run more processes")
     held_all = plan.held_rows >= t1 - t0
     out_of_core = comm.any(not held_all)
     own = "each its shard of the cache" if train_bounds is not None else "each a contiguous share"
