@@ -61,8 +61,11 @@ def resume_setup(tmp_path_factory):
     One more killed run writes to ``s3://`` on a local S3 endpoint (moto's server, a child process; clients reach it
     through the standard AWS variables, set here for the module); while the runs go, the reference is fitted and
     monitored here, for the S3 tests to compare with. ``runs["s3"]`` is None, and ``skip_s3`` says why, when the
-    endpoint cannot start.
+    endpoint cannot start. ``partial``: a config of a copy of one killed run's cache, left incomplete.
+
+    Yields a namespace: files (the reference cache's), runs, ref_cfg, skip_s3, partial.
     """
+    from types import SimpleNamespace
     import threading
 
     from conftest import threads
@@ -118,7 +121,10 @@ def resume_setup(tmp_path_factory):
                     monitor(load_config(ref_cfg), split="val", show_progress=False)
                 runs = {f: job.result() for f, job in started.items()}
             runs.setdefault("s3", None)
-            yield _files(cache.path), runs, ref_cfg, skip_s3
+            (tmp / "partial").mkdir()  # before a test resumes it
+            shutil.copytree(tmp / "chunk_committed_2" / "cache", tmp / "partial" / "cache")
+            partial = write_config(tmp / "partial", data, layers_to_probe=[1, 4])
+            yield SimpleNamespace(files=_files(cache.path), runs=runs, ref_cfg=ref_cfg, skip_s3=skip_s3, partial=partial)
         finally:
             server.stop()
             sys.path.remove(str(BENCHMARKS))
@@ -138,7 +144,7 @@ def _start(server, failed: list) -> None:
 def test_killed_extract_resumes_to_identical_cache(resume_setup, fault, monkeypatch, capsys):
     from conftest import threads
 
-    ref_files, runs, _, _ = resume_setup
+    ref_files, runs = resume_setup.files, resume_setup.runs
     cfg, killed = runs[fault]
     assert killed.returncode == -9, killed.stderr
     with pytest.raises(Exception, match="incomplete|no activation cache"):
@@ -168,12 +174,11 @@ def _s3_objects(url: str) -> dict[str, bytes]:
 
 def _s3_run(resume_setup, monkeypatch):
     """(S3 config, its killed extract, reference config), or a skip saying why there is no endpoint."""
-    _, runs, ref_cfg, skip_s3 = resume_setup
-    if skip_s3:
-        pytest.skip(skip_s3)
-    cfg, killed = runs["s3"]
+    if resume_setup.skip_s3:
+        pytest.skip(resume_setup.skip_s3)
+    cfg, killed = resume_setup.runs["s3"]
     monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)  # as the reference and the killed run
-    return cfg, killed, ref_cfg
+    return cfg, killed, resume_setup.ref_cfg
 
 
 @pytest.mark.slow
@@ -191,7 +196,7 @@ def test_s3_cache_killed_mid_split_resumes_to_the_local_cache(resume_setup, monk
     assert main(["extract", "--config", str(cfg), "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().err
     url = str(cache_path(load_config(cfg)))
-    assert url.startswith("s3://needleprobe-test/cache/") and _s3_objects(url) == resume_setup[0]
+    assert url.startswith("s3://needleprobe-test/cache/") and _s3_objects(url) == resume_setup.files
     cache, by_url, ref = open_cache(cfg), open_cache(url), open_cache(ref_cfg)  # by URL, as a notebook does
     assert cache.complete and cache.fingerprint == by_url.fingerprint == ref.fingerprint
     for split in ref.splits:
@@ -598,12 +603,11 @@ def test_cache_fingerprinted_by_the_whole_file_stays_valid_until_the_file_change
     assert "dataset_sha256: " in capsys.readouterr().err
 
 
-def test_fit_during_a_running_extract_says_so(tmp_path, small_dataset, capsys):
+@pytest.mark.slow
+def test_fit_during_a_running_extract_says_so(resume_setup, capsys):
     from needleprobe.cache import cache_path
 
-    cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0])
-    killed = _cli(cfg_path, "extract", env={"NEEDLEPROBE_FAULT": "chunk_committed:1"})
-    assert killed.returncode == -9, killed.stderr
+    cfg_path = resume_setup.partial  # a killed extract's cache
     path = cache_path(load_config(cfg_path))
     with FileLock(path.with_name(path.name + ".lock"), what="extract"):
         assert main(["fit", "--config", str(cfg_path)]) == 2

@@ -200,16 +200,21 @@ def test_a_killed_multi_site_extract_resumes_every_cache(data, tmp_path, monkeyp
 
     monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", "64")
     sites = ["resid_mid", "resid_post"]
-    (tmp_path / "ref").mkdir()
-    ref = load_config(write_config(tmp_path / "ref", data, layers_to_probe=[1, 4], activation_site=sites))
-    with threads(1):
-        extract(ref, show_progress=False)
     cfg_path = write_config(tmp_path, data, layers_to_probe=[1, 4], activation_site=sites)
     env = {**os.environ, "NEEDLEPROBE_CHUNK_ROWS": "64", "HF_HUB_OFFLINE": "1", **ONE_THREAD_ENV,
            "NEEDLEPROBE_FAULT": "chunk_committed:3"}
-    killed = subprocess.run([sys.executable, "-m", "needleprobe", "extract", "--config", str(cfg_path), "--no-progress"],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr
+    killed = subprocess.Popen([sys.executable, "-m", "needleprobe", "extract", "--config", str(cfg_path), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    (tmp_path / "ref").mkdir()  # the reference, while the killed run goes
+    ref = load_config(write_config(tmp_path / "ref", data, layers_to_probe=[1, 4], activation_site=sites))
+    try:
+        with threads(1):
+            extract(ref, show_progress=False)
+        _, err = killed.communicate(timeout=300)
+    finally:
+        if killed.poll() is None:
+            killed.kill()
+    assert killed.returncode == -9, err
     with threads(1):
         assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 0
     assert "resuming" in capsys.readouterr().err
