@@ -29,8 +29,9 @@ synthetic  An n × d matrix with a few ~100× outlier dimensions (like Gemma's
            residual stream): ``benchmarks/bench_solver.py``.
 out-of-core  A synthetic cache 3× the memory budget (40k + 8k rows × 1536,
            --fit-memory 96MB): exact L-BFGS streamed from the cache vs in memory
-           (time per pass, AUROC, weights, peak RSS) and vs the reader alone
-           (the cache's read speed): ``benchmarks/bench_out_of_core.py``.
+           (time per pass, AUROC, weights, peak RSS), the same under torchrun
+           with 2 processes, and the reader alone (the cache's read speed):
+           ``benchmarks/bench_out_of_core.py``.
 s3         The out-of-core fit and the reader on a smaller synthetic cache
            (20k + 4k rows × 1024, --fit-memory 56MB), from local disk and from a
            local S3 endpoint (moto's server, through s3fs): time and bytes per

@@ -10,6 +10,9 @@ process of its own, so its peak RSS (``VmHWM``) is its own:
 * ``in memory``: ``fit.lbfgs_layer`` (the whole layer in float32);
 * ``out of core``: ``streaming.streamed_fit_data`` with ``--budget`` (rows read
   from the cache at every pass, the next block prefetched);
+* ``2-process``: the out-of-core fit under ``torchrun --nproc-per-node 2``
+  (gloo): each process its contiguous share of the rows within ``--budget``,
+  the sums over rows all-reduced (rank 0's time and RSS; bytes of both);
 * ``read``: three passes of the same reader over the train rows, no solver
   (the cache's read speed, decoding included: the floor of a streamed pass).
 
@@ -69,6 +72,12 @@ def child(mode: str, path: str, budget: str) -> None:
 
     cache = open_cache(path)
     cpu = torch.device("cpu")
+    comm = None
+    if mode == "2-process":  # one of torchrun's processes: its contiguous share of the rows, sums all-reduced
+        from needleprobe.distributed import Dist, FitComm
+
+        dist = Dist.from_env()
+        comm = FitComm(dist, cpu)
     base = _rss()["VmRSS"]
     t0 = time.perf_counter()
     rec: dict = {"mode": mode}
@@ -88,9 +97,9 @@ def child(mode: str, path: str, budget: str) -> None:
             if mode == "memory":
                 data = lbfgs_layer(cache, 0, GRID, cpu)
             else:
-                choice = choose("auto", cache, 0, cpu, Budget(parse_bytes(budget), "bench"))
+                choice = choose("auto", cache, 0, cpu, Budget(parse_bytes(budget), "bench"), comm)
                 rec.update(solver=choice.solver, held_rows=choice.plan.held_rows, block_rows=choice.plan.block_rows)
-                data = streamed_fit_data(cache, 0, GRID, cpu, choice)
+                data = streamed_fit_data(cache, 0, GRID, cpu, choice, comm)
             r = fit_grid(data, GRID, "weighted", 0)
             rec.update(val_auroc=[x["val_auroc"] for x in r["l2_results"]], n_iter=[x["n_iter"] for x in r["l2_results"]],
                        selected_l2=r["selected_l2"], weight=np.asarray(r["weight"], np.float64).tolist())
@@ -98,6 +107,13 @@ def child(mode: str, path: str, budget: str) -> None:
                 rec.update(passes=data.io.passes, bytes_read=data.io.bytes_read, bytes_per_pass=data.io.pass_bytes,
                            wait_s=data.io.wait_seconds)
     rec.update(seconds=time.perf_counter() - t0, rss_growth=_rss()["VmHWM"] - base, rss_base=base)
+    if comm is not None:  # bytes over both processes (held rows: rank 0's); rank 0 reports
+        total = comm.allsum(np.array([rec["bytes_read"], rec["bytes_per_pass"]], dtype=np.int64))
+        rec.update(bytes_read=int(total[0]), bytes_per_pass=int(total[1]))
+        last = comm.dist.rank != 0
+        comm.dist.close()
+        if last:
+            return
     print(json.dumps(rec))
 
 
@@ -114,7 +130,9 @@ def measure(mode: str, path: str, budget: str, env: dict | None = None) -> dict:
     """One child process's measurement (its own RSS; ``env`` points it at an S3 endpoint)."""
     import os
 
-    r = subprocess.run([sys.executable, __file__, "--child", mode, path, budget], capture_output=True, text=True,
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] \
+        if mode == "2-process" else [sys.executable]
+    r = subprocess.run([*launch, __file__, "--child", mode, path, budget], capture_output=True, text=True,
                        env={**os.environ, **(env or {})})
     if r.returncode:
         sys.exit(f"{mode} on {path}: {r.stderr.strip().splitlines()[-1]}")
@@ -135,9 +153,9 @@ def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
            "| fit | wall | passes | per pass | read | RSS growth | max val-AUROC diff | L2 | weights rel. diff |",
            "|---|---|---|---|---|---|---|---|---|"]
     got = {}
-    for mode in ("memory", "out-of-core", "read"):
+    for mode in ("memory", "out-of-core", "2-process", "read"):
         got[mode] = measure(mode, str(path), budget)
-    mem, ooc, rd = got["memory"], got["out-of-core"], got["read"]
+    mem, ooc, rd, two = got["memory"], got["out-of-core"], got["read"], got["2-process"]
     passes = ooc["passes"]
     diff = max(abs(a - b) for a, b in zip(mem["val_auroc"], ooc["val_auroc"]))
     wm, wo = np.array(mem["weight"]), np.array(ooc["weight"])
@@ -147,6 +165,12 @@ def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
     out.append(f"| out of core | {ooc['seconds']:.1f} s | {passes} | {1e3 * ooc['seconds'] / passes:.0f} ms | "
                f"{human_bytes(ooc['bytes_read'])} ({human_bytes(ooc['bytes_per_pass'])} per pass; solver waited "
                f"{ooc['wait_s']:.1f} s) | {human_bytes(ooc['rss_growth'])} | {diff:.1e} | {ooc['selected_l2']:g} | {rel:.1e} |")
+    diff2 = max(abs(a - b) for a, b in zip(mem["val_auroc"], two["val_auroc"]))
+    rel2 = float(np.abs(wm - np.array(two["weight"])).max() / np.abs(wm).max())
+    out.append(f"| 2 processes (torchrun, gloo), {budget} each | {two['seconds']:.1f} s | {two['passes']} | "
+               f"{1e3 * two['seconds'] / two['passes']:.0f} ms | {human_bytes(two['bytes_read'])} "
+               f"({human_bytes(two['bytes_per_pass'])} per pass, both processes; {two['held_rows']:,} rows held by "
+               f"rank 0) | {human_bytes(two['rss_growth'])} (rank 0) | {diff2:.1e} | {two['selected_l2']:g} | {rel2:.1e} |")
     per = rd["seconds"] / READ_PASSES
     out.append(f"| read only (the reader, no solver) | {rd['seconds']:.2f} s | {READ_PASSES} | {1e3 * per:.0f} ms | "
                f"{human_bytes(rd['bytes_read'])} ({rd['bytes_read'] / rd['seconds'] / 1e6:.0f} MB/s) | "
