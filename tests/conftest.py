@@ -89,6 +89,22 @@ def run_dir(cfg, run: str | None = None):
     return Layout.from_config(cfg, run).run_dir
 
 
+def fit_outputs(files: dict[str, bytes]) -> dict[str, bytes]:
+    """Of a run directory's files (name -> bytes, from disk or a bucket): the probes, ``probe_metrics.csv`` and
+    ``verdict.json``, each probe's JSON without the config's own paths (they name the run's directories); what two
+    fits of the same rows must share byte for byte."""
+    out = {}
+    for name, body in sorted(files.items()):
+        if name.startswith("probe_layer") and name.endswith(".json"):
+            meta = json.loads(body)
+            for k in ("cache_dir", "output_dir", "run_record_dir"):
+                meta["config"]["probe"].pop(k)
+            out[name] = json.dumps(meta, sort_keys=True).encode()
+        elif name.startswith("probe") or name == "verdict.json":
+            out[name] = body
+    return out
+
+
 def write_jsonl(path: Path, docs: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")

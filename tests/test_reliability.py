@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import ONE_THREAD_ENV, small_docs, write_config, write_jsonl
+from conftest import ONE_THREAD_ENV, fit_outputs, small_docs, write_config, write_jsonl
 
 from needleprobe import open_cache
 from needleprobe.cli import main
@@ -219,17 +219,9 @@ def test_s3_fit_monitor_and_out_of_core_fit_write_the_local_bytes(resume_setup, 
     assert main(["check", "--config", str(cfg)]) == 0  # each probe reproduces its AUROC, read back from the bucket
     assert main(["monitor", "--config", str(cfg), "--split", "val", "--no-progress"]) == 0
     remote, ref = Layout.from_config(load_config(cfg)), Layout.from_config(load_config(ref_cfg))
-    got = _s3_objects(str(remote.run_dir))
-    assert [k for k in got if k.startswith("probe")] == sorted(p.name for p in ref.run_dir.glob("probe*"))
-    for name, body in got.items():
-        if name.startswith("probe_layer") and name.endswith(".json"):  # the config names its own store
-            a, b = json.loads(body), json.loads((ref.run_dir / name).read_bytes())
-            for meta in (a, b):
-                for k in ("cache_dir", "output_dir", "run_record_dir"):
-                    meta["config"]["probe"].pop(k)
-            assert a == b, name
-        elif name.startswith("probe"):
-            assert body == (ref.run_dir / name).read_bytes(), name
+    got = fit_outputs(_s3_objects(str(remote.run_dir)))
+    assert got == fit_outputs({p.name: p.read_bytes() for p in ref.run_dir.iterdir() if p.is_file()})
+    assert "verdict.json" in got and len(got) == 2 * 2 * 2 + 2  # .pt and .json of layers 1, 4 and seeds 0, 1; CSV; verdict
     for name in ("monitor_csv", "doc_scores"):
         here, there = getattr(remote, name)("val"), getattr(ref, name)("val")
         assert here.read_bytes() == there.read_bytes(), here

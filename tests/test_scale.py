@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 import zarr
-from conftest import ONE_THREAD_ENV, small_docs, threads, write_config, write_jsonl
+from conftest import ONE_THREAD_ENV, fit_outputs, small_docs, threads, write_config, write_jsonl
 
 from needleprobe import open_cache
 from needleprobe.cache import ShardedArray
@@ -60,17 +60,7 @@ def assert_same_cache(got, want) -> None:
 
 
 def _probe_files(out: Path) -> dict[str, bytes]:
-    """Probe weights and the CSV as bytes; the JSONs without the config's own paths (they name the run's dirs)."""
-    files = {}
-    for p in sorted(out.glob("probe*")):
-        if p.suffix == ".json":
-            meta = json.loads(p.read_bytes())
-            for k in ("cache_dir", "output_dir", "run_record_dir"):
-                meta["config"]["probe"].pop(k)
-            files[p.name] = json.dumps(meta, sort_keys=True).encode()
-        else:
-            files[p.name] = p.read_bytes()
-    return files
+    return fit_outputs({p.name: p.read_bytes() for p in out.iterdir() if p.is_file()})
 
 
 @pytest.fixture(scope="module")

@@ -158,12 +158,18 @@ class _ThreadComm:
         t.copy_(self.cat(t[None]).sum(0))
         return t
 
+    @property
+    def dist(self):  # what ``streaming.choose`` reads of ``FitComm.dist``
+        return self
+
+    def any(self, flag: bool) -> bool:
+        return bool(self.cat(torch.tensor([int(flag)])).sum())
+
 
 def test_a_share_too_big_for_the_budget_stops_every_process_with_a_message(synthetic, monkeypatch):
     """Under torchrun, when one process's share does not fit --fit-memory, every process stops with a one-line
     error (that one says what it needs, the others point to it) instead of the others waiting on its sums."""
     import threading
-    from types import SimpleNamespace
 
     import needleprobe.streaming as streaming
 
@@ -175,23 +181,11 @@ def test_a_share_too_big_for_the_budget_stops_every_process_with_a_message(synth
         return real(*args, **kwargs)
 
     monkeypatch.setattr(streaming, "stream_plan", plan)
-    board, barrier, errors = [0, 0], threading.Barrier(2, timeout=60), {}
-
-    class Comm:  # ``distributed.FitComm.any`` between two threads
-        def __init__(self, rank: int):
-            self.dist = SimpleNamespace(rank=rank, world=2)
-
-        def any(self, flag: bool) -> bool:
-            barrier.wait()
-            board[self.dist.rank] = int(flag)
-            barrier.wait()
-            out = any(board)
-            barrier.wait()
-            return out
+    board, barrier, errors = [None, None], threading.Barrier(2, timeout=60), {}
 
     def rank(r: int) -> None:
         try:
-            choose("auto", synthetic, 0, CPU, Budget(10**9, "test"), comm=Comm(r))
+            choose("auto", synthetic, 0, CPU, Budget(10**9, "test"), comm=_ThreadComm(r, 2, board, barrier))
         except NeedleprobeError as e:
             errors[r] = str(e)
 
