@@ -40,6 +40,9 @@ def test_shipped_configs_load():
         ("probe: [1, 2]\n", r"probe: expected a mapping"),
         ("probe:\n  layers_to_probe: [1\n", r"c.yaml:\d+: invalid YAML"),
         ("extra_section: {}\n", r"extra_section: unknown key"),
+        ("model:\n  name: 'embedded:SmolLM2-135M-Instruct'\n  gguf_file: x.gguf\n",
+         r"c.yaml:3: model.gguf_file: embedded:SmolLM2-135M-Instruct is a packaged model .*leave model.gguf_file unset"),
+        ("model:\n  gguf_file: ' '\n", r"c.yaml:2: model.gguf_file: must not be empty"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, text, message):

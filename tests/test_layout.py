@@ -9,7 +9,7 @@ import pytest
 
 from needleprobe.config import load_config
 from needleprobe.errors import NeedleprobeError
-from needleprobe.layout import Layout, RunIdentity, model_slug
+from needleprobe.layout import Layout, RunIdentity, model_dir_name, model_slug
 
 
 def _cfg(**probe):
@@ -55,6 +55,19 @@ def test_bad_run_names(run):
 def test_model_slugs():
     assert model_slug("google/gemma-3-4b-it") == "google--gemma-3-4b-it"
     assert model_slug("embedded:all-MiniLM-L6-v2") == "embedded--all-MiniLM-L6-v2"
+
+
+def test_a_gguf_file_names_its_own_model():
+    """Two GGUF files of one directory (two quantisations) get two caches and two identities."""
+    assert model_dir_name("models/smol", "SmolLM2-135M-Instruct.Q4_1.gguf") == "models--smol--SmolLM2-135M-Instruct.Q4_1"  # not a directory here: a hub id
+    assert model_dir_name("embedded:SmolLM2-135M-Instruct", None) == "embedded--SmolLM2-135M-Instruct"
+    cfg = _cfg()
+    q4, q8 = (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="models/smol", gguf_file=f))
+              for f in ("s.Q4_1.gguf", "s.Q8_0.gguf"))
+    assert Layout.from_config(q4).cache != Layout.from_config(q8).cache
+    assert RunIdentity.from_config(q4) != RunIdentity.from_config(q8)
+    assert RunIdentity.from_config_dict(q4.to_dict()) == RunIdentity.from_config(q4)
+    assert RunIdentity.from_config(q4).describe() == "models/smol (s.Q4_1.gguf) · resid_post · needles_demo_v1"
 
 
 def test_identity_round_trips_through_a_recorded_config():

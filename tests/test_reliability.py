@@ -614,3 +614,25 @@ def test_fit_of_an_uncached_layer_says_what_is_cached_and_how_to_add_it(minilm_r
     err = capsys.readouterr().err
     assert "layer(s) 0 not cached (the cache holds layers 1, 5); fit cached layers only (--layers 1,5)" in err
     assert "needleprobe extract --layers 0,1,5 --overwrite" in err and "stale" not in err
+
+
+def test_a_waiting_lock_takes_over_when_the_owner_finishes(tmp_path, capsys):
+    """``wait=True`` (a GGUF conversion: a second process waits for the first's result instead of failing)."""
+    import threading
+    import time
+
+    lock, order = tmp_path / "x.lock", []
+
+    def second():
+        with FileLock(lock, "x", wait=True):
+            order.append("second")
+
+    with FileLock(lock, "x"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.5)
+        order.append("first")
+    t.join(timeout=30)
+    assert order == ["first", "second"]
+    assert f"waiting for another x (pid {os.getpid()} on " in capsys.readouterr().err
+    assert not lock.exists()

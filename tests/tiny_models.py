@@ -291,3 +291,81 @@ def make_tiny_model(family: str, out_dir: Path, n_layers: int = 3, seed: int = 0
     model.eval()
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def _permute_for_gguf(w, n_head: int):
+    """llama.cpp's converter reorders the rows of q/k projections (its RoPE pairs neighbouring dimensions, HF's
+    halves); transformers' GGUF loader undoes it, so a writer must do it (``convert_hf_to_gguf.LlamaModel.permute``)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_tiny_gguf(path: Path, n_layers: int = 3, seed: int = 0, quantize: bool = True) -> Path:
+    """A tiny random Llama (the ``llama`` family above, its tokenizer and chat template) as a GGUF file.
+
+    Written with the ``gguf`` package the way llama.cpp's converter lays a Llama out: GGUF tensor names, q/k rows
+    permuted, byte-level BPE vocabulary and merges as metadata.  With ``quantize`` the 2-D weights are stored as
+    Q8_0 blocks, so reading it back de-quantizes, as real GGUF files do (the norms stay float32).  No network.
+    """
+    import json
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = make_tiny_model("llama", Path(tmp) / "hf", n_layers=n_layers, seed=seed)
+        config = json.loads((src / "config.json").read_text())
+        tok_json = json.loads((src / "tokenizer.json").read_text())
+        from safetensors.numpy import load_file
+
+        weights = load_file(str(src / "model.safetensors"))
+    vocab = tok_json["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]]
+    special = {t["content"] for t in tok_json["added_tokens"] if t.get("special")}
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("needleprobe tiny llama")
+    w.add_vocab_size(len(tokens))
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_block_count(n_layers)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(config["hidden_size"] // n_head)
+    w.add_rope_freq_base(float(config.get("rope_theta") or config.get("rope_parameters", {}).get("rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")  # the split regex of make_tokenizer
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(vocab[BOS])
+    w.add_eos_token_id(vocab[EOS])
+    w.add_pad_token_id(vocab[PAD])
+    w.add_unk_token_id(vocab[UNK])
+    w.add_add_bos_token(True)
+    w.add_chat_template(CHAT_TEMPLATE)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layers)
+    for hf_name, t in weights.items():
+        base, suffix = hf_name.rsplit(".", 1)
+        if hf_name.endswith("self_attn.q_proj.weight"):
+            t = _permute_for_gguf(t, n_head)
+        elif hf_name.endswith("self_attn.k_proj.weight"):
+            t = _permute_for_gguf(t, n_kv)
+        name = f"{names.get_name(base)}.{suffix}"
+        t = np.ascontiguousarray(t, dtype=np.float32)
+        if quantize and t.ndim == 2:
+            w.add_tensor(name, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -151,6 +151,8 @@ def fingerprint_fields(cfg: Config, docs: list[Document]) -> dict[str, Any]:
     the documents of each cached split (``documents``), so editing a test
     document, or a line's ``metadata``, leaves the cache valid.
     """
+    from .checkpoints import fingerprint_fields as model_fields
+
     p, m = cfg.probe, cfg.model
     by_split = split_documents(cfg, docs)
     return {
@@ -172,6 +174,7 @@ def fingerprint_fields(cfg: Config, docs: list[Document]) -> dict[str, Any]:
         "max_train_tokens": p.max_train_tokens,
         "max_val_tokens": p.max_val_tokens,
         "feature_dtype": p.feature_dtype,
+        **model_fields(m),  # a GGUF file's digest
     }
 
 
@@ -1034,7 +1037,7 @@ class Cache:
         from .hooks import load_tokenizer
 
         f = self.fields
-        return load_tokenizer(ModelConfig(name=f["model_name"], revision=f.get("model_revision")))
+        return load_tokenizer(ModelConfig(name=f["model_name"], revision=f.get("model_revision"), gguf_file=f.get("gguf_file")))
 
     @property
     def world_size(self) -> int:

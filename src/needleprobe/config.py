@@ -21,12 +21,18 @@ import yaml
 from .errors import NeedleprobeError
 
 EMBEDDED_MODEL = "embedded:all-MiniLM-L6-v2"
+EMBEDDED_CHAT_MODEL = "embedded:SmolLM2-135M-Instruct"
+"""Packaged models that load offline: a sentence encoder (fast tests) and an instruction-tuned chat model (a GGUF)."""
 RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device"),
                           ("probe", "fit_memory")})
 """Settings that change how fast a run goes, never what it writes (beyond float rounding: see README "Determinism")."""
 DTYPES = ("float32", "bfloat16", "float16")
 SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
 """Activation sites, TransformerLens' ``blocks.{L}.hook_{site}`` names (see :mod:`needleprobe.sites`)."""
+DEFAULT_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
+"""L2 strengths tried by default (README, "Choosing L2"): the selected value lands at 0.01–0.1 for a sentence encoder
+(all-MiniLM-L6-v2) and at 0.1–100 for a chat model (SmolLM2-135M-Instruct) on the demo data, inside the grid for both;
+at 1e4 the probe is already at the strong-L2 limit (the class-mean difference on standardised features)."""
 PLACEHOLDERS = ("model", "site", "dataset")
 """What ``probe.output_dir`` and ``probe.run_record_dir`` may name, so runs of several models stay apart."""
 
@@ -98,9 +104,13 @@ class DatasetConfig:
 @dataclass
 class ModelConfig:
     name: str = "google/gemma-3-4b-it"
-    """HF hub id, a local model directory, or ``embedded:all-MiniLM-L6-v2`` (packaged, offline)."""
+    """HF hub id, a local model directory, ``embedded:all-MiniLM-L6-v2`` or ``embedded:SmolLM2-135M-Instruct``
+    (packaged, offline)."""
     revision: Optional[str] = None
     """HF revision (branch, tag or commit) for hub ids."""
+    gguf_file: Optional[str] = None
+    """A GGUF file: a name inside ``name``'s directory (or hub repository), or a path.  Weights and tokenizer are
+    read from it and de-quantized to float32 once, into a user cache (:mod:`needleprobe.checkpoints`)."""
     max_length: int = 2048
     """Documents longer than this many tokens are truncated (losses are reported)."""
     chat_template: bool = False
@@ -130,7 +140,7 @@ class ProbeConfig:
     """Epochs of the ``minibatch`` solver."""
     learning_rate: float = 0.001
     """Adam learning rate of the ``minibatch`` solver."""
-    l2_grid: list[float] = field(default_factory=lambda: [0.0001, 0.001, 0.01, 0.1, 1.0])
+    l2_grid: list[float] = field(default_factory=lambda: list(DEFAULT_L2_GRID))
     """L2 strengths tried; the one with the best val AUROC is selected."""
     class_balance: Literal["weighted", "downsample"] = "weighted"
     """``weighted``: balanced sample weights; ``downsample``: 1:1 negatives drawn with the training seed."""
@@ -354,6 +364,10 @@ def validate(cfg: Config, loc: _Locator | None = None) -> Config:
         v = getattr(d, key)
         need(bool(v) and "/" not in v and v.strip() == v, f"dataset.{key}", f"must be a non-empty name without '/', got {v!r}")
     need(bool(m.name), "model.name", "must not be empty")
+    if m.gguf_file is not None:
+        need(bool(m.gguf_file.strip()), "model.gguf_file", "must not be empty (or null: no GGUF file)")
+        need(not m.name.startswith("embedded:"), "model.gguf_file",
+             f"{m.name} is a packaged model (it names its own weights): leave model.gguf_file unset")
     need(m.max_length >= 2, "model.max_length", f"must be >= 2, got {m.max_length}")
     need(len(p.layers_to_probe) > 0, "probe.layers_to_probe", "must list at least one layer")
     need(all(x >= 0 for x in p.layers_to_probe), "probe.layers_to_probe", f"layers must be >= 0, got {p.layers_to_probe}")

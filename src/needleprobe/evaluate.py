@@ -240,7 +240,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
     keys = [c.dataset.key for c in cfgs]
     if len(set(keys)) != len(keys):
         raise NeedleprobeError(f"--matrix: each config must name another dataset, got {keys}")
-    models = {(c.model.name, c.model.revision, c.probe.activation_site) for c in cfgs}
+    models = {(RunIdentity.from_config(c).model, c.model.revision, c.probe.activation_site) for c in cfgs}
     if len(models) > 1:
         raise NeedleprobeError(f"--matrix: every config must use the same model and site, got {sorted(map(str, models))}")
     sources = [load_source(Layout.from_config(c).run_dir) for c in cfgs]

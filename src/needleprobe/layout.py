@@ -43,6 +43,17 @@ def model_slug(name: str) -> str:
     return name.strip("/").replace("/", "--").replace(":", "-")
 
 
+def model_dir_name(name: str, gguf_file: str | None) -> str:
+    """The model's name in paths: a GGUF file adds its own stem, since one directory may hold several (quantisations)."""
+    slug = model_slug(name)
+    return f"{slug}--{Path(gguf_file).stem}" if gguf_file else slug
+
+
+def model_identity(name: str, gguf_file: str | None) -> str:
+    """The model as a run's identity names it: two GGUF files of one directory are two models."""
+    return f"{name} ({gguf_file})" if gguf_file else name
+
+
 def check_run_name(run: str | None) -> None:
     if run is not None and (not run or "/" in run or run.strip() != run or run.startswith(".")):
         raise NeedleprobeError(f"--run {run!r}: a run name is a non-empty name without '/' (e.g. wide-l2)")
@@ -64,14 +75,16 @@ class RunIdentity:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "RunIdentity":
-        return cls(cfg.dataset.key, cfg.model.name, cfg.model.revision, cfg.single_site("a run").probe.activation_site)
+        return cls(cfg.dataset.key, model_identity(cfg.model.name, cfg.model.gguf_file), cfg.model.revision,
+                   cfg.single_site("a run").probe.activation_site)
 
     @classmethod
     def from_config_dict(cls, d: dict[str, Any]) -> "RunIdentity | None":
         """From the ``config`` recorded in a probe JSON or a run record (None when it is not one)."""
         try:
             ds, m, p = d["dataset"], d["model"], d["probe"]
-            return cls(f"{ds['name']}_{ds['version']}", m["name"], m.get("revision"), p.get("activation_site", "resid_post"))
+            return cls(f"{ds['name']}_{ds['version']}", model_identity(m["name"], m.get("gguf_file")), m.get("revision"),
+                       p.get("activation_site", "resid_post"))
         except (KeyError, TypeError):
             return None
 
@@ -100,8 +113,8 @@ class Layout:
         """
         check_run_name(run)
         site = cfg.single_site("a run's layout").probe.activation_site
-        ident = RunIdentity(cfg.dataset.key, cfg.model.name, cfg.model.revision, site)
-        values = {"model": model_slug(cfg.model.name), "site": site, "dataset": cfg.dataset.key}
+        ident = RunIdentity.from_config(cfg)
+        values = {"model": model_dir_name(cfg.model.name, cfg.model.gguf_file), "site": site, "dataset": cfg.dataset.key}
 
         def expand(template: str) -> tuple[Path, bool, bool]:
             """(formatted path, whether it names the dataset, whether it names the site)."""

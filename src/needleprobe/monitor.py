@@ -120,9 +120,12 @@ def probe_refs(layout: Layout, layers: list[int], seeds: list[int]) -> list[Prob
 
 def tokens_fingerprint(cfg: Config, docs_digest: str) -> str:
     """What a split's token tables (and so every stored logit row) depend on, besides the probes."""
+    from .checkpoints import fingerprint_fields as model_fields
+
     m, p = cfg.model, cfg.probe
     key = json.dumps({"docs": docs_digest, "model": m.name, "revision": m.revision, "max_length": m.max_length,
-                      "chat_template": m.chat_template, "model_dtype": p.model_dtype, "site": p.activation_site})
+                      "chat_template": m.chat_template, "model_dtype": p.model_dtype, "site": p.activation_site,
+                      **model_fields(m)})
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from .config import DEFAULT_L2_GRID
 from .errors import NeedleprobeError
 from .metrics import binary_metrics, bootstrap_auroc_ci
 from .stores import as_path, is_url
@@ -239,7 +240,7 @@ class LinearProbe:
     >>> LinearProbe.load("results/probes/mine/probe_layer_3_seed_0.pt")
     """
 
-    def __init__(self, l2_grid: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0), class_balance: str = "weighted",
+    def __init__(self, l2_grid: Sequence[float] = DEFAULT_L2_GRID, class_balance: str = "weighted",
                  seed: int = 0, device: str = "cpu"):
         if class_balance not in ("weighted", "downsample"):
             raise ValueError(f"class_balance must be 'weighted' or 'downsample', got {class_balance!r}")

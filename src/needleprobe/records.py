@@ -152,9 +152,11 @@ class FileLock:
     names it and tries again on the path's new file.
     """
 
-    def __init__(self, path: str | Path, what: str):
+    def __init__(self, path: str | Path, what: str, wait: bool = False):
         self.path = as_path(path)
         self.what = what
+        self.wait = wait
+        """Wait for a live owner to finish (saying so once) instead of failing."""
         self.fd: int | None = None
 
     def __enter__(self) -> "FileLock":
@@ -173,8 +175,11 @@ class FileLock:
                     os.close(fd)
                     raise
                 owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise NeedleprobeError(f"{self.path}: another {self.what} is running ({owner}); wait for it to finish") from None
+                if not self.wait:
+                    os.close(fd)
+                    raise NeedleprobeError(f"{self.path}: another {self.what} is running ({owner}); wait for it to finish") from None
+                console().print(f"waiting for another {self.what} ({owner})")
+                fcntl.flock(fd, fcntl.LOCK_EX)
             if self._names(fd):
                 break
             os.close(fd)  # a previous owner removed this file after we opened it: lock the path's current one

@@ -1112,7 +1112,7 @@ def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
     """The runs to compare, each with its probes; one line naming the config when one cannot be compared."""
     from collections import Counter
 
-    from .layout import Layout, RunIdentity, model_slug
+    from .layout import Layout, RunIdentity, model_dir_name
 
     if len(cfgs) < 2:
         raise NeedleprobeError("a comparison needs two configs or more (--config A.yaml --config B.yaml); "
@@ -1134,7 +1134,7 @@ def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
         if not probes:
             raise NeedleprobeError(f"{where}: no probes in {layout.run_dir} (run `{command('fit', cfg, run)}` first)")
         views.append(RunView(cfg, layout, probes, missing, *model_depth(cfg), parts=[cfg.dataset.key]))
-    extras = (lambda v: model_slug(v.cfg.model.name), lambda v: v.cfg.probe.activation_site)
+    extras = (lambda v: model_dir_name(v.cfg.model.name, v.cfg.model.gguf_file), lambda v: v.cfg.probe.activation_site)
     for extra in extras:  # only runs that share a label get told apart
         count = Counter(v.label for v in views)
         for v in views:
@@ -1299,7 +1299,7 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
     """Heatmap tables of token AUROC (rows trained on, columns evaluated on), one per layer and model; warnings."""
     groups: dict[tuple[str, str | None, str], list[RunView]] = {}
     for v in views:
-        groups.setdefault((v.cfg.model.name, v.cfg.model.revision, v.cfg.probe.activation_site), []).append(v)
+        groups.setdefault((v.layout.identity.model, v.cfg.model.revision, v.cfg.probe.activation_site), []).append(v)
     shared = {k: g for k, g in groups.items() if len(g) > 1}
     warnings: list[str] = []
     if not shared:
@@ -1360,7 +1360,7 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
                             f"{'them' if len(missing) > 1 else 'it'} with "
                             + " and ".join(f"<code>{esc(c)}</code>" for c in cmds) + ", then write the comparison again.",
                             raw=True))
-    lone = [v for v in views if len(groups[(v.cfg.model.name, v.cfg.model.revision, v.cfg.probe.activation_site)]) == 1]
+    lone = [v for v in views if len(groups[(v.layout.identity.model, v.cfg.model.revision, v.cfg.probe.activation_site)]) == 1]
     if lone:
         out.append(note("Without another run of the same model and site here, so without transfer: "
                         + "; ".join(v.label for v in lone) + "."))
