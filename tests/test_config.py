@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from needleprobe.config import Config, load_config, with_overrides
+from needleprobe.config import DEFAULT_L2_GRID, Config, load_config, with_overrides
 from needleprobe.errors import NeedleprobeError
 
 
@@ -23,6 +23,9 @@ def test_shipped_configs_load():
     assert main.to_dict() == {**Config().to_dict()}  # the file spells out the defaults
     demo = load_config("configs/demo.yaml")
     assert demo.model.name == "embedded:all-MiniLM-L6-v2"
+    chat = load_config("configs/demo_chat.yaml")  # make demo's: the chat model with its template, the default grid
+    assert chat.model.name == "embedded:SmolLM2-135M-Instruct" and chat.model.chat_template
+    assert chat.probe.l2_grid == list(DEFAULT_L2_GRID) == Config().probe.l2_grid
 
 
 @pytest.mark.parametrize(
