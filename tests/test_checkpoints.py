@@ -143,6 +143,8 @@ def _missing(monkeypatch, package: str) -> None:
                      r"files of .*llama"),
     ("no gguf", r"reading a GGUF file needs the package\(s\) gguf \(pip install gguf accelerate"),
     ("no accelerate", r"reading a GGUF file needs the package\(s\) accelerate \(pip install gguf accelerate"),
+    ("hub", r"model.gguf_file 'absent.gguf': no such file, and model.name 'someone/no-such-model' is not a local "
+            r"directory whose hub repository could provide it"),
 ])
 def test_bad_gguf_input_is_one_line_and_writes_nothing(case, message, tiny_gguf, data, tmp_path, model_cache, monkeypatch,
                                                        capsys):
@@ -157,6 +159,8 @@ def test_bad_gguf_input_is_one_line_and_writes_nothing(case, message, tiny_gguf,
         target.write_bytes(tiny_gguf.read_bytes())
         _missing(monkeypatch, case[3:])
     cfg = _gguf_config(tmp_path, data, target)
+    if case == "hub":  # not a directory: the hub repository's file, offline here and in no local HF cache
+        cfg.write_text(cfg.read_text().replace(f"name: {models}", "name: someone/no-such-model"))
     assert main(["extract", "--config", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("needleprobe: error: "), err
