@@ -218,11 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args, path: str | None = None):
-    from .config import load_config, with_overrides
-
-    path = path if path is not None else args.config
-    cfg = load_config(path or DEFAULT_CONFIG, default=path is None)
+def _given(args) -> dict:
+    """The probe settings the command line gives (config key → value; None: not given)."""
     over = {
         "layers_to_probe": getattr(args, "layers", None),
         "device": getattr(args, "device", None),
@@ -237,7 +234,22 @@ def _config(args, path: str | None = None):
     for split in ("train", "val"):
         for what in ("docs", "tokens"):
             over[f"max_{split}_{what}"] = getattr(args, f"max_{split}_{what}", None)
-    return with_overrides(cfg, **over)
+    return over
+
+
+def _config(args, path: str | None = None):
+    from .config import load_config, with_overrides
+
+    path = path if path is not None else args.config
+    cfg = load_config(path or DEFAULT_CONFIG, default=path is None)
+    return with_overrides(cfg, **_given(args))
+
+
+def _run_config(args, cfg):
+    """``cfg`` as its run was fitted (layers, seeds, grid… from the run record), the flags narrowing it."""
+    from .records import run_config
+
+    return run_config(cfg, getattr(args, "run", None), _given(args))
 
 
 def run(args) -> int:
@@ -255,7 +267,8 @@ def run(args) -> int:
     if args.command == "report" and args.config and len(args.config) > 1:
         from .report import write_comparison
 
-        con.print(f"wrote {escape(str(write_comparison([_config(args, c) for c in args.config], run=args.run)))}")
+        cfgs = [_run_config(args, _config(args, c)) for c in args.config]
+        con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
         return 0
     if args.command == "evaluate" and args.matrix:
         from .evaluate import transfer_matrix
@@ -317,13 +330,17 @@ def run(args) -> int:
     if args.command == "report" and len(sites) > 1:
         from .report import write_comparison
 
-        con.print(f"wrote {escape(str(write_comparison([cfg.for_site(s) for s in sites], run=args.run)))}")
+        cfgs = [_run_config(args, cfg.for_site(s)) for s in sites]
+        con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
     return status
 
 
 def _run_site(args, cfg, con) -> int:
     """One command on one activation site's run."""
     from rich.markup import escape
+
+    if args.command in ("check", "monitor", "errors", "report"):
+        cfg = _run_config(args, cfg)
 
     if args.command in ("fit", "train"):
         from .fit import fit

@@ -49,10 +49,17 @@ class Source:
 
 
 def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
-    """A run's probes from its config (``.yaml``) or its probe directory."""
+    """A run's probes from its config (``.yaml``: the layers and seeds its record says it was fitted with) or its
+    probe directory (every probe in it)."""
+    from .records import run_config
+
     p = as_path(spec)
+    wanted = None
     if p.suffix in (".yaml", ".yml"):
-        run_dir = Layout.from_config(load_config(p), run).run_dir
+        cfg = run_config(load_config(p), run)
+        run_dir = Layout.from_config(cfg, run).run_dir
+        if cfg.fitted is not None:
+            wanted = {(layer, seed) for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds}
     else:
         if run:
             raise NeedleprobeError("--probes-run names a run of a config; --probes is a directory here")
@@ -60,6 +67,10 @@ def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
             raise NeedleprobeError(f"{p}: no such probe directory (give a config or a directory of probe files)")
         run_dir = p
     probes = load_probes(run_dir)
+    if wanted is not None:
+        probes = {k: v for k, v in probes.items() if k in wanted}
+        if not probes:
+            raise NeedleprobeError(f"{run_dir}: none of the probes its run record lists is here; run `needleprobe fit`")
     idents = {q.identity for q in probes.values()}
     if None in idents:
         raise NeedleprobeError(f"{run_dir}: a probe has no metadata (.json beside its .pt), so its model and site are unknown")

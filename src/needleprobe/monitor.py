@@ -499,10 +499,22 @@ def write_rows_csv(path, rows: list[dict[str, Any]]) -> None:
 
 def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | None = None, split: str | None = None,
             run: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run."""
+    """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run.
+
+    The run's layers and seeds are the ones it was fitted with (its record: ``records.run_config``); ``layers``
+    and ``seeds`` pick some of them.
+    """
+    from .records import run_config
+
+    cfg = run_config(cfg, run)
     split = split or cfg.monitor.split
     layout = Layout.from_config(cfg, run)
     layout.refuse_foreign("monitor", can_overwrite=False)
+    for picked, have, what in ((layers, cfg.probe.layers_to_probe, "layer"), (seeds, cfg.probe.train_seeds, "seed")):
+        lacking = sorted(set(picked or ()) - set(have))
+        if lacking:
+            raise NeedleprobeError(f"--{what} {','.join(map(str, picked))}: {layout.run_dir} has no probes of {what}(s) "
+                                   f"{', '.join(map(str, lacking))} (its {what}s: {', '.join(map(str, have))})")
     probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
     from .fit import existing_probes
 
@@ -526,7 +538,6 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         update_run_record(layout, cfg, f"monitor:{split}", {
             "split": split,
             "calibration_split": cal_split,
-            "monitor": cfg.to_dict()["monitor"],
             "probes": [p.key for p in probes],
             "recommended": best,
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},

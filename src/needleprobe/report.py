@@ -949,6 +949,9 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     from .cache import open_cache
     from .layout import Layout
 
+    from .records import run_config
+
+    cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
     layout = Layout.from_config(cfg, run)
     probes, missing = load_probe_infos(cfg, run)
     if not probes:
@@ -1119,7 +1122,9 @@ def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
                                "with one --config, `needleprobe report` writes that run's own report")
     views: list[RunView] = []
     seen: dict[str, str] = {}
-    for cfg in cfgs:
+    from .records import run_config
+
+    for cfg in [run_config(c, run) for c in cfgs]:  # each run as it was fitted (its record)
         layout = Layout.from_config(cfg, run)
         where = cfg.source or cfg.dataset.key
         if str(layout.run_dir) in seen:
