@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -49,8 +50,10 @@ def test_evaluate_equals_the_auroc_computed_by_hand(two, capsys):
     tmp, source, target = two
     assert not Layout.from_config(load_config(target)).cache.exists()
     assert main(["evaluate", "--config", str(target), "--probes", str(source), "--no-progress"]) == 0
-    err = capsys.readouterr().err
+    err = "".join(capsys.readouterr())
     assert "no activation cache for other_v1 yet: extracting it" in err and "probes of synthetic_v1 on other_v1" in err
+    # seeds 0 and 1 gave identical probes (weighted balance): one row per layer, as fit shows them
+    assert len(re.findall(r"^\W+[13] │ 0, 1 │", err, re.M)) == 2 and "seeds on one row gave identical probes" in err
     src, tgt = load_config(source), load_config(target)
     out = Layout.from_config(src).run_dir / "transfer" / "other_v1-val"
     rows = list(csv.DictReader(open(out / "eval_metrics.csv")))

@@ -279,6 +279,21 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     y_train = (train.doc_n_needles > 0).astype(int)
     s = document_scores(train, want[3], want[4], new.monitor)
     assert best["auroc"] == pytest.approx(roc_auc_score(y_train, s), abs=1e-12)
-    assert f"recommended: layer 1 seed {best['seed']}, {best['aggregation']}" in err
+    assert f"recommended: layer 1 seeds 0, 1 (identical probes), {best['aggregation']}" in err  # weighted: seeds agree
     record = json.loads(Layout.from_config(new).run_record.read_text())
     assert record["stages"]["monitor:train"]["calibration_split"] == "val"
+
+
+def test_identical_seeds_share_a_row_of_the_table_and_the_recommendation(monitored, capsys):
+    """Seeds that gave identical probes (weighted balance, exact solver) are shown once, as `fit` shows them."""
+    cfg_path, cfg, _ = monitored
+    capsys.readouterr()
+    assert main(["monitor", "--config", str(cfg_path), "--split", "val", "--no-progress"]) == 0
+    text = "".join(capsys.readouterr())
+    rows = [line for line in text.splitlines() if re.match(r"^\W+[15] │ ", line)]
+    assert len(rows) == 2 * len(AGGREGATIONS), text  # one row per layer and aggregation, not per seed
+    assert all(re.match(r"^\W+[15] │ 0, 1 │", line) for line in rows)
+    assert "seeds on one row gave identical probes" in text
+    assert re.search(r"recommended: layer [15] seeds 0, 1 \(identical probes\)", text)
+    # the CSV keeps a row per probe file
+    assert len(list(csv.DictReader(open(Layout.from_config(cfg).monitor_csv("val"))))) == 4 * len(AGGREGATIONS)

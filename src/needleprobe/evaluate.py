@@ -212,15 +212,19 @@ def _row(layer: int, seed: int, split: str, m: dict[str, Any], probe: LinearProb
 def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]], doc_rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})")
+    from .verdict import SAME_SEEDS, one_row_per_probe
+
+    seeds = one_row_per_probe(source.probes)  # identical seeds share a row
+    t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})",
+              caption=SAME_SEEDS if any(len(g) > 1 for g in seeds.values()) else None)
     for c in ("layer", "seed", "own val AUROC", "token AUROC [95% CI]", "AP", "TPR at 1% FPR", "TPR at 5% FPR",
               "doc AUROC (best aggregation)"):
         t.add_column(c, justify="right")
-    for r in rows:
+    for r in (r for r in rows if (r["layer"], r["seed"]) in seeds):
         docs = [d for d in doc_rows if (d["layer"], d["seed"]) == (r["layer"], r["seed"])]
         best = max(docs, key=lambda d: d["auroc"]) if docs else None
         own = r["source_val_auroc"]
-        t.add_row(str(r["layer"]), str(r["seed"]), "–" if own is None else f"{own:.4f}",
+        t.add_row(str(r["layer"]), ", ".join(map(str, seeds[(r["layer"], r["seed"])])), "–" if own is None else f"{own:.4f}",
                   f"{r['token_auroc']:.4f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
                   f"{r['average_precision']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['tpr_at_5pct_fpr']:.3f}",
                   "–" if best is None else f"{best['auroc']:.3f} ({best['aggregation']})")

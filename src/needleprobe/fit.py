@@ -476,23 +476,21 @@ def _print_table(con, cfg: Config, result: FitResult) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .verdict import identical_seeds
+    from .verdict import SAME_SEEDS, one_row_per_probe
 
-    same = identical_seeds(result.probes)
-    shared = any(len(g) > 1 for groups in same.values() for g in groups)
+    rows = one_row_per_probe(result.probes)
     t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2",
-              caption="seeds on one row gave identical probes" if shared else None)
+              caption=SAME_SEEDS if any(len(g) > 1 for g in rows.values()) else None)
     for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR at 1% FPR", "train AUROC", "L2"):
         t.add_column(c, justify="right", no_wrap=c in ("seed", "95% CI (docs)"))  # the others fold to fit 80 columns
-    for layer in sorted(cfg.probe.layers_to_probe):
-        for group in same[layer]:
-            m = result.probes[(layer, group[0])].metadata_
-            v, tr = m["val_metrics"], m.get("train_metrics") or {}
-            lo, hi = v["auroc_ci95"]
-            seeds = ", ".join(map(str, group))
-            t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
-                      f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
-                      f"{m['selected_l2']:g}")
+    for (layer, seed), group in rows.items():
+        m = result.probes[(layer, seed)].metadata_
+        v, tr = m["val_metrics"], m.get("train_metrics") or {}
+        lo, hi = v["auroc_ci95"]
+        seeds = ", ".join(map(str, group))
+        t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
+                  f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
+                  f"{m['selected_l2']:g}")
     con.print(t)
     for line in result.replaced_better:
         con.print(f"[yellow]replaced by a probe with lower val AUROC: {line}")

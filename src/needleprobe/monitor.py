@@ -542,7 +542,10 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
             "recommended": best,
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
         })
-    _print(rows, split, best)
+    from .probe import LinearProbe
+    from .verdict import one_row_per_probe
+
+    _print(rows, split, best, one_row_per_probe({(p.layer, p.seed): LinearProbe.load(p.path) for p in probes}))
     return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best}
 
 
@@ -553,21 +556,30 @@ def _rate_cell(r: dict[str, Any], name: str) -> str:
     return f"{r[f'tpr_at_{name}_fpr']:.2f} ({tp}/{n_pos}, FP {fp}/{r['n_docs'] - n_pos})"
 
 
-def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None) -> None:
-    """The table, a warning for each FPR the calibration split cannot resolve, and the recommendation."""
+def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None,
+           seeds: dict[tuple[int, int], list[int]] | None = None) -> None:
+    """The table, a warning for each FPR the calibration split cannot resolve, and the recommendation.
+
+    ``seeds``: (layer, seed) of each distinct probe → the seeds that gave it (``verdict.one_row_per_probe``), so
+    identical seeds share a row; None: a row per probe.
+    """
     from rich.markup import escape
     from rich.table import Table
 
+    from .verdict import SAME_SEEDS
+
     con = console()
+    seeds = seeds or {(r["layer"], r["seed"]): [r["seed"]] for r in rows}
     r0 = rows[0]
     cal, n_clean = r0["calibration_split"], r0["n_calibration_clean_docs"]
     where = "the same split" if cal == split else "held out"
     t = Table(title=f"document monitor on {split!r}: AUROC [95% CI] · TPR (needle documents flagged, false positives) "
-                    f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})")
+                    f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})",
+              caption=SAME_SEEDS if any(len(g) > 1 for g in seeds.values()) else None)
     for c in ("layer", "seed", "aggregation", "AUROC", "TPR at 1% FPR", "TPR at 5% FPR"):
         t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(str(r["layer"]), str(r["seed"]), r["aggregation"],
+    for r in (r for r in rows if (r["layer"], r["seed"]) in seeds):
+        t.add_row(str(r["layer"]), ", ".join(map(str, seeds[(r["layer"], r["seed"])])), r["aggregation"],
                   f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
                   _rate_cell(r, "1pct"), _rate_cell(r, "5pct"))
     con.print(t)
@@ -579,7 +591,9 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
     if best is None:
         con.print(f"no recommendation: {cal!r} needs documents with and without needles to choose an aggregation on")
         return
-    line = (f"recommended: layer {best['layer']} seed {best['seed']}, {best['aggregation']} (best document AUROC on "
+    same = seeds.get((best["layer"], best["seed"]), [best["seed"]])
+    who = f"seed {best['seed']}" if len(same) == 1 else f"seeds {', '.join(map(str, same))} (identical probes)"
+    line = (f"recommended: layer {best['layer']} {who}, {best['aggregation']} (best document AUROC on "
             f"{cal!r}: {best['calibration_auroc']:.3f}); on {split!r}: AUROC {best['auroc']:.3f} "
             f"({best['auroc_ci_low']:.3f}–{best['auroc_ci_high']:.3f})")
     for fpr, name in reversed(TARGET_FPRS):

@@ -471,6 +471,8 @@ class MonitorView:
     doc_scores: dict[str, np.ndarray] = field(default_factory=dict)
     all_probe_aurocs: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
     chosen: str = "max"
+    seeds: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """(layer, seed) of each distinct monitored probe → the seeds that gave it (``verdict.one_row_per_probe``)"""
     calibration_split: str = ""
     """whose clean documents set the thresholds (and whose AUROC chose the aggregation)"""
     n_calibration_clean: int = 0
@@ -497,10 +499,16 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
         tokens = stored_tokens(cfg, store, split, refs)
         if tokens is not None:
             if len(tokens.probes) < len(refs):
+                from .verdict import one_row_per_probe
+
                 have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
-                lack = ", ".join(f"layer {r.layer} seed {r.seed}" for r in refs if (r.layer, r.seed) not in have)
-                notes.append(f"the monitor's {split!r} logits are of {len(tokens.probes)} of the {len(refs)} probes "
-                             f"(not of {lack}: scored before a refit, or never)")
+                distinct = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})  # identical seeds once
+                lack = [(layer, g) for (layer, _), g in distinct.items() if not any((layer, s) in have for s in g)]
+                if lack:
+                    names = ", ".join(f"layer {layer} seed{'s' if len(g) > 1 else ''} {', '.join(map(str, g))}"
+                                      for layer, g in lack)
+                    notes.append(f"the monitor's {split!r} logits are of {len(distinct) - len(lack)} of the "
+                                 f"{len(distinct)} distinct probes (not of {names}: scored before a refit, or never)")
             return (split, tokens), notes
         if split in stored:
             notes.append(f"the monitor's stored {split!r} logits are of other probe files or other documents "
@@ -562,6 +570,10 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
     j = max(range(len(cols)), key=lambda i: (auroc_of.get(cols[i], -1.0), layer_mean.get(cols[i][0], -1.0), -cols[i][0], -cols[i][1]))
     y = (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
     view = MonitorView(split, tokens, j, cols[j][0], cols[j][1])
+    from .verdict import one_row_per_probe
+
+    by_key = {(p.layer, p.seed): p.probe for p in probes}
+    view.seeds = one_row_per_probe({k: by_key[k] for k in cols if k in by_key})
     both = 0 < y.sum() < y.size
     for jj, (layer, seed) in enumerate(cols):
         per = {}
@@ -632,12 +644,15 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
             f"documents ({held}); the aggregation highlighted has the best document AUROC there."
             + (f" No TPR where the clean documents are too few to measure the rate ({esc('; '.join(missing))})."
                if missing else "") + "</p>")
-    if len(view.all_probe_aurocs) > 1:
+    shown = [(layer, seed, per) for layer, seed, per in view.all_probe_aurocs
+             if not view.seeds or (layer, seed) in view.seeds]  # identical seeds once
+    if len(shown) > 1:
         from .monitor import AGGREGATIONS
 
         out += "<h3>Every monitored probe (document AUROC)</h3>"
-        rows = [[str(layer), str(seed)] + [_f4(per.get(m)) for m in AGGREGATIONS] for layer, seed, per in view.all_probe_aurocs]
-        classes = ["best" if (layer, seed) == (view.layer, view.seed) else "" for layer, seed, _ in view.all_probe_aurocs]
+        rows = [[str(layer), ", ".join(map(str, view.seeds.get((layer, seed), [seed])))]
+                + [_f4(per.get(m)) for m in AGGREGATIONS] for layer, seed, per in shown]
+        classes = ["best" if (layer, seed) == (view.layer, view.seed) else "" for layer, seed, _ in shown]
         out += table(["layer", "seed", *AGGREGATIONS], rows, row_classes=classes)
     out += '<p class="caption">Highlighted: the aggregation (and probe) used for the heatmaps below.</p>'
     return chart, out
@@ -881,18 +896,24 @@ def _run_title(cfg: Config, run: str | None) -> str:
 
 
 def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
+    """One row per distinct probe (identical seeds share one, as ``fit`` prints them)."""
+    from .verdict import SAME_SEEDS, one_row_per_probe
+
+    seeds = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})
     rows, classes = [], []
-    for p in probes:
+    for p in (p for p in probes if (p.layer, p.seed) in seeds):
         v = p.meta.get("val_metrics", {})
         ci = p.ci
         converged = all(r.get("converged", True) for r in p.meta.get("l2_results", []))
-        rows.append([str(p.layer), str(p.seed), _f4(p.auroc), f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
+        rows.append([str(p.layer), ", ".join(map(str, seeds[(p.layer, p.seed)])), _f4(p.auroc),
+                     f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
                      _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")),
                      _f4((p.meta.get("train_metrics") or {}).get("auroc")), f"{p.meta.get('selected_l2', float('nan')):g}",
                      "yes" if converged else "NO"])
         classes.append("best" if best.get(p.layer) is p else "")
+    shared = f'<p class="caption">{SAME_SEEDS[0].upper()}{SAME_SEEDS[1:]}.</p>' if len(seeds) < len(probes) else ""
     return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "train AUROC", "selected L2",
-                  "converged"], rows, row_classes=classes)
+                  "converged"], rows, row_classes=classes) + shared
 
 
 def doc_anchor(split: str, doc_id: str) -> str:
