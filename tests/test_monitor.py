@@ -297,3 +297,43 @@ def test_identical_seeds_share_a_row_of_the_table_and_the_recommendation(monitor
     assert re.search(r"recommended: layer [15] seeds 0, 1 \(identical probes\)", text)
     # the CSV keeps a row per probe file
     assert len(list(csv.DictReader(open(Layout.from_config(cfg).monitor_csv("val"))))) == 4 * len(AGGREGATIONS)
+
+
+def test_a_small_calibration_set_still_gives_an_operating_point_with_an_honest_fpr(capsys):
+    """9 clean val documents cannot set a 1% or 5% threshold: the recommendation deploys the threshold just above the
+    highest clean val score, with its exact binomial upper bound on the FPR and how many clean documents 5% needs."""
+    from scipy.stats import binom
+
+    from needleprobe.metrics import clean_docs_to_bound, fpr_upper_bound
+    from needleprobe.monitor import _print, operating_point
+
+    rng = np.random.default_rng(3)
+    val_y, test_y = np.r_[np.zeros(9), np.ones(6)].astype(int), np.r_[np.zeros(12), np.ones(10)].astype(int)
+    val_s = np.round(rng.normal(size=val_y.size) + 3.0 * val_y, 2).astype(np.float32)
+    test_s = np.round(rng.normal(size=test_y.size) + 2.0 * test_y, 2).astype(np.float32)
+    rows, _ = document_metrics(_one_token_docs(test_s, test_y), MonitorConfig(), "test", n_boot=50,
+                               calibration=_one_token_docs(val_s, val_y), calibration_split="val")
+    best = recommend(rows)
+    assert best["threshold_1pct_fpr"] is best["threshold_5pct_fpr"] is None  # too few to set either
+    op = operating_point(best)
+    top = float(val_s[val_y == 0].max())
+    assert op["target_fpr"] is None and op["threshold"] == top
+    assert (op["tp"], op["fp"]) == (int((test_s[test_y == 1] > top).sum()), int((test_s[test_y == 0] > top).sum()))
+    assert op["fpr_upper95"] == pytest.approx(1 - 0.05 ** (1 / 9), rel=1e-9)  # 0 of 9: the exact bound (≈ 3/9)
+    capsys.readouterr()
+    _print(rows, "test", best)
+    text = "".join(capsys.readouterr())
+    line = next(x for x in text.splitlines() if x.startswith("recommended:"))
+    assert f"threshold {top:.3f}" in line and f"flags {op['tp']}/10 needle documents and {op['fp']}/12 clean" in line
+    assert "at most 28% at 95% confidence" in line and "Clopper–Pearson" in line
+    assert "needs at least 20 clean documents to set its threshold, and 59 with none above it" in line
+    # the bound: the rate at which seeing k or fewer of n flagged has probability 5%
+    for k, n in ((0, 9), (1, 150), (3, 40)):
+        assert binom.cdf(k, n, fpr_upper_bound(k, n)) == pytest.approx(0.05, abs=1e-9)
+    assert fpr_upper_bound(0, clean_docs_to_bound(0.05)) <= 0.05 < fpr_upper_bound(0, clean_docs_to_bound(0.05) - 1)
+    # with enough clean documents, the 5% threshold, and its bound from the clean documents above it
+    rows, _ = document_metrics(_one_token_docs(test_s, test_y), MonitorConfig(), "test", n_boot=50,
+                               calibration=_one_token_docs(np.r_[val_s, rng.normal(size=40)], np.r_[val_y, np.zeros(40, int)]),
+                               calibration_split="val")
+    op = operating_point(recommend(rows))
+    assert op["target_fpr"] == 0.05 and op["fpr_upper95"] == pytest.approx(fpr_upper_bound(2, 49))

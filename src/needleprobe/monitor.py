@@ -26,7 +26,11 @@ threshold, true and false positives) is reported next to document AUROC with a
 bootstrap 95% CI.  A clean set of n documents cannot tell an FPR below 1/n
 from 0, so a target needing more than the calibration split has is left empty,
 with a note, never guessed.  The aggregation and layer to recommend are chosen
-on the calibration split too, and reported on the evaluated one.
+on the calibration split too, and reported on the evaluated one, always with an
+operating point: the 5% FPR threshold when the clean calibration documents can
+set it, else the threshold just above the highest of them; either way with what
+is known about its FPR, a one-sided 95% upper bound from the clean calibration
+documents above it (exact binomial, Clopper–Pearson: :func:`metrics.fpr_upper_bound`).
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
 from .layout import Layout
-from .metrics import binary_metrics, bootstrap_auroc_ci, threshold_at_fpr
+from .metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean_docs_to_bound, fpr_upper_bound,
+                      threshold_at_fpr)
 from .records import FileLock, atomic_write_bytes, console, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
@@ -410,18 +415,41 @@ def calibrated_rates(clean_cal: np.ndarray, scores: np.ndarray, y: np.ndarray, f
 
     The threshold is the smallest t with at most ``fpr`` of the clean
     calibration documents above it; a document is flagged when its score is
-    strictly above t.  Returns threshold, TP, FP, TPR and the evaluated
-    split's own FPR; all None, with a ``note``, when C < 1/fpr.
+    strictly above t.  Returns threshold, TP, FP, TPR, the evaluated split's
+    own FPR and the upper 95% bound on the FPR from the calibration documents
+    above t (``fpr_upper95``); all None, with a ``note``, when C < 1/fpr.
+    ``fpr`` 0: just above the highest clean calibration score (any C).
     """
-    need = clean_docs_needed(fpr)
+    need = clean_docs_needed(fpr) if fpr > 0 else 1
     if clean_cal.size < need:
-        return {"threshold": None, "tp": None, "fp": None, "tpr": None, "fpr": None,
+        return {"threshold": None, "tp": None, "fp": None, "tpr": None, "fpr": None, "fpr_upper95": None,
                 "note": f"{fpr:.0%} FPR needs at least {need} clean calibration documents, there are {clean_cal.size}"}
     t = threshold_at_fpr(clean_cal, fpr)
     pos, neg = scores[y == 1], scores[y == 0]
     tp, fp = int((pos > t).sum()), int((neg > t).sum())
     return {"threshold": t, "tp": tp, "fp": fp, "tpr": tp / pos.size if pos.size else None,
-            "fpr": fp / neg.size if neg.size else None, "note": None}
+            "fpr": fp / neg.size if neg.size else None,
+            "fpr_upper95": fpr_upper_bound(int((clean_cal > t).sum()), clean_cal.size), "note": None}
+
+
+def clean_docs_advice(fpr: float) -> str:
+    """How many clean calibration documents a false-positive rate needs: to set its threshold, and to show it."""
+    return (f"a {fpr:.0%} false-positive rate needs at least {clean_docs_needed(fpr)} clean documents to set its "
+            f"threshold, and {clean_docs_to_bound(fpr)} with none above it to show the rate is below {fpr:.0%} "
+            f"at {FPR_CONFIDENCE:.0%} confidence")
+
+
+def operating_point(row: dict[str, Any]) -> dict[str, Any]:
+    """The threshold to deploy a monitor row with: at the highest target FPR the clean calibration documents can set,
+    else just above the highest clean calibration score (which the CSV's ``*_above_clean`` columns hold)."""
+    for fpr, name in reversed(TARGET_FPRS):
+        if row[f"threshold_{name}_fpr"] is not None:
+            key = f"at_{name}_fpr"
+            return {"target_fpr": fpr, "threshold": row[f"threshold_{name}_fpr"], "tp": row[f"tp_{key}"],
+                    "fp": row[f"fp_{key}"], "fpr": row[f"observed_fpr_{key}"], "fpr_upper95": row[f"fpr_upper95_{key}"]}
+    return {"target_fpr": None, "threshold": row["threshold_above_clean"], "tp": row["tp_above_clean"],
+            "fp": row["fp_above_clean"], "fpr": row["observed_fpr_above_clean"],
+            "fpr_upper95": row["fpr_upper95_above_clean"]}
 
 
 def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_boot: int = 1000, *,
@@ -470,6 +498,15 @@ def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_bo
                 row[f"tp_at_{name}_fpr"] = rates[name]["tp"]
                 row[f"fp_at_{name}_fpr"] = rates[name]["fp"]
                 row[f"observed_fpr_at_{name}_fpr"] = rates[name]["fpr"]
+                row[f"fpr_upper95_at_{name}_fpr"] = rates[name]["fpr_upper95"]
+            if (y_cal == 0).any():  # an operating point even where no target FPR can be set
+                top = calibrated_rates(s_cal[y_cal == 0], s, y, 0.0)
+                for k in ("threshold", "tp", "fp", "tpr"):
+                    row[f"{k}_above_clean"] = top[k]
+                row["observed_fpr_above_clean"], row["fpr_upper95_above_clean"] = top["fpr"], top["fpr_upper95"]
+            else:
+                row.update({f"{k}_above_clean": None for k in ("threshold", "tp", "fp", "tpr", "observed_fpr",
+                                                               "fpr_upper95")})
             row["note"] = "; ".join(r["note"] for r in rates.values() if r["note"]) or None
             rows.append(row)
             for d, v in zip(per_doc, s):
@@ -539,14 +576,19 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
             "split": split,
             "calibration_split": cal_split,
             "probes": [p.key for p in probes],
-            "recommended": best,
+            "recommended": None if best is None else {**best, "operating_point": operating_point(best)},
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
         })
     from .probe import LinearProbe
     from .verdict import one_row_per_probe
 
     _print(rows, split, best, one_row_per_probe({(p.layer, p.seed): LinearProbe.load(p.path) for p in probes}))
-    return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best}
+    return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best,
+            "operating_point": None if best is None else operating_point(best)}
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if x >= 0.1 else f"{x:.1%}"
 
 
 def _rate_cell(r: dict[str, Any], name: str) -> str:
@@ -585,9 +627,8 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
     con.print(t)
     for fpr, name in TARGET_FPRS:
         if r0[f"tpr_at_{name}_fpr"] is None:
-            con.print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and a {fpr:.0%} "
-                      f"false-positive rate needs at least {clean_docs_needed(fpr)} to be measured (add needle-free "
-                      "documents, or set monitor.calibration_split)")
+            con.print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and "
+                      f"{clean_docs_advice(fpr)} (add needle-free documents, or set monitor.calibration_split)")
     if best is None:
         con.print(f"no recommendation: {cal!r} needs documents with and without needles to choose an aggregation on")
         return
@@ -596,12 +637,17 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
     line = (f"recommended: layer {best['layer']} {who}, {best['aggregation']} (best document AUROC on "
             f"{cal!r}: {best['calibration_auroc']:.3f}); on {split!r}: AUROC {best['auroc']:.3f} "
             f"({best['auroc_ci_low']:.3f}–{best['auroc_ci_high']:.3f})")
-    for fpr, name in reversed(TARGET_FPRS):
-        if best[f"tpr_at_{name}_fpr"] is not None:
-            n_pos = best["n_needle_docs"]
-            line += (f"; at {fpr:.0%} FPR (threshold {best[f'threshold_{name}_fpr']:.3f} from {n_clean} clean {cal!r} "
-                     f"documents) it flags {best[f'tp_at_{name}_fpr']}/{n_pos} needle documents and "
-                     f"{best[f'fp_at_{name}_fpr']}/{best['n_docs'] - n_pos} clean ones "
-                     f"(FPR {best[f'observed_fpr_at_{name}_fpr']:.0%} on {split!r})")
-            break
+    op, n_pos = operating_point(best), best["n_needle_docs"]
+    flags = (f"it flags {op['tp']}/{n_pos} needle documents and {op['fp']}/{best['n_docs'] - n_pos} clean ones "
+             f"(FPR {op['fpr']:.0%} on {split!r})")
+    bound = f"FPR at most {_pct(op['fpr_upper95'])} at {FPR_CONFIDENCE:.0%} confidence"
+    if op["target_fpr"] is not None:
+        line += (f"; at {op['target_fpr']:.0%} FPR (threshold {op['threshold']:.3f} from {n_clean} clean {cal!r} "
+                 f"documents; {bound}, exact binomial) {flags}")
+    else:
+        fpr = TARGET_FPRS[-1][0]
+        line += (f"; no {fpr:.0%} FPR threshold can be set from {n_clean} clean {cal!r} documents, so the operating "
+                 f"point is just above the highest of them, threshold {op['threshold']:.3f}: {flags}; none of the "
+                 f"{n_clean} is above it, so its FPR is at most {_pct(op['fpr_upper95'])} at {FPR_CONFIDENCE:.0%} "
+                 f"confidence (exact binomial, Clopper–Pearson); {clean_docs_advice(fpr)}")
     con.print(escape(line))

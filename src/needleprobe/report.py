@@ -603,6 +603,8 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
                "cal_auroc": float(roc_auc_score(y_cal, s_cal)) if 0 < y_cal.sum() < y_cal.size else -1.0}
         for fpr, name in TARGET_FPRS:
             row[f"tpr_{name}"] = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)["tpr"]
+        top = calibrated_rates(s_cal[y_cal == 0], s, y, 0.0)  # just above every clean calibration document
+        row["tpr_above_clean"], row["fpr_upper95_above_clean"] = top["tpr"], top["fpr_upper95"]
         view.agg_rows.append(row)
     view.chosen = min(view.agg_rows, key=lambda r: (-r["cal_auroc"], AGGREGATIONS.index(r["method"])))["method"]
     return view
@@ -632,16 +634,20 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
     for r in view.agg_rows:
         lo, hi = r["ci"]
         rows.append([r["label"], _f4(r["auroc"]), f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–",
-                     _f3(r["tpr_1pct"]), _f3(r["tpr_5pct"])])
+                     _f3(r["tpr_1pct"]), _f3(r["tpr_5pct"]),
+                     f"{_f3(r['tpr_above_clean'])} (FPR ≤ {r['fpr_upper95_above_clean']:.1%})"])
         classes.append("best" if r["method"] == view.chosen else "")
-    out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR"], rows, row_classes=classes)
+    out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR",
+                  "TPR above every clean one"], rows, row_classes=classes)
     from .monitor import TARGET_FPRS, clean_docs_needed
 
     held = "held out" if view.calibration_split != view.split else "the same split"
     missing = [f"{fpr:.0%} FPR needs at least {clean_docs_needed(fpr)}" for fpr, name in TARGET_FPRS
                if any(r[f"tpr_{name}"] is None for r in view.agg_rows)]
     out += (f'<p class="caption">Thresholds set on the {view.n_calibration_clean} clean {esc(view.calibration_split)} '
-            f"documents ({held}); the aggregation highlighted has the best document AUROC there."
+            f"documents ({held}); the aggregation highlighted has the best document AUROC there. The last column "
+            "flags what scores above every one of them, its false-positive rate at most the bound given (one-sided "
+            "95%, exact binomial, from none of them flagged)."
             + (f" No TPR where the clean documents are too few to measure the rate ({esc('; '.join(missing))})."
                if missing else "") + "</p>")
     shown = [(layer, seed, per) for layer, seed, per in view.all_probe_aurocs
