@@ -337,3 +337,47 @@ def test_a_small_calibration_set_still_gives_an_operating_point_with_an_honest_f
                                calibration_split="val")
     op = operating_point(recommend(rows))
     assert op["target_fpr"] == 0.05 and op["fpr_upper95"] == pytest.approx(fpr_upper_bound(2, 49))
+
+
+def test_truncation_is_said_and_a_document_that_lost_every_needle_is_left_out(monitored, tmp_path, capsys):
+    """With model.max_length 24 some needles fall beyond the cut: the monitor says how many documents and needles were
+    truncated, and a needle document none of whose needle tokens the model saw is neither a needle nor a clean one."""
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
+    from needleprobe.data import by_split, load_documents
+    from needleprobe.hooks import load_tokenizer
+    from needleprobe.tokens import tokenize_documents
+
+    cfg_path, cfg, _ = monitored
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model"]["max_length"] = 24
+    raw["probe"].update(output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    new_path = tmp_path / "c.yaml"
+    new_path.write_text(yaml.safe_dump(raw))
+    new = load_config(new_path)
+    shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(new).run_dir, ignore=shutil.ignore_patterns("monitor"))
+    docs = by_split(load_documents(new.dataset.resolved_path()))["val"]
+    tdocs = tokenize_documents(load_tokenizer(new.model), docs, 24, False)  # by hand: which needles the model sees
+    cut = [td for td in tdocs if td.truncated]
+    gone = {td.doc.doc_id for td in tdocs if td.doc.needle_spans and not td.positive.any()}
+    kept_needle = {td.doc.doc_id for td in tdocs if td.positive.any()}
+    assert gone and kept_needle, "the fixture should cut every needle of some documents and not of others"
+    capsys.readouterr()
+    res = monitor(new, split="val", layers=[1], seeds=[0], show_progress=False)
+    err = "".join(capsys.readouterr())
+    lost = sum(td.needles_lost for td in tdocs)
+    assert f"monitor: 'val': {len(cut)} document(s) truncated to model.max_length (24 tokens), {lost} needle(s) cut off; " \
+           f"{len(gone)} needle document(s) lost every needle and are left out of the document metrics" in err
+    scores = [json.loads(line) for line in open(res["scores"])]
+    assert {s["doc_id"] for s in scores} == {d.doc_id for d in docs} - gone
+    assert {s["doc_id"] for s in scores if s["n_needles"] > 0} == kept_needle
+    rows = list(csv.DictReader(open(res["csv"])))
+    y = np.array([s["n_needles"] > 0 for s in scores])
+    for r in rows:
+        assert (int(r["n_docs"]), int(r["n_needle_docs"])) == (len(docs) - len(gone), len(kept_needle))
+        s = np.array([d["scores"]["layer_1_seed_0"][r["aggregation"].split("(")[0]] for d in scores])
+        assert float(r["auroc"]) == pytest.approx(roc_auc_score(y, s))
+    record = json.loads(Layout.from_config(new).run_record.read_text())
+    assert sorted(record["stages"]["monitor:val"]["truncation"]["val"]["left_out"]) == sorted(gone)

@@ -148,7 +148,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
              layers: list[int] | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Score a run's probes on ``target``'s ``split``; write ``eval_metrics.csv``/``.json`` under the source run."""
     from .data import file_sha256
-    from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, write_rows_csv
+    from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, truncation_line, write_rows_csv
 
     source = load_source(probes, source_run)
     if source.identity.site not in target.probe.sites:
@@ -187,6 +187,9 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
             rows.append(_row(layer, seed, split, m, probe))
     if tokens is None:
         tokens = score_tokens(target, LogitStore(out_dir / "token_logits.zarr"), split, refs, show_progress=show_progress)
+    line = truncation_line(split, tokens, target.model.max_length)
+    if line:
+        console().print(f"[yellow]evaluate: {line}")
     doc_rows, _ = document_metrics(tokens, target.monitor, split)
     write_rows_csv(out_dir / "eval_metrics.csv", rows)
     write_rows_csv(out_dir / "doc_metrics.csv", doc_rows)
@@ -198,6 +201,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
         "token_rows": "cached rows (needle tokens and sampled negatives)" if split != "test" else "every text token",
         "token_metrics": rows,
         "document_metrics": doc_rows,
+        "truncation": tokens.truncation,
     }
     atomic_write_json(out_dir / "eval_metrics.json", summary)
     _print(source, target, split, rows, doc_rows)

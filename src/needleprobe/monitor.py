@@ -14,7 +14,8 @@ as ``extract`` (:mod:`needleprobe.runner`).
 Store layout, one group per split::
 
     {split}/                    attrs: tokens (what the token tables depend on), n_rows
-        doc_ids [D], doc_n_needles [D]                       the split's documents (file order)
+        doc_ids [D], doc_n_needles [D], doc_needles_lost [D]   the split's documents (file order); needles cut off
+                                                             by truncation (attrs: truncation, the split's totals)
         doc_index [N], token_index [N], token_id [N], needle [N]   every text token, in processing order
         pass-{fingerprint}/logits [N, P]                     one model run's probes (attrs: probes, commit state)
 
@@ -42,7 +43,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,8 @@ def tokens_fingerprint(cfg: Config, docs_digest: str) -> str:
     """What a split's token tables (and so every stored logit row) depend on, besides the probes."""
     m, p = cfg.model, cfg.probe
     key = json.dumps({"docs": docs_digest, "model": m.name, "revision": m.revision, "max_length": m.max_length,
-                      "chat_template": m.chat_template, "model_dtype": p.model_dtype, "site": p.activation_site})
+                      "chat_template": m.chat_template, "model_dtype": p.model_dtype, "site": p.activation_site,
+                      "tables": 2})  # 2: with the needles truncation cut off
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -147,6 +149,23 @@ class MonitorTokens:
     needle: list[np.ndarray]  # per doc: [n_tokens] int8
     token_id: list[np.ndarray]
     token_index: list[np.ndarray]
+    truncation: dict[str, Any] = field(default_factory=dict)
+    """What truncation to ``model.max_length`` cost the split: ``truncated_docs``, ``needles_lost``, and
+    ``left_out`` (ids of needle documents that lost every needle: in no list above, neither needle nor clean)."""
+
+
+def truncation_line(split: str, tokens: MonitorTokens, max_length: int) -> str | None:
+    """One line on what truncation did to ``split``'s documents (None when it cut none)."""
+    t = tokens.truncation
+    if not t.get("truncated_docs"):
+        return None
+    line = (f"{split!r}: {t['truncated_docs']} document(s) truncated to model.max_length ({max_length} tokens), "
+            f"{t['needles_lost']} needle(s) cut off")
+    if t.get("left_out"):
+        ids = ", ".join(t["left_out"][:5]) + (", …" if len(t["left_out"]) > 5 else "")
+        line += (f"; {len(t['left_out'])} needle document(s) lost every needle and are left out of the document "
+                 f"metrics, counted neither as needle nor as clean documents ({ids})")
+    return line
 
 
 class LogitStore:
@@ -204,9 +223,14 @@ class LogitStore:
         doc_ids = [str(x) for x in read_rows(g["doc_ids"])]
         bounds = np.searchsorted(doc_index, np.arange(len(doc_ids) + 1))
         sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(doc_ids))]
+        n_needles = read_rows(g["doc_n_needles"])
+        seen = n_needles - read_rows(g["doc_needles_lost"])  # the needles the model saw
+        apart = (n_needles > 0) & (seen == 0)  # every needle cut off: neither a needle document nor a clean one
+        keep = np.flatnonzero(~apart)
+        truncation = {**g.attrs.get("truncation", {}), "left_out": [doc_ids[i] for i in np.flatnonzero(apart)]}
         return MonitorTokens(
-            doc_ids, read_rows(g["doc_n_needles"]), [p.key for p in probes],
-            [logits[s] for s in sl], [needle[s] for s in sl], [token_id[s] for s in sl], [token_index[s] for s in sl],
+            [doc_ids[i] for i in keep], seen[keep], [p.key for p in probes], [logits[sl[i]] for i in keep],
+            [needle[sl[i]] for i in keep], [token_id[sl[i]] for i in keep], [token_index[sl[i]] for i in keep], truncation,
         )
 
     def create_split(self, split: str, tokens_fp: str, tdocs, rows_of, order) -> zarr.Group:
@@ -229,7 +253,13 @@ class LogitStore:
         ids[:] = np.asarray([td.doc.doc_id for td in tdocs], dtype=str)
         nn = g.create_array("doc_n_needles", shape=(len(tdocs),), chunks=(max(1, len(tdocs)),), dtype="int32", **codecs)
         nn[:] = np.array([len(td.doc.needle_spans) for td in tdocs], np.int32)
-        g.attrs.update({"tokens": tokens_fp, "n_rows": n, "initialized": True})
+        lost = g.create_array("doc_needles_lost", shape=(len(tdocs),), chunks=(max(1, len(tdocs)),), dtype="int32",
+                              **codecs)
+        lost[:] = np.array([td.needles_lost for td in tdocs], np.int32)
+        truncation = {"truncated_docs": sum(1 for td in tdocs if td.truncated),
+                      "needles_lost": sum(td.needles_lost for td in tdocs),
+                      "needle_tokens_lost": sum(td.needle_tokens_lost for td in tdocs)}
+        g.attrs.update({"tokens": tokens_fp, "n_rows": n, "truncation": truncation, "initialized": True})
         return g
 
     @staticmethod
@@ -567,6 +597,11 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
             calibration = score_tokens(cfg, store, cal_split, probes, show_progress=show_progress, current=current,
                                        loaded=loaded)
         tokens = score_tokens(cfg, store, split, probes, show_progress=show_progress, current=current, loaded=loaded)
+        truncated = {name: t.truncation for name, t in ((cal_split, calibration), (split, tokens)) if t is not None}
+        for name, t in ((cal_split, calibration), (split, tokens)):
+            line = None if t is None else truncation_line(name, t, cfg.model.max_length)
+            if line:
+                console().print(f"[yellow]monitor: {line}")
         rows, per_doc = document_metrics(tokens, cfg.monitor, split, calibration=calibration, calibration_split=cal_split)
         best = recommend(rows)
         csv_path, jsonl_path = layout.monitor_csv(split), layout.doc_scores(split)
@@ -575,6 +610,7 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         update_run_record(layout, cfg, f"monitor:{split}", {
             "split": split,
             "calibration_split": cal_split,
+            "truncation": truncated,
             "probes": [p.key for p in probes],
             "recommended": None if best is None else {**best, "operating_point": operating_point(best)},
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},

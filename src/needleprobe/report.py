@@ -1016,7 +1016,10 @@ def build_html(cfg: Config, run: str | None = None) -> str:
                         "to score whole documents, then write the report again.")
         heat_html, mon_tables = mon_html, ""
     else:
-        extra = "".join(note(n, kind="warn") for n in mon_notes)
+        from .monitor import truncation_line
+
+        cut = truncation_line(view.split, view.tokens, cfg.model.max_length)
+        extra = "".join(note(n, kind="warn") for n in mon_notes + ([f"Truncation: {cut}."] if cut else []))
         mon_html, mon_tables = monitor_roc_html(view)
         mon_html = extra + mon_html
         heat_html = heatmaps_section(cfg, view)
