@@ -381,3 +381,28 @@ def test_truncation_is_said_and_a_document_that_lost_every_needle_is_left_out(mo
         assert float(r["auroc"]) == pytest.approx(roc_auc_score(y, s))
     record = json.loads(Layout.from_config(new).run_record.read_text())
     assert sorted(record["stages"]["monitor:val"]["truncation"]["val"]["left_out"]) == sorted(gone)
+
+
+def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, monkeypatch, capsys):
+    """The small dataset has no test documents: `monitor --split test` is refused before the model or the tokenizer
+    is loaded, even for the calibration split's logits (none stored in this copy)."""
+    import shutil
+
+    import needleprobe.hooks as hooks
+
+    cfg_path, cfg, _ = monitored
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["probe"].update(output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    new_path = tmp_path / "c.yaml"
+    new_path.write_text(yaml.safe_dump(raw))
+    shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(load_config(new_path)).run_dir,
+                    ignore=shutil.ignore_patterns("monitor"))
+
+    def boom(*a, **k):
+        raise AssertionError("nothing may be loaded before the split is refused")
+
+    monkeypatch.setattr(hooks, "load_model", boom)
+    monkeypatch.setattr(hooks, "load_tokenizer", boom)
+    capsys.readouterr()
+    assert main(["monitor", "--config", str(new_path), "--split", "test", "--no-progress"]) == 2
+    assert "split 'test' has no documents; the monitor's document AUROC needs" in capsys.readouterr().err

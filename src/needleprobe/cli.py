@@ -97,8 +97,9 @@ COMMANDS = {  # name: (one-line help, description)
     ),
     "inspect": (
         "summarise the activation cache and whether it matches the config",
-        "Print what the activation cache holds (splits, rows, layers, feature dtype, size on disk, monitor "
-        "results) and whether it was built with the config's settings. Reads the cache only.",
+        "Print what the activation cache holds (splits, rows and documents, layers, feature dtype, size on disk) and "
+        "whether it was built with the config's settings (--layers and the row caps override them). Reads the cache "
+        "only.",
     ),
     "report": (
         "write a self-contained HTML report of the probes",
@@ -131,7 +132,10 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = False, several: bool = False) -> None:
+def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = False, several: bool = False,
+            caps: bool = True) -> None:
+    """The flags several commands share; a command gets only those it uses (``--device``: it runs a model or a fit;
+    ``caps``: the row caps, which select the cache's rows)."""
     if several:
         p.add_argument("--config", action="append", help=f"YAML config; repeat it to compare runs (default {DEFAULT_CONFIG})")
     else:
@@ -139,10 +143,11 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = F
     if runs:
         p.add_argument("--run", help="a named run beside the config's default one (its own probes, metrics and record)")
     p.add_argument("--layers", type=_ints, help="override probe.layers_to_probe, e.g. 8,16")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
+    if extract or fit:
+        p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     _no_progress(p)
-    for split in ("train", "val"):  # they select the cache's rows, so fit and check accept them too
+    for split in ("train", "val") if caps else ():  # they select the cache's rows, so fit and check accept them too
         p.add_argument(f"--max-{split}-docs", type=int, help=f"override probe.max_{split}_docs")
         p.add_argument(f"--max-{split}-tokens", type=int, help=f"override probe.max_{split}_tokens")
     if extract:
@@ -203,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     err.add_argument("-n", type=int, default=20, help="how many tokens in each list (default %(default)s)")
     _common(insp := _command(sub, "inspect"), False, False)
     insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
-    _common(_command(sub, "report"), False, False, runs=True, several=True)
+    _common(_command(sub, "report"), False, False, runs=True, several=True, caps=False)
     ev = _command(sub, "evaluate")
     _common(ev, True, False)
     ev.add_argument("--probes", help="the probes to evaluate: a config (its run) or a probe directory")

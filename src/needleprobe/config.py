@@ -420,9 +420,11 @@ def load_config(path: str | Path, *, default: bool = False) -> Config:
 
     ``default``: the path was not given by the user, so a missing file is explained as the default one.
     """
+    from .data import read_utf8
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)  # not UTF-8: the line and byte, as for a dataset
     except FileNotFoundError:
         if default:
             raise NeedleprobeError(
@@ -430,8 +432,6 @@ def load_config(path: str | Path, *, default: bool = False) -> Config:
                 "(run from the project directory, or pass --config FILE)"
             ) from None
         raise NeedleprobeError(f"{path}: config file not found") from None
-    except UnicodeDecodeError:
-        raise NeedleprobeError(f"{path}: not a text file (a config is YAML, see configs/demo.yaml)") from None
     except OSError as e:
         raise NeedleprobeError(f"{path}: cannot read config ({e.strerror})") from None
     if _looks_like_dataset(text):

@@ -127,9 +127,22 @@ ROW_OVERHEAD_BYTES = 21
 before zstd."""
 
 
-def cache_bytes(n_rows: int, n_layers: int, d_model: int, feature_dtype: str) -> int:
-    """What ``n_rows`` rows take on disk: activations (uncompressed) plus the per-row arrays."""
-    return n_rows * (n_layers * d_model * BYTES_PER_VALUE[feature_dtype] + ROW_OVERHEAD_BYTES)
+def stored_rows(split_rows: list[int], d_model: int, feature_dtype: str, world: int = 1) -> int:
+    """Activation rows a cache of splits of ``split_rows`` rows takes on disk: whole chunks, the last one of each split
+    (and of each process's share of it) written full (uncompressed), as Zarr stores an edge chunk."""
+    import math
+
+    from .cache import chunk_rows_for
+
+    chunk = chunk_rows_for(d_model, feature_dtype)
+    return sum(world * math.ceil(math.ceil(n / world) / chunk) * chunk for n in split_rows)
+
+
+def cache_bytes(split_rows: list[int], n_layers: int, d_model: int, feature_dtype: str, world: int = 1) -> int:
+    """What splits of ``split_rows`` rows take on disk: activations (uncompressed, whole chunks) plus the per-row
+    arrays (measured on the demo: the estimate 85.3 MB, the cache 85.4 MB)."""
+    padded = stored_rows(split_rows, d_model, feature_dtype, world)
+    return padded * n_layers * d_model * BYTES_PER_VALUE[feature_dtype] + sum(split_rows) * ROW_OVERHEAD_BYTES
 
 
 def free_bytes(path) -> int | None:
@@ -363,13 +376,14 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     check_model_sites(cfg, [(job.site, layer) for job in jobs for layer in job.layers])  # before anything is written
     for work in plans.values():
         check_positions(work.batches.tdocs, limit, cfg, data_path)
-    total_rows = sum(w.plan.n_rows for w in plans.values())
+    split_rows = [w.plan.n_rows for w in plans.values()]
+    total_rows = sum(split_rows)
     if d_model_cfg is not None:
         need = 0
         for job in jobs:
             if job.state != "up to date":
                 present = dir_size(job.path) if job.existing is not None and not is_url(job.path) else 0  # resumed rows stay
-                need += cache_bytes(total_rows, len(job.layers), d_model_cfg, cfg.probe.feature_dtype) - present
+                need += cache_bytes(split_rows, len(job.layers), d_model_cfg, cfg.probe.feature_dtype, dist.world) - present
         check_free_space(jobs[0].path, need, force)
     device = dist.device(resolve_device(cfg.probe.device))
     show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
@@ -430,13 +444,15 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
         status = "resumed" if any(job.state == "resume" for job in work_jobs) else "extracted"
         free = free_bytes(work_jobs[0].path)
         n_sites = len(work_jobs)
-        est = sum(cache_bytes(total_rows, len(job.layers), d_model, cfg.probe.feature_dtype) for job in work_jobs)
+        est = sum(cache_bytes(split_rows, len(job.layers), d_model, cfg.probe.feature_dtype, dist.world)
+                  for job in work_jobs)
+        padded = stored_rows(split_rows, d_model, cfg.probe.feature_dtype, dist.world)
         into = ", ".join(str(job.path) for job in work_jobs)
         con.print(
-            f"{'resuming' if status == 'resumed' else 'extracting'} into {into}\n  {total_rows:,} rows × "
-            f"({'' if n_sites == 1 else f'{n_sites} sites × '}{len(work_jobs[0].layers)} layers × d_model {d_model} × "
-            f"{BYTES_PER_VALUE[cfg.probe.feature_dtype]} B + {ROW_OVERHEAD_BYTES} B of labels and indices) "
-            f"= [bold]{human_bytes(est)}[/bold] on disk"
+            f"{'resuming' if status == 'resumed' else 'extracting'} into {into}\n  {total_rows:,} rows ({padded:,} "
+            f"in whole chunks) × {'' if n_sites == 1 else f'{n_sites} sites × '}{len(work_jobs[0].layers)} layers × "
+            f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B, + {ROW_OVERHEAD_BYTES} B of labels "
+            f"and indices per row = [bold]{human_bytes(est)}[/bold] on disk"
             f"{'' if free is None else f' ({human_bytes(free)} free)'}; "
             f"device {device}, model dtype {cfg.probe.model_dtype}"
         )

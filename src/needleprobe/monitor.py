@@ -590,8 +590,15 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         current = {k: file_sha256(layout.probe_files(*k)[0]) for k in existing_probes(layout)}
         store, loaded = LogitStore(layout.monitor_store), {}
         calibration = None
+        data_path = cfg.dataset.resolved_path()
+        docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))
+        kinds = {bool(d.needle_spans) for d in docs[split]}
+        if kinds != {True, False}:  # before any model runs, for this split or the calibration one
+            what = "no documents" if not kinds else "only needle documents" if True in kinds else "only clean documents"
+            raise NeedleprobeError(f"{data_path}: split {split!r} has {what}; the monitor's document AUROC needs "
+                                   "documents with and without needles")
         if cal_split != split:  # thresholds from another split's clean documents: its logits too (stored once)
-            if not by_split(load_documents(cfg.dataset.resolved_path(), cfg.dataset.val_fraction))[cal_split]:
+            if not docs[cal_split]:
                 raise NeedleprobeError(f"monitor.calibration_split {cal_split!r}: the dataset has no {cal_split} "
                                        "documents to set thresholds on; name a split with needle-free documents")
             calibration = score_tokens(cfg, store, cal_split, probes, show_progress=show_progress, current=current,
