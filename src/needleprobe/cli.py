@@ -82,7 +82,8 @@ COMMANDS = {  # name: (one-line help, description)
     "evaluate": (
         "score saved probes on another dataset (transfer)",
         "Score the probes of one run (--probes: its config or its probe directory) on another dataset's cached "
-        "rows (--config: the target), extracting the target first when its cache is missing: token AUROC with a "
+        "rows (--config: the target), extracting the split it scores first when the cache lacks it (test needs no "
+        "cache: its tokens go through the model): token AUROC with a "
         "document-bootstrap 95% CI, average precision and TPR at 1% and 5% FPR per layer and seed, plus the "
         "document monitor's aggregations. Writes eval_metrics.csv and eval_metrics.json under the source run's "
         "transfer/{target}-{split}/. With --matrix A.yaml B.yaml ..., every dataset's best probes on every "

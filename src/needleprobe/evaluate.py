@@ -89,6 +89,8 @@ def _check_compatible(source: Source, target: Config, cache) -> None:
             f"the target is {want.model}{'@' + want.revision if want.revision else ''} · {want.site}: "
             "probes read one model's activations at one site"
         )
+    if cache is None:  # the test split: the model itself checks width and depth (``monitor.score_tokens``)
+        return
     d_model = int(cache.metadata.get("d_model", 0))
     for (layer, seed), probe in source.probes.items():
         if d_model and probe.d_model != d_model:
@@ -111,18 +113,27 @@ def _check_split(cfg: Config, split: str) -> None:
         raise NeedleprobeError(f"{path}: split {split!r} has {what}; evaluating needs documents with and without needles")
 
 
-def target_cache(cfg: Config, show_progress: bool = True):
-    """The target's activation cache, extracted first when it is missing."""
-    from .cache import open_cache
+def target_cache(cfg: Config, split: str = "val", show_progress: bool = True):
+    """The target's activation cache holding ``split``, extracting that split alone first when it is missing (None for
+    ``test``, which no cache holds: its tokens are scored through the model)."""
+    from .cache import FIT_SPLITS, open_cache
     from .fit import verify_cache
     from .layout import Layout
 
-    if not (Layout.from_config(cfg).cache / "zarr.json").is_file():
+    if split not in FIT_SPLITS:
+        return None
+    path = Layout.from_config(cfg).cache
+    cache = open_cache(cfg, allow_incomplete=True) if (path / "zarr.json").is_file() else None
+    if cache is None or (not cache.complete and split not in cache.splits):
         from .extract import extract
 
-        console().print(f"evaluate: no activation cache for {cfg.dataset.key} yet: extracting it")
-        extract(cfg, show_progress=show_progress)
-    cache = open_cache(cfg)
+        con = console()
+        con.print(f"evaluate: no activation cache for {cfg.dataset.key} yet: extracting it (the {split} split only, "
+                  "the one scored)" if cache is None else
+                  f"evaluate: the activation cache of {cfg.dataset.key} lacks the {split} split: extracting it")
+        res = extract(cfg, show_progress=show_progress, splits=(split,))
+        con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {res.path}")
+        cache = open_cache(cfg, allow_incomplete=True)
     verify_cache(cfg, cache)
     return cache
 
@@ -164,7 +175,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
                                    f"(it has {sorted({layer for layer, _ in source.probes})})")
         source.probes = {k: v for k, v in source.probes.items() if k[0] in layers}
     _check_split(target, split)
-    cache = target_cache(target, show_progress)
+    cache = target_cache(target, split, show_progress)
     _check_compatible(source, target, cache)
     out_dir = transfer_path(source.run_dir, target.dataset.key, split)
     rows: list[dict[str, Any]] = []
@@ -196,8 +207,9 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
     summary = {
         "source": {"probes": str(source.run_dir), "dataset": source.identity.dataset, "model": source.identity.model,
                    "site": source.identity.site},
-        "target": {"config": target.source, "dataset": target.dataset.key, "split": split, "cache": str(cache.path),
-                   "cache_fingerprint": cache.fingerprint},
+        "target": {"config": target.source, "dataset": target.dataset.key, "split": split,
+                   "cache": None if cache is None else str(cache.path),
+                   "cache_fingerprint": None if cache is None else cache.fingerprint},
         "token_rows": "cached rows (needle tokens and sampled negatives)" if split != "test" else "every text token",
         "token_metrics": rows,
         "document_metrics": doc_rows,
@@ -263,7 +275,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
     if len(models) > 1:
         raise NeedleprobeError(f"--matrix: every config must use the same model and site, got {sorted(map(str, models))}")
     sources = [load_source(Layout.from_config(c).run_dir) for c in cfgs]
-    caches = [target_cache(c, show_progress) for c in cfgs]
+    caches = [target_cache(c, "val", show_progress) for c in cfgs]
     table: dict[tuple[int, str, str], float] = {}
     for src, scfg in zip(sources, cfgs):
         best = best_probes(src.probes)

@@ -229,11 +229,11 @@ class SplitWork:
     plan: SplitPlan
 
 
-def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, SplitWork]:
-    """Tokenize, label, cap and batch each fit split; fails before any model is loaded."""
+def prepare_plans(cfg: Config, tokenizer, docs, data_path, names: tuple[str, ...] = FIT_SPLITS) -> dict[str, SplitWork]:
+    """Tokenize, label, cap and batch each fit split (of ``names``); fails before any model is loaded."""
     splits = by_split(docs)
     plans: dict[str, SplitWork] = {}
-    for name in FIT_SPLITS:
+    for name in names:
         cap_docs = getattr(cfg.probe, f"max_{name}_docs")
         cap_tok = getattr(cfg.probe, f"max_{name}_tokens")
         tdocs = apply_caps(
@@ -253,7 +253,8 @@ def prepare_plans(cfg: Config, tokenizer, docs, data_path) -> dict[str, SplitWor
 
 
 def extract(
-    cfg: Config, *, overwrite: bool = False, show_progress: bool = True, repair: bool = False, force: bool = False
+    cfg: Config, *, overwrite: bool = False, show_progress: bool = True, repair: bool = False, force: bool = False,
+    splits: tuple[str, ...] = FIT_SPLITS,
 ) -> ExtractResult:
     """Fill (or resume, or confirm, or repair) the activation cache for ``cfg``.
 
@@ -267,16 +268,20 @@ def extract(
     recomputing only what they hold (see :func:`repair_chunks`).
     Launched by ``torchrun`` (WORLD_SIZE > 1), each process writes its shard of
     every split (see :mod:`needleprobe.distributed`).
+    ``splits``: some of the cache's splits only (what ``evaluate`` scores): the cache then lists those as written
+    and stays incomplete, and a later full extract resumes it with the others.
     """
     from .distributed import Dist, launched_world
 
+    if tuple(splits) != FIT_SPLITS and (repair or launched_world()[1] > 1):
+        raise NeedleprobeError("extracting some splits only runs in one process, without --repair")
     if repair and launched_world()[1] > 1:
         raise NeedleprobeError(
             "extract --repair runs in one process and repairs every shard: run it without torchrun"
         )
     dist = Dist.from_env()
     try:
-        return _extract(cfg, overwrite, show_progress, dist, repair=repair, force=force)
+        return _extract(cfg, overwrite, show_progress, dist, repair=repair, force=force, splits=tuple(splits))
     finally:
         dist.close()
 
@@ -349,7 +354,8 @@ class _SiteStreams:
         self.pos += n
 
 
-def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False) -> ExtractResult:
+def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False,
+             splits: tuple[str, ...] = FIT_SPLITS) -> ExtractResult:
     from .sites import capture_sites, check_model_sites
 
     t0 = time.perf_counter()
@@ -367,7 +373,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             con.print(f"cache up to date: {job.path} (fingerprint {job.existing.fingerprint})")
         return _result(jobs, "up to date")
     tokenizer = load_tokenizer(cfg.model)
-    plans = prepare_plans(cfg, tokenizer, docs, data_path)
+    plans = prepare_plans(cfg, tokenizer, docs, data_path, splits)
     legacy = {job.site for job in jobs if "documents" not in job.fields}  # caches from before per-document digests
     n_layers, d_model_cfg, limit = model_shape(cfg)
     for job in jobs:
@@ -517,7 +523,12 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             if dist.primary:
                 for job in work_jobs:
                     _check_shards(job.writer, list(plans), dist.world)
-                    job.writer.finish(list(plans), {})
+                    have = job.writer.committed(list(FIT_SPLITS))  # split → (committed rows, rows)
+                    done = [n for n in FIT_SPLITS if n in plans or (n in have and have[n][0] == have[n][1])]
+                    if set(done) == set(FIT_SPLITS):
+                        job.writer.finish(list(FIT_SPLITS), {})
+                    else:  # some splits only: listed as written, the cache left for a full extract to resume
+                        job.writer.root.attrs["splits"] = done
         except NeedleprobeError as e:
             for job in work_jobs:
                 if job.state != "resume" and not dist.sharded:  # sharded: others may still write; resume instead
