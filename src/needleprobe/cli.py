@@ -108,7 +108,7 @@ COMMANDS = {  # name: (one-line help, description)
         "layer and seed, ROC curves, AUROC against L2, and token heatmaps of example documents. Reads the probes, "
         "the cache and, when present, the monitor's results. Given several --config, one comparison report of "
         "their runs instead (AUROC by layer or by relative depth, the transfer matrix when evaluated, each run's "
-        "best probe).",
+        "document monitor as `monitor` stored it, each run's best probe).",
     ),
     "demo-data": (
         "write the offline demo dataset",

@@ -24,7 +24,9 @@ carrying ``data-run`` (the run's label), ``data-layer``, ``data-seed``,
 ``data-auroc`` and ``data-x`` (the layer, or layer / n_layers); transfer cells
 ``td[data-source][data-target][data-layer][data-auroc]`` (``td.missing``,
 ``td.stale``); the best-probe table ``#best-probes`` with one ``tr[data-run]``
-per run.
+per run; the document monitors ``#monitor-compare`` with one ``tr[data-monitor]`` per run (``data-split``,
+``data-layer``, ``data-seed``, ``data-aggregation``, ``data-doc-auroc``, ``data-ci-low``, ``data-ci-high`` when it
+has monitor results).
 """
 
 from __future__ import annotations
@@ -1402,6 +1404,77 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
     return "".join(out), warnings
 
 
+def read_monitor(v: RunView) -> tuple[dict[str, Any] | None, str | None]:
+    """(what the run's document monitor recommends, a note): read from the monitor's stored outputs, never recomputed.
+
+    The run record's ``monitor:{split}`` section (the config's ``monitor.split`` first, then test, val, train) holds the
+    recommended row (probe, aggregation chosen on the calibration split, its AUROC with CI and TPR at the calibrated
+    thresholds on the split) and the sha256 of ``monitor_metrics_{split}.csv``; a CSV changed since is not trusted.
+    A fit drops these sections, so what is left describes the run's current probes.
+    """
+    from .data import file_sha256
+    from .records import read_run_record
+
+    stages = read_run_record(v.layout.run_record).get("stages", {})
+    changed = []
+    for split in dict.fromkeys([v.cfg.monitor.split, "test", "val", "train"]):
+        sec = stages.get(f"monitor:{split}")
+        if not sec:
+            continue
+        csv_path = str(v.layout.monitor_csv(split))
+        try:
+            same = file_sha256(csv_path) == sec.get("outputs", {}).get(csv_path)
+        except OSError:
+            same = False
+        if not same:
+            changed.append(split)
+            continue
+        if sec.get("recommended") is None:
+            return None, f"{v.label}: the monitor on {split!r} made no recommendation (its calibration split lacks needle or clean documents)"
+        return {**sec["recommended"], "split": split, "calibration_split": sec.get("calibration_split", "")}, None
+    why = (f"its stored results on {', '.join(map(repr, changed))} changed since the monitor wrote them; " if changed else "")
+    return None, f"{v.label}: no document monitor results ({why}run `{command('monitor', v.cfg)}`)"
+
+
+def _monitor_table(views: list[RunView]) -> str:
+    """Per run, the document monitor it recommends: aggregation, document AUROC with CI, TPR at the thresholds set on
+    the clean calibration documents, and the operating point that any number of them gives."""
+    from .monitor import operating_point
+    from .verdict import one_row_per_probe
+
+    rows, data, notes = [], [], []
+    for v in views:
+        r, problem = read_monitor(v)
+        if problem:
+            notes.append(problem)
+        if r is None:
+            rows.append([Cell(v.label, cls="name")] + ["–"] * 7)
+            data.append({"monitor": v.label})
+            continue
+        group = one_row_per_probe({(p.layer, p.seed): p.probe for p in v.probes}).get((r["layer"], r["seed"]), [r["seed"]])
+        n_pos, n_neg = r["n_needle_docs"], r["n_docs"] - r["n_needle_docs"]
+
+        def rate(name: str) -> str:
+            if r.get(f"tpr_at_{name}_fpr") is None:
+                return "–"
+            return f"{r[f'tpr_at_{name}_fpr']:.2f} ({r[f'tp_at_{name}_fpr']}/{n_pos}, FP {r[f'fp_at_{name}_fpr']}/{n_neg})"
+
+        op = operating_point(r) if "threshold_above_clean" in r else None
+        deploy = "–" if op is None else (
+            f"{'threshold at ' + format(op['target_fpr'], '.0%') + ' FPR' if op['target_fpr'] else 'above every clean one'}: "
+            f"{op['tp']}/{n_pos} flagged, FP {op['fp']}/{n_neg}, FPR ≤ {op['fpr_upper95']:.1%} (95%)")
+        rows.append([Cell(v.label, cls="name"), f"{r['split']} (set on {r['calibration_split']})",
+                     f"layer {r['layer']} · seed{'s' if len(group) > 1 else ''} {', '.join(map(str, group))}",
+                     r["aggregation"], f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
+                     rate("1pct"), rate("5pct"), deploy])
+        data.append({"monitor": v.label, "split": r["split"], "layer": r["layer"], "seed": r["seed"],
+                     "aggregation": r["aggregation"], "doc-auroc": repr(r["auroc"]), "ci-low": repr(r["auroc_ci_low"]),
+                     "ci-high": repr(r["auroc_ci_high"])})
+    out = table(["run", "split (thresholds set on)", "probe", "aggregation", "doc AUROC [95% CI]", "TPR @ 1% FPR",
+                 "TPR @ 5% FPR", "operating point"], rows, table_id="monitor-compare", row_data=data)
+    return out + "".join(note(n) for n in notes)
+
+
 def _best_table(views: list[RunView]) -> str:
     rows, data = [], []
     for v in views:
@@ -1444,7 +1517,8 @@ def _comparison_html(views: list[RunView], run: str | None) -> str:
     ]
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer and depth"),
-                                                        ("sec-transfer", "transfer matrix"), ("sec-best", "best probes")))
+                                                        ("sec-transfer", "transfer matrix"),
+                                                        ("sec-monitor", "document monitors"), ("sec-best", "best probes")))
     depth_chart = (chart_runs("compare-by-depth", "validation AUROC by relative depth, one line per run", views, "depth")
                    if len(unknown) < len(views) else note("No run's depth is known, so no relative-depth chart."))
     body = [
@@ -1469,6 +1543,15 @@ def _comparison_html(views: list[RunView], run: str | None) -> str:
         "cached val rows of each dataset (columns), as written by <code>needleprobe evaluate</code>. Off the diagonal "
         "is the question a monitor must answer: does a probe trained on one kind of needle catch another?</p>",
         transfer_html,
+        "</section>",
+        '<section class="card" id="sec-monitor"><h2>Document monitors</h2>'
+        '<p class="explain">What each run\'s document monitor recommends, as <code>needleprobe monitor</code> stored it: '
+        "the probe and aggregation with the best document AUROC on the calibration split, its AUROC (95% CI over "
+        "documents) on the split scored, the share of needle documents flagged at thresholds set on the clean "
+        "calibration documents for 1% and 5% FPR (– where too few to set one), and the operating point it would "
+        "deploy with the upper bound on its false-positive rate. Runs scored on different splits or datasets are "
+        "measured on different documents.</p>",
+        _monitor_table(views),
         "</section>",
         '<section class="card" id="sec-best"><h2>Best probe of each run</h2>'
         '<p class="explain">The probe with the best val AUROC (ties: the layer with the better seed mean, then the '
