@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 CONFIG ?= configs/dataset_main.yaml
 DEMO_CONFIG := configs/demo.yaml
 # The CPU build of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
-# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,gpu
+# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,notebook,gpu
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,notebook
 NP := $(BIN)/needleprobe
 export TOKENIZERS_PARALLELISM := false
 
