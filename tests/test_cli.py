@@ -108,8 +108,8 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
     cache = str(deep / "quiet" / "cache" / "t_v1" / "embedded--all-MiniLM-L6-v2" / "resid_post")
     out = str(deep / "quiet" / "results" / "probes" / "t_v1")
     assert f"extracting into {cache}" in lines
-    assert any(re.fullmatch(r"  [\d,]+ rows × \(1 layers × d_model 384 × 4 B \+ 21 B of labels and indices\) = .* on disk.*; "
-                                r"device cpu, model dtype float32", x)
+    assert any(re.fullmatch(r"  [\d,]+ rows \([\d,]+ in whole chunks\) × 1 layers × d_model 384 × 4 B, \+ 21 B of labels "
+                            r"and indices per row = .* on disk.*; device cpu, model dtype float32", x)
                for x in lines), lines
     assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
     assert f"probes, metadata, probe_metrics.csv and verdict.json in {out}" in lines
@@ -124,3 +124,15 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
         for x in log.splitlines():  # a path is never cut: a message with part of the long name has all of it
             if "a_directory_name" in x and not x.startswith("│"):  # table cells may fold to the width
                 assert str(deep) in x, (command, x)
+
+
+def test_help_lists_only_the_flags_a_command_uses_and_promises_only_what_it_shows(capsys):
+    """No --device where no model runs and nothing is fitted; no row caps for the report; inspect shows no monitor."""
+    for command in ("check", "errors", "inspect", "report"):
+        assert "--device" not in _help(capsys, command), command
+    for command in ("extract", "fit", "train", "monitor", "evaluate"):
+        assert "--device" in _help(capsys, command), command
+    report = _help(capsys, "report")
+    assert "--max-train-docs" not in report and "--max-val-tokens" not in report and "--run" in report
+    inspect = " ".join(_help(capsys, "inspect").split())
+    assert "monitor" not in inspect and "--max-train-docs" in inspect  # the caps decide whether the cache matches

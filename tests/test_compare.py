@@ -375,3 +375,34 @@ def test_common_directory_and_file_name_rules(tmp_path):
     assert short == tmp_path / "m" / "comparison_a_v1_vs_b-_v1-x-y.html"
     long = comparison_path([view(tmp_path / f"r{i}", "d" * 40 + f"{i}_v1") for i in range(6)])
     assert long.parent == tmp_path and re.fullmatch(r"comparison_6_runs_[0-9a-f]{12}\.html", long.name)
+
+
+def test_document_monitors_are_compared_from_what_the_monitor_stored(runs):
+    """Per run: the monitor's recommended probe and aggregation, its document AUROC with CI and TPR at the calibrated
+    thresholds, read from the run record and CSV the monitor wrote; a run never monitored says how to fill it."""
+    from needleprobe.layout import Layout
+    from needleprobe.monitor import monitor
+    from needleprobe.report import build_comparison
+
+    cfgs = runs["cfgs"]
+    res = monitor(cfgs["a"], split="val", show_progress=False)
+    best = res["recommended"]
+    _, page = build_comparison([cfgs["a"], cfgs["b"]])
+    el = Elements(page)
+    rows = {e["attrs"]["data-monitor"]: e for e in el.find("tr") if "data-monitor" in e["attrs"]}
+    assert list(rows) == [LABELS["a"].split(" · ")[0], f"{HOSTILE_NAME}_v1"]
+    a = rows["t_v1"]["attrs"]
+    assert (a["data-split"], int(a["data-layer"]), int(a["data-seed"]), a["data-aggregation"]) == (
+        "val", best["layer"], best["seed"], best["aggregation"])
+    assert float(a["data-doc-auroc"]) == best["auroc"] and float(a["data-ci-low"]) == best["auroc_ci_low"]
+    cells = _cells(el, rows["t_v1"])
+    assert cells[4] == f"{best['auroc']:.3f} ({best['auroc_ci_low']:.3f}–{best['auroc_ci_high']:.3f})"
+    assert cells[5] == "–" and cells[6] == "–"  # too few clean val documents to set 1% or 5%
+    op = res["operating_point"]
+    assert cells[7].startswith(f"above every clean one: {op['tp']}/{best['n_needle_docs']} flagged")
+    assert _cells(el, rows[f"{HOSTILE_NAME}_v1"])[1:] == ["–"] * 7
+    assert "no document monitor results (run `needleprobe monitor --config" in page
+    # a CSV changed since the monitor wrote it is not trusted
+    csv_path = Layout.from_config(cfgs["a"]).monitor_csv("val")
+    csv_path.write_text(csv_path.read_text() + "\n")
+    assert "changed since the monitor wrote them" in build_comparison([cfgs["a"], cfgs["b"]])[1]

@@ -105,3 +105,14 @@ def test_relative_dataset_path_is_read_beside_the_config(tmp_path, monkeypatch):
     cfg_path.write_text("dataset:\n  config_dir: x\n")
     with pytest.raises(NeedleprobeError, match="dataset.config_dir: unknown key"):
         load_config(cfg_path)
+
+
+def test_a_config_saved_in_another_encoding_names_the_line_and_byte(tmp_path):
+    """A Windows-1252 file: the same one-line error as a dataset's, with the line and the byte."""
+    p = tmp_path / "c.yaml"
+    p.write_bytes("# needle probes\ndataset:\n  name: caf\u00e9\n".encode("cp1252"))
+    with pytest.raises(NeedleprobeError, match=r"c.yaml:3: not valid UTF-8 \(byte 0xe9 at byte 12 of the line\); "
+                                               r"save the file as UTF-8$"):
+        load_config(p)
+    p.write_bytes(b"\xef\xbb\xbf" + "dataset:\n  name: caf\u00e9\n".encode())  # UTF-8 with a byte-order mark reads
+    assert load_config(p).dataset.name == "caf\u00e9"

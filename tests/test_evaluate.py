@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -49,13 +50,19 @@ def test_evaluate_equals_the_auroc_computed_by_hand(two, capsys):
     tmp, source, target = two
     assert not Layout.from_config(load_config(target)).cache.exists()
     assert main(["evaluate", "--config", str(target), "--probes", str(source), "--no-progress"]) == 0
-    err = capsys.readouterr().err
-    assert "no activation cache for other_v1 yet: extracting it" in err and "probes of synthetic_v1 on other_v1" in err
+    err = "".join(capsys.readouterr())
+    assert "no activation cache for other_v1 yet: extracting it (the val split only" in err
+    assert "probes of synthetic_v1 on other_v1" in err
+    assert re.search(r"^extract: [\d,]+ tokens in [\d.]+ s → ", err, re.M)  # said under --no-progress too
+    partial = open_cache(load_config(target), allow_incomplete=True)
+    assert partial.splits == ["val"] and not partial.complete  # the split it scores, no more
+    # seeds 0 and 1 gave identical probes (weighted balance): one row per layer, as fit shows them
+    assert len(re.findall(r"^\W+[13] │ 0, 1 │", err, re.M)) == 2 and "seeds on one row gave identical probes" in err
     src, tgt = load_config(source), load_config(target)
     out = Layout.from_config(src).run_dir / "transfer" / "other_v1-val"
     rows = list(csv.DictReader(open(out / "eval_metrics.csv")))
     assert {(int(r["layer"]), int(r["seed"])) for r in rows} == {(L, s) for L in (1, 3) for s in src.probe.train_seeds}
-    val = open_cache(tgt).split("val")
+    val = open_cache(tgt, allow_incomplete=True).split("val")
     for r in rows:
         d = __import__("torch").load(probe_files(src, int(r["layer"]), int(r["seed"]))[0], weights_only=True)
         logits = val.to_numpy(int(r["layer"])) @ d["weight"].numpy() + d["bias"].item()
@@ -69,10 +76,12 @@ def test_evaluate_equals_the_auroc_computed_by_hand(two, capsys):
     assert summary["document_metrics"][0]["auroc"] == pytest.approx(float(docs[0]["auroc"]))
 
 
-def test_evaluate_on_the_test_split_scores_every_text_token(two):
+def test_evaluate_on_the_test_split_scores_every_text_token(two, capsys):
     tmp, source, target = two
+    capsys.readouterr()
     assert main(["evaluate", "--config", str(target), "--probes", str(source), "--split", "test", "--layers", "3",
                  "--no-progress"]) == 0
+    assert "extracting" not in capsys.readouterr().err  # no cache holds test: nothing is extracted for it
     out = Layout.from_config(load_config(source)).run_dir / "transfer" / "other_v1-test"
     rows = list(csv.DictReader(open(out / "eval_metrics.csv")))
     assert {r["layer"] for r in rows} == {"3"} and all(int(r["rows"]) > 1000 for r in rows)  # every token, not samples
@@ -80,9 +89,12 @@ def test_evaluate_on_the_test_split_scores_every_text_token(two):
     assert summary["token_rows"] == "every text token"
 
 
-def test_transfer_matrix(two):
+def test_transfer_matrix(two, capsys):
     tmp, source, target = two
-    assert main(["fit", "--config", str(target)]) == 0
+    assert main(["fit", "--config", str(target)]) == 2  # evaluate extracted val only
+    assert "holds the val split only (extracted for `evaluate`" in capsys.readouterr().err
+    assert main(["train", "--config", str(target), "--no-progress"]) == 0  # the extract adds train to it
+    assert open_cache(load_config(target)).splits == ["train", "val"]
     assert main(["evaluate", "--matrix", str(source), str(target), "--no-progress"]) == 0
     src, tgt = load_config(source), load_config(target)
     common = Layout.from_config(src).run_dir.parent
@@ -100,6 +112,29 @@ def test_transfer_matrix(two):
     # a dataset's own val is its probe's own val AUROC
     own = LinearProbe.load(probe_files(src, 3, 0)[0]).val_auroc_
     assert table[(3, "synthetic_v1")][0] == pytest.approx(own, abs=1e-6)
+
+
+def test_evaluate_says_what_truncation_cut_off(two, tmp_path, capsys):
+    """The target's documents cut at 64 tokens: evaluate says per split how many documents and needles were truncated,
+    and leaves out of the document metrics the needle documents that lost every needle."""
+    tmp, source, target = two
+    raw = yaml.safe_load(target.read_text())
+    raw["dataset"]["name"], raw["model"]["max_length"] = "short", 64
+    short = tmp_path / "short.yaml"
+    short.write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(short), "--probes", str(source), "--split", "test", "--layers", "3",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((Layout.from_config(load_config(source)).run_dir / "transfer" / "short_v1-test"
+                          / "eval_metrics.json").read_text())
+    t = summary["truncation"]
+    assert t["truncated_docs"] > 0 and t["needles_lost"] > 0
+    assert f"evaluate: 'test': {t['truncated_docs']} document(s) truncated to model.max_length (64 tokens), " \
+           f"{t['needles_lost']} needle(s) cut off" in err
+    n_docs = {int(r["n_docs"]) for r in summary["document_metrics"]}
+    test_docs = [d for d in _other_dataset() if d["split"] == "test"]
+    assert len(t["left_out"]) == 3 and n_docs == {len(test_docs) - 3}  # 3 of 5 needle documents lost every needle
 
 
 def _one_line(capsys) -> str:

@@ -279,6 +279,130 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     y_train = (train.doc_n_needles > 0).astype(int)
     s = document_scores(train, want[3], want[4], new.monitor)
     assert best["auroc"] == pytest.approx(roc_auc_score(y_train, s), abs=1e-12)
-    assert f"recommended: layer 1 seed {best['seed']}, {best['aggregation']}" in err
+    assert f"recommended: layer 1 seeds 0, 1 (identical probes), {best['aggregation']}" in err  # weighted: seeds agree
     record = json.loads(Layout.from_config(new).run_record.read_text())
     assert record["stages"]["monitor:train"]["calibration_split"] == "val"
+
+
+def test_identical_seeds_share_a_row_of_the_table_and_the_recommendation(monitored, capsys):
+    """Seeds that gave identical probes (weighted balance, exact solver) are shown once, as `fit` shows them."""
+    cfg_path, cfg, _ = monitored
+    capsys.readouterr()
+    assert main(["monitor", "--config", str(cfg_path), "--split", "val", "--no-progress"]) == 0
+    text = "".join(capsys.readouterr())
+    rows = [line for line in text.splitlines() if re.match(r"^\W+[15] │ ", line)]
+    assert len(rows) == 2 * len(AGGREGATIONS), text  # one row per layer and aggregation, not per seed
+    assert all(re.match(r"^\W+[15] │ 0, 1 │", line) for line in rows)
+    assert "seeds on one row gave identical probes" in text
+    assert re.search(r"recommended: layer [15] seeds 0, 1 \(identical probes\)", text)
+    # the CSV keeps a row per probe file
+    assert len(list(csv.DictReader(open(Layout.from_config(cfg).monitor_csv("val"))))) == 4 * len(AGGREGATIONS)
+
+
+def test_a_small_calibration_set_still_gives_an_operating_point_with_an_honest_fpr(capsys):
+    """9 clean val documents cannot set a 1% or 5% threshold: the recommendation deploys the threshold just above the
+    highest clean val score, with its exact binomial upper bound on the FPR and how many clean documents 5% needs."""
+    from scipy.stats import binom
+
+    from needleprobe.metrics import clean_docs_to_bound, fpr_upper_bound
+    from needleprobe.monitor import _print, operating_point
+
+    rng = np.random.default_rng(3)
+    val_y, test_y = np.r_[np.zeros(9), np.ones(6)].astype(int), np.r_[np.zeros(12), np.ones(10)].astype(int)
+    val_s = np.round(rng.normal(size=val_y.size) + 3.0 * val_y, 2).astype(np.float32)
+    test_s = np.round(rng.normal(size=test_y.size) + 2.0 * test_y, 2).astype(np.float32)
+    rows, _ = document_metrics(_one_token_docs(test_s, test_y), MonitorConfig(), "test", n_boot=50,
+                               calibration=_one_token_docs(val_s, val_y), calibration_split="val")
+    best = recommend(rows)
+    assert best["threshold_1pct_fpr"] is best["threshold_5pct_fpr"] is None  # too few to set either
+    op = operating_point(best)
+    top = float(val_s[val_y == 0].max())
+    assert op["target_fpr"] is None and op["threshold"] == top
+    assert (op["tp"], op["fp"]) == (int((test_s[test_y == 1] > top).sum()), int((test_s[test_y == 0] > top).sum()))
+    assert op["fpr_upper95"] == pytest.approx(1 - 0.05 ** (1 / 9), rel=1e-9)  # 0 of 9: the exact bound (≈ 3/9)
+    capsys.readouterr()
+    _print(rows, "test", best)
+    text = "".join(capsys.readouterr())
+    line = next(x for x in text.splitlines() if x.startswith("recommended:"))
+    assert f"threshold {top:.3f}" in line and f"flags {op['tp']}/10 needle documents and {op['fp']}/12 clean" in line
+    assert "at most 28% at 95% confidence" in line and "Clopper–Pearson" in line
+    assert "needs at least 20 clean documents to set its threshold, and 59 with none above it" in line
+    # the bound: the rate at which seeing k or fewer of n flagged has probability 5%
+    for k, n in ((0, 9), (1, 150), (3, 40)):
+        assert binom.cdf(k, n, fpr_upper_bound(k, n)) == pytest.approx(0.05, abs=1e-9)
+    assert fpr_upper_bound(0, clean_docs_to_bound(0.05)) <= 0.05 < fpr_upper_bound(0, clean_docs_to_bound(0.05) - 1)
+    # with enough clean documents, the 5% threshold, and its bound from the clean documents above it
+    rows, _ = document_metrics(_one_token_docs(test_s, test_y), MonitorConfig(), "test", n_boot=50,
+                               calibration=_one_token_docs(np.r_[val_s, rng.normal(size=40)], np.r_[val_y, np.zeros(40, int)]),
+                               calibration_split="val")
+    op = operating_point(recommend(rows))
+    assert op["target_fpr"] == 0.05 and op["fpr_upper95"] == pytest.approx(fpr_upper_bound(2, 49))
+
+
+def test_truncation_is_said_and_a_document_that_lost_every_needle_is_left_out(monitored, tmp_path, capsys):
+    """With model.max_length 24 some needles fall beyond the cut: the monitor says how many documents and needles were
+    truncated, and a needle document none of whose needle tokens the model saw is neither a needle nor a clean one."""
+    import shutil
+
+    from sklearn.metrics import roc_auc_score
+
+    from needleprobe.data import by_split, load_documents
+    from needleprobe.hooks import load_tokenizer
+    from needleprobe.tokens import tokenize_documents
+
+    cfg_path, cfg, _ = monitored
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["model"]["max_length"] = 24
+    raw["probe"].update(output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    new_path = tmp_path / "c.yaml"
+    new_path.write_text(yaml.safe_dump(raw))
+    new = load_config(new_path)
+    shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(new).run_dir, ignore=shutil.ignore_patterns("monitor"))
+    docs = by_split(load_documents(new.dataset.resolved_path()))["val"]
+    tdocs = tokenize_documents(load_tokenizer(new.model), docs, 24, False)  # by hand: which needles the model sees
+    cut = [td for td in tdocs if td.truncated]
+    gone = {td.doc.doc_id for td in tdocs if td.doc.needle_spans and not td.positive.any()}
+    kept_needle = {td.doc.doc_id for td in tdocs if td.positive.any()}
+    assert gone and kept_needle, "the fixture should cut every needle of some documents and not of others"
+    capsys.readouterr()
+    res = monitor(new, split="val", layers=[1], seeds=[0], show_progress=False)
+    err = "".join(capsys.readouterr())
+    lost = sum(td.needles_lost for td in tdocs)
+    assert f"monitor: 'val': {len(cut)} document(s) truncated to model.max_length (24 tokens), {lost} needle(s) cut off; " \
+           f"{len(gone)} needle document(s) lost every needle and are left out of the document metrics" in err
+    scores = [json.loads(line) for line in open(res["scores"])]
+    assert {s["doc_id"] for s in scores} == {d.doc_id for d in docs} - gone
+    assert {s["doc_id"] for s in scores if s["n_needles"] > 0} == kept_needle
+    rows = list(csv.DictReader(open(res["csv"])))
+    y = np.array([s["n_needles"] > 0 for s in scores])
+    for r in rows:
+        assert (int(r["n_docs"]), int(r["n_needle_docs"])) == (len(docs) - len(gone), len(kept_needle))
+        s = np.array([d["scores"]["layer_1_seed_0"][r["aggregation"].split("(")[0]] for d in scores])
+        assert float(r["auroc"]) == pytest.approx(roc_auc_score(y, s))
+    record = json.loads(Layout.from_config(new).run_record.read_text())
+    assert sorted(record["stages"]["monitor:val"]["truncation"]["val"]["left_out"]) == sorted(gone)
+
+
+def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, monkeypatch, capsys):
+    """The small dataset has no test documents: `monitor --split test` is refused before the model or the tokenizer
+    is loaded, even for the calibration split's logits (none stored in this copy)."""
+    import shutil
+
+    import needleprobe.hooks as hooks
+
+    cfg_path, cfg, _ = monitored
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["probe"].update(output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    new_path = tmp_path / "c.yaml"
+    new_path.write_text(yaml.safe_dump(raw))
+    shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(load_config(new_path)).run_dir,
+                    ignore=shutil.ignore_patterns("monitor"))
+
+    def boom(*a, **k):
+        raise AssertionError("nothing may be loaded before the split is refused")
+
+    monkeypatch.setattr(hooks, "load_model", boom)
+    monkeypatch.setattr(hooks, "load_tokenizer", boom)
+    capsys.readouterr()
+    assert main(["monitor", "--config", str(new_path), "--split", "test", "--no-progress"]) == 2
+    assert "split 'test' has no documents; the monitor's document AUROC needs" in capsys.readouterr().err

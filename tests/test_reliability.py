@@ -614,6 +614,30 @@ def test_fit_of_an_uncached_layer_says_what_is_cached_and_how_to_add_it(minilm_r
     err = capsys.readouterr().err
     assert "layer(s) 0 not cached (the cache holds layers 1, 5); fit cached layers only (--layers 1,5)" in err
     assert "needleprobe extract --layers 0,1,5 --overwrite" in err and "stale" not in err
+    # a layer the model does not have (MiniLM has 6 blocks) is never suggested for extraction: the depth is said
+    assert main(["fit", "--config", str(cfg_path), "--layers", "5,40"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "layer(s) 40 out of range: embedded:all-MiniLM-L6-v2 has 6 blocks (layers 0 to 5)" in err
+    assert "extract --layers" not in err
+
+
+def test_a_refit_reports_a_lower_val_auroc_only_beyond_the_noise_of_one_fit():
+    """A drop within 1e-4 (what one fit moves across thread counts and CPUs) is noise; beyond it, news."""
+    import numpy as np
+
+    from needleprobe.fit import AUROC_NOISE, _lowered
+    from needleprobe.probe import LinearProbe
+
+    before = {(3, 0): {"val_metrics": {"auroc": 0.9568}, "selected_l2": 0.1, "cache_fingerprint": "f"}}
+
+    def probe(auroc):
+        return LinearProbe.from_weights(np.zeros(2), 0.0, {"val_metrics": {"auroc": auroc}, "selected_l2": 0.1,
+                                                            "cache_fingerprint": "f"})
+
+    assert _lowered(before, {(3, 0): probe(0.9568 - 4e-6)}) == []
+    assert _lowered(before, {(3, 0): probe(0.9568 - AUROC_NOISE / 2)}) == []
+    (line,) = _lowered(before, {(3, 0): probe(0.9568 - 3e-4)})
+    assert line.startswith("layer 3 seed 0: val AUROC 0.9568 → 0.9565 (-3.0e-04")
 
 
 def test_a_waiting_lock_takes_over_when_the_owner_finishes(tmp_path, capsys):

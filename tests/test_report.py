@@ -293,7 +293,7 @@ def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
     probe.save(pt.with_suffix(""))
     el = Elements(build_html(cfg2))
     warns = " ".join("".join(e["text"]) for e in el.find("p", "warn"))
-    assert "'val' logits are of 3 of the 4 probes (not of layer 3 seed 1: scored before a refit" in warns
+    assert "'val' logits are of 2 of the 3 distinct probes (not of layer 3 seed 1: scored before a refit" in warns
     curves = el.find("path", "roc", svg="roc-monitor")
     assert curves and all((c["attrs"]["data-layer"], c["attrs"]["data-seed"]) != ("3", "1") for c in curves)
 
@@ -391,3 +391,14 @@ def test_verdict_and_error_lists_are_the_fits_and_the_errors_commands(run):
     assert set(links) <= anchors
     assert 0 < len(links) == sum(1 for d, _ in got if d in heat_ids)
     assert 'href="#sec-errors"' in page
+
+
+def test_identical_seeds_share_a_row_of_the_tables(run):
+    """Seeds 0 and 1 gave identical probes (weighted balance): the tables show each probe once, as fit does; the
+    charts still plot every probe file."""
+    el, probes = run["el"], run["probes"]
+    seeds_cells = [e for e in el.find("td") if "".join(e["text"]).strip() == "0, 1"]
+    # the probe table (2 layers) and the monitor's every-probe table (2 layers)
+    assert len(seeds_cells) == 4
+    assert "Seeds on one row gave identical probes." in run["html"]
+    assert len(el.find("circle", "point", svg="auroc-by-layer")) == len(probes)

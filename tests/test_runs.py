@@ -91,9 +91,10 @@ def test_a_partial_refit_is_a_named_run_beside_the_first(workspace, capsys):
     outputs = record["stages"]["fit"]["outputs"]
     assert sorted(outputs) == sorted(str(wide.run_dir / n) for n in on_disk + ["probe_metrics.csv", "verdict.json"])
     assert all(file_sha256(p) == h for p, h in outputs.items())
-    # check without the flags says what differs instead of passing
-    problems = check(cfg, run="wide-l2")
-    assert problems and any("l2_grid" in p for p in problems)
+    # the run remembers its flags: check without them passes; a flag that is not the run's is named
+    assert check(cfg, run="wide-l2") == []
+    assert main(["check", "--config", str(first), "--run", "wide-l2", "--l2-grid", "1,3"]) == 1
+    assert "l2_grid: [1.0, 3.0, 10.0, 30.0] vs [1.0, 3.0]" in capsys.readouterr().err
 
 
 def test_refit_of_the_whole_run_says_when_a_probe_gets_worse_and_overwrite_drops_the_rest(workspace, tmp_path, capsys):
@@ -113,8 +114,49 @@ def test_refit_of_the_whole_run_says_when_a_probe_gets_worse_and_overwrite_drops
     assert worse, "a single strong L2 should lose somewhere"
     for layer, seed in worse:
         assert f"replaced by a probe with lower val AUROC: layer {layer} seed {seed}: val AUROC {best[(layer, seed)]:.4f} →" in err
-    assert any("l2_grid" in p for p in check(cfg))  # the YAML's grid is not the run's: check says so
+    assert check(cfg) == []  # the YAML's grid is not the run's, and the run record says which one it is
     assert main(["fit", "--config", str(cfg_path), "--layers", "3", "--overwrite"]) == 0
     run = Layout.from_config(cfg).run_dir
     assert sorted(p.name for p in run.glob("probe_layer_*.pt")) == ["probe_layer_3_seed_0.pt", "probe_layer_3_seed_1.pt"]
     assert main(["check", "--config", str(cfg_path), "--layers", "3"]) == 0
+
+
+def test_a_run_remembers_its_flags_through_monitor_check_errors_and_report(workspace, tmp_path, capsys):
+    """fit with flags, then monitor, check, errors and report with none: each reads the run's settings from its record,
+    the monitor keeps to its own section, and flags only narrow (a layer or seed the run lacks is refused)."""
+    tmp, _, first, _ = workspace
+    raw = yaml.safe_load(first.read_text())
+    raw["probe"].update(output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    c = tmp_path / "c.yaml"
+    c.write_text(yaml.safe_dump(raw))  # the YAML says layers 1, 3, 4 and grid 0.001, 0.01, 0.1
+    cfg = load_config(c)
+    assert main(["fit", "--config", str(c), "--l2-grid", "0.1,1,10", "--layers", "3,4"]) == 0
+    assert main(["fit", "--config", str(c), "--l2-grid", "1,10", "--layers", "4", "--seeds", "0", "--run", "fine-l2"]) == 0
+    for run in (None, "fine-l2"):
+        at = ["--run", run] if run else []
+        before = json.loads(Layout.from_config(cfg, run).run_record.read_text())
+        capsys.readouterr()
+        assert main(["monitor", "--config", str(c), *at, "--split", "val", "--no-progress"]) == 0
+        out = capsys.readouterr().err
+        assert "probe missing" not in out and "layer 1" not in out
+        assert main(["check", "--config", str(c), *at]) == 0, capsys.readouterr().err
+        assert main(["errors", "--config", str(c), *at, "-n", "2"]) == 0
+        assert main(["report", "--config", str(c), *at]) == 0
+        record = json.loads(Layout.from_config(cfg, run).run_record.read_text())
+        assert record["config"] == before["config"]  # fit's settings, flags included, never rewritten by the monitor
+        assert record["stages"]["fit"] == before["stages"]["fit"]
+        assert record["stages"]["monitor:val"]["config"]["probe"]["l2_grid"] == before["config"]["probe"]["l2_grid"]
+        rows = list(csv.DictReader(open(Layout.from_config(cfg, run).monitor_csv("val"))))
+        fitted = before["config"]["probe"]
+        assert {(int(r["layer"]), int(r["seed"])) for r in rows} == {
+            (layer, seed) for layer in fitted["layers_to_probe"] for seed in fitted["train_seeds"]}
+    assert json.loads(Layout.from_config(cfg).run_record.read_text())["config"]["probe"]["l2_grid"] == [0.1, 1.0, 10.0]
+    # flags narrow the run: a part of it passes, a layer or seed it lacks is one line naming what it has
+    assert main(["check", "--config", str(c), "--layers", "3"]) == 0
+    capsys.readouterr()
+    assert main(["check", "--config", str(c), "--layers", "1"]) == 2
+    assert "has no probes of layer(s) 1 (its layers: 3, 4)" in capsys.readouterr().err
+    assert main(["monitor", "--config", str(c), "--run", "fine-l2", "--layer", "3", "--no-progress"]) == 2
+    assert "(its layers: 4)" in capsys.readouterr().err
+    assert main(["monitor", "--config", str(c), "--run", "fine-l2", "--seed", "1", "--no-progress"]) == 2
+    assert "(its seeds: 0)" in capsys.readouterr().err

@@ -94,7 +94,11 @@ def test_matches_sklearn_tight(problem):
         w_ref, b_ref = problem["ref"][r.l2]
         assert isinstance(r, PathResult)
         assert r.weight.dtype == np.float32 and r.weight.shape == (X.shape[1],)
+        # converged means the gradient recomputed from X with the solver's float32 products is within TOL; the
+        # exact float64 gradient at the stored float32 weights stays within 5% of it (measured: below TOL on 24
+        # problems of these shapes, AVX2 and AVX-512 kernels)
         assert r.converged and r.grad_norm <= TOL
+        assert np.abs(grad_J(X, y, s.astype(np.float64), r.weight.astype(np.float64), r.bias, r.l2)).max() <= 1.05 * TOL
         J_ref = objective(Xt, yt, w_ref, b_ref, r.l2, st)
         J_ours = objective(Xt, yt, r.weight, r.bias, r.l2, st)
         assert abs(J_ours - r.loss) <= 1e-7 * abs(J_ours)  # loss is J at the (float64) solution
@@ -105,6 +109,19 @@ def test_matches_sklearn_tight(problem):
         auc_ours.append(a)
         auc_ref.append(b)
     assert GRID[int(np.argmax(auc_ours))] == GRID[int(np.argmax(auc_ref))]
+
+
+def test_a_probe_stopped_a_few_iterations_earlier_changes_no_decision(problem):
+    """Another CPU's rounding can end a fit an iteration earlier or later.  Stopped at 3x the tolerance (one to a
+    few iterations earlier), the selected L2 stays and every grid value's val AUROC moves by less than the 1e-4
+    the README promises across CPUs."""
+    X, y, s, Xv, yv = (problem[k] for k in ("X", "y", "s", "Xv", "yv"))
+    full = {r.l2: roc_auc_score(yv, Xv @ r.weight + r.bias) for r in problem["ours"]}
+    rs = fit_l2_path(torch.from_numpy(X), torch.from_numpy(y), GRID, torch.from_numpy(s), tol=3 * TOL)
+    early = {r.l2: roc_auc_score(yv, Xv @ r.weight + r.bias) for r in rs}
+    assert sum(e.n_iter for e in rs) < sum(r.n_iter for r in problem["ours"])
+    assert max(abs(full[v] - early[v]) for v in GRID) < 1e-4, (full, early)
+    assert max(GRID, key=full.get) == max(GRID, key=early.get)
 
 
 def test_objective_is_sklearns(problem):
@@ -150,7 +167,11 @@ def test_near_duplicate_warm_start_stops_only_when_converged():
     Xt, yt, st = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(s)
     res = fit_l2_path(Xt, yt, [1e-3, 1e-3 * (1 + 1e-12), 1e-3 * 0.5], st)
     for r in res:
+        # converged means the gradient recomputed from X with the solver's float32 products is within TOL; the
+        # exact float64 gradient at the stored float32 weights stays within 5% of it (measured: below TOL on 24
+        # problems of these shapes, AVX2 and AVX-512 kernels)
         assert r.converged and r.grad_norm <= TOL
+        assert np.abs(grad_J(X, y, s.astype(np.float64), r.weight.astype(np.float64), r.bias, r.l2)).max() <= 1.05 * TOL
     assert res[2].n_iter > 2
 
 

@@ -1086,5 +1086,8 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
                 f"{path}: cache is incomplete: the last extract failed with: {failure}; "
                 "fix that and run extract again to resume"
             )
+        if cache.splits:
+            raise NeedleprobeError(f"{path}: cache holds the {', '.join(cache.splits)} split only (extracted for "
+                                   "`evaluate`, which needs no other): run `needleprobe extract` to add the rest")
         raise NeedleprobeError(f"{path}: cache is incomplete (an extract was interrupted: run extract again to resume)")
     return cache

@@ -82,7 +82,8 @@ COMMANDS = {  # name: (one-line help, description)
     "evaluate": (
         "score saved probes on another dataset (transfer)",
         "Score the probes of one run (--probes: its config or its probe directory) on another dataset's cached "
-        "rows (--config: the target), extracting the target first when its cache is missing: token AUROC with a "
+        "rows (--config: the target), extracting the split it scores first when the cache lacks it (test needs no "
+        "cache: its tokens go through the model): token AUROC with a "
         "document-bootstrap 95% CI, average precision and TPR at 1% and 5% FPR per layer and seed, plus the "
         "document monitor's aggregations. Writes eval_metrics.csv and eval_metrics.json under the source run's "
         "transfer/{target}-{split}/. With --matrix A.yaml B.yaml ..., every dataset's best probes on every "
@@ -97,8 +98,9 @@ COMMANDS = {  # name: (one-line help, description)
     ),
     "inspect": (
         "summarise the activation cache and whether it matches the config",
-        "Print what the activation cache holds (splits, rows, layers, feature dtype, size on disk, monitor "
-        "results) and whether it was built with the config's settings. Reads the cache only.",
+        "Print what the activation cache holds (splits, rows and documents, layers, feature dtype, size on disk) and "
+        "whether it was built with the config's settings (--layers and the row caps override them). Reads the cache "
+        "only.",
     ),
     "report": (
         "write a self-contained HTML report of the probes",
@@ -106,7 +108,7 @@ COMMANDS = {  # name: (one-line help, description)
         "layer and seed, ROC curves, AUROC against L2, and token heatmaps of example documents. Reads the probes, "
         "the cache and, when present, the monitor's results. Given several --config, one comparison report of "
         "their runs instead (AUROC by layer or by relative depth, the transfer matrix when evaluated, each run's "
-        "best probe).",
+        "document monitor as `monitor` stored it, each run's best probe).",
     ),
     "demo-data": (
         "write the offline demo dataset",
@@ -131,7 +133,10 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = False, several: bool = False) -> None:
+def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = False, several: bool = False,
+            caps: bool = True) -> None:
+    """The flags several commands share; a command gets only those it uses (``--device``: it runs a model or a fit;
+    ``caps``: the row caps, which select the cache's rows)."""
     if several:
         p.add_argument("--config", action="append", help=f"YAML config; repeat it to compare runs (default {DEFAULT_CONFIG})")
     else:
@@ -139,10 +144,11 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = F
     if runs:
         p.add_argument("--run", help="a named run beside the config's default one (its own probes, metrics and record)")
     p.add_argument("--layers", type=_ints, help="override probe.layers_to_probe, e.g. 8,16")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
+    if extract or fit:
+        p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], help="override probe.device")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
     _no_progress(p)
-    for split in ("train", "val"):  # they select the cache's rows, so fit and check accept them too
+    for split in ("train", "val") if caps else ():  # they select the cache's rows, so fit and check accept them too
         p.add_argument(f"--max-{split}-docs", type=int, help=f"override probe.max_{split}_docs")
         p.add_argument(f"--max-{split}-tokens", type=int, help=f"override probe.max_{split}_tokens")
     if extract:
@@ -203,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     err.add_argument("-n", type=int, default=20, help="how many tokens in each list (default %(default)s)")
     _common(insp := _command(sub, "inspect"), False, False)
     insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
-    _common(_command(sub, "report"), False, False, runs=True, several=True)
+    _common(_command(sub, "report"), False, False, runs=True, several=True, caps=False)
     ev = _command(sub, "evaluate")
     _common(ev, True, False)
     ev.add_argument("--probes", help="the probes to evaluate: a config (its run) or a probe directory")
@@ -218,11 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config(args, path: str | None = None):
-    from .config import load_config, with_overrides
-
-    path = path if path is not None else args.config
-    cfg = load_config(path or DEFAULT_CONFIG, default=path is None)
+def _given(args) -> dict:
+    """The probe settings the command line gives (config key → value; None: not given)."""
     over = {
         "layers_to_probe": getattr(args, "layers", None),
         "device": getattr(args, "device", None),
@@ -237,7 +240,22 @@ def _config(args, path: str | None = None):
     for split in ("train", "val"):
         for what in ("docs", "tokens"):
             over[f"max_{split}_{what}"] = getattr(args, f"max_{split}_{what}", None)
-    return with_overrides(cfg, **over)
+    return over
+
+
+def _config(args, path: str | None = None):
+    from .config import load_config, with_overrides
+
+    path = path if path is not None else args.config
+    cfg = load_config(path or DEFAULT_CONFIG, default=path is None)
+    return with_overrides(cfg, **_given(args))
+
+
+def _run_config(args, cfg):
+    """``cfg`` as its run was fitted (layers, seeds, grid… from the run record), the flags narrowing it."""
+    from .records import run_config
+
+    return run_config(cfg, getattr(args, "run", None), _given(args))
 
 
 def run(args) -> int:
@@ -255,7 +273,8 @@ def run(args) -> int:
     if args.command == "report" and args.config and len(args.config) > 1:
         from .report import write_comparison
 
-        con.print(f"wrote {escape(str(write_comparison([_config(args, c) for c in args.config], run=args.run)))}")
+        cfgs = [_run_config(args, _config(args, c)) for c in args.config]
+        con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
         return 0
     if args.command == "evaluate" and args.matrix:
         from .evaluate import transfer_matrix
@@ -317,13 +336,17 @@ def run(args) -> int:
     if args.command == "report" and len(sites) > 1:
         from .report import write_comparison
 
-        con.print(f"wrote {escape(str(write_comparison([cfg.for_site(s) for s in sites], run=args.run)))}")
+        cfgs = [_run_config(args, cfg.for_site(s)) for s in sites]
+        con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
     return status
 
 
 def _run_site(args, cfg, con) -> int:
     """One command on one activation site's run."""
     from rich.markup import escape
+
+    if args.command in ("check", "monitor", "errors", "report"):
+        cfg = _run_config(args, cfg)
 
     if args.command in ("fit", "train"):
         from .fit import fit

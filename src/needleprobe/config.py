@@ -26,6 +26,10 @@ EMBEDDED_CHAT_MODEL = "embedded:SmolLM2-135M-Instruct"
 RUNTIME_ONLY = frozenset({("probe", "doc_batch_size"), ("probe", "max_batch_tokens"), ("probe", "device"),
                           ("probe", "fit_memory")})
 """Settings that change how fast a run goes, never what it writes (beyond float rounding: see README "Determinism")."""
+RUN_SETTINGS = ("layers_to_probe", "train_seeds", "l2_grid", "class_balance", "solver", "max_train_docs", "max_val_docs",
+                "max_train_tokens", "max_val_tokens")
+"""``probe`` settings that fit's flags may set: a run remembers them in its record, so the commands that read a run
+take them from there (``records.run_config``) and the flags are never typed twice."""
 DTYPES = ("float32", "bfloat16", "float16")
 SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
 """Activation sites, TransformerLens' ``blocks.{L}.hook_{site}`` names (see :mod:`needleprobe.sites`)."""
@@ -201,10 +205,14 @@ class Config:
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
     source: Optional[str] = field(default=None, compare=False)
     """File the config was read from (not a config key)."""
+    fitted: Optional[dict] = field(default=None, compare=False, repr=False, metadata={"internal": True})
+    """Not a config key: the ``RUN_SETTINGS`` the run was fitted with, read from its record, when this config
+    describes a run (``records.run_config``; its probe section then holds them, narrowed by flags)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("source")
+        d.pop("fitted")
         for section in (self.dataset, self.model, self.probe, self.monitor):
             name = {DatasetConfig: "dataset", ModelConfig: "model", ProbeConfig: "probe", MonitorConfig: "monitor"}[type(section)]
             for f in dataclasses.fields(section):
@@ -427,9 +435,11 @@ def load_config(path: str | Path, *, default: bool = False) -> Config:
 
     ``default``: the path was not given by the user, so a missing file is explained as the default one.
     """
+    from .data import read_utf8
+
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_utf8(path)  # not UTF-8: the line and byte, as for a dataset
     except FileNotFoundError:
         if default:
             raise NeedleprobeError(
@@ -437,8 +447,6 @@ def load_config(path: str | Path, *, default: bool = False) -> Config:
                 "(run from the project directory, or pass --config FILE)"
             ) from None
         raise NeedleprobeError(f"{path}: config file not found") from None
-    except UnicodeDecodeError:
-        raise NeedleprobeError(f"{path}: not a text file (a config is YAML, see configs/demo.yaml)") from None
     except OSError as e:
         raise NeedleprobeError(f"{path}: cannot read config ({e.strerror})") from None
     if _looks_like_dataset(text):

@@ -105,6 +105,28 @@ def _parse_line(raw: str, where: str, lineno: int, val_fraction: float) -> Docum
     return Document(doc_id, text, tuple(sorted(spans)), split, lineno)
 
 
+def decode_line(raw: bytes, path, lineno: int) -> str:
+    """One line of a text file as UTF-8, or an error naming the file, the line and the byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 1].hex()
+        raise NeedleprobeError(
+            f"{path}:{lineno}: not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the line); save the file as UTF-8"
+        ) from None
+
+
+def read_utf8(path: str | Path) -> str:
+    """A whole text file as UTF-8 (a byte-order mark dropped); an error names the line and byte that are not."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        for lineno, raw in enumerate(data.splitlines(keepends=True), start=1):
+            decode_line(raw, path, lineno)
+        raise
+
+
 def load_documents(path: str | Path, val_fraction: float = 0.2) -> list[Document]:
     """All documents of a JSONL file, validated, in file order."""
     path = Path(path)
@@ -118,13 +140,7 @@ def load_documents(path: str | Path, val_fraction: float = 0.2) -> list[Document
         for lineno, raw_bytes in enumerate(f, start=1):
             if lineno == 1 and raw_bytes.startswith(b"\xef\xbb\xbf"):
                 raw_bytes = raw_bytes[3:]  # a byte-order mark, as files exported on Windows start
-            try:
-                raw = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw_bytes[e.start : e.start + 1].hex()
-                raise NeedleprobeError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{bad} at byte {e.start + 1} of the line); save the file as UTF-8"
-                ) from None
+            raw = decode_line(raw_bytes, path, lineno)
             if not raw.strip():
                 continue
             doc = _parse_line(raw, f"{path}:{lineno}", lineno, val_fraction)

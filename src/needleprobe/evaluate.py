@@ -49,10 +49,17 @@ class Source:
 
 
 def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
-    """A run's probes from its config (``.yaml``) or its probe directory."""
+    """A run's probes from its config (``.yaml``: the layers and seeds its record says it was fitted with) or its
+    probe directory (every probe in it)."""
+    from .records import run_config
+
     p = as_path(spec)
+    wanted = None
     if p.suffix in (".yaml", ".yml"):
-        run_dir = Layout.from_config(load_config(p), run).run_dir
+        cfg = run_config(load_config(p), run)
+        run_dir = Layout.from_config(cfg, run).run_dir
+        if cfg.fitted is not None:
+            wanted = {(layer, seed) for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds}
     else:
         if run:
             raise NeedleprobeError("--probes-run names a run of a config; --probes is a directory here")
@@ -60,6 +67,10 @@ def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
             raise NeedleprobeError(f"{p}: no such probe directory (give a config or a directory of probe files)")
         run_dir = p
     probes = load_probes(run_dir)
+    if wanted is not None:
+        probes = {k: v for k, v in probes.items() if k in wanted}
+        if not probes:
+            raise NeedleprobeError(f"{run_dir}: none of the probes its run record lists is here; run `needleprobe fit`")
     idents = {q.identity for q in probes.values()}
     if None in idents:
         raise NeedleprobeError(f"{run_dir}: a probe has no metadata (.json beside its .pt), so its model and site are unknown")
@@ -78,6 +89,8 @@ def _check_compatible(source: Source, target: Config, cache) -> None:
             f"the target is {want.model}{'@' + want.revision if want.revision else ''} · {want.site}: "
             "probes read one model's activations at one site"
         )
+    if cache is None:  # the test split: the model itself checks width and depth (``monitor.score_tokens``)
+        return
     d_model = int(cache.metadata.get("d_model", 0))
     for (layer, seed), probe in source.probes.items():
         if d_model and probe.d_model != d_model:
@@ -100,18 +113,27 @@ def _check_split(cfg: Config, split: str) -> None:
         raise NeedleprobeError(f"{path}: split {split!r} has {what}; evaluating needs documents with and without needles")
 
 
-def target_cache(cfg: Config, show_progress: bool = True):
-    """The target's activation cache, extracted first when it is missing."""
-    from .cache import open_cache
+def target_cache(cfg: Config, split: str = "val", show_progress: bool = True):
+    """The target's activation cache holding ``split``, extracting that split alone first when it is missing (None for
+    ``test``, which no cache holds: its tokens are scored through the model)."""
+    from .cache import FIT_SPLITS, open_cache
     from .fit import verify_cache
     from .layout import Layout
 
-    if not (Layout.from_config(cfg).cache / "zarr.json").is_file():
+    if split not in FIT_SPLITS:
+        return None
+    path = Layout.from_config(cfg).cache
+    cache = open_cache(cfg, allow_incomplete=True) if (path / "zarr.json").is_file() else None
+    if cache is None or (not cache.complete and split not in cache.splits):
         from .extract import extract
 
-        console().print(f"evaluate: no activation cache for {cfg.dataset.key} yet: extracting it")
-        extract(cfg, show_progress=show_progress)
-    cache = open_cache(cfg)
+        con = console()
+        con.print(f"evaluate: no activation cache for {cfg.dataset.key} yet: extracting it (the {split} split only, "
+                  "the one scored)" if cache is None else
+                  f"evaluate: the activation cache of {cfg.dataset.key} lacks the {split} split: extracting it")
+        res = extract(cfg, show_progress=show_progress, splits=(split,))
+        con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {res.path}")
+        cache = open_cache(cfg, allow_incomplete=True)
     verify_cache(cfg, cache)
     return cache
 
@@ -137,7 +159,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
              layers: list[int] | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Score a run's probes on ``target``'s ``split``; write ``eval_metrics.csv``/``.json`` under the source run."""
     from .data import file_sha256
-    from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, write_rows_csv
+    from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, truncation_line, write_rows_csv
 
     source = load_source(probes, source_run)
     if source.identity.site not in target.probe.sites:
@@ -153,7 +175,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
                                    f"(it has {sorted({layer for layer, _ in source.probes})})")
         source.probes = {k: v for k, v in source.probes.items() if k[0] in layers}
     _check_split(target, split)
-    cache = target_cache(target, show_progress)
+    cache = target_cache(target, split, show_progress)
     _check_compatible(source, target, cache)
     out_dir = transfer_path(source.run_dir, target.dataset.key, split)
     rows: list[dict[str, Any]] = []
@@ -176,17 +198,22 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
             rows.append(_row(layer, seed, split, m, probe))
     if tokens is None:
         tokens = score_tokens(target, LogitStore(out_dir / "token_logits.zarr"), split, refs, show_progress=show_progress)
+    line = truncation_line(split, tokens, target.model.max_length)
+    if line:
+        console().print(f"[yellow]evaluate: {line}")
     doc_rows, _ = document_metrics(tokens, target.monitor, split)
     write_rows_csv(out_dir / "eval_metrics.csv", rows)
     write_rows_csv(out_dir / "doc_metrics.csv", doc_rows)
     summary = {
         "source": {"probes": str(source.run_dir), "dataset": source.identity.dataset, "model": source.identity.model,
                    "site": source.identity.site},
-        "target": {"config": target.source, "dataset": target.dataset.key, "split": split, "cache": str(cache.path),
-                   "cache_fingerprint": cache.fingerprint},
+        "target": {"config": target.source, "dataset": target.dataset.key, "split": split,
+                   "cache": None if cache is None else str(cache.path),
+                   "cache_fingerprint": None if cache is None else cache.fingerprint},
         "token_rows": "cached rows (needle tokens and sampled negatives)" if split != "test" else "every text token",
         "token_metrics": rows,
         "document_metrics": doc_rows,
+        "truncation": tokens.truncation,
     }
     atomic_write_json(out_dir / "eval_metrics.json", summary)
     _print(source, target, split, rows, doc_rows)
@@ -201,15 +228,19 @@ def _row(layer: int, seed: int, split: str, m: dict[str, Any], probe: LinearProb
 def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]], doc_rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})")
+    from .verdict import SAME_SEEDS, one_row_per_probe
+
+    seeds = one_row_per_probe(source.probes)  # identical seeds share a row
+    t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})",
+              caption=SAME_SEEDS if any(len(g) > 1 for g in seeds.values()) else None)
     for c in ("layer", "seed", "own val AUROC", "token AUROC [95% CI]", "AP", "TPR at 1% FPR", "TPR at 5% FPR",
               "doc AUROC (best aggregation)"):
         t.add_column(c, justify="right")
-    for r in rows:
+    for r in (r for r in rows if (r["layer"], r["seed"]) in seeds):
         docs = [d for d in doc_rows if (d["layer"], d["seed"]) == (r["layer"], r["seed"])]
         best = max(docs, key=lambda d: d["auroc"]) if docs else None
         own = r["source_val_auroc"]
-        t.add_row(str(r["layer"]), str(r["seed"]), "–" if own is None else f"{own:.4f}",
+        t.add_row(str(r["layer"]), ", ".join(map(str, seeds[(r["layer"], r["seed"])])), "–" if own is None else f"{own:.4f}",
                   f"{r['token_auroc']:.4f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
                   f"{r['average_precision']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['tpr_at_5pct_fpr']:.3f}",
                   "–" if best is None else f"{best['auroc']:.3f} ({best['aggregation']})")
@@ -244,7 +275,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
     if len(models) > 1:
         raise NeedleprobeError(f"--matrix: every config must use the same model and site, got {sorted(map(str, models))}")
     sources = [load_source(Layout.from_config(c).run_dir) for c in cfgs]
-    caches = [target_cache(c, show_progress) for c in cfgs]
+    caches = [target_cache(c, "val", show_progress) for c in cfgs]
     table: dict[tuple[int, str, str], float] = {}
     for src, scfg in zip(sources, cfgs):
         best = best_probes(src.probes)

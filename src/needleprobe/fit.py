@@ -41,6 +41,9 @@ from .probe import FitData, LinearProbe, fit_grid, to_raw
 from .records import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, update_run_record
 from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
 
+AUROC_NOISE = 1e-4
+"""How far one fit's val AUROC may move with the thread count, CPU or BLAS build (README "Determinism"): a re-fit
+says a probe got worse only when its val AUROC dropped by more than this."""
 CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "selected", "train_auroc",
                "train_average_precision")
 
@@ -54,6 +57,13 @@ def verify_cache(cfg: Config, cache: Cache) -> None:
         raise NeedleprobeError(f"{data_path}: dataset not found, so the cache at {cache.path} cannot be verified")
     diff = stale_reasons(cache, cfg, load_documents(data_path, cfg.dataset.val_fraction))
     new = sorted(set(cfg.probe.layers_to_probe) - set(cache.layers))
+    depth = int(cache.metadata.get("n_layers") or 0)
+    beyond = [layer for layer in new if depth and layer >= depth]
+    if beyond:  # no advice to extract a layer the model does not have
+        raise NeedleprobeError(
+            f"layer(s) {', '.join(map(str, beyond))} out of range: {cfg.model.name} has {depth} blocks (layers 0 to "
+            f"{depth - 1}); the cache at {cache.path} holds layers {', '.join(map(str, cache.layers))}"
+        )
     if new and all(d.startswith("layers:") for d in diff):
         held = ", ".join(str(x) for x in cache.layers)
         everything = ",".join(str(x) for x in sorted(set(cache.layers) | set(new)))
@@ -326,12 +336,12 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
 
 
 def _lowered(before: dict[tuple[int, int], dict[str, Any]], after: dict[tuple[int, int], LinearProbe]) -> list[str]:
-    """One line per replaced probe whose val AUROC was higher than its replacement's."""
+    """One line per replaced probe whose val AUROC was higher than its replacement's by more than ``AUROC_NOISE``."""
     out = []
     for key, probe in sorted(after.items()):
         old = before.get(key, {})
         a, b = old.get("val_metrics", {}).get("auroc"), probe.val_auroc_
-        if a is not None and b is not None and b < a:
+        if a is not None and b is not None and a - b > AUROC_NOISE:
             same = "" if old.get("cache_fingerprint") == probe.metadata_.get("cache_fingerprint") else " (on another cache)"
             out.append(f"layer {key[0]} seed {key[1]}: val AUROC {a:.4f} → {b:.4f} ({b - a:+.1e}; L2 "
                        f"{old.get('selected_l2'):g} → {probe.selected_l2_:g}){same}")
@@ -476,23 +486,21 @@ def _print_table(con, cfg: Config, result: FitResult) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .verdict import identical_seeds
+    from .verdict import SAME_SEEDS, one_row_per_probe
 
-    same = identical_seeds(result.probes)
-    shared = any(len(g) > 1 for groups in same.values() for g in groups)
+    rows = one_row_per_probe(result.probes)
     t = Table(title=f"probes on {cfg.dataset.key}: validation metrics of the selected L2",
-              caption="seeds on one row gave identical probes" if shared else None)
+              caption=SAME_SEEDS if any(len(g) > 1 for g in rows.values()) else None)
     for c in ("layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR at 1% FPR", "train AUROC", "L2"):
         t.add_column(c, justify="right", no_wrap=c in ("seed", "95% CI (docs)"))  # the others fold to fit 80 columns
-    for layer in sorted(cfg.probe.layers_to_probe):
-        for group in same[layer]:
-            m = result.probes[(layer, group[0])].metadata_
-            v, tr = m["val_metrics"], m.get("train_metrics") or {}
-            lo, hi = v["auroc_ci95"]
-            seeds = ", ".join(map(str, group))
-            t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
-                      f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
-                      f"{m['selected_l2']:g}")
+    for (layer, seed), group in rows.items():
+        m = result.probes[(layer, seed)].metadata_
+        v, tr = m["val_metrics"], m.get("train_metrics") or {}
+        lo, hi = v["auroc_ci95"]
+        seeds = ", ".join(map(str, group))
+        t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
+                  f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
+                  f"{m['selected_l2']:g}")
     con.print(t)
     for line in result.replaced_better:
         con.print(f"[yellow]replaced by a probe with lower val AUROC: {line}")

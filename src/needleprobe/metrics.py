@@ -21,6 +21,8 @@ import numpy as np
 __all__ = [
     "tpr_at_fpr",
     "threshold_at_fpr",
+    "fpr_upper_bound",
+    "clean_docs_to_bound",
     "binary_metrics",
     "weighted_auroc",
     "bootstrap_auroc_ci",
@@ -154,6 +156,28 @@ def threshold_at_fpr(negative_scores: np.ndarray, max_fpr: float) -> float:
     ok = n_above / n <= max_fpr  # same arithmetic as the definition
     # ok is monotone False..True and the maximum always qualifies (0 above it).
     return float(candidates[np.argmax(ok)])
+
+
+FPR_CONFIDENCE = 0.95
+"""Confidence of the false-positive-rate bounds the monitor states (one-sided)."""
+
+
+def fpr_upper_bound(k: int, n: int, confidence: float = FPR_CONFIDENCE) -> float:
+    """One-sided upper confidence bound on a false-positive rate seen as ``k`` of ``n`` clean documents flagged:
+    exact binomial (Clopper–Pearson), ``Beta(confidence; k + 1, n - k)``; for k = 0 that is 1 − (1 − confidence)^(1/n),
+    about 3/n at 95% (the rule of three)."""
+    from scipy.stats import beta
+
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    return 1.0 if k == n else float(beta.ppf(confidence, k + 1, n - k))
+
+
+def clean_docs_to_bound(fpr: float, confidence: float = FPR_CONFIDENCE) -> int:
+    """How many clean documents, none flagged, put the upper bound of :func:`fpr_upper_bound` at or below ``fpr``."""
+    import math
+
+    return math.ceil(round(math.log(1.0 - confidence) / math.log(1.0 - fpr), 9))
 
 
 def binary_metrics(y_true: np.ndarray, scores: np.ndarray) -> dict[str, float]:

@@ -14,7 +14,8 @@ as ``extract`` (:mod:`needleprobe.runner`).
 Store layout, one group per split::
 
     {split}/                    attrs: tokens (what the token tables depend on), n_rows
-        doc_ids [D], doc_n_needles [D]                       the split's documents (file order)
+        doc_ids [D], doc_n_needles [D], doc_needles_lost [D]   the split's documents (file order); needles cut off
+                                                             by truncation (attrs: truncation, the split's totals)
         doc_index [N], token_index [N], token_id [N], needle [N]   every text token, in processing order
         pass-{fingerprint}/logits [N, P]                     one model run's probes (attrs: probes, commit state)
 
@@ -26,7 +27,11 @@ threshold, true and false positives) is reported next to document AUROC with a
 bootstrap 95% CI.  A clean set of n documents cannot tell an FPR below 1/n
 from 0, so a target needing more than the calibration split has is left empty,
 with a note, never guessed.  The aggregation and layer to recommend are chosen
-on the calibration split too, and reported on the evaluated one.
+on the calibration split too, and reported on the evaluated one, always with an
+operating point: the 5% FPR threshold when the clean calibration documents can
+set it, else the threshold just above the highest of them; either way with what
+is known about its FPR, a one-sided 95% upper bound from the clean calibration
+documents above it (exact binomial, Clopper–Pearson: :func:`metrics.fpr_upper_bound`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -52,7 +57,8 @@ from .config import Config, MonitorConfig
 from .data import by_split, file_sha256, load_documents
 from .errors import NeedleprobeError
 from .layout import Layout
-from .metrics import binary_metrics, bootstrap_auroc_ci, threshold_at_fpr
+from .metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean_docs_to_bound, fpr_upper_bound,
+                      threshold_at_fpr)
 from .records import FileLock, atomic_write_bytes, console, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
@@ -125,7 +131,7 @@ def tokens_fingerprint(cfg: Config, docs_digest: str) -> str:
     m, p = cfg.model, cfg.probe
     key = json.dumps({"docs": docs_digest, "model": m.name, "revision": m.revision, "max_length": m.max_length,
                       "chat_template": m.chat_template, "model_dtype": p.model_dtype, "site": p.activation_site,
-                      **model_fields(m)})
+                      "tables": 2, **model_fields(m)})  # tables 2: with the needles truncation cut off
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -145,6 +151,23 @@ class MonitorTokens:
     needle: list[np.ndarray]  # per doc: [n_tokens] int8
     token_id: list[np.ndarray]
     token_index: list[np.ndarray]
+    truncation: dict[str, Any] = field(default_factory=dict)
+    """What truncation to ``model.max_length`` cost the split: ``truncated_docs``, ``needles_lost``, and
+    ``left_out`` (ids of needle documents that lost every needle: in no list above, neither needle nor clean)."""
+
+
+def truncation_line(split: str, tokens: MonitorTokens, max_length: int) -> str | None:
+    """One line on what truncation did to ``split``'s documents (None when it cut none)."""
+    t = tokens.truncation
+    if not t.get("truncated_docs"):
+        return None
+    line = (f"{split!r}: {t['truncated_docs']} document(s) truncated to model.max_length ({max_length} tokens), "
+            f"{t['needles_lost']} needle(s) cut off")
+    if t.get("left_out"):
+        ids = ", ".join(t["left_out"][:5]) + (", …" if len(t["left_out"]) > 5 else "")
+        line += (f"; {len(t['left_out'])} needle document(s) lost every needle and are left out of the document "
+                 f"metrics, counted neither as needle nor as clean documents ({ids})")
+    return line
 
 
 class LogitStore:
@@ -202,9 +225,14 @@ class LogitStore:
         doc_ids = [str(x) for x in read_rows(g["doc_ids"])]
         bounds = np.searchsorted(doc_index, np.arange(len(doc_ids) + 1))
         sl = [slice(bounds[i], bounds[i + 1]) for i in range(len(doc_ids))]
+        n_needles = read_rows(g["doc_n_needles"])
+        seen = n_needles - read_rows(g["doc_needles_lost"])  # the needles the model saw
+        apart = (n_needles > 0) & (seen == 0)  # every needle cut off: neither a needle document nor a clean one
+        keep = np.flatnonzero(~apart)
+        truncation = {**g.attrs.get("truncation", {}), "left_out": [doc_ids[i] for i in np.flatnonzero(apart)]}
         return MonitorTokens(
-            doc_ids, read_rows(g["doc_n_needles"]), [p.key for p in probes],
-            [logits[s] for s in sl], [needle[s] for s in sl], [token_id[s] for s in sl], [token_index[s] for s in sl],
+            [doc_ids[i] for i in keep], seen[keep], [p.key for p in probes], [logits[sl[i]] for i in keep],
+            [needle[sl[i]] for i in keep], [token_id[sl[i]] for i in keep], [token_index[sl[i]] for i in keep], truncation,
         )
 
     def create_split(self, split: str, tokens_fp: str, tdocs, rows_of, order) -> zarr.Group:
@@ -227,7 +255,13 @@ class LogitStore:
         ids[:] = np.asarray([td.doc.doc_id for td in tdocs], dtype=str)
         nn = g.create_array("doc_n_needles", shape=(len(tdocs),), chunks=(max(1, len(tdocs)),), dtype="int32", **codecs)
         nn[:] = np.array([len(td.doc.needle_spans) for td in tdocs], np.int32)
-        g.attrs.update({"tokens": tokens_fp, "n_rows": n, "initialized": True})
+        lost = g.create_array("doc_needles_lost", shape=(len(tdocs),), chunks=(max(1, len(tdocs)),), dtype="int32",
+                              **codecs)
+        lost[:] = np.array([td.needles_lost for td in tdocs], np.int32)
+        truncation = {"truncated_docs": sum(1 for td in tdocs if td.truncated),
+                      "needles_lost": sum(td.needles_lost for td in tdocs),
+                      "needle_tokens_lost": sum(td.needle_tokens_lost for td in tdocs)}
+        g.attrs.update({"tokens": tokens_fp, "n_rows": n, "truncation": truncation, "initialized": True})
         return g
 
     @staticmethod
@@ -413,18 +447,41 @@ def calibrated_rates(clean_cal: np.ndarray, scores: np.ndarray, y: np.ndarray, f
 
     The threshold is the smallest t with at most ``fpr`` of the clean
     calibration documents above it; a document is flagged when its score is
-    strictly above t.  Returns threshold, TP, FP, TPR and the evaluated
-    split's own FPR; all None, with a ``note``, when C < 1/fpr.
+    strictly above t.  Returns threshold, TP, FP, TPR, the evaluated split's
+    own FPR and the upper 95% bound on the FPR from the calibration documents
+    above t (``fpr_upper95``); all None, with a ``note``, when C < 1/fpr.
+    ``fpr`` 0: just above the highest clean calibration score (any C).
     """
-    need = clean_docs_needed(fpr)
+    need = clean_docs_needed(fpr) if fpr > 0 else 1
     if clean_cal.size < need:
-        return {"threshold": None, "tp": None, "fp": None, "tpr": None, "fpr": None,
+        return {"threshold": None, "tp": None, "fp": None, "tpr": None, "fpr": None, "fpr_upper95": None,
                 "note": f"{fpr:.0%} FPR needs at least {need} clean calibration documents, there are {clean_cal.size}"}
     t = threshold_at_fpr(clean_cal, fpr)
     pos, neg = scores[y == 1], scores[y == 0]
     tp, fp = int((pos > t).sum()), int((neg > t).sum())
     return {"threshold": t, "tp": tp, "fp": fp, "tpr": tp / pos.size if pos.size else None,
-            "fpr": fp / neg.size if neg.size else None, "note": None}
+            "fpr": fp / neg.size if neg.size else None,
+            "fpr_upper95": fpr_upper_bound(int((clean_cal > t).sum()), clean_cal.size), "note": None}
+
+
+def clean_docs_advice(fpr: float) -> str:
+    """How many clean calibration documents a false-positive rate needs: to set its threshold, and to show it."""
+    return (f"a {fpr:.0%} false-positive rate needs at least {clean_docs_needed(fpr)} clean documents to set its "
+            f"threshold, and {clean_docs_to_bound(fpr)} with none above it to show the rate is below {fpr:.0%} "
+            f"at {FPR_CONFIDENCE:.0%} confidence")
+
+
+def operating_point(row: dict[str, Any]) -> dict[str, Any]:
+    """The threshold to deploy a monitor row with: at the highest target FPR the clean calibration documents can set,
+    else just above the highest clean calibration score (which the CSV's ``*_above_clean`` columns hold)."""
+    for fpr, name in reversed(TARGET_FPRS):
+        if row[f"threshold_{name}_fpr"] is not None:
+            key = f"at_{name}_fpr"
+            return {"target_fpr": fpr, "threshold": row[f"threshold_{name}_fpr"], "tp": row[f"tp_{key}"],
+                    "fp": row[f"fp_{key}"], "fpr": row[f"observed_fpr_{key}"], "fpr_upper95": row[f"fpr_upper95_{key}"]}
+    return {"target_fpr": None, "threshold": row["threshold_above_clean"], "tp": row["tp_above_clean"],
+            "fp": row["fp_above_clean"], "fpr": row["observed_fpr_above_clean"],
+            "fpr_upper95": row["fpr_upper95_above_clean"]}
 
 
 def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_boot: int = 1000, *,
@@ -473,6 +530,15 @@ def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_bo
                 row[f"tp_at_{name}_fpr"] = rates[name]["tp"]
                 row[f"fp_at_{name}_fpr"] = rates[name]["fp"]
                 row[f"observed_fpr_at_{name}_fpr"] = rates[name]["fpr"]
+                row[f"fpr_upper95_at_{name}_fpr"] = rates[name]["fpr_upper95"]
+            if (y_cal == 0).any():  # an operating point even where no target FPR can be set
+                top = calibrated_rates(s_cal[y_cal == 0], s, y, 0.0)
+                for k in ("threshold", "tp", "fp", "tpr"):
+                    row[f"{k}_above_clean"] = top[k]
+                row["observed_fpr_above_clean"], row["fpr_upper95_above_clean"] = top["fpr"], top["fpr_upper95"]
+            else:
+                row.update({f"{k}_above_clean": None for k in ("threshold", "tp", "fp", "tpr", "observed_fpr",
+                                                               "fpr_upper95")})
             row["note"] = "; ".join(r["note"] for r in rates.values() if r["note"]) or None
             rows.append(row)
             for d, v in zip(per_doc, s):
@@ -502,10 +568,22 @@ def write_rows_csv(path, rows: list[dict[str, Any]]) -> None:
 
 def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | None = None, split: str | None = None,
             run: str | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run."""
+    """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run.
+
+    The run's layers and seeds are the ones it was fitted with (its record: ``records.run_config``); ``layers``
+    and ``seeds`` pick some of them.
+    """
+    from .records import run_config
+
+    cfg = run_config(cfg, run)
     split = split or cfg.monitor.split
     layout = Layout.from_config(cfg, run)
     layout.refuse_foreign("monitor", can_overwrite=False)
+    for picked, have, what in ((layers, cfg.probe.layers_to_probe, "layer"), (seeds, cfg.probe.train_seeds, "seed")):
+        lacking = sorted(set(picked or ()) - set(have))
+        if lacking:
+            raise NeedleprobeError(f"--{what} {','.join(map(str, picked))}: {layout.run_dir} has no probes of {what}(s) "
+                                   f"{', '.join(map(str, lacking))} (its {what}s: {', '.join(map(str, have))})")
     probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
     from .fit import existing_probes
 
@@ -514,13 +592,25 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         current = {k: file_sha256(layout.probe_files(*k)[0]) for k in existing_probes(layout)}
         store, loaded = LogitStore(layout.monitor_store), {}
         calibration = None
+        data_path = cfg.dataset.resolved_path()
+        docs = by_split(load_documents(data_path, cfg.dataset.val_fraction))
+        kinds = {bool(d.needle_spans) for d in docs[split]}
+        if kinds != {True, False}:  # before any model runs, for this split or the calibration one
+            what = "no documents" if not kinds else "only needle documents" if True in kinds else "only clean documents"
+            raise NeedleprobeError(f"{data_path}: split {split!r} has {what}; the monitor's document AUROC needs "
+                                   "documents with and without needles")
         if cal_split != split:  # thresholds from another split's clean documents: its logits too (stored once)
-            if not by_split(load_documents(cfg.dataset.resolved_path(), cfg.dataset.val_fraction))[cal_split]:
+            if not docs[cal_split]:
                 raise NeedleprobeError(f"monitor.calibration_split {cal_split!r}: the dataset has no {cal_split} "
                                        "documents to set thresholds on; name a split with needle-free documents")
             calibration = score_tokens(cfg, store, cal_split, probes, show_progress=show_progress, current=current,
                                        loaded=loaded)
         tokens = score_tokens(cfg, store, split, probes, show_progress=show_progress, current=current, loaded=loaded)
+        truncated = {name: t.truncation for name, t in ((cal_split, calibration), (split, tokens)) if t is not None}
+        for name, t in ((cal_split, calibration), (split, tokens)):
+            line = None if t is None else truncation_line(name, t, cfg.model.max_length)
+            if line:
+                console().print(f"[yellow]monitor: {line}")
         rows, per_doc = document_metrics(tokens, cfg.monitor, split, calibration=calibration, calibration_split=cal_split)
         best = recommend(rows)
         csv_path, jsonl_path = layout.monitor_csv(split), layout.doc_scores(split)
@@ -529,13 +619,21 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         update_run_record(layout, cfg, f"monitor:{split}", {
             "split": split,
             "calibration_split": cal_split,
-            "monitor": cfg.to_dict()["monitor"],
+            "truncation": truncated,
             "probes": [p.key for p in probes],
-            "recommended": best,
+            "recommended": None if best is None else {**best, "operating_point": operating_point(best)},
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
         })
-    _print(rows, split, best)
-    return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best}
+    from .probe import LinearProbe
+    from .verdict import one_row_per_probe
+
+    _print(rows, split, best, one_row_per_probe({(p.layer, p.seed): LinearProbe.load(p.path) for p in probes}))
+    return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best,
+            "operating_point": None if best is None else operating_point(best)}
+
+
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if x >= 0.1 else f"{x:.1%}"
 
 
 def _rate_cell(r: dict[str, Any], name: str) -> str:
@@ -545,41 +643,56 @@ def _rate_cell(r: dict[str, Any], name: str) -> str:
     return f"{r[f'tpr_at_{name}_fpr']:.2f} ({tp}/{n_pos}, FP {fp}/{r['n_docs'] - n_pos})"
 
 
-def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None) -> None:
-    """The table, a warning for each FPR the calibration split cannot resolve, and the recommendation."""
+def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None,
+           seeds: dict[tuple[int, int], list[int]] | None = None) -> None:
+    """The table, a warning for each FPR the calibration split cannot resolve, and the recommendation.
+
+    ``seeds``: (layer, seed) of each distinct probe → the seeds that gave it (``verdict.one_row_per_probe``), so
+    identical seeds share a row; None: a row per probe.
+    """
     from rich.markup import escape
     from rich.table import Table
 
+    from .verdict import SAME_SEEDS
+
     con = console()
+    seeds = seeds or {(r["layer"], r["seed"]): [r["seed"]] for r in rows}
     r0 = rows[0]
     cal, n_clean = r0["calibration_split"], r0["n_calibration_clean_docs"]
     where = "the same split" if cal == split else "held out"
     t = Table(title=f"document monitor on {split!r}: AUROC [95% CI] · TPR (needle documents flagged, false positives) "
-                    f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})")
+                    f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})",
+              caption=SAME_SEEDS if any(len(g) > 1 for g in seeds.values()) else None)
     for c in ("layer", "seed", "aggregation", "AUROC", "TPR at 1% FPR", "TPR at 5% FPR"):
         t.add_column(c, justify="right")
-    for r in rows:
-        t.add_row(str(r["layer"]), str(r["seed"]), r["aggregation"],
+    for r in (r for r in rows if (r["layer"], r["seed"]) in seeds):
+        t.add_row(str(r["layer"]), ", ".join(map(str, seeds[(r["layer"], r["seed"])])), r["aggregation"],
                   f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
                   _rate_cell(r, "1pct"), _rate_cell(r, "5pct"))
     con.print(t)
     for fpr, name in TARGET_FPRS:
         if r0[f"tpr_at_{name}_fpr"] is None:
-            con.print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and a {fpr:.0%} "
-                      f"false-positive rate needs at least {clean_docs_needed(fpr)} to be measured (add needle-free "
-                      "documents, or set monitor.calibration_split)")
+            con.print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and "
+                      f"{clean_docs_advice(fpr)} (add needle-free documents, or set monitor.calibration_split)")
     if best is None:
         con.print(f"no recommendation: {cal!r} needs documents with and without needles to choose an aggregation on")
         return
-    line = (f"recommended: layer {best['layer']} seed {best['seed']}, {best['aggregation']} (best document AUROC on "
+    same = seeds.get((best["layer"], best["seed"]), [best["seed"]])
+    who = f"seed {best['seed']}" if len(same) == 1 else f"seeds {', '.join(map(str, same))} (identical probes)"
+    line = (f"recommended: layer {best['layer']} {who}, {best['aggregation']} (best document AUROC on "
             f"{cal!r}: {best['calibration_auroc']:.3f}); on {split!r}: AUROC {best['auroc']:.3f} "
             f"({best['auroc_ci_low']:.3f}–{best['auroc_ci_high']:.3f})")
-    for fpr, name in reversed(TARGET_FPRS):
-        if best[f"tpr_at_{name}_fpr"] is not None:
-            n_pos = best["n_needle_docs"]
-            line += (f"; at {fpr:.0%} FPR (threshold {best[f'threshold_{name}_fpr']:.3f} from {n_clean} clean {cal!r} "
-                     f"documents) it flags {best[f'tp_at_{name}_fpr']}/{n_pos} needle documents and "
-                     f"{best[f'fp_at_{name}_fpr']}/{best['n_docs'] - n_pos} clean ones "
-                     f"(FPR {best[f'observed_fpr_at_{name}_fpr']:.0%} on {split!r})")
-            break
+    op, n_pos = operating_point(best), best["n_needle_docs"]
+    flags = (f"it flags {op['tp']}/{n_pos} needle documents and {op['fp']}/{best['n_docs'] - n_pos} clean ones "
+             f"(FPR {op['fpr']:.0%} on {split!r})")
+    bound = f"FPR at most {_pct(op['fpr_upper95'])} at {FPR_CONFIDENCE:.0%} confidence"
+    if op["target_fpr"] is not None:
+        line += (f"; at {op['target_fpr']:.0%} FPR (threshold {op['threshold']:.3f} from {n_clean} clean {cal!r} "
+                 f"documents; {bound}, exact binomial) {flags}")
+    else:
+        fpr = TARGET_FPRS[-1][0]
+        line += (f"; no {fpr:.0%} FPR threshold can be set from {n_clean} clean {cal!r} documents, so the operating "
+                 f"point is just above the highest of them, threshold {op['threshold']:.3f}: {flags}; none of the "
+                 f"{n_clean} is above it, so its FPR is at most {_pct(op['fpr_upper95'])} at {FPR_CONFIDENCE:.0%} "
+                 f"confidence (exact binomial, Clopper–Pearson); {clean_docs_advice(fpr)}")
     con.print(escape(line))

@@ -24,7 +24,9 @@ carrying ``data-run`` (the run's label), ``data-layer``, ``data-seed``,
 ``data-auroc`` and ``data-x`` (the layer, or layer / n_layers); transfer cells
 ``td[data-source][data-target][data-layer][data-auroc]`` (``td.missing``,
 ``td.stale``); the best-probe table ``#best-probes`` with one ``tr[data-run]``
-per run.
+per run; the document monitors ``#monitor-compare`` with one ``tr[data-monitor]`` per run (``data-split``,
+``data-layer``, ``data-seed``, ``data-aggregation``, ``data-doc-auroc``, ``data-ci-low``, ``data-ci-high`` when it
+has monitor results).
 """
 
 from __future__ import annotations
@@ -471,6 +473,8 @@ class MonitorView:
     doc_scores: dict[str, np.ndarray] = field(default_factory=dict)
     all_probe_aurocs: list[tuple[int, int, dict[str, float]]] = field(default_factory=list)
     chosen: str = "max"
+    seeds: dict[tuple[int, int], list[int]] = field(default_factory=dict)
+    """(layer, seed) of each distinct monitored probe → the seeds that gave it (``verdict.one_row_per_probe``)"""
     calibration_split: str = ""
     """whose clean documents set the thresholds (and whose AUROC chose the aggregation)"""
     n_calibration_clean: int = 0
@@ -497,10 +501,16 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
         tokens = stored_tokens(cfg, store, split, refs)
         if tokens is not None:
             if len(tokens.probes) < len(refs):
+                from .verdict import one_row_per_probe
+
                 have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
-                lack = ", ".join(f"layer {r.layer} seed {r.seed}" for r in refs if (r.layer, r.seed) not in have)
-                notes.append(f"the monitor's {split!r} logits are of {len(tokens.probes)} of the {len(refs)} probes "
-                             f"(not of {lack}: scored before a refit, or never)")
+                distinct = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})  # identical seeds once
+                lack = [(layer, g) for (layer, _), g in distinct.items() if not any((layer, s) in have for s in g)]
+                if lack:
+                    names = ", ".join(f"layer {layer} seed{'s' if len(g) > 1 else ''} {', '.join(map(str, g))}"
+                                      for layer, g in lack)
+                    notes.append(f"the monitor's {split!r} logits are of {len(distinct) - len(lack)} of the "
+                                 f"{len(distinct)} distinct probes (not of {names}: scored before a refit, or never)")
             return (split, tokens), notes
         if split in stored:
             notes.append(f"the monitor's stored {split!r} logits are of other probe files or other documents "
@@ -562,6 +572,10 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
     j = max(range(len(cols)), key=lambda i: (auroc_of.get(cols[i], -1.0), layer_mean.get(cols[i][0], -1.0), -cols[i][0], -cols[i][1]))
     y = (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
     view = MonitorView(split, tokens, j, cols[j][0], cols[j][1])
+    from .verdict import one_row_per_probe
+
+    by_key = {(p.layer, p.seed): p.probe for p in probes}
+    view.seeds = one_row_per_probe({k: by_key[k] for k in cols if k in by_key})
     both = 0 < y.sum() < y.size
     for jj, (layer, seed) in enumerate(cols):
         per = {}
@@ -591,6 +605,8 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
                "cal_auroc": float(roc_auc_score(y_cal, s_cal)) if 0 < y_cal.sum() < y_cal.size else -1.0}
         for fpr, name in TARGET_FPRS:
             row[f"tpr_{name}"] = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)["tpr"]
+        top = calibrated_rates(s_cal[y_cal == 0], s, y, 0.0)  # just above every clean calibration document
+        row["tpr_above_clean"], row["fpr_upper95_above_clean"] = top["tpr"], top["fpr_upper95"]
         view.agg_rows.append(row)
     view.chosen = min(view.agg_rows, key=lambda r: (-r["cal_auroc"], AGGREGATIONS.index(r["method"])))["method"]
     return view
@@ -620,24 +636,31 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
     for r in view.agg_rows:
         lo, hi = r["ci"]
         rows.append([r["label"], _f4(r["auroc"]), f"{lo:.3f}–{hi:.3f}" if math.isfinite(lo) else "–",
-                     _f3(r["tpr_1pct"]), _f3(r["tpr_5pct"])])
+                     _f3(r["tpr_1pct"]), _f3(r["tpr_5pct"]),
+                     f"{_f3(r['tpr_above_clean'])} (FPR ≤ {r['fpr_upper95_above_clean']:.1%})"])
         classes.append("best" if r["method"] == view.chosen else "")
-    out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR"], rows, row_classes=classes)
+    out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR",
+                  "TPR above every clean one"], rows, row_classes=classes)
     from .monitor import TARGET_FPRS, clean_docs_needed
 
     held = "held out" if view.calibration_split != view.split else "the same split"
     missing = [f"{fpr:.0%} FPR needs at least {clean_docs_needed(fpr)}" for fpr, name in TARGET_FPRS
                if any(r[f"tpr_{name}"] is None for r in view.agg_rows)]
     out += (f'<p class="caption">Thresholds set on the {view.n_calibration_clean} clean {esc(view.calibration_split)} '
-            f"documents ({held}); the aggregation highlighted has the best document AUROC there."
+            f"documents ({held}); the aggregation highlighted has the best document AUROC there. The last column "
+            "flags what scores above every one of them, its false-positive rate at most the bound given (one-sided "
+            "95%, exact binomial, from none of them flagged)."
             + (f" No TPR where the clean documents are too few to measure the rate ({esc('; '.join(missing))})."
                if missing else "") + "</p>")
-    if len(view.all_probe_aurocs) > 1:
+    shown = [(layer, seed, per) for layer, seed, per in view.all_probe_aurocs
+             if not view.seeds or (layer, seed) in view.seeds]  # identical seeds once
+    if len(shown) > 1:
         from .monitor import AGGREGATIONS
 
         out += "<h3>Every monitored probe (document AUROC)</h3>"
-        rows = [[str(layer), str(seed)] + [_f4(per.get(m)) for m in AGGREGATIONS] for layer, seed, per in view.all_probe_aurocs]
-        classes = ["best" if (layer, seed) == (view.layer, view.seed) else "" for layer, seed, _ in view.all_probe_aurocs]
+        rows = [[str(layer), ", ".join(map(str, view.seeds.get((layer, seed), [seed])))]
+                + [_f4(per.get(m)) for m in AGGREGATIONS] for layer, seed, per in shown]
+        classes = ["best" if (layer, seed) == (view.layer, view.seed) else "" for layer, seed, _ in shown]
         out += table(["layer", "seed", *AGGREGATIONS], rows, row_classes=classes)
     out += '<p class="caption">Highlighted: the aggregation (and probe) used for the heatmaps below.</p>'
     return chart, out
@@ -881,18 +904,24 @@ def _run_title(cfg: Config, run: str | None) -> str:
 
 
 def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
+    """One row per distinct probe (identical seeds share one, as ``fit`` prints them)."""
+    from .verdict import SAME_SEEDS, one_row_per_probe
+
+    seeds = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})
     rows, classes = [], []
-    for p in probes:
+    for p in (p for p in probes if (p.layer, p.seed) in seeds):
         v = p.meta.get("val_metrics", {})
         ci = p.ci
         converged = all(r.get("converged", True) for r in p.meta.get("l2_results", []))
-        rows.append([str(p.layer), str(p.seed), _f4(p.auroc), f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
+        rows.append([str(p.layer), ", ".join(map(str, seeds[(p.layer, p.seed)])), _f4(p.auroc),
+                     f"{ci[0]:.4f}–{ci[1]:.4f}" if ci else "–",
                      _f4(v.get("average_precision")), _f4(v.get("tpr_at_1pct_fpr")),
                      _f4((p.meta.get("train_metrics") or {}).get("auroc")), f"{p.meta.get('selected_l2', float('nan')):g}",
                      "yes" if converged else "NO"])
         classes.append("best" if best.get(p.layer) is p else "")
+    shared = f'<p class="caption">{SAME_SEEDS[0].upper()}{SAME_SEEDS[1:]}.</p>' if len(seeds) < len(probes) else ""
     return table(["layer", "seed", "val AUROC", "95% CI (docs)", "AP", "TPR @ 1% FPR", "train AUROC", "selected L2",
-                  "converged"], rows, row_classes=classes)
+                  "converged"], rows, row_classes=classes) + shared
 
 
 def doc_anchor(split: str, doc_id: str) -> str:
@@ -949,6 +978,9 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     from .cache import open_cache
     from .layout import Layout
 
+    from .records import run_config
+
+    cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
     layout = Layout.from_config(cfg, run)
     probes, missing = load_probe_infos(cfg, run)
     if not probes:
@@ -986,7 +1018,10 @@ def build_html(cfg: Config, run: str | None = None) -> str:
                         "to score whole documents, then write the report again.")
         heat_html, mon_tables = mon_html, ""
     else:
-        extra = "".join(note(n, kind="warn") for n in mon_notes)
+        from .monitor import truncation_line
+
+        cut = truncation_line(view.split, view.tokens, cfg.model.max_length)
+        extra = "".join(note(n, kind="warn") for n in mon_notes + ([f"Truncation: {cut}."] if cut else []))
         mon_html, mon_tables = monitor_roc_html(view)
         mon_html = extra + mon_html
         heat_html = heatmaps_section(cfg, view)
@@ -1119,7 +1154,9 @@ def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
                                "with one --config, `needleprobe report` writes that run's own report")
     views: list[RunView] = []
     seen: dict[str, str] = {}
-    for cfg in cfgs:
+    from .records import run_config
+
+    for cfg in [run_config(c, run) for c in cfgs]:  # each run as it was fitted (its record)
         layout = Layout.from_config(cfg, run)
         where = cfg.source or cfg.dataset.key
         if str(layout.run_dir) in seen:
@@ -1367,6 +1404,77 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
     return "".join(out), warnings
 
 
+def read_monitor(v: RunView) -> tuple[dict[str, Any] | None, str | None]:
+    """(what the run's document monitor recommends, a note): read from the monitor's stored outputs, never recomputed.
+
+    The run record's ``monitor:{split}`` section (the config's ``monitor.split`` first, then test, val, train) holds the
+    recommended row (probe, aggregation chosen on the calibration split, its AUROC with CI and TPR at the calibrated
+    thresholds on the split) and the sha256 of ``monitor_metrics_{split}.csv``; a CSV changed since is not trusted.
+    A fit drops these sections, so what is left describes the run's current probes.
+    """
+    from .data import file_sha256
+    from .records import read_run_record
+
+    stages = read_run_record(v.layout.run_record).get("stages", {})
+    changed = []
+    for split in dict.fromkeys([v.cfg.monitor.split, "test", "val", "train"]):
+        sec = stages.get(f"monitor:{split}")
+        if not sec:
+            continue
+        csv_path = str(v.layout.monitor_csv(split))
+        try:
+            same = file_sha256(csv_path) == sec.get("outputs", {}).get(csv_path)
+        except OSError:
+            same = False
+        if not same:
+            changed.append(split)
+            continue
+        if sec.get("recommended") is None:
+            return None, f"{v.label}: the monitor on {split!r} made no recommendation (its calibration split lacks needle or clean documents)"
+        return {**sec["recommended"], "split": split, "calibration_split": sec.get("calibration_split", "")}, None
+    why = (f"its stored results on {', '.join(map(repr, changed))} changed since the monitor wrote them; " if changed else "")
+    return None, f"{v.label}: no document monitor results ({why}run `{command('monitor', v.cfg)}`)"
+
+
+def _monitor_table(views: list[RunView]) -> str:
+    """Per run, the document monitor it recommends: aggregation, document AUROC with CI, TPR at the thresholds set on
+    the clean calibration documents, and the operating point that any number of them gives."""
+    from .monitor import operating_point
+    from .verdict import one_row_per_probe
+
+    rows, data, notes = [], [], []
+    for v in views:
+        r, problem = read_monitor(v)
+        if problem:
+            notes.append(problem)
+        if r is None:
+            rows.append([Cell(v.label, cls="name")] + ["–"] * 7)
+            data.append({"monitor": v.label})
+            continue
+        group = one_row_per_probe({(p.layer, p.seed): p.probe for p in v.probes}).get((r["layer"], r["seed"]), [r["seed"]])
+        n_pos, n_neg = r["n_needle_docs"], r["n_docs"] - r["n_needle_docs"]
+
+        def rate(name: str) -> str:
+            if r.get(f"tpr_at_{name}_fpr") is None:
+                return "–"
+            return f"{r[f'tpr_at_{name}_fpr']:.2f} ({r[f'tp_at_{name}_fpr']}/{n_pos}, FP {r[f'fp_at_{name}_fpr']}/{n_neg})"
+
+        op = operating_point(r) if "threshold_above_clean" in r else None
+        deploy = "–" if op is None else (
+            f"{'threshold at ' + format(op['target_fpr'], '.0%') + ' FPR' if op['target_fpr'] else 'above every clean one'}: "
+            f"{op['tp']}/{n_pos} flagged, FP {op['fp']}/{n_neg}, FPR ≤ {op['fpr_upper95']:.1%} (95%)")
+        rows.append([Cell(v.label, cls="name"), f"{r['split']} (set on {r['calibration_split']})",
+                     f"layer {r['layer']} · seed{'s' if len(group) > 1 else ''} {', '.join(map(str, group))}",
+                     r["aggregation"], f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
+                     rate("1pct"), rate("5pct"), deploy])
+        data.append({"monitor": v.label, "split": r["split"], "layer": r["layer"], "seed": r["seed"],
+                     "aggregation": r["aggregation"], "doc-auroc": repr(r["auroc"]), "ci-low": repr(r["auroc_ci_low"]),
+                     "ci-high": repr(r["auroc_ci_high"])})
+    out = table(["run", "split (thresholds set on)", "probe", "aggregation", "doc AUROC [95% CI]", "TPR @ 1% FPR",
+                 "TPR @ 5% FPR", "operating point"], rows, table_id="monitor-compare", row_data=data)
+    return out + "".join(note(n) for n in notes)
+
+
 def _best_table(views: list[RunView]) -> str:
     rows, data = [], []
     for v in views:
@@ -1409,7 +1517,8 @@ def _comparison_html(views: list[RunView], run: str | None) -> str:
     ]
     meta = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in items)
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in (("sec-layers", "AUROC by layer and depth"),
-                                                        ("sec-transfer", "transfer matrix"), ("sec-best", "best probes")))
+                                                        ("sec-transfer", "transfer matrix"),
+                                                        ("sec-monitor", "document monitors"), ("sec-best", "best probes")))
     depth_chart = (chart_runs("compare-by-depth", "validation AUROC by relative depth, one line per run", views, "depth")
                    if len(unknown) < len(views) else note("No run's depth is known, so no relative-depth chart."))
     body = [
@@ -1434,6 +1543,15 @@ def _comparison_html(views: list[RunView], run: str | None) -> str:
         "cached val rows of each dataset (columns), as written by <code>needleprobe evaluate</code>. Off the diagonal "
         "is the question a monitor must answer: does a probe trained on one kind of needle catch another?</p>",
         transfer_html,
+        "</section>",
+        '<section class="card" id="sec-monitor"><h2>Document monitors</h2>'
+        '<p class="explain">What each run\'s document monitor recommends, as <code>needleprobe monitor</code> stored it: '
+        "the probe and aggregation with the best document AUROC on the calibration split, its AUROC (95% CI over "
+        "documents) on the split scored, the share of needle documents flagged at thresholds set on the clean "
+        "calibration documents for 1% and 5% FPR (– where too few to set one), and the operating point it would "
+        "deploy with the upper bound on its false-positive rate. Runs scored on different splits or datasets are "
+        "measured on different documents.</p>",
+        _monitor_table(views),
         "</section>",
         '<section class="card" id="sec-best"><h2>Best probe of each run</h2>'
         '<p class="explain">The probe with the best val AUROC (ties: the layer with the better seed mean, then the '

@@ -233,7 +233,7 @@ class _Data:
                 raise ValueError(f"X must be floating point, got {X.dtype}")
             if X.dtype not in (torch.float32, torch.float64):
                 X = X.to(torch.float32)
-            self.X = X if X.is_contiguous() else X.contiguous()
+            self.X = (X if X.is_contiguous() else X.contiguous()).detach()
             self.dev = X.device
             self.mm_dtype = self.X.dtype
         n_total = n if comm is None else int(self.comm.sum_(torch.tensor([n], dtype=torch.int64)).item())
@@ -261,9 +261,6 @@ class _Data:
         self.cny = (c * (1 - y))[:, None]  # [n, 1]
         self.cuda = self.dev.type == "cuda"
         self.group = group_rows(n_total, self.cuda)
-        # On CPU, single-column products go through numpy's BLAS (OpenBLAS): its
-        # GEMV was ~1.5x faster than torch's MKL GEMV on the AMD machine measured.
-        self.Xn = self.X.detach().numpy() if self.X is not None and self.dev.type == "cpu" else None
 
     def rowsum(self, M: torch.Tensor) -> torch.Tensor:
         """Sum over rows of M [n, K] (all processes): [K], the same bits however the rows are split over processes.
@@ -298,27 +295,37 @@ class _Data:
         return H + L
 
     def xp(self, P: torch.Tensor) -> torch.Tensor:
-        """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out); row by row, so no sum across processes."""
+        """X @ P[:-1] + P[-1] for P [d + 1, K] (float64 in and out); row by row, so no sum across processes.
+
+        On CPU each group of :func:`group_rows` rows is one BLAS call of the same
+        shape in every layout: a BLAS rounds a row's product differently by the
+        call's shape (OpenBLAS's small-matrix GEMM for a 256-row share differed
+        from its large-matrix kernel by up to 4e-5 relative), so one call over a
+        process's whole share would make z depend on how the rows were split.
+        """
         K = P.shape[1]
         Pt = P[:-1].T.to(self.mm_dtype).contiguous()  # [K, d]
-        if self.src is not None:
-            out = torch.empty(self.n, K, dtype=self.mm_dtype, device=self.dev)
-            Pn = Pt.numpy() if self.dev.type == "cpu" else None
-            for a, Xg in self.src.groups(self.group):
-                b = a + Xg.shape[0]
-                if Pn is None:
-                    out[a:b] = Xg @ Pt.T
-                elif K == 1:  # the in-memory GEMV row by row: the same bits
-                    out[a:b, 0] = torch.from_numpy(Xg.numpy() @ Pn[0])
-                else:
-                    out[a:b] = torch.from_numpy(Xg.numpy() @ Pn.T)
-        elif self.Xn is None:
-            out = self.X @ Pt.T
-        elif K == 1:
-            out = torch.from_numpy(self.Xn @ Pt[0].numpy())[:, None]
-        else:
-            out = torch.from_numpy(self.Xn @ Pt.numpy().T)
+        if self.dev.type != "cpu" and self.src is None:
+            return (self.X @ Pt.T).to(_F64) + P[-1]
+        out = torch.empty(self.n, K, dtype=self.mm_dtype, device=self.dev)
+        Pn = Pt.numpy() if self.dev.type == "cpu" else None
+        for a, Xg in self._groups():
+            b = a + Xg.shape[0]
+            if Pn is None:
+                out[a:b] = Xg @ Pt.T
+            elif K == 1:
+                out[a:b, 0] = torch.from_numpy(Xg.numpy() @ Pn[0])
+            else:
+                out[a:b] = torch.from_numpy(Xg.numpy() @ Pn.T)
         return out.to(_F64) + P[-1]
+
+    def _groups(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, X_g) for each group of :func:`group_rows` rows, from the row source or from memory."""
+        if self.src is not None:
+            yield from self.src.groups(self.group)
+            return
+        for a in range(0, self.n, self.group):
+            yield a, self.X[a : a + self.group]
 
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
         """X^T R for R [n, K] (float64 in and out), all processes: float32 groups, exact float64 sums over groups."""
@@ -328,28 +335,19 @@ class _Data:
         """This process's X^T R as a double-double (hi, lo) [K, d]: float32 products per group of rows, added in
         float64 with their rounding errors kept."""
         Rt = R.T.to(self.mm_dtype).contiguous()  # [K, n]
-        K, chunk = R.shape[1], self.group
-        hi = torch.zeros(K, self.d, dtype=_F64, device=self.dev)
+        hi = torch.zeros(R.shape[1], self.d, dtype=_F64, device=self.dev)
         lo = torch.zeros_like(hi)
-        if self.src is not None:
-            if self.dev.type == "cpu":
-                Rn, hn, ln = Rt.numpy(), hi.numpy(), lo.numpy()
-                for a, Xg in self.src.groups(chunk):
-                    xg = Xg.numpy()
-                    for k in range(K):
-                        _two_sum_into(hn[k], ln[k], (Rn[k, a : a + xg.shape[0]] @ xg).astype(np.float64))
-            else:
-                for a, Xg in self.src.groups(chunk):
-                    _two_sum_into(hi, lo, (Rt[:, a : a + Xg.shape[0]] @ Xg).to(_F64))
+        if self.dev.type != "cpu":
+            for a, Xg in self._groups():
+                _two_sum_into(hi, lo, (Rt[:, a : a + Xg.shape[0]] @ Xg).to(_F64))
             return hi, lo
-        if self.Xn is not None:  # numpy's BLAS: its GEMV was ~1.5x faster than torch's MKL on the machine measured
-            Rn, hn, ln = Rt.numpy(), hi.numpy(), lo.numpy()
-            for k in range(K):  # one GEMV per column: a [1, n] GEMM is slower
-                for i in range(0, self.n, chunk):
-                    _two_sum_into(hn[k], ln[k], (Rn[k, i : i + chunk] @ self.Xn[i : i + chunk]).astype(np.float64))
-            return hi, lo
-        for i in range(0, self.n, chunk):
-            _two_sum_into(hi, lo, (Rt[:, i : i + chunk] @ self.X[i : i + chunk]).to(_F64))
+        # numpy's BLAS, one GEMV per column (a [1, n] GEMM is slower): its GEMV was ~1.5x faster than torch's
+        # MKL on the machine measured
+        Rn, hn, ln = Rt.numpy(), hi.numpy(), lo.numpy()
+        for a, Xg in self._groups():
+            xg = Xg.numpy()
+            for k in range(Rn.shape[0]):
+                _two_sum_into(hn[k], ln[k], (Rn[k, a : a + xg.shape[0]] @ xg).astype(np.float64))
         return hi, lo
 
     def loss(self, Z: torch.Tensor) -> torch.Tensor:
@@ -709,14 +707,24 @@ def _lbfgs_columns(data: _Data, l2: torch.Tensor, theta: torch.Tensor, *, tol: f
 
 
 def _refresh(data: _Data, theta: torch.Tensor, l2: torch.Tensor):
-    """J and max |grad J| at theta, recomputed from X (no incremental state)."""
-    Z = data.xp(theta)
-    R = data.residual(torch.sigmoid(Z))
-    G = data_grad(data, R)
-    w = theta[:-1]
-    G[:-1] += l2 * w
-    f = data.loss(Z) + 0.5 * l2 * (w * w).sum(0)
-    return f, G.abs().amax(0)
+    """J and max |grad J| at theta, recomputed from X (no incremental state).
+
+    Column by column, so each value is computed with the very products a restart
+    of that column computes (a K-column GEMM rounds z differently from the
+    1-column GEMV, and the gradient by ~1e-8): the check that sends a column back
+    to the solver and the solver's own test then agree on which side of ``tol``
+    it is, instead of sending it back to stop at once, four times over.
+    """
+    f, gmax = torch.empty_like(l2), torch.empty_like(l2)
+    for k in range(theta.shape[1]):
+        th = theta[:, k : k + 1]
+        Z = data.xp(th)
+        G = data_grad(data, data.residual(torch.sigmoid(Z)))
+        w = th[:-1]
+        G[:-1] += l2[k] * w
+        f[k] = data.loss(Z)[0] + 0.5 * l2[k] * (w * w).sum()
+        gmax[k] = G.abs().max()
+    return f, gmax
 
 
 def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
@@ -776,13 +784,10 @@ def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
                 and n_iter[k] < max_iter]
         if not redo or attempt == 3:
             break
-        ridx = torch.as_tensor(redo, device=dev)
-        th, it, stt, _ = _lbfgs_columns(data, l2[ridx], theta[:, ridx], tol=tol,
-                                        max_iter=max_iter, memory=memory, n_iter0=n_iter[redo])
-        theta[:, ridx] = th
-        n_iter[redo] = it
-        for j, k in enumerate(redo):
-            status[k] = stt[j]
+        for k in redo:  # one column at a time: the products _refresh checked
+            th, it, stt, _ = _lbfgs_columns(data, l2[k : k + 1], theta[:, k : k + 1], tol=tol,
+                                            max_iter=max_iter, memory=memory, n_iter0=n_iter[k : k + 1])
+            theta[:, k], n_iter[k], status[k] = th[:, 0], it[0], stt[0]
     converged = (gmax <= tol).cpu().numpy()
     return theta, n_iter, converged, f.cpu().numpy(), gmax.cpu().numpy()
 

@@ -110,6 +110,9 @@ def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n
 
     if n < 1:
         raise NeedleprobeError(f"-n {n}: list at least one token")
+    from .records import run_config
+
+    cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
     layout = Layout.from_config(cfg, run)
     layout.refuse_foreign("errors listing", can_overwrite=False)
     cache = open_cache(cfg)

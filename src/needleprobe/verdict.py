@@ -67,6 +67,16 @@ def identical_seeds(probes: dict[tuple[int, int], LinearProbe]) -> dict[int, lis
     return out
 
 
+SAME_SEEDS = "seeds on one row gave identical probes"
+"""The caption of a table that shows identical seeds once (``one_row_per_probe``)."""
+
+
+def one_row_per_probe(probes: dict[tuple[int, int], LinearProbe]) -> dict[tuple[int, int], list[int]]:
+    """(layer, first seed) of each distinct probe → the seeds that gave it (``identical_seeds``), in layer and seed
+    order: every table and note shows a probe once, its seeds joined ("0, 1, 2")."""
+    return {(layer, g[0]): g for layer, groups in sorted(identical_seeds(probes).items()) for g in groups}
+
+
 def l2_at_edge(probe: LinearProbe) -> dict[str, Any] | None:
     """When the selected L2 is the grid's smallest or largest value and strictly beats its neighbour: where, and a grid
     one decade wider on that side (ties at the edge are a flat path, not a hint)."""
