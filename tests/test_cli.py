@@ -88,13 +88,26 @@ def _run(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "needleprobe", *argv], env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_path):
+def test_tqdm_bars_are_hidden_when_asked_or_when_stderr_is_not_a_terminal(monkeypatch):
+    """transformers' bars redraw with carriage returns even into a file: shown only on a terminal, without
+    --no-progress; a command that loads no model leaves them (and transformers) alone."""
+    from needleprobe.cli import tqdm_bars_shown
+
+    for tty in (True, False):
+        monkeypatch.setattr(sys.stderr, "isatty", lambda tty=tty: tty)
+        assert tqdm_bars_shown(build_parser().parse_args(["extract"])) is tty
+        assert tqdm_bars_shown(build_parser().parse_args(["monitor", "--no-progress"])) is False
+        assert tqdm_bars_shown(build_parser().parse_args(["errors", "--no-progress"])) is True
+
+
+def test_answers_go_to_stdout_and_messages_stay_one_line_on_stderr_without_a_bar_frame(tmp_path):
     deep = tmp_path / ("a_directory_name_long_enough_that_every_path_below_it_passes_eighty_columns" * 2)
     data = write_jsonl(deep / "d.jsonl", small_docs(6, 4))
     (deep / "shown").mkdir()
     (deep / "quiet").mkdir()
 
-    # without --no-progress: the bars are there (in a log, their final state), transformers' included
+    # without --no-progress, stderr a pipe: our bars print their final state once; transformers' tqdm bar, which
+    # would write every frame joined by carriage returns, is hidden
     shown = write_config(deep / "shown", data, layers_to_probe=[1])
     cfg = write_config(deep / "quiet", data, layers_to_probe=[1])
     with ThreadPoolExecutor(2) as pool:  # two runs of their own, side by side
@@ -102,7 +115,8 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
         r = _run("train", "--config", str(cfg), "--no-progress")
         s = shown_run.result()
     assert s.returncode == 0, s.stderr
-    assert "Loading weights" in s.stderr and "tok/s" in s.stderr
+    assert "tok/s" in s.stderr and "\r" not in s.stderr and "Loading weights" not in s.stderr
+    assert s.stdout == ""  # an extract's lines are all messages
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     cache = str(deep / "quiet" / "cache" / "t_v1" / "embedded--all-MiniLM-L6-v2" / "resid_post")
@@ -112,18 +126,31 @@ def test_messages_stay_one_line_in_logs_and_no_progress_silences_every_bar(tmp_p
                             r"and indices per row = .* on disk.*; device cpu, model dtype float32", x)
                for x in lines), lines
     assert any(re.fullmatch(rf"extract: [\d,]+ tokens in [\d.]+ s → {re.escape(cache)}", x) for x in lines), lines
+    assert any(x.startswith("layer 1: exact L-BFGS in memory") for x in lines), lines
     assert f"probes, metadata, probe_metrics.csv and verdict.json in {out}" in lines
-    logs = {"train": r.stderr}
-    commands = ("check", "inspect", "report")  # fit's lines are in train's; these only read, side by side
+    # the answer (the fit's table and verdict) on stdout, nothing else there
+    assert "probes on t_v1: validation metrics of the selected L2" in r.stdout and "verdict:" not in r.stderr
+    assert [x for x in r.stdout.splitlines() if x.startswith("verdict: best layer: 1 ")]
+    assert "extract" not in r.stdout and "L-BFGS" not in r.stdout
+    logs, answers = {"train": r.stderr}, {"train": r.stdout}
+    commands = ("check", "inspect", "report", "errors")  # fit's lines are in train's; these only read, side by side
     with ThreadPoolExecutor(len(commands)) as pool:
         for command, r in zip(commands, pool.map(lambda c: _run(c, "--config", str(cfg), "--no-progress"), commands)):
             assert r.returncode == 0, (command, r.stderr)
-            logs[command] = r.stderr
+            logs[command], answers[command] = r.stderr, r.stdout
+    assert answers["check"] == "all checks passed\n"
+    assert answers["inspect"].startswith("activation cache t_v1") and "matches config │ yes" in answers["inspect"]
+    assert answers["report"] == "" and logs["report"] == f"wrote {out}/report.html\n"
+    assert "highest-scoring negatives (false positives)" in answers["errors"] and answers["errors"].count("⟦") == 20 + 20
+    assert logs["errors"] == logs["check"] == logs["inspect"] == ""  # nothing to say but the answer
     for command, log in logs.items():
         assert "Loading weights" not in log and "tok/s" not in log, (command, log)
-        for x in log.splitlines():  # a path is never cut: a message with part of the long name has all of it
+        for x in (log + answers[command]).splitlines():  # a path is never cut: a line with part of the name has it all
             if "a_directory_name" in x and not x.startswith("│"):  # table cells may fold to the width
                 assert str(deep) in x, (command, x)
+        table = [x for x in answers[command].splitlines() if x[:1] in "┏┃┡│└"]
+        cut = "…" in answers[command] and command != "errors"  # errors' contexts end in … by design
+        assert all(len(x) <= 80 for x in table) and not cut, (command, answers[command])
 
 
 def test_help_lists_only_the_flags_a_command_uses_and_promises_only_what_it_shows(capsys):

@@ -50,14 +50,15 @@ def test_evaluate_equals_the_auroc_computed_by_hand(two, capsys):
     tmp, source, target = two
     assert not Layout.from_config(load_config(target)).cache.exists()
     assert main(["evaluate", "--config", str(target), "--probes", str(source), "--no-progress"]) == 0
-    err = "".join(capsys.readouterr())
+    text, err = capsys.readouterr()
     assert "no activation cache for other_v1 yet: extracting it (the val split only" in err
-    assert "probes of synthetic_v1 on other_v1" in err
+    assert "probes of synthetic_v1 on other_v1" in text
+    assert "probes of" not in err and "extracting" not in text  # the table on stdout, messages on stderr
     assert re.search(r"^extract: [\d,]+ tokens in [\d.]+ s → ", err, re.M)  # said under --no-progress too
     partial = open_cache(load_config(target), allow_incomplete=True)
     assert partial.splits == ["val"] and not partial.complete  # the split it scores, no more
     # seeds 0 and 1 gave identical probes (weighted balance): one row per layer, as fit shows them
-    assert len(re.findall(r"^\W+[13] │ 0, 1 │", err, re.M)) == 2 and "seeds on one row gave identical probes" in err
+    assert len(re.findall(r"^\W+[13] │ 0, 1 │", text, re.M)) == 2 and "seeds on one row gave identical probes" in text
     src, tgt = load_config(source), load_config(target)
     out = Layout.from_config(src).run_dir / "transfer" / "other_v1-val"
     rows = list(csv.DictReader(open(out / "eval_metrics.csv")))
@@ -74,6 +75,13 @@ def test_evaluate_equals_the_auroc_computed_by_hand(two, capsys):
     docs = list(csv.DictReader(open(out / "doc_metrics.csv")))
     assert len(docs) == len(rows) * 5 and {d["split"] for d in docs} == {"val"}
     assert summary["document_metrics"][0]["auroc"] == pytest.approx(float(docs[0]["auroc"]))
+
+    # --json: the same numbers as one document on stdout (the token logits are stored: no model run)
+    assert main(["evaluate", "--config", str(target), "--probes", str(source), "--no-progress", "--json"]) == 0
+    text, err = capsys.readouterr()
+    answer = json.loads(text)
+    assert answer == {**summary, "output_dir": str(out)}
+    assert "already stored (no model run)" in err and f"transfer results in {out}" in err
 
 
 def test_evaluate_on_the_test_split_scores_every_text_token(two, capsys):

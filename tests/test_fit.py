@@ -269,7 +269,7 @@ def test_fit_says_its_verdict_and_writes_it(minilm_run, capsys):
     cfg_path, cfg = minilm_run
     capsys.readouterr()
     assert main(["fit", "--config", str(cfg_path), "--run", "verdict"]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     layout = Layout.from_config(cfg, "verdict")
     v = json.loads(layout.verdict.read_text())
     metas = {(layer, s): _meta(cfg, layer, s, "verdict") for layer in (1, 5) for s in (0, 1)}
@@ -287,11 +287,12 @@ def test_fit_says_its_verdict_and_writes_it(minilm_run, capsys):
     assert d["distinguishable"] == (d["ci95"][0] > 0)
     assert v["best"]["train_auroc"] == metas[(best, 0)]["train_metrics"]["auroc"]
     assert all(layer["seeds_identical"] == [[0, 1]] for layer in v["layers"])
-    lines = [x for x in err.splitlines() if x.startswith("verdict: ")]
+    lines = [x for x in out.splitlines() if x.startswith("verdict: ")]  # the table and verdict are the answer: stdout
     assert [x[len("verdict: "):] for x in lines] == v["summary"]
     assert lines[0].startswith(f"verdict: best layer: {best} (seed 0, val AUROC {a:.4f}")
-    assert "seeds on one row gave identical probes" in err and "seeds 0, 1 gave identical probes" in err
-    assert "0.9" in err and "…" not in err  # no cell cut at 80 columns
+    assert "seeds on one row gave identical probes" in out and "seeds 0, 1 gave identical probes" in out
+    assert "0.9" in out and "…" not in out  # no cell cut at 80 columns
+    assert "verdict:" not in err and f"verdict.json in {layout.run_dir}" in err  # messages: stderr
     record = json.loads(layout.run_record.read_text())
     assert str(layout.verdict) in record["stages"]["fit"]["outputs"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import random
 import re
@@ -140,15 +141,22 @@ def test_damaged_chunk_is_named_on_every_read_path(run, how, capsys):
     assert str(e.value) == want
 
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 2
-    out = capsys.readouterr().err
+    out, err = capsys.readouterr()  # the table and the damaged chunks are the answer; the error a message
     assert f"damaged: {want.split(': run')[0]}" in out.splitlines()
-    assert "1 of 50 chunks are damaged (crc32c checksums): run needleprobe extract --repair" in out.splitlines()[-1]
+    assert err.splitlines() == [f"needleprobe: error: {cache_dir}: 1 of 50 chunks are damaged (crc32c checksums): "
+                                "run needleprobe extract --repair"]
+    assert main(["inspect", "--config", str(cfg_path), "--verify", "--json"]) == 2
+    out, err = capsys.readouterr()
+    facts = json.loads(out)
+    assert facts["verified"] == {"chunks": 50, "format": 2, "damaged": [want.split(": run")[0]],
+                                 "remedies": ["run needleprobe extract --repair"]}
+    assert "1 of 50 chunks are damaged" in err
 
 
 def test_undamaged_cache_verifies(run, capsys):
     cfg_path, _, _ = run
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 50 chunks verified (crc32c checksums)" in capsys.readouterr().err
+    assert "all 50 chunks verified (crc32c checksums)" in capsys.readouterr().out
 
 
 def test_damaged_small_arrays_and_monitor_results_are_named(run, capsys):
@@ -212,7 +220,7 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
     rewritten = {k for k in after if before.get(k) != after[k]}
     assert rewritten == set(damaged)
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 50 chunks verified" in capsys.readouterr().err
+    assert "all 50 chunks verified" in capsys.readouterr().out
     assert_same_arrays(cache_dir, ref_dir)
     assert ex.extract(load_config(cfg_path), repair=True, show_progress=False).status == "up to date"
     assert "all 50 chunks verified, nothing to repair" in capsys.readouterr().err
@@ -256,7 +264,7 @@ def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monke
     assert extract(load_config(cfg_path), show_progress=False).status == "up to date"
     assert main(["fit", "--config", str(cfg_path)]) == 0
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0
-    assert "all 50 chunks verified (format 1, no checksums" in " ".join(capsys.readouterr().err.split())
+    assert "all 50 chunks verified (format 1, no checksums" in " ".join(capsys.readouterr().out.split())
 
     # without checksums, foreign bytes are still found when they cannot be decoded, and repaired in format 1
     good = _files(cache.path)

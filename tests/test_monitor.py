@@ -258,7 +258,7 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     shutil.copytree(Layout.from_config(cfg).run_dir, Layout.from_config(new).run_dir)  # probes and val's logits
     capsys.readouterr()
     res = monitor(new, split="train", layers=[1], show_progress=False)  # layer 1: the forward stops early
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()  # the table and the recommendation on stdout, the rest on stderr
     assert "token logits of 2 probe(s) on 'val' already stored (no model run)" in err
     assert re.search(r"scoring \d+ train documents with [12] probe\(s\)", err)  # 1 when the resume test scored one
     val, train = _tokens(new, "val", [1]), _tokens(new, "train", [1])  # both stored in the run
@@ -279,7 +279,8 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     y_train = (train.doc_n_needles > 0).astype(int)
     s = document_scores(train, want[3], want[4], new.monitor)
     assert best["auroc"] == pytest.approx(roc_auc_score(y_train, s), abs=1e-12)
-    assert f"recommended: layer 1 seeds 0, 1 (identical probes), {best['aggregation']}" in err  # weighted: seeds agree
+    assert f"recommended: layer 1 seeds 0, 1 (identical probes), {best['aggregation']}" in out and "recommended" not in err
+    assert "document monitor on 'train'" in out and "warning" not in out
     record = json.loads(Layout.from_config(new).run_record.read_text())
     assert record["stages"]["monitor:train"]["calibration_split"] == "val"
 
@@ -406,3 +407,33 @@ def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, mo
     capsys.readouterr()
     assert main(["monitor", "--config", str(new_path), "--split", "test", "--no-progress"]) == 2
     assert "split 'test' has no documents; the monitor's document AUROC needs" in capsys.readouterr().err
+
+
+def test_monitor_table_fits_80_columns(monitored, monkeypatch, capsys):
+    """At COLUMNS=80 nothing is cut: every aggregation name, AUROC with its CI and TPR with its counts is whole on
+    stdout, four-digit counts included; the recommendation follows the table there."""
+    from needleprobe import records
+    from needleprobe.monitor import _print
+
+    _, _, res = monitored
+    rows = [dict(r) for r in res["metrics"]]
+    for i, r in enumerate(rows):  # a large split's counts (this one has too few clean documents for any TPR)
+        r.update(n_docs=3000, n_needle_docs=1500, n_calibration_clean_docs=2500)
+        for name, tp, fp in (("1pct", 1000 + i, 15), ("5pct", 1400 + i, 75)):
+            r.update({f"tpr_at_{name}_fpr": tp / 1500, f"tp_at_{name}_fpr": tp, f"fp_at_{name}_fpr": fp,
+                      f"threshold_{name}_fpr": 1.5, f"observed_fpr_at_{name}_fpr": fp / 1500})
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setattr(records, "_RESULTS", None)  # made anew, as a process would at COLUMNS=80
+    capsys.readouterr()
+    _print(rows, "val", recommend(rows))
+    out, err = capsys.readouterr()
+    table = [x for x in out.splitlines() if x[:1] in "┏┃┡│└"]
+    assert len(table) >= 2 * len(rows) and max(len(x) for x in table) <= 80 and "…" not in out
+    cells = [[c.strip() for c in x.strip("│").split("│")] for x in table if x.startswith("│")]
+    for r, (first, second) in zip(rows, zip(cells[::2], cells[1::2])):  # each row: two lines
+        assert first == [str(r["layer"]), str(r["seed"]), r["aggregation"], f"{r['auroc']:.3f}",
+                         f"{r['tpr_at_1pct_fpr']:.2f}", f"{r['tpr_at_5pct_fpr']:.2f}"]
+        assert second == ["", "", "", f"{r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f}",
+                          f"{r['tp_at_1pct_fpr']}, FP 15", f"{r['tp_at_5pct_fpr']}, FP 75"]
+    assert "needle documents flagged of 1500" in " ".join(out.split()) and "of 1500)" in " ".join(out.split())
+    assert out.splitlines()[-1].startswith("recommended: ") and err == ""

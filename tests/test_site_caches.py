@@ -113,7 +113,10 @@ def test_every_stage_works_per_site(tmp_path, capsys):
     assert main(["report", "--config", str(cfg_path)]) == 0
     out = capsys.readouterr().err
     assert post.report.is_file() and mid.report.is_file() and "comparison_" in out  # both sites on one chart
-    assert main(["inspect", "--config", str(cfg_path)]) == 0
+    assert main(["inspect", "--config", str(cfg_path), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)["sites"]  # several sites: one document, keyed by site
+    assert {s: (f["activation_site"], f["path"]) for s, f in facts.items()} == {
+        s: (s, str(lay.cache)) for s, lay in (("resid_post", post), ("resid_mid", mid))}
     # evaluate picks the target's site from the probes': resid_mid probes on the resid_mid cache
     assert main(["evaluate", "--config", str(cfg_path), "--probes", str(mid.run_dir), "--layers", "3", "--no-progress"]) == 0
     assert (mid.run_dir / "transfer" / "t_v1-val" / "eval_metrics.csv").is_file()

@@ -54,7 +54,8 @@ def test_context_marks_the_token_and_cuts_long_text():
 
 
 def test_errors_command_reads_no_model(minilm_run):
-    """The command in a fresh process with transformers unimportable: it lists both tables and exits 0."""
+    """The command in a fresh process with transformers unimportable: it lists both tables on stdout (so
+    `needleprobe errors > f` keeps them) and exits 0."""
     cfg_path, _ = minilm_run
     code = (
         "import sys; sys.modules['transformers'] = None\n"
@@ -63,9 +64,27 @@ def test_errors_command_reads_no_model(minilm_run):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "errors of layer 1 seed 0" in r.stderr
-    assert "highest-scoring negatives (false positives)" in r.stderr and "lowest-scoring needle tokens" in r.stderr
-    assert r.stderr.count("⟦") == 6
+    assert "errors of layer 1 seed 0" in r.stdout
+    assert "highest-scoring negatives (false positives)" in r.stdout and "lowest-scoring needle tokens" in r.stdout
+    assert r.stdout.count("⟦") == 6 and "⟦" not in r.stderr
+
+
+def test_errors_json_is_one_document_with_both_lists(minilm_run, capsys):
+    cfg_path, cfg = minilm_run
+    capsys.readouterr()
+    assert main(["errors", "--config", str(cfg_path), "-n", "4", "--layer", "5", "--json"]) == 0
+    out, err = capsys.readouterr()
+    doc = json.loads(out)  # the whole of stdout is one document
+    lists = token_errors(cfg, layer=5, n=4)
+    assert (doc["site"], doc["split"], doc["layer"], doc["seed"]) == ("resid_post", "val", 5, lists.seed)
+    assert (doc["n_rows"], doc["n_positive"], doc["val_auroc"]) == (lists.n_rows, lists.n_positive, lists.val_auroc)
+    for kind in ("false_positives", "missed_needles"):
+        got, want = doc[kind], getattr(lists, kind)
+        assert [e["rank"] for e in got] == [1, 2, 3, 4]
+        assert [(e["doc_id"], e["token_index"], e["char_start"], e["char_end"], e["context"]) for e in got] == [
+            (e.doc_id, e.token_index, e.char_start, e.char_end, e.context) for e in want]
+        assert [e["logit"] for e in got] == [e.logit for e in want]
+    assert "⟦" not in err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -78,9 +97,10 @@ def test_errors_command_refuses_in_one_line(minilm_run, capsys, argv, message):
         with pytest.raises(SystemExit):
             main(["errors", "--config", str(cfg_path), *argv])
         return
-    assert main(["errors", "--config", str(cfg_path), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0]
+    assert main(["errors", "--config", str(cfg_path), *argv, "--json"]) == 2
+    out, err = capsys.readouterr()
+    err = err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and out == ""  # no half answer on stdout
 
 
 def test_lists_are_deterministic(minilm_run):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import NeedleprobeError
-from .records import model_loading_bar
+from .records import model_loading_bar, print_json, results
 
 DEFAULT_CONFIG = "configs/dataset_main.yaml"
 MODEL_COMMANDS = ("extract", "train", "monitor", "evaluate")
@@ -170,7 +170,14 @@ def _common(p: argparse.ArgumentParser, extract: bool, fit: bool, runs: bool = F
 
 
 def _no_progress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars, transformers' weight-loading bar too")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide progress bars, transformers' weight-loading bar too (it is hidden anyway when stderr is "
+                   "not a terminal)")
+
+
+def _json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON document on stdout instead of the table (messages stay on stderr)")
 
 
 def _command(sub, name: str) -> argparse.ArgumentParser:
@@ -207,8 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     err.add_argument("--layer", type=int, help="the layer whose best probe to use (default: the best layer)")
     err.add_argument("--split", choices=["train", "val"], default="val", help="cached split to score (default val)")
     err.add_argument("-n", type=int, default=20, help="how many tokens in each list (default %(default)s)")
+    _json(err, "both lists, each token with its logit, document, offsets and context")
     _common(insp := _command(sub, "inspect"), False, False)
     insp.add_argument("--verify", action="store_true", help="read every chunk and list the damaged ones (exit 2 if any)")
+    _json(insp, "the cache's facts (and with --verify, what reading every chunk found)")
     _common(_command(sub, "report"), False, False, runs=True, several=True, caps=False)
     ev = _command(sub, "evaluate")
     _common(ev, True, False)
@@ -216,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--probes-run", help="the named run of --probes, when it is a config")
     ev.add_argument("--split", choices=["train", "val", "test"], default="val", help="target split (default val)")
     ev.add_argument("--matrix", nargs="+", metavar="CONFIG", help="a transfer matrix over these configs (same model)")
+    _json(ev, "what eval_metrics.json holds and where it is (with --matrix: the matrix's cells and the CSV's path)")
     dd = _command(sub, "demo-data")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl", help="where to write it (default %(default)s)")
     dd.add_argument("--seed", type=int, default=0, help="seed of the document assembly (default %(default)s)")
@@ -279,7 +289,10 @@ def run(args) -> int:
     if args.command == "evaluate" and args.matrix:
         from .evaluate import transfer_matrix
 
-        transfer_matrix([_config(args, c) for c in args.matrix], show_progress=not args.no_progress)
+        matrix = transfer_matrix([_config(args, c) for c in args.matrix], show_progress=not args.no_progress,
+                                 show=not args.json)
+        if args.json:
+            print_json(matrix)
         return 0
     if args.command == "report":
         args.config = args.config[0] if args.config else None
@@ -323,16 +336,24 @@ def run(args) -> int:
 
         if not args.probes:
             raise NeedleprobeError("evaluate: say which probes to score with --probes (a config or a probe directory)")
-        evaluate(cfg, args.probes, split=args.split, source_run=args.probes_run, layers=args.layers,
-                 show_progress=not args.no_progress)
+        answer = evaluate(cfg, args.probes, split=args.split, source_run=args.probes_run, layers=args.layers,
+                          show_progress=not args.no_progress, show=not args.json)
+        if args.json:
+            print_json(answer)
         return 0
     sites = cfg.probe.sites
     status = 0
+    answers: dict[str, dict] = {}  # --json: each site's answer, printed as one document at the end
+    problems: list[str] = []  # found after the answer was made: reported once it is printed
     for site in sites:  # every stage after extract works on one site at a time: each site is a run of its own
         scfg = cfg.for_site(site)
         if len(sites) > 1 and is_primary():
             con.print(f"[bold]site {site}[/bold]")
-        status = max(status, _run_site(args, scfg, con))
+        status = max(status, _run_site(args, scfg, con, answers, problems))
+    if getattr(args, "json", False):
+        print_json(answers[sites[0]] if len(sites) == 1 else {"sites": answers})
+    if problems:
+        raise NeedleprobeError(problems[0])
     if args.command == "report" and len(sites) > 1:
         from .report import write_comparison
 
@@ -341,8 +362,8 @@ def run(args) -> int:
     return status
 
 
-def _run_site(args, cfg, con) -> int:
-    """One command on one activation site's run."""
+def _run_site(args, cfg, con, answers: dict[str, dict], problems: list[str]) -> int:
+    """One command on one activation site's run (``--json``: its answer into ``answers``)."""
     from rich.markup import escape
 
     if args.command in ("check", "monitor", "errors", "report"):
@@ -357,13 +378,21 @@ def _run_site(args, cfg, con) -> int:
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, run=args.run, show_progress=not args.no_progress)
     if args.command == "errors":
+        from dataclasses import asdict
+
         from .token_errors import print_errors, token_errors
 
-        print_errors(token_errors(cfg, layer=args.layer, split=args.split, n=args.n, run=args.run))
+        lists = token_errors(cfg, layer=args.layer, split=args.split, n=args.n, run=args.run)
+        if args.json:
+            answers[cfg.probe.activation_site] = {"site": cfg.probe.activation_site, **asdict(lists)}
+        else:
+            print_errors(lists)
     if args.command == "inspect":
         from .summary import inspect
 
-        inspect(cfg, con, verify=args.verify)
+        facts, problem = inspect(cfg, verify=args.verify, show=not args.json)
+        answers[cfg.probe.activation_site] = facts
+        problems += [problem] if problem else []
     if args.command == "report":
         from .report import write_report
 
@@ -371,13 +400,21 @@ def _run_site(args, cfg, con) -> int:
     if args.command == "check":
         from .check import check
 
-        problems = check(cfg, run=args.run)
-        if problems:
-            for p in problems:
-                con.print(f"[red]FAIL[/red] {escape(p)}")
+        failures = check(cfg, run=args.run)
+        out = results()  # the verdict of the checks is the answer: stdout
+        for p in failures:
+            out.print(f"[red]FAIL[/red] {escape(p)}")
+        if failures:
             return 1
-        con.print("[green]all checks passed")
+        out.print("[green]all checks passed")
     return 0
+
+
+def tqdm_bars_shown(args) -> bool:
+    """Whether transformers' tqdm bars may draw: not with --no-progress, and not when stderr is a pipe or a file
+    (tqdm would write every frame there, joined by carriage returns). Our own bars (rich) print only their final
+    state there, as one line. Commands that never load a model leave transformers unimported."""
+    return args.command not in MODEL_COMMANDS or not (args.no_progress or not sys.stderr.isatty())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # --fit-memory holds; the default again afterwards (main() also runs inside other programs, tests included)
     arena = args.command in ("fit", "train") and one_malloc_arena()
     try:
-        with model_loading_bar(shown=not (args.no_progress and args.command in MODEL_COMMANDS)):
+        with model_loading_bar(shown=tqdm_bars_shown(args)):
             return run(args)
     except NeedleprobeError as e:
         if getattr(args, "debug", False):

@@ -28,7 +28,7 @@ from .errors import NeedleprobeError
 from .layout import Layout, RunIdentity, transfer_path
 from .metrics import binary_metrics, bootstrap_auroc_ci
 from .probe import LinearProbe, load_probes
-from .records import atomic_write_json, console
+from .records import atomic_write_json, console, results
 from .stores import as_path
 
 TOKEN_COLUMNS = ("layer", "seed", "split", "token_auroc", "auroc_ci_low", "auroc_ci_high", "average_precision",
@@ -156,8 +156,11 @@ def score_metrics(s: np.ndarray, y: np.ndarray, groups: np.ndarray, what: str) -
 
 
 def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", source_run: str | None = None,
-             layers: list[int] | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Score a run's probes on ``target``'s ``split``; write ``eval_metrics.csv``/``.json`` under the source run."""
+             layers: list[int] | None = None, show_progress: bool = True, show: bool = True) -> dict[str, Any]:
+    """Score a run's probes on ``target``'s ``split``; write ``eval_metrics.csv``/``.json`` under the source run.
+
+    Returns what ``eval_metrics.json`` holds, and where it is (``output_dir``); ``show``: print the table on stdout.
+    """
     from .data import file_sha256
     from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, truncation_line, write_rows_csv
 
@@ -216,9 +219,10 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
         "truncation": tokens.truncation,
     }
     atomic_write_json(out_dir / "eval_metrics.json", summary)
-    _print(source, target, split, rows, doc_rows)
+    if show:
+        _print(source, target, split, rows, doc_rows)
     console().print(f"transfer results in {out_dir}")
-    return summary
+    return {**summary, "output_dir": str(out_dir)}
 
 
 def _row(layer: int, seed: int, split: str, m: dict[str, Any], probe: LinearProbe) -> dict[str, Any]:
@@ -244,7 +248,7 @@ def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]
                   f"{r['token_auroc']:.4f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
                   f"{r['average_precision']:.3f}", f"{r['tpr_at_1pct_fpr']:.3f}", f"{r['tpr_at_5pct_fpr']:.3f}",
                   "–" if best is None else f"{best['auroc']:.3f} ({best['aggregation']})")
-    console().print(t)
+    results().print(t)
 
 
 def best_probes(probes: dict[tuple[int, int], LinearProbe]) -> dict[int, tuple[int, LinearProbe]]:
@@ -257,11 +261,11 @@ def best_probes(probes: dict[tuple[int, int], LinearProbe]) -> dict[int, tuple[i
     return out
 
 
-def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[str, Any]:
+def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True, show: bool = True) -> dict[str, Any]:
     """Every dataset's best probes on every dataset's val split (token AUROC): a CSV per layer, trained-on × evaluated-on.
 
     Each pair's numbers are also written under the source run (``transfer/{target}-val/eval_metrics.csv``), where a
-    comparison report finds them.
+    comparison report finds them.  Returns the CSV's path and its cells; ``show``: print the tables on stdout.
     """
     from .monitor import write_rows_csv
 
@@ -302,9 +306,12 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True) -> dict[s
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)
     atomic_write_bytes(out, buf.getvalue().encode())
-    _print_matrix(keys, layers, table)
+    if show:
+        _print_matrix(keys, layers, table)
     console().print(f"transfer matrix in {out}")
-    return {"csv": str(out), "auroc": table}
+    cells = [{"layer": layer, "trained_on": s, "evaluated_on": t, "token_auroc": table[(layer, s, t)]}
+             for layer in layers for s in keys for t in keys if (layer, s, t) in table]
+    return {"csv": str(out), "datasets": keys, "cells": cells}
 
 
 def _print_matrix(keys: list[str], layers: list[int], table: dict[tuple[int, str, str], float]) -> None:
@@ -317,4 +324,4 @@ def _print_matrix(keys: list[str], layers: list[int], table: dict[tuple[int, str
             t.add_column(k, justify="right")
         for s in keys:
             t.add_row(s, *(f"{table[(layer, s, k)]:.4f}" if (layer, s, k) in table else "–" for k in keys))
-        console().print(t)
+        results().print(t)

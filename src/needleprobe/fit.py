@@ -38,7 +38,7 @@ from .data import file_sha256
 from .errors import NeedleprobeError
 from .layout import Layout
 from .probe import FitData, LinearProbe, fit_grid, to_raw
-from .records import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, update_run_record
+from .records import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, results, update_run_record
 from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
 
 AUROC_NOISE = 1e-4
@@ -501,9 +501,10 @@ def _print_table(con, cfg: Config, result: FitResult) -> None:
         t.add_row(str(layer), seeds, f"{v['auroc']:.4f}", f"{lo:.3f}–{hi:.3f}", f"{v['average_precision']:.3f}",
                   f"{v['tpr_at_1pct_fpr']:.3f}", f"{tr['auroc']:.4f}" if tr.get("auroc") is not None else "–",
                   f"{m['selected_l2']:g}")
-    con.print(t)
+    out = results()  # the table and the verdict are the answer: stdout; the rest are messages
+    out.print(t)
+    for line in result.verdict.get("summary", []):
+        out.print(("[yellow]" if line.startswith("warning:") else "") + escape(f"verdict: {line}"))
     for line in result.replaced_better:
         con.print(f"[yellow]replaced by a probe with lower val AUROC: {line}")
-    for line in result.verdict.get("summary", []):
-        con.print(("[yellow]" if line.startswith("warning:") else "") + escape(f"verdict: {line}"))
     con.print(f"probes, metadata, probe_metrics.csv and verdict.json in {result.output_dir}")

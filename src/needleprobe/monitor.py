@@ -59,7 +59,7 @@ from .errors import NeedleprobeError
 from .layout import Layout
 from .metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean_docs_to_bound, fpr_upper_bound,
                       threshold_at_fpr)
-from .records import FileLock, atomic_write_bytes, console, update_run_record
+from .records import FileLock, atomic_write_bytes, console, results, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
 LOGIT_CHUNK_ROWS = 1 << 16
@@ -637,45 +637,61 @@ def _pct(x: float) -> str:
 
 
 def _rate_cell(r: dict[str, Any], name: str) -> str:
+    """TPR, then (on a line of its own) the needle documents flagged and the clean ones flagged (FP)."""
     if r[f"tpr_at_{name}_fpr"] is None:
         return "–"
-    tp, fp, n_pos = r[f"tp_at_{name}_fpr"], r[f"fp_at_{name}_fpr"], r["n_needle_docs"]
-    return f"{r[f'tpr_at_{name}_fpr']:.2f} ({tp}/{n_pos}, FP {fp}/{r['n_docs'] - n_pos})"
+    return f"{r[f'tpr_at_{name}_fpr']:.2f}\n{r[f'tp_at_{name}_fpr']}, FP {r[f'fp_at_{name}_fpr']}"
 
 
-def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None,
-           seeds: dict[tuple[int, int], list[int]] | None = None) -> None:
-    """The table, a warning for each FPR the calibration split cannot resolve, and the recommendation.
+def monitor_table(rows: list[dict[str, Any]], split: str, seeds: dict[tuple[int, int], list[int]] | None = None):
+    """The monitor's table, laid out for 80 columns: each cell's second line holds the confidence interval or the
+    counts (their totals are in the title), and the aggregation names are never cut.
 
     ``seeds``: (layer, seed) of each distinct probe → the seeds that gave it (``verdict.one_row_per_probe``), so
     identical seeds share a row; None: a row per probe.
     """
-    from rich.markup import escape
     from rich.table import Table
 
     from .verdict import SAME_SEEDS
 
-    con = console()
     seeds = seeds or {(r["layer"], r["seed"]): [r["seed"]] for r in rows}
     r0 = rows[0]
     cal, n_clean = r0["calibration_split"], r0["n_calibration_clean_docs"]
     where = "the same split" if cal == split else "held out"
-    t = Table(title=f"document monitor on {split!r}: AUROC [95% CI] · TPR (needle documents flagged, false positives) "
-                    f"at thresholds set on the {n_clean} clean {cal!r} documents ({where})",
+    n_pos = r0["n_needle_docs"]
+    t = Table(title=f"document monitor on {split!r}: AUROC [95% CI]; TPR (needle documents flagged of {n_pos}, FP: "
+                    f"clean ones flagged of {r0['n_docs'] - n_pos}) at thresholds set on the {n_clean} clean {cal!r} "
+                    f"documents ({where})",
               caption=SAME_SEEDS if any(len(g) > 1 for g in seeds.values()) else None)
-    for c in ("layer", "seed", "aggregation", "AUROC", "TPR at 1% FPR", "TPR at 5% FPR"):
+    t.add_column("layer", justify="right")
+    t.add_column("seed", justify="right")
+    t.add_column("aggregation", no_wrap=True)
+    for c in ("AUROC\n95% CI", "TPR at\n1% FPR", "TPR at\n5% FPR"):
         t.add_column(c, justify="right")
     for r in (r for r in rows if (r["layer"], r["seed"]) in seeds):
         t.add_row(str(r["layer"]), ", ".join(map(str, seeds[(r["layer"], r["seed"])])), r["aggregation"],
-                  f"{r['auroc']:.3f} ({r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f})",
+                  f"{r['auroc']:.3f}\n{r['auroc_ci_low']:.3f}–{r['auroc_ci_high']:.3f}",
                   _rate_cell(r, "1pct"), _rate_cell(r, "5pct"))
-    con.print(t)
+    return t
+
+
+def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None = None,
+           seeds: dict[tuple[int, int], list[int]] | None = None) -> None:
+    """The table and the recommendation (the answer, on stdout), and a warning (stderr) for each FPR the calibration
+    split cannot resolve.  ``seeds``: as for :func:`monitor_table`."""
+    from rich.markup import escape
+
+    out = results()
+    seeds = seeds or {(r["layer"], r["seed"]): [r["seed"]] for r in rows}
+    r0 = rows[0]
+    cal, n_clean = r0["calibration_split"], r0["n_calibration_clean_docs"]
+    out.print(monitor_table(rows, split, seeds))
     for fpr, name in TARGET_FPRS:
         if r0[f"tpr_at_{name}_fpr"] is None:
-            con.print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and "
-                      f"{clean_docs_advice(fpr)} (add needle-free documents, or set monitor.calibration_split)")
+            console().print(f"[yellow]warning: no TPR at {fpr:.0%} FPR: {cal!r} has {n_clean} clean documents, and "
+                            f"{clean_docs_advice(fpr)} (add needle-free documents, or set monitor.calibration_split)")
     if best is None:
-        con.print(f"no recommendation: {cal!r} needs documents with and without needles to choose an aggregation on")
+        out.print(f"no recommendation: {cal!r} needs documents with and without needles to choose an aggregation on")
         return
     same = seeds.get((best["layer"], best["seed"]), [best["seed"]])
     who = f"seed {best['seed']}" if len(same) == 1 else f"seeds {', '.join(map(str, same))} (identical probes)"
@@ -695,4 +711,4 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
                  f"point is just above the highest of them, threshold {op['threshold']:.3f}: {flags}; none of the "
                  f"{n_clean} is above it, so its FPR is at most {_pct(op['fpr_upper95'])} at {FPR_CONFIDENCE:.0%} "
                  f"confidence (exact binomial, Clopper–Pearson); {clean_docs_advice(fpr)}")
-    con.print(escape(line))
+    out.print(escape(line))

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import platform
 import socket
@@ -28,23 +29,50 @@ from .errors import NeedleprobeError
 from .stores import as_path, is_url
 
 _CONSOLE: Console | None = None
+_RESULTS: Console | None = None
+
+
+def _new_console(stderr: bool) -> Console:
+    """``soft_wrap``: a line is never broken by rich (in a log or a pipe it would be cut at 80 columns, paths
+    included); a terminal wraps it for display. Tables and progress bars are laid out to the width: a terminal's,
+    or (in a log or a file, unless ``COLUMNS`` says otherwise) 160 columns, so tables are not squeezed into 80."""
+    con = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not con.is_terminal and "COLUMNS" not in os.environ:
+        con.width = 160
+    return con
 
 
 def console() -> Console:
-    """Messages go to stderr, so stdout stays clean for piping.
-
-    ``soft_wrap``: a message is never broken into lines by rich (in a log or a
-    pipe it would be cut at 80 columns, paths included); a terminal wraps it
-    for display. Tables and progress bars are laid out to the width: a
-    terminal's, or (in a log, unless ``COLUMNS`` says otherwise) 160 columns,
-    so tables are not squeezed into 80.
-    """
+    """Messages (what a command does, progress, warnings) go to stderr, so stdout holds only the answer."""
     global _CONSOLE
     if _CONSOLE is None:
-        _CONSOLE = Console(stderr=True, highlight=False, soft_wrap=True)
-        if not _CONSOLE.is_terminal and "COLUMNS" not in os.environ:
-            _CONSOLE.width = 160
+        _CONSOLE = _new_console(stderr=True)
     return _CONSOLE
+
+
+def results() -> Console:
+    """A command's answer (its tables, verdict, lists) goes to stdout, so it can be piped, redirected and diffed."""
+    global _RESULTS
+    if _RESULTS is None:
+        _RESULTS = _new_console(stderr=False)
+    return _RESULTS
+
+
+def print_json(doc: Any) -> None:
+    """``--json``: the answer as exactly one strict JSON document on stdout (NaN and infinities as null, which
+    every parser reads; ``jq`` refuses NaN)."""
+
+    def strict(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {str(k): strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        return x
+
+    sys.stdout.write(json.dumps(strict(doc), indent=2, sort_keys=True, allow_nan=False) + "\n")
+    sys.stdout.flush()
 
 
 class _TokensPerSecond(ProgressColumn):
@@ -73,8 +101,10 @@ def progress_bar(enabled: bool = True) -> Progress:
 def model_loading_bar(shown: bool = True) -> Iterator[None]:
     """With ``shown=False``, silence transformers' progress bars ("Loading weights") for the block.
 
-    They are tqdm bars of transformers' own, outside our console; the previous
-    setting comes back afterwards, so only a command that asked is quiet.
+    They are tqdm bars of transformers' own (and huggingface_hub's), outside our
+    console; tqdm redraws with carriage returns even into a file, so a log
+    would get every frame on one line. The previous setting comes back
+    afterwards, so only a command that asked is quiet.
     """
     if shown:
         yield

@@ -1,10 +1,10 @@
 """What is in an activation cache, and is it still the cache this config would build?
 
 ``needleprobe inspect`` prints :func:`cache_summary`; :func:`cache_facts`
-returns the same facts as plain data (the HTML report's header uses it, tests
-assert on it).  Reading is cheap: only attributes and the small per-row arrays
-(labels, doc tables) are read, never the activations; ``inspect --verify``
-(:func:`verify_cache_chunks`) reads every chunk, to find damaged ones.
+returns the same facts as plain data (``inspect --json``, the HTML report's
+header and tests use it).  Reading is cheap: only attributes and the small
+per-row arrays (labels, doc tables) are read, never the activations;
+``inspect --verify`` reads every chunk, to find damaged ones.
 """
 
 from __future__ import annotations
@@ -174,34 +174,34 @@ def cache_summary(cfg: Config, facts: dict[str, Any] | None = None) -> Table:
     return t
 
 
-def inspect(cfg: Config, con, *, verify: bool = False) -> None:
-    """``needleprobe inspect [--verify]``: print the summary, then (``verify``) read every chunk.
+def inspect(cfg: Config, *, verify: bool = False, show: bool = True) -> tuple[dict[str, Any], str | None]:
+    """``needleprobe inspect [--verify]``: (the cache's facts, the problem to report or None).
 
-    Raises :class:`NeedleprobeError` (exit 2) when a chunk is damaged, after the table and the list.
+    The table (and with ``verify``, what reading every chunk found) is the command's answer, printed on stdout
+    unless ``show`` is False (``--json`` prints the facts instead; ``verify`` adds ``verified``). A damaged chunk is
+    returned as a one-line problem, not raised, so the answer is printed before the command exits with status 2.
     """
-    from .errors import NeedleprobeError
-
-    facts = cache_facts(cfg)
-    con.print(cache_summary(cfg, facts))
-    if verify:
-        verify_cache_chunks(cfg, con)
-    elif facts["damaged"]:
-        raise NeedleprobeError(facts["damaged"][0])
-
-
-def verify_cache_chunks(cfg: Config, con) -> None:
-    """Read every chunk and print the damaged ones; raises (exit 2) when any is damaged."""
     from rich.markup import escape
 
-    from .errors import NeedleprobeError
+    from .records import results
 
+    out = results()
+    facts = cache_facts(cfg)
+    if show:
+        out.print(cache_summary(cfg, facts))
+    if not verify:
+        return facts, (facts["damaged"][0] if facts["damaged"] else None)
     cache = open_cache(cfg, allow_incomplete=True)
     v = cache.verify()
     how = "crc32c checksums" if v.format >= 2 else "format 1, no checksums: only missing or undecodable chunks are found"
+    facts["verified"] = {"chunks": v.chunks, "format": v.format, "damaged": [str(d) for d in v.damaged],
+                         "remedies": sorted({d.remedy for d in v.damaged})}
+    if show:
+        if not v.damaged:
+            out.print(f"[green]all {v.chunks:,} chunks verified[/green] ({how})")
+        for d in v.damaged:
+            out.print(f"[red]damaged:[/red] {escape(str(d))}")
     if not v.damaged:
-        con.print(f"[green]all {v.chunks:,} chunks verified[/green] ({how})")
-        return
-    for d in v.damaged:
-        con.print(f"[red]damaged:[/red] {escape(str(d))}", soft_wrap=True)
-    remedies = "; ".join(sorted({d.remedy for d in v.damaged}))
-    raise NeedleprobeError(f"{cache.path}: {len(v.damaged)} of {v.chunks:,} chunks are damaged ({how}): {remedies}")
+        return facts, None
+    remedies = "; ".join(facts["verified"]["remedies"])
+    return facts, f"{cache.path}: {len(v.damaged)} of {v.chunks:,} chunks are damaged ({how}): {remedies}"

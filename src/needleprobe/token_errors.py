@@ -146,18 +146,19 @@ def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n
 
 
 def print_errors(lists: ErrorLists) -> None:
+    """The lists (the command's answer) on stdout, notes on stderr."""
     from rich.markup import escape
     from rich.table import Table
 
-    from .records import console
+    from .records import console, results
 
-    con = console()
+    con = results()
     auroc = f", val AUROC {lists.val_auroc:.4f}" if lists.val_auroc is not None else ""
     con.print(f"errors of layer {lists.layer} seed {lists.seed}{auroc} on {lists.split!r}: {lists.n_rows:,} cached rows "
               f"({lists.n_positive:,} needle tokens, {lists.n_rows - lists.n_positive:,} sampled negatives); logit > 0 "
               "is the probe's own 'needle'")
     for note in lists.notes:
-        con.print(f"[yellow]{escape(note)}")
+        console().print(f"[yellow]{escape(note)}")
     for title, items in (("highest-scoring negatives (false positives)", lists.false_positives),
                          ("lowest-scoring needle tokens (missed needles)", lists.missed_needles)):
         t = Table(title=title, title_justify="left")
