@@ -86,7 +86,9 @@ def test_a_gguf_model_gives_the_rows_of_its_dequantized_directory(tiny_gguf, dat
     assert [p.name for p in model_cache.iterdir()] == [f"tiny-llama.Q8_0-{_sha256(gguf)[:16]}"]
     cache = open_cache(cfg)
     assert cache.fields["gguf_sha256"] == _sha256(gguf) and cache.fields["gguf_file"] == gguf.name
-    assert cache.path.parent.name == "models--tiny-llama.Q8_0"  # the file's stem names it: a directory may hold several
+    # the directory's own name (`models` says nothing: the folder above, with a digest of the path) and the file's
+    # stem name it: a directory may hold several
+    assert re.fullmatch(r"local--gguf-[0-9a-f]{8}--tiny-llama\.Q8_0", cache.path.parent.name), cache.path
 
     ref_dir = _dequantized_directory(gguf, tmp_path / "dequantized")
     (tmp_path / "ref").mkdir()

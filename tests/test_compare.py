@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from needleprobe.layout import model_slug
+
 from conftest import dump_dom, probe_files, write_config, write_jsonl
 from pipeline_fixture import pipeline_docs
 from test_report import CHROMIUM, Elements
@@ -52,6 +54,7 @@ def runs(tmp_path_factory):
     data_a = write_jsonl(tmp / "data_a.jsonl", pipeline_docs())
     data_b = write_jsonl(tmp / "data_b.jsonl", second_docs())
     gpt2 = make_tiny_model("gpt2", tmp / "tiny-gpt2", n_layers=3)
+    LABELS["g"] = f"t_v1 · {model_slug(str(gpt2))}"  # a local directory: its name and a digest of its path
     paths = {
         "a": write_config(tmp, data_a, config_name="a.yaml", class_balance="downsample", **where),
         "b": write_config(tmp, data_b, dataset=HOSTILE_NAME, config_name="b.yaml", **where),
@@ -81,7 +84,7 @@ def _best_per_layer(cfg) -> dict[int, tuple[int, dict]]:
     return out
 
 
-LABELS = {"a": "t_v1 · embedded--all-MiniLM-L6-v2", "b": f"{HOSTILE_NAME}_v1", "g": "t_v1 · tiny-gpt2"}
+LABELS = {"a": "t_v1 · embedded--all-MiniLM-L6-v2", "b": f"{HOSTILE_NAME}_v1", "g": None}  # g: set by `runs`
 
 
 def _points(el, chart: str) -> dict[str, list[dict]]:
@@ -97,7 +100,7 @@ def test_written_in_the_runs_common_directory(runs):
     dirs = [Layout.from_config(c).run_dir for c in runs["cfgs"].values()]
     assert dirs[0].parent == dirs[1].parent != dirs[2].parent  # {model}/{site} kept the two t_v1 runs apart
     assert runs["path"] == runs["tmp"] / "results" / "probes" / (
-        "comparison_t_v1-embedded--all-MiniLM-L6-v2_vs_u-i-q_v1_vs_t_v1-tiny-gpt2.html")
+        f"comparison_t_v1-embedded--all-MiniLM-L6-v2_vs_u-i-q_v1_vs_{LABELS['g'].replace(' · ', '-')}.html")
     assert not [p for p in runs["path"].parent.iterdir() if ".tmp-" in p.name]
 
 
@@ -203,7 +206,7 @@ def test_transfer_matrix_cells_are_the_evaluated_numbers(runs):
         for layer, (seed, m) in _best_per_layer(cfgs[k]).items():
             assert _csv_auroc(cfgs[k], cfgs[k], layer, seed) == pytest.approx(m["val_metrics"]["auroc"], abs=1e-12)
     assert not el.find("td", "missing") and not el.find("td", "stale")
-    assert "t_v1 · tiny-gpt2." in re.sub(r"\s+", " ", runs["html"])  # GPT-2 has no partner: said, not drawn
+    assert f"{LABELS['g']}." in re.sub(r"\s+", " ", runs["html"])  # GPT-2 has no partner: said, not drawn
 
 
 def test_missing_and_stale_pairs_are_marked_with_the_command_that_fills_them(runs, tmp_path):

@@ -413,6 +413,7 @@ def test_monitor_table_fits_80_columns(monitored, monkeypatch, capsys):
     """At COLUMNS=80 nothing is cut: every aggregation name, AUROC with its CI and TPR with its counts is whole on
     stdout, four-digit counts included; the recommendation follows the table there."""
     from needleprobe import records
+    from needleprobe.metrics import fpr_upper_bound
     from needleprobe.monitor import _print
 
     _, _, res = monitored
@@ -421,7 +422,8 @@ def test_monitor_table_fits_80_columns(monitored, monkeypatch, capsys):
         r.update(n_docs=3000, n_needle_docs=1500, n_calibration_clean_docs=2500)
         for name, tp, fp in (("1pct", 1000 + i, 15), ("5pct", 1400 + i, 75)):
             r.update({f"tpr_at_{name}_fpr": tp / 1500, f"tp_at_{name}_fpr": tp, f"fp_at_{name}_fpr": fp,
-                      f"threshold_{name}_fpr": 1.5, f"observed_fpr_at_{name}_fpr": fp / 1500})
+                      f"threshold_{name}_fpr": 1.5, f"observed_fpr_at_{name}_fpr": fp / 1500,
+                      f"fpr_upper95_at_{name}_fpr": fpr_upper_bound(fp, 2500)})
     monkeypatch.setenv("COLUMNS", "80")
     monkeypatch.setattr(records, "_RESULTS", None)  # made anew, as a process would at COLUMNS=80
     capsys.readouterr()
