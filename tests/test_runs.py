@@ -94,7 +94,7 @@ def test_a_partial_refit_is_a_named_run_beside_the_first(workspace, capsys):
     # the run remembers its flags: check without them passes; a flag that is not the run's is named
     assert check(cfg, run="wide-l2") == []
     assert main(["check", "--config", str(first), "--run", "wide-l2", "--l2-grid", "1,3"]) == 1
-    assert "l2_grid: [1.0, 3.0, 10.0, 30.0] vs [1.0, 3.0]" in capsys.readouterr().err
+    assert "l2_grid: [1.0, 3.0, 10.0, 30.0] vs [1.0, 3.0]" in capsys.readouterr().out  # check's answer
 
 
 def test_refit_of_the_whole_run_says_when_a_probe_gets_worse_and_overwrite_drops_the_rest(workspace, tmp_path, capsys):
