@@ -261,6 +261,7 @@ class _Data:
         self.cny = (c * (1 - y))[:, None]  # [n, 1]
         self.cuda = self.dev.type == "cuda"
         self.group = group_rows(n_total, self.cuda)
+        self._views: list[tuple[int, torch.Tensor]] | None = None
 
     def rowsum(self, M: torch.Tensor) -> torch.Tensor:
         """Sum over rows of M [n, K] (all processes): [K], the same bits however the rows are split over processes.
@@ -328,8 +329,9 @@ class _Data:
         if self.src is not None:
             yield from self.src.groups(self.group)
             return
-        for a in range(0, self.n, self.group):
-            yield a, self.X[a : a + self.group]
+        if self._views is None:  # sliced once: a fit makes ~200 passes, and slicing holds the GIL
+            self._views = [(a, self.X[a : a + self.group]) for a in range(0, self.n, self.group)]
+        yield from self._views
 
     def xtr(self, R: torch.Tensor) -> torch.Tensor:
         """X^T R for R [n, K] (float64 in and out), all processes: float32 groups, exact float64 sums over groups."""
