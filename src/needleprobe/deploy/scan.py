@@ -43,9 +43,11 @@ def read_documents(stream: IO[bytes], where: str) -> Iterator[tuple[int, dict | 
         yield n, {"doc_id": str(doc_id), "text": text}, None
 
 
-def scan(monitor, stream: IO[bytes], where: str, out: IO[str] = sys.stdout, err: IO[str] = sys.stderr,
+def scan(monitor, stream: IO[bytes], where: str, out: IO[str] | None = None, err: IO[str] | None = None,
          batch_size: int = 16) -> tuple[int, int, int]:
-    """Score every document of ``stream``; returns (documents scored, flagged, bad lines)."""
+    """Score every document of ``stream``; returns (documents scored, flagged, bad lines).  ``out``/``err``: stdout
+    and stderr by default."""
+    out, err = out or sys.stdout, err or sys.stderr
     scored = flagged = bad = 0
     batch: list[dict] = []
 
