@@ -120,3 +120,29 @@ def test_missing_calibration_is_one_line_naming_the_command(llama_monitored, tmp
     assert len(err.splitlines()) == 1 and f"run `needleprobe monitor --config {other}` first" in err
     with pytest.raises(NeedleprobeError, match="1% FPR needs at least 100 clean.*use fpr=0"):
         Monitor.load(cfg_path, aggregation="max", fpr=0.01).threshold  # noqa: B018
+
+
+def test_detection_is_in_monitors_output_csv_and_report(llama_monitored, capsys):
+    import re
+
+    from needleprobe.monitor import monitor
+
+    cfg_path, cfg, _ = llama_monitored
+    res = monitor(cfg, split="val", show_progress=False)  # logits stored: no model run
+    out = capsys.readouterr().out
+    op = res["operating_point"]
+    assert op["n_needle_spans"] > 0 and op["detection_rate"] is not None
+    assert f"{op['detected_spans']}/{op['n_needle_spans']} needle spans" in out
+    _, row = _stored(cfg)
+    assert int(row["n_needle_spans"]) == op["n_needle_spans"]
+    assert int(row["detected_spans_at_5pct_fpr"]) == op["detected_spans"]
+    assert main(["report", "--config", str(cfg_path), "--no-progress"]) == 0
+    page = Layout.from_config(cfg).report.read_text()
+    layer, seed = map(int, re.search(r"Document monitor on val: layer (\d+) · seed (\d+)", page).groups())
+    with open(Layout.from_config(cfg).monitor_csv("val"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if (int(r["layer"]), int(r["seed"])) == (layer, seed)]
+    section = page.split("Needle detection on val")[1].split("</table>")[0]
+    for r in rows:
+        rate = float(r["detection_rate_at_5pct_fpr"])
+        cell = f"{rate:.0%} ({r['detected_spans_at_5pct_fpr']}/{r['n_needle_spans']})"
+        assert cell in section, (r["aggregation"], cell)
