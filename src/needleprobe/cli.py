@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--fail-on-flag", action="store_true", help="exit 1 when any document is flagged")
             p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default %(default)s)")
         else:
-            p.add_argument("--out", required=True, help="the bundle's directory")
+            p.add_argument("--out", help="the bundle's directory (required)")
             p.add_argument("--overwrite", action="store_true", help="replace a bundle already there")
     dd = _command(sub, "demo-data")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl", help="where to write it (default %(default)s)")
@@ -407,6 +407,8 @@ def _deploy(args) -> int:
     """``scan`` and ``export``: a monitor loaded from a config, a run directory or a bundle."""
     from .deploy.monitor import Monitor
 
+    if args.command == "export" and not args.out:
+        raise NeedleprobeError("export: say where to write the bundle with --out DIR")
     source = args.config or DEFAULT_CONFIG
     mon = Monitor.load(source, layer=args.layer, seed=args.seed, aggregation=args.aggregation, fpr=args.fpr,
                        run=args.run)

@@ -223,6 +223,13 @@ class Monitor:
             self._loaded["tokenizer"] = load_tokenizer(self.model)
         return self._loaded["tokenizer"]
 
+    def model_location(self) -> str:
+        """Where ``from_pretrained`` reads the probe's model (a hub id or a local directory; a packaged or GGUF model's
+        converted directory), e.g. to load it with its LM head for generation."""
+        from ..hooks import model_location
+
+        return model_location(self.model)
+
     def load_model(self):
         """The model the probe reads, loaded as ``extract`` loads it (base model, ``model_dtype``, ``device``)."""
         if "model" not in self._loaded:
@@ -332,13 +339,40 @@ class Monitor:
         return out
 
     # -- generation ----------------------------------------------------------------------
-    def watch(self, model, *, tokenizer=None):
+    def prompts(self, texts: Iterable[str], *, tokenizer=None) -> dict[str, Any]:
+        """Prompts to generate replies to ``texts``, each wrapped as ``extract`` wraps a document (a user turn of the
+        chat template, when the probe was trained with it) and followed by the template's generation prompt.
+        Left-padded tensors ``input_ids``, ``attention_mask`` for ``generate``, and ``text_mask``: the texts' own
+        tokens, the only prompt tokens the probe was trained on (give it to :meth:`watch`)."""
+        import torch
+
+        from ..data import Document
+        from ..tokens import tokenize_documents
+
+        tok = tokenizer if tokenizer is not None else self.tokenizer()
+        docs = [Document(f"prompt-{i}", t, (), "test", i + 1) for i, t in enumerate(texts)]
+        tdocs = tokenize_documents(tok, docs, self.model.max_length, self.model.chat_template,
+                                   add_generation_prompt=self.model.chat_template)
+        P = max(td.n_tokens for td in tdocs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(tdocs), P), pad, dtype=torch.long)
+        mask = torch.zeros((len(tdocs), P), dtype=torch.long)
+        text = torch.zeros((len(tdocs), P), dtype=torch.bool)
+        for b, td in enumerate(tdocs):
+            ids[b, P - td.n_tokens :] = torch.from_numpy(td.input_ids)
+            mask[b, P - td.n_tokens :] = 1
+            text[b, P - td.n_tokens :] = torch.from_numpy(td.labelable)
+        return {"input_ids": ids, "attention_mask": mask, "text_mask": text}
+
+    def watch(self, model, *, tokenizer=None, text_mask=None):
         """A context manager: score every prompt and generated token of ``model.generate(...)`` from the forward
-        passes generation runs anyway (:class:`needleprobe.deploy.watch.Watch`)."""
+        passes generation runs anyway (:class:`needleprobe.deploy.watch.Watch`).  ``text_mask`` [batch, prompt
+        length] (from :meth:`prompts`): the prompt tokens the aggregate counts; without it, every prompt token but
+        the special ones (chat-template text such as a default system prompt then counts too)."""
         from .watch import Watch
 
         self.check_model(model)
-        return Watch(self, model, tokenizer if tokenizer is not None else self.tokenizer())
+        return Watch(self, model, tokenizer if tokenizer is not None else self.tokenizer(), text_mask)
 
     def stopping_criteria(self):
         """A ``transformers.StoppingCriteria`` that ends a sequence once its running aggregate crosses the threshold

@@ -8,7 +8,8 @@ positions that forward computed, applies the probe, and feeds the running aggreg
 ``attention_mask`` (left padding in a batch), so padded prompts are scored exactly on their tokens.
 
 Special tokens (BOS, padding, chat-template markers) are scored but not counted in the aggregate, as ``extract``
-never labels them.  The last token ``generate`` returns is never fed to the model (generation ends after sampling
+never labels them; given a ``text_mask`` (``Monitor.prompts``), only the prompt's text tokens count, as the probe
+was trained on them alone (a chat template's own text, such as a default system prompt, is then left out).  The last token ``generate`` returns is never fed to the model (generation ends after sampling
 it), so it has no score.  A sequence stops being watched once it is stopped by :func:`monitor_stopping_criteria` or
 has fed an end-of-sequence token; the pad tokens ``generate`` feeds it afterwards are ignored.
 """
@@ -64,8 +65,10 @@ class WatchedSequence:
 class Watch:
     """``with monitor.watch(model) as w: model.generate(...)``; then ``w.sequences``, one per batch row."""
 
-    def __init__(self, monitor, model, tokenizer):
+    def __init__(self, monitor, model, tokenizer, text_mask=None):
         self.monitor, self.model = monitor, model
+        self.text_mask = None if text_mask is None else np.asarray(text_mask.cpu() if hasattr(text_mask, "cpu")
+                                                                    else text_mask, dtype=bool)
         self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
         gc = getattr(model, "generation_config", None)
         eos = getattr(gc, "eos_token_id", None)
@@ -142,7 +145,10 @@ class Watch:
             for j in np.flatnonzero(new_mask[b]):
                 tok = int(new_ids[b, j])
                 gen = first + j >= self._prompt
-                counted = tok not in self.special
+                if gen or self.text_mask is None:
+                    counted = tok not in self.special
+                else:
+                    counted = bool(self.text_mask[b, first + j])
                 seq.token_ids.append(tok)
                 seq.logits.append(float(logits[b, j]))
                 seq.generated.append(bool(gen))
