@@ -422,6 +422,9 @@ def _deploy(args) -> int:
     stream, where = open_input(args.file)
     try:
         n, flagged, bad = scan(mon, stream, where, batch_size=max(1, args.batch_size))
+    except BrokenPipeError:  # the reader went away (`scan ... | head`): stop quietly, as a pipe's tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
