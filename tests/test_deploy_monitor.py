@@ -146,3 +146,10 @@ def test_detection_is_in_monitors_output_csv_and_report(llama_monitored, capsys)
         rate = float(r["detection_rate_at_5pct_fpr"])
         cell = f"{rate:.0%} ({r['detected_spans_at_5pct_fpr']}/{r['n_needle_spans']})"
         assert cell in section, (r["aggregation"], cell)
+
+
+def test_a_run_directory_loads_the_same_monitor_as_its_config(llama_monitored):
+    cfg_path, cfg, _ = llama_monitored
+    a, b = Monitor.load(cfg_path, fpr=0), Monitor.load(Layout.from_config(cfg).run_dir, fpr=0)
+    assert (a.layer, a.seed, a.aggregation, a.threshold) == (b.layer, b.seed, b.aggregation, b.threshold)
+    assert np.array_equal(a.weight, b.weight)
