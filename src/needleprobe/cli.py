@@ -76,7 +76,8 @@ COMMANDS = {  # name: (one-line help, description)
         "activation cache), and aggregate them into one score per document: mean, max, top-k mean, max of a "
         "rolling mean, softmax-weighted mean. Thresholds are set on the needle-free documents of "
         "monitor.calibration_split (default val, scored too) and applied to the split. Writes "
-        "monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% FPR with threshold, true and false positives) "
+        "monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% FPR with threshold, true and false positives, "
+        "and the share of needle spans a running aggregate catches before they end, with the latency in tokens) "
         "and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
     ),
     "scan": (
