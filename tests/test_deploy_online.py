@@ -70,3 +70,22 @@ def test_monitor_rows_hold_detection_at_each_threshold():
     assert (row["detected_spans_above_clean"], row["detection_rate_above_clean"]) == (2, 1.0)
     assert (row["latency_median_above_clean"], row["latency_p90_above_clean"]) == (1.0, 1.0)
     assert row["detection_rate_at_5pct_fpr"] is None  # two clean documents cannot set a 5% FPR threshold
+
+
+@pytest.mark.parametrize("method", AGGREGATIONS)
+def test_span_latencies_equal_a_brute_force_count(method):
+    """The shortcut that skips tokens below every threshold finds what evaluating every prefix finds."""
+    mon = MonitorConfig(top_k=3, window=4, temperature=2.0)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=120).astype(np.float32)
+    needle = np.zeros(120, np.int8)
+    needle[[*range(10, 25), *range(60, 64), *range(90, 118)]] = 1
+    thresholds = [float(np.quantile(x, q)) for q in (0.5, 0.8, 0.95)] + [None]
+    want = []
+    for t in thresholds:
+        row = []
+        for first, end in needle_runs(needle):
+            hit = [i for i in range(first, end) if t is not None and aggregate(x[: i + 1], method, mon) > t]
+            row.append(hit[0] - first if hit else None)
+        want.append(row)
+    assert span_latencies(x, needle, method, mon, thresholds) == want

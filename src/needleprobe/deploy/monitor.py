@@ -78,7 +78,8 @@ class ScoredDocument:
 
     def to_dict(self) -> dict[str, Any]:
         """What ``needleprobe scan`` prints for the document."""
-        return {"doc_id": self.doc_id, "score": self.score, "threshold": self.threshold, "flagged": self.flagged,
+        score = self.score if np.isfinite(self.score) else None  # a document without text tokens has no score
+        return {"doc_id": self.doc_id, "score": score, "threshold": self.threshold, "flagged": self.flagged,
                 "aggregation": self.aggregation, "layer": self.layer, "n_tokens": int(self.token_logits.size),
                 "truncated": self.truncated, "top_tokens": self.top_tokens()}
 

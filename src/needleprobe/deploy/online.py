@@ -94,8 +94,16 @@ def span_latencies(logits: np.ndarray, needle: np.ndarray, method: str, mon: Mon
     also counts an aggregate that crossed before the span began and is still above)."""
     runs = needle_runs(needle)
     out: list[list[int | None]] = [[] for _ in thresholds]
+    set_ = [t for t in thresholds if t is not None]
+    x = np.asarray(logits, dtype=np.float64)
+    bound = np.maximum.accumulate(x) if x.size else x  # no aggregation is above the running max
     for first, end in runs:
-        vals = running_values(logits, method, mon, start=first, stop=end)
+        skip = 0
+        if set_ and method not in ("max", "rolling_max"):  # re-aggregated prefixes: skip the tokens that cannot cross
+            low = min(set_) - 1e-9 * (1.0 + abs(min(set_)))  # a margin for the last bits of a mean's rounding
+            above = np.flatnonzero(bound[first:end] > low)
+            skip = int(above[0]) if above.size else end - first
+        vals = np.concatenate([np.full(skip, -np.inf), running_values(x, method, mon, start=first + skip, stop=end)])
         for i, t in enumerate(thresholds):
             out[i].append(None if t is None else first_crossing(vals, t))
     return out
