@@ -30,6 +30,9 @@ WEIGHTS = "model.safetensors"
 README = "README.md"
 FORMAT = "needleprobe-monitor"
 FORMAT_VERSION = 1
+HUB_NAMES = {"embedded:SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+             "embedded:all-MiniLM-L6-v2": "sentence-transformers/all-MiniLM-L6-v2"}
+"""The hub models the packaged ones are (the model card's ``base_model`` names a hub model)."""
 
 
 def card_of(monitor) -> dict[str, Any]:
@@ -98,7 +101,7 @@ def export_bundle(monitor, out, overwrite: bool = False) -> Path:
 def model_card(card: dict[str, Any]) -> str:
     """README.md with Hugging Face's YAML header."""
     m, agg = card["model"], card["aggregation"]
-    base = m["name"].removeprefix("embedded:")
+    base = HUB_NAMES.get(m["name"], m["name"])
     thr = card["thresholds"][agg["name"]]
     rows = "\n".join(
         f"| {'just above the highest clean document' if k == 'above_clean' else f'{float(k):.0%}'} | "
