@@ -163,3 +163,11 @@ def minilm_run(tmp_path_factory, small_dataset):
     cfg_path = write_config(tmp, small_dataset, layers_to_probe=[1, 5])
     assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
     return cfg_path, load_config(cfg_path)
+
+
+@pytest.fixture(scope="session")
+def llama_monitored(tmp_path_factory):
+    """A run on a tiny random Llama, monitored on val: (config path, Config, model directory); read-only."""
+    from deploy_fixture import build_llama_run
+
+    return build_llama_run(tmp_path_factory.mktemp("llama-monitor"))

@@ -17,7 +17,8 @@ from needleprobe.cli import build_parser, main
 from needleprobe.records import console, model_loading_bar
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["extract", "fit", "train", "check", "monitor", "errors", "inspect", "report", "evaluate", "demo-data"]
+COMMANDS = ["extract", "fit", "train", "check", "monitor", "errors", "inspect", "report", "evaluate", "scan", "export",
+            "demo-data"]
 JARGON = re.compile(r"seed's|\bthe seed\b|\bTask \d|\(#\d+\)|\bissue \d|thin layer", re.IGNORECASE)
 
 

@@ -20,5 +20,14 @@ from .errors import NeedleprobeError  # noqa: E402
 from .layout import Layout  # noqa: E402
 from .probe import LinearProbe, load_probes  # noqa: E402
 
-__all__ = ["Cache", "Config", "Layout", "LinearProbe", "NeedleprobeError", "load_config", "load_probes", "open_cache",
-           "__version__"]
+__all__ = ["Cache", "Config", "Layout", "LinearProbe", "Monitor", "NeedleprobeError", "load_config", "load_probes",
+           "open_cache", "__version__"]
+
+
+def __getattr__(name: str):
+    """``needleprobe.Monitor`` is imported on first use, so ``import needleprobe`` stays light."""
+    if name == "Monitor":
+        from .deploy.monitor import Monitor
+
+        return Monitor
+    raise AttributeError(f"module 'needleprobe' has no attribute {name!r}")

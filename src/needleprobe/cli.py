@@ -17,7 +17,7 @@ from .errors import NeedleprobeError
 from .records import model_loading_bar, print_json, results
 
 DEFAULT_CONFIG = "configs/dataset_main.yaml"
-MODEL_COMMANDS = ("extract", "train", "monitor", "evaluate")
+MODEL_COMMANDS = ("extract", "train", "monitor", "evaluate", "scan", "export")
 """Commands that load the model (and so show transformers' weight-loading bar)."""
 
 DESCRIPTION = """\
@@ -76,8 +76,28 @@ COMMANDS = {  # name: (one-line help, description)
         "activation cache), and aggregate them into one score per document: mean, max, top-k mean, max of a "
         "rolling mean, softmax-weighted mean. Thresholds are set on the needle-free documents of "
         "monitor.calibration_split (default val, scored too) and applied to the split. Writes "
-        "monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% FPR with threshold, true and false positives) "
+        "monitor_metrics_{split}.csv (document AUROC, TPR at 1% and 5% FPR with threshold, true and false positives, "
+        "and the share of needle spans a running aggregate catches before they end, with the latency in tokens) "
         "and doc_scores_{split}.jsonl there. Logits already stored for a probe are reused.",
+    ),
+    "scan": (
+        "score new documents with a calibrated monitor, one JSON line each",
+        "Score documents with a probe as a deployed monitor: the probe and aggregation `monitor` recommended (or "
+        "--layer, --seed, --aggregation) and the threshold set at --fpr on the calibration split's clean documents. "
+        "--config is a config, a run directory or an exported monitor bundle. Reads FILE (or stdin, or -): JSON "
+        "lines with text and optional doc_id, or plain text lines (one document each). Prints one JSON line per "
+        "document on stdout (doc_id, score, threshold, flagged, aggregation, layer, top tokens with character "
+        "spans), flushed batch by batch. A bad line is reported on stderr with its number and skipped (exit 2 at "
+        "the end); --fail-on-flag exits 1 when a document is flagged. The model is the probe's own; nothing is "
+        "written.",
+    ),
+    "export": (
+        "write a monitor bundle (safetensors weights, monitor.json card, README model card)",
+        "Write a directory that holds a monitor and loads without the run, the cache or the dataset "
+        "(Monitor.load(directory), or scan --config directory): model.safetensors (the probe's coefficients on raw "
+        "activations and its bias), monitor.json (model, site, layer, chat template, max_length, aggregation, "
+        "thresholds per FPR with their calibration, metrics, dataset digest, needleprobe version) and a README "
+        "model card. Needs `monitor` to have run (it calibrated the thresholds). No pickle.",
     ),
     "evaluate": (
         "score saved probes on another dataset (transfer)",
@@ -226,6 +246,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=["train", "val", "test"], default="val", help="target split (default val)")
     ev.add_argument("--matrix", nargs="+", metavar="CONFIG", help="a transfer matrix over these configs (same model)")
     _json(ev, "what eval_metrics.json holds and where it is (with --matrix: the matrix's cells and the CSV's path)")
+    for name in ("scan", "export"):
+        p = _command(sub, name)
+        p.add_argument("--config", help=f"a YAML config, a run directory or (scan) a monitor bundle (default "
+                       f"{DEFAULT_CONFIG})")
+        p.add_argument("--run", help="a named run of the config")
+        p.add_argument("--layer", type=int, help="the probe's layer (default: the one `monitor` recommended)")
+        p.add_argument("--seed", type=int, help="the probe's seed (default: the one `monitor` recommended)")
+        p.add_argument("--aggregation", help="mean, max, topk_mean, rolling_max or softmax_mean (default: the one "
+                       "`monitor` recommended)")
+        p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate whose calibrated threshold flags "
+                       "(0: just above the highest clean calibration document; default %(default)s)")
+        p.add_argument("--debug", action="store_true", help="show full tracebacks")
+        _no_progress(p)
+        if name == "scan":
+            p.add_argument("file", nargs="?", metavar="FILE", help="JSONL or text lines (default: stdin)")
+            p.add_argument("--fail-on-flag", action="store_true", help="exit 1 when any document is flagged")
+            p.add_argument("--batch-size", type=int, default=16, help="documents per batch (default %(default)s)")
+        else:
+            p.add_argument("--out", help="the bundle's directory (required)")
+            p.add_argument("--overwrite", action="store_true", help="replace a bundle already there")
     dd = _command(sub, "demo-data")
     dd.add_argument("--out", default="data/datasets/needles_demo_v1.jsonl", help="where to write it (default %(default)s)")
     dd.add_argument("--seed", type=int, default=0, help="seed of the document assembly (default %(default)s)")
@@ -280,6 +320,8 @@ def run(args) -> int:
         path = write_demo_dataset(args.out, seed=args.seed)
         con.print(f"wrote {path}")
         return 0
+    if args.command in ("scan", "export"):
+        return _deploy(args)
     if args.command == "report" and args.config and len(args.config) > 1:
         from .report import write_comparison
 
@@ -360,6 +402,37 @@ def run(args) -> int:
         cfgs = [_run_config(args, cfg.for_site(s)) for s in sites]
         con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
     return status
+
+
+def _deploy(args) -> int:
+    """``scan`` and ``export``: a monitor loaded from a config, a run directory or a bundle."""
+    from .deploy.monitor import Monitor
+
+    if args.command == "export" and not args.out:
+        raise NeedleprobeError("export: say where to write the bundle with --out DIR")
+    source = args.config or DEFAULT_CONFIG
+    mon = Monitor.load(source, layer=args.layer, seed=args.seed, aggregation=args.aggregation, fpr=args.fpr,
+                       run=args.run)
+    if args.command == "export":
+        from .records import console
+
+        console().print(f"wrote {mon.export(args.out, overwrite=args.overwrite)} ({mon!r})")
+        return 0
+    from .deploy.scan import open_input, scan
+
+    stream, where = open_input(args.file)
+    try:
+        n, flagged, bad = scan(mon, stream, where, batch_size=max(1, args.batch_size))
+    except BrokenPipeError:  # the reader went away (`scan ... | head`): stop quietly, as a pipe's tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+    if bad:
+        raise NeedleprobeError(f"{where}: {bad} line(s) skipped (each reported above); {n} document(s) scored, "
+                               f"{flagged} flagged")
+    return 1 if args.fail_on_flag and flagged else 0
 
 
 def _run_site(args, cfg, con, answers: dict[str, dict], problems: list[str]) -> int:

@@ -471,6 +471,13 @@ def load_config(path: str | Path, *, default: bool = False) -> Config:
     return validate(cfg, loc)
 
 
+def config_from_dict(data: dict[str, Any], source: str | None = None) -> Config:
+    """A config from its dict form (``Config.to_dict``, as a probe's ``.json`` and a run record hold it), validated."""
+    cfg = _build(Config, data, (), _Locator(source, {}))
+    cfg.source = source
+    return validate(cfg)
+
+
 def with_overrides(cfg: Config, **probe_overrides: Any) -> Config:
     """Apply command-line overrides (``None`` means "not given") and re-validate."""
     given = {k: v for k, v in probe_overrides.items() if v is not None}

@@ -382,7 +382,7 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), capture_sites(blocks, requests) as cap:
         stream = ChunkStream(pg, ["logits"], committed, pool)
         run_batches(Forward(model, cap, pad_id, device), SplitBatches(split, tdocs, rows_of, batches), stream, committed,
-                    partial(_logit_rows, weights=mats), show_progress)
+                    partial(logit_rows, weights=mats), show_progress)
         stream.close()
     pg.attrs["complete"] = True
     found = store.read(g, probes)
@@ -413,7 +413,7 @@ def _by_layer(probes: list[ProbeRef], weights) -> list[tuple[int, torch.Tensor, 
     return out
 
 
-def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
+def logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
     """Probe logits [rows, n_probes] of a batch's text tokens (see ``runner.run_batches``)."""
     from .runner import host_later, row_index
 
@@ -478,10 +478,17 @@ def operating_point(row: dict[str, Any]) -> dict[str, Any]:
         if row[f"threshold_{name}_fpr"] is not None:
             key = f"at_{name}_fpr"
             return {"target_fpr": fpr, "threshold": row[f"threshold_{name}_fpr"], "tp": row[f"tp_{key}"],
-                    "fp": row[f"fp_{key}"], "fpr": row[f"observed_fpr_{key}"], "fpr_upper95": row[f"fpr_upper95_{key}"]}
+                    "fp": row[f"fp_{key}"], "fpr": row[f"observed_fpr_{key}"], "fpr_upper95": row[f"fpr_upper95_{key}"],
+                    **_detection(row, key)}
     return {"target_fpr": None, "threshold": row["threshold_above_clean"], "tp": row["tp_above_clean"],
             "fp": row["fp_above_clean"], "fpr": row["observed_fpr_above_clean"],
-            "fpr_upper95": row["fpr_upper95_above_clean"]}
+            "fpr_upper95": row["fpr_upper95_above_clean"], **_detection(row, "above_clean")}
+
+
+def _detection(row: dict[str, Any], key: str) -> dict[str, Any]:
+    """The operating point's needle detection (rows written before detection was measured have none)."""
+    return {k: row.get(f"{k}_{key}") for k in ("detected_spans", "detection_rate", "latency_median", "latency_p90")} | {
+        "n_needle_spans": row.get("n_needle_spans")}
 
 
 def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_boot: int = 1000, *,
@@ -539,11 +546,37 @@ def document_metrics(tokens: MonitorTokens, mon: MonitorConfig, split: str, n_bo
             else:
                 row.update({f"{k}_above_clean": None for k in ("threshold", "tp", "fp", "tpr", "observed_fpr",
                                                                "fpr_upper95")})
+            row.update(detection_columns(tokens, j, method, mon, {
+                **{f"at_{name}_fpr": rates[name]["threshold"] for _, name in TARGET_FPRS},
+                "above_clean": row["threshold_above_clean"]}))
             row["note"] = "; ".join(r["note"] for r in rates.values() if r["note"]) or None
             rows.append(row)
             for d, v in zip(per_doc, s):
                 d["scores"].setdefault(key, {})[method] = float(v)
     return rows, per_doc
+
+
+def detection_columns(tokens: MonitorTokens, j: int, method: str, mon: MonitorConfig,
+                      thresholds: dict[str, float | None]) -> dict[str, Any]:
+    """Needle detection at each threshold (column suffix → threshold; None: not set): the share of needle spans
+    (runs of needle tokens) whose running aggregate is above the threshold at one of their tokens, and the latency
+    in tokens from a span's first token to that one, median and 90th percentile (:mod:`needleprobe.deploy.online`)."""
+    from .deploy.online import detection_summary, span_latencies
+
+    names = list(thresholds)
+    lat: dict[str, list[int | None]] = {name: [] for name in names}
+    for lg, needle in zip(tokens.logits, tokens.needle):
+        if needle.any():
+            for name, got in zip(names, span_latencies(lg[:, j], needle, method, mon, [thresholds[n] for n in names])):
+                lat[name] += got
+    out: dict[str, Any] = {"n_needle_spans": len(lat[names[0]]) if names else 0}
+    for name in names:
+        d = detection_summary(lat[name]) if thresholds[name] is not None else {}
+        out[f"detected_spans_{name}"] = d.get("detected")
+        out[f"detection_rate_{name}"] = d.get("rate")
+        out[f"latency_median_{name}"] = d.get("latency_median")
+        out[f"latency_p90_{name}"] = d.get("latency_p90")
+    return out
 
 
 def recommend(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -712,3 +745,9 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
                  f"{n_clean} is above it, so its FPR is at most {_pct(op['fpr_upper95'])} at {FPR_CONFIDENCE:.0%} "
                  f"confidence (exact binomial, Clopper–Pearson); {clean_docs_advice(fpr)}")
     out.print(escape(line))
+    if op.get("detection_rate") is not None:
+        out.print(escape(
+            f"needle detection at that threshold: {op['detected_spans']}/{op['n_needle_spans']} needle spans "
+            f"({op['detection_rate']:.0%}) have the running aggregate above it before the span ends, "
+            f"{op['latency_median']:g} tokens after the span's first token (median; 90th percentile "
+            f"{op['latency_p90']:g})"))

@@ -564,7 +564,7 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
     from sklearn.metrics import roc_auc_score
 
     from .metrics import bootstrap_auroc_ci
-    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregate, aggregation_label, calibrated_rates
+    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregate, aggregation_label, calibrated_rates, detection_columns
 
     auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
     layer_mean = {layer: float(np.mean([p.auroc for p in probes if p.layer == layer])) for layer in {p.layer for p in probes}}
@@ -603,10 +603,14 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
         row = {"method": method, "label": aggregation_label(method, cfg.monitor),
                "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi),
                "cal_auroc": float(roc_auc_score(y_cal, s_cal)) if 0 < y_cal.sum() < y_cal.size else -1.0}
+        thresholds = {}
         for fpr, name in TARGET_FPRS:
-            row[f"tpr_{name}"] = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)["tpr"]
+            rates = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)
+            row[f"tpr_{name}"], thresholds[f"at_{name}_fpr"] = rates["tpr"], rates["threshold"]
         top = calibrated_rates(s_cal[y_cal == 0], s, y, 0.0)  # just above every clean calibration document
         row["tpr_above_clean"], row["fpr_upper95_above_clean"] = top["tpr"], top["fpr_upper95"]
+        thresholds["above_clean"] = top["threshold"] if (y_cal == 0).any() else None
+        row["detection"] = detection_columns(tokens, j, method, cfg.monitor, thresholds)
         view.agg_rows.append(row)
     view.chosen = min(view.agg_rows, key=lambda r: (-r["cal_auroc"], AGGREGATIONS.index(r["method"])))["method"]
     return view
@@ -652,6 +656,7 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
             "95%, exact binomial, from none of them flagged)."
             + (f" No TPR where the clean documents are too few to measure the rate ({esc('; '.join(missing))})."
                if missing else "") + "</p>")
+    out += detection_html(view)
     shown = [(layer, seed, per) for layer, seed, per in view.all_probe_aurocs
              if not view.seeds or (layer, seed) in view.seeds]  # identical seeds once
     if len(shown) > 1:
@@ -664,6 +669,31 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
         out += table(["layer", "seed", *AGGREGATIONS], rows, row_classes=classes)
     out += '<p class="caption">Highlighted: the aggregation (and probe) used for the heatmaps below.</p>'
     return chart, out
+
+
+def detection_html(view: MonitorView) -> str:
+    """Needle detection per aggregation: the share of needle spans the running aggregate flags before they end, and
+    how many tokens into the span (``monitor.detection_columns``)."""
+    rows, classes = [], []
+    n = view.agg_rows[0]["detection"]["n_needle_spans"] if view.agg_rows else 0
+    if not n:
+        return ""
+    for r in view.agg_rows:
+        d = r["detection"]
+        cells = []
+        for key in ("at_1pct_fpr", "at_5pct_fpr", "above_clean"):
+            rate = d[f"detection_rate_{key}"]
+            cells.append("–" if rate is None else f"{rate:.0%} ({d[f'detected_spans_{key}']}/{n})"
+                         + ("" if d[f"latency_median_{key}"] is None else
+                            f" · {d[f'latency_median_{key}']:g} / {d[f'latency_p90_{key}']:g} tokens"))
+        rows.append([r["label"], *cells])
+        classes.append("best" if r["method"] == view.chosen else "")
+    return (f"<h3>Needle detection on {esc(view.split)}</h3>"
+            + table(["aggregation", "@ 1% FPR", "@ 5% FPR", "above every clean one"], rows, row_classes=classes)
+            + f'<p class="caption">Of the {n} needle spans (runs of needle tokens), the share whose running '
+            "document aggregate (the aggregate of the tokens so far, as a monitor watching the text sees it) is above "
+            "the threshold at one of the span's tokens, and the latency: tokens from the span's first token to the "
+            "first such one, median / 90th percentile. A causal model cannot see a needle before it starts.</p>")
 
 
 # ---------------------------------------------------------------------------

@@ -42,8 +42,9 @@ class TokenizedDoc:
         return self.n_full_tokens > self.n_tokens
 
 
-def chat_affixes(tokenizer) -> tuple[str, str]:
-    """The chat template's text before and after a user turn's content.
+def chat_affixes(tokenizer, add_generation_prompt: bool = False) -> tuple[str, str]:
+    """The chat template's text before and after a user turn's content (with ``add_generation_prompt``, the suffix
+    ends with the assistant turn's opening, as a prompt for generation does).
 
     Rendering once with a sentinel (rather than per document) keeps spans exact:
     templates such as Gemma's ``| trim`` would otherwise shift characters.
@@ -53,7 +54,7 @@ def chat_affixes(tokenizer) -> tuple[str, str]:
             f"model.chat_template is true but tokenizer {tokenizer.name_or_path!r} has no chat template"
         )
     rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=False
+        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=add_generation_prompt
     )
     if rendered.count(_SENTINEL) != 1:
         raise NeedleprobeError(f"chat template of {tokenizer.name_or_path!r} does not render the user content once")
@@ -68,18 +69,20 @@ def _overlaps(offsets: np.ndarray, spans: tuple[tuple[int, int], ...]) -> np.nda
     return hit
 
 
-def tokenize_documents(tokenizer, docs: list[Document], max_length: int, chat_template: bool) -> list[TokenizedDoc]:
+def tokenize_documents(tokenizer, docs: list[Document], max_length: int, chat_template: bool,
+                       add_generation_prompt: bool = False) -> list[TokenizedDoc]:
     """Tokenize with character offsets and label every token against the needle spans.
 
     Without a chat template the tokenizer adds its own specials (BOS, or CLS/SEP);
     with one, the rendered template already holds BOS, so specials are not added
-    again (a double BOS changes every activation).
+    again (a double BOS changes every activation).  ``add_generation_prompt``: each
+    document as a prompt to generate a reply to (the monitor's ``prompts``).
     """
     if not docs:
         return []
     if not getattr(tokenizer, "is_fast", False):
         raise NeedleprobeError(f"tokenizer {tokenizer.name_or_path!r} is not a fast tokenizer: character offsets are needed")
-    prefix, suffix = chat_affixes(tokenizer) if chat_template else ("", "")
+    prefix, suffix = chat_affixes(tokenizer, add_generation_prompt) if chat_template else ("", "")
     texts = [prefix + d.text + suffix for d in docs]
     kw = dict(add_special_tokens=not chat_template, return_offsets_mapping=True, return_special_tokens_mask=True)
     enc = tokenizer(texts, truncation=True, max_length=max_length, **kw)
