@@ -32,12 +32,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import needleprobe.cache as cache_mod  # noqa: E402
+import needleprobe.cache.cache as cache_mod  # noqa: E402
 from zarr.codecs import Crc32cCodec  # noqa: E402
 from needleprobe import open_cache  # noqa: E402
 from needleprobe.config import load_config  # noqa: E402
-from needleprobe.demo_data import write_demo_dataset  # noqa: E402
-from needleprobe.extract import extract  # noqa: E402
+from needleprobe.data.demo import write_demo_dataset  # noqa: E402
+from needleprobe.extract.extract import extract  # noqa: E402
 
 
 SPENT = {"crc32c": 0.0, "chunk writes": 0.0}

@@ -15,8 +15,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from needleprobe import open_cache
 from needleprobe.config import load_config
-from needleprobe.extract import extract
-from needleprobe.hooks import capture, find_blocks, model_location, run_forward
+from needleprobe.extract.extract import extract
+from needleprobe.extract.hooks import capture, find_blocks, model_location, run_forward
 
 
 def _hidden_states(model, tok, text: str, max_length: int) -> tuple[list[int], tuple[torch.Tensor, ...]]:
@@ -290,9 +290,9 @@ def test_cache_records_how_it_was_computed(minilm_run):
 def test_the_size_printed_before_extract_is_the_size_on_disk(minilm_run):
     """Zarr writes each split's last chunk whole, so the estimate counts whole chunks: within 10% of the cache on
     disk (the demo: 81.3 MiB printed, 81.4 MiB written); a 1.5-chunk split is not counted as 1.5 chunks."""
-    from needleprobe.cache import chunk_rows_for
-    from needleprobe.extract import cache_bytes
-    from needleprobe.summary import dir_size
+    from needleprobe.cache.cache import chunk_rows_for
+    from needleprobe.extract.extract import cache_bytes
+    from needleprobe.cache.inspect import dir_size
 
     cache = open_cache(minilm_run[1])
     rows = [cache.split(s).n_rows for s in cache.splits]

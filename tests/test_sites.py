@@ -11,8 +11,8 @@ from tiny_models import FAMILIES, make_tiny_model
 from transformers import AutoModel
 
 from needleprobe.errors import NeedleprobeError
-from needleprobe.hooks import capture, find_blocks, model_inputs, run_forward
-from needleprobe.sites import SITES, capture_sites, check_requests, parse_hook_name, site_support
+from needleprobe.extract.hooks import capture, find_blocks, model_inputs, run_forward
+from needleprobe.extract.sites import SITES, capture_sites, check_requests, parse_hook_name, site_support
 
 N_LAYERS = 3
 RTOL = 1e-5

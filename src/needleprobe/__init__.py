@@ -14,11 +14,11 @@ import os as _os
 # Only effective before torch first calls MKL; the user's own setting wins.
 _os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 
-from .cache import Cache, open_cache  # noqa: E402
+from .cache.cache import Cache, open_cache  # noqa: E402
 from .config import Config, load_config  # noqa: E402
 from .errors import NeedleprobeError  # noqa: E402
-from .layout import Layout  # noqa: E402
-from .probe import LinearProbe, load_probes  # noqa: E402
+from .run.layout import Layout  # noqa: E402
+from .fit.probe import LinearProbe, load_probes  # noqa: E402
 
 __all__ = ["Cache", "Config", "Layout", "LinearProbe", "NeedleprobeError", "load_config", "load_probes", "open_cache",
            "__version__"]

@@ -3,7 +3,7 @@
 ``needleprobe fit`` holds one layer's train and val rows in memory when they fit
 the memory budget (``probe.fit_memory``, ``--fit-memory``; by default half the
 free memory of the fit's device).  When they do not, or under ``torchrun``, it
-runs the *same* L-BFGS (:mod:`needleprobe.solvers`: warm starts, the strict
+runs the *same* L-BFGS (:mod:`needleprobe.fit.lbfgs`: warm starts, the strict
 gradient test recomputed from scratch, the O(n) line search on z and q = Xp)
 with ``X`` served by :class:`LayerRows`:
 
@@ -39,11 +39,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .cache import Cache, SplitView, to_float32
-from .errors import NeedleprobeError
+from ..cache.cache import Cache, SplitView, to_float32
+from ..errors import NeedleprobeError
 from .probe import FitData, column_moments_of_blocks, feature_scale
-from .records import human_bytes
-from .solvers import _MEMORY, fit_l2_path, group_rows
+from ..run.record import human_bytes
+from .lbfgs import _MEMORY, fit_l2_path, group_rows
 
 SOLVER_ROW_BYTES = 48
 SOLVER_COLUMN_ROW_BYTES = 112
@@ -366,7 +366,7 @@ def available_host_memory() -> int:
 def fit_budget(fit_memory: str | None, device: torch.device, processes_here: int = 1) -> Budget:
     """``probe.fit_memory`` when set, else half the free memory of ``device`` (host memory shared by this host's
     ``torchrun`` processes; a GPU's own)."""
-    from .config import parse_bytes
+    from ..config import parse_bytes
 
     if fit_memory is not None:
         return Budget(parse_bytes(fit_memory), "--fit-memory / probe.fit_memory")
@@ -526,7 +526,7 @@ def choose(solver: str, cache: Cache, layer: int, device: torch.device, budget: 
     train, val = cache.split("train"), cache.split("val")
     train_bounds = _shard_bounds(train, cache, dist.world)
     val_bounds = _shard_bounds(val, cache, dist.world)
-    from .distributed import row_shares
+    from ..extract.sharding import row_shares
 
     t0, t1 = row_shares(shape.n_train, dist.world, group, train_bounds)[dist.rank]
     v0, v1 = row_shares(shape.n_val, dist.world, 1, val_bounds)[dist.rank]
@@ -595,7 +595,7 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
         if rows is None:
             return t0, t1, None, n_train
         # a row subset (downsample): this process's part of it, on group boundaries of the subset
-        from .distributed import row_shares
+        from ..extract.sharding import row_shares
 
         n_fit = int(rows.size)
         group = group_rows(n_fit, device.type == "cuda")

@@ -42,10 +42,10 @@ from typing import Iterable, Iterator, Literal
 
 import torch
 
-from .errors import NeedleprobeError
+from ..errors import NeedleprobeError
 from .hooks import _StopForward, find_blocks
 
-from .config import SITES  # noqa: E402  (every site name, TransformerLens' ``hook_{site}`` without the prefix)
+from ..config import SITES  # noqa: E402  (every site name, TransformerLens' ``hook_{site}`` without the prefix)
 
 # The order in which a forward reaches the sites of one block (in every layout
 # below); the early stop raises after the last requested one.
@@ -200,7 +200,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
 def capture_sites(
     blocks: torch.nn.ModuleList, requests: Iterable[tuple[str, int]], stop_early: bool = True
 ) -> Iterator[SiteCapture]:
-    """Hook every requested (site, layer); use with :func:`needleprobe.hooks.run_forward`.
+    """Hook every requested (site, layer); use with :func:`needleprobe.extract.hooks.run_forward`.
 
     All sites come from one forward.  With ``stop_early`` the forward ends
     right after the last requested tensor is computed (no later module runs).

@@ -25,8 +25,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from .errors import NeedleprobeError
-from .stores import as_path, is_url
+from ..errors import NeedleprobeError
+from ..io.stores import as_path, is_url
 
 _CONSOLE: Console | None = None
 _RESULTS: Console | None = None
@@ -335,7 +335,7 @@ def run_config(cfg, run: str | None = None, given: dict[str, Any] | None = None)
     """
     import dataclasses
 
-    from .config import RUN_SETTINGS, with_overrides
+    from ..config import RUN_SETTINGS, with_overrides
     from .layout import Layout
 
     if cfg.fitted is not None:

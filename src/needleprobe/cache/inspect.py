@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .cache import Cache, CacheDamaged, fingerprint, open_cache, read_rows, stale_reasons, wanted_fields
-from .config import Config
-from .data import load_documents
-from .records import human_bytes
+from ..config import Config
+from ..data.documents import load_documents
+from ..run.record import human_bytes
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -28,7 +28,7 @@ SPLIT_ORDER = ("train", "val", "test")
 
 def dir_size(path: Path) -> int:
     """Bytes of every file under ``path`` (symlinks not followed)."""
-    from .stores import is_url
+    from ..io.stores import is_url
 
     if is_url(path):
         return path.du()
@@ -183,7 +183,7 @@ def inspect(cfg: Config, *, verify: bool = False, show: bool = True) -> tuple[di
     """
     from rich.markup import escape
 
-    from .records import results
+    from ..run.record import results
 
     out = results()
     facts = cache_facts(cfg)

@@ -47,12 +47,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from .config import Config
-from .errors import NeedleprobeError
-from .probe import LinearProbe
+from ..config import Config
+from ..errors import NeedleprobeError
+from ..fit.probe import LinearProbe
 
 if TYPE_CHECKING:
-    from .layout import Layout
+    from ..run.layout import Layout
 
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
@@ -74,7 +74,7 @@ def command(name: str, cfg: Config, run: str | None = None) -> str:
 
 def report_path(cfg: Config, run: str | None = None) -> Path:
     """``report.html`` in the run directory (``layout.Layout.report``)."""
-    from .layout import Layout
+    from ..run.layout import Layout
 
     return Layout.from_config(cfg, run).report
 
@@ -106,7 +106,7 @@ class ProbeInfo:
 
 def load_probe_infos(cfg: Config, run: str | None = None) -> tuple[list[ProbeInfo], list[str]]:
     """Probes of the config's layers × seeds that exist on disk, and the ones that do not."""
-    from .layout import Layout
+    from ..run.layout import Layout
 
     layout = Layout.from_config(cfg, run)
     found, missing = [], []
@@ -487,8 +487,8 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
     documents, so a refit probe or an edited dataset is never shown with the
     old logits; the notes say which stored splits were passed over and why.
     """
-    from .data import file_sha256
-    from .layout import Layout
+    from ..data.documents import file_sha256
+    from ..run.layout import Layout
     from .monitor import LogitStore, ProbeRef, stored_tokens
 
     layout = Layout.from_config(cfg, run)
@@ -501,7 +501,7 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
         tokens = stored_tokens(cfg, store, split, refs)
         if tokens is not None:
             if len(tokens.probes) < len(refs):
-                from .verdict import one_row_per_probe
+                from ..fit.verdict import one_row_per_probe
 
                 have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
                 distinct = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})  # identical seeds once
@@ -520,7 +520,7 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
 
 def _stored_splits(store_path) -> list[str]:
     """Split groups in a monitor store (none when it does not exist or cannot be read)."""
-    from .stores import open_group
+    from ..io.stores import open_group
 
     if not (store_path / "zarr.json").is_file():
         return []
@@ -532,7 +532,7 @@ def _stored_splits(store_path) -> list[str]:
 
 def calibration_tokens(cfg: Config, run: str | None, found: tuple[str, Any]):
     """The stored logits of the shown probes on ``monitor.calibration_split`` when it is another split (else None)."""
-    from .layout import Layout
+    from ..run.layout import Layout
     from .monitor import LogitStore, ProbeRef, stored_tokens
 
     split, tokens = found
@@ -563,7 +563,7 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
     """
     from sklearn.metrics import roc_auc_score
 
-    from .metrics import bootstrap_auroc_ci
+    from ..metrics import bootstrap_auroc_ci
     from .monitor import AGGREGATIONS, TARGET_FPRS, aggregate, aggregation_label, calibrated_rates
 
     auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
@@ -572,7 +572,7 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calib
     j = max(range(len(cols)), key=lambda i: (auroc_of.get(cols[i], -1.0), layer_mean.get(cols[i][0], -1.0), -cols[i][0], -cols[i][1]))
     y = (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
     view = MonitorView(split, tokens, j, cols[j][0], cols[j][1])
-    from .verdict import one_row_per_probe
+    from ..fit.verdict import one_row_per_probe
 
     by_key = {(p.layer, p.seed): p.probe for p in probes}
     view.seeds = one_row_per_probe({k: by_key[k] for k in cols if k in by_key})
@@ -761,7 +761,7 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
         return note("No documents to show.")
     tok_note = ""
     try:
-        from .hooks import load_tokenizer
+        from ..extract.hooks import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     except NeedleprobeError as e:
@@ -874,7 +874,7 @@ table.data td.path{white-space:normal;word-break:break-all;min-width:14em;text-a
 
 
 def _header(cfg: Config, layout, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
-    from . import __version__
+    from .. import __version__
 
     if facts is None:
         fp = '<span class="bad">no cache</span>'
@@ -905,7 +905,7 @@ def _run_title(cfg: Config, run: str | None) -> str:
 
 def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
     """One row per distinct probe (identical seeds share one, as ``fit`` prints them)."""
-    from .verdict import SAME_SEEDS, one_row_per_probe
+    from ..fit.verdict import SAME_SEEDS, one_row_per_probe
 
     seeds = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})
     rows, classes = [], []
@@ -946,7 +946,7 @@ N_ERRORS = 10
 
 def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str:
     """The two lists of :func:`token_errors.token_errors` as tables; doc ids link to their heatmaps when shown."""
-    from .token_errors import token_errors
+    from .errors import token_errors
 
     try:
         lists = token_errors(cfg, run=run, n=N_ERRORS)
@@ -975,10 +975,10 @@ def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str
 
 
 def build_html(cfg: Config, run: str | None = None) -> str:
-    from .cache import open_cache
-    from .layout import Layout
+    from ..cache.cache import open_cache
+    from ..run.layout import Layout
 
-    from .records import run_config
+    from ..run.record import run_config
 
     cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
     layout = Layout.from_config(cfg, run)
@@ -994,7 +994,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         cache, facts = None, None
         warnings.append(str(e))
     else:
-        from .summary import cache_facts
+        from ..cache.inspect import cache_facts
 
         facts = cache_facts(cfg)
         if facts["damaged"]:  # a report from a damaged cache would mislead: the one-line error instead
@@ -1069,7 +1069,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         "(misses) of the best probe on the cached val rows, in their text: the same lists as <code>"
         + esc(command("errors", cfg, run)) + "</code>. A document id links to its heatmap above when it is shown there.</p>"
         + errors_html(cfg, run, view) + "</section>",
-        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(layout.run_dir))}'
+        f'<footer>Written by <code>needleprobe.analysis.report.write_report</code> from {esc(str(layout.run_dir))}'
         f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
     ]
@@ -1084,8 +1084,8 @@ def build_html(cfg: Config, run: str | None = None) -> str:
 
 def write_report(cfg: Config, run: str | None = None) -> Path:
     """Write ``report.html`` in the run directory (atomically) and return its path."""
-    from .layout import Layout
-    from .records import atomic_write_bytes
+    from ..run.layout import Layout
+    from ..run.record import atomic_write_bytes
 
     layout = Layout.from_config(cfg, run)
     layout.refuse_foreign("report", can_overwrite=False)
@@ -1129,7 +1129,7 @@ class RunView:
 
 def model_depth(cfg: Config) -> tuple[int | None, str]:
     """(number of blocks, where it was read): the cache's metadata, else the model's config (no weights loaded)."""
-    from .cache import open_cache
+    from ..cache.cache import open_cache
 
     try:
         n = open_cache(cfg, allow_incomplete=True).metadata.get("n_layers")
@@ -1137,7 +1137,7 @@ def model_depth(cfg: Config) -> tuple[int | None, str]:
         n = None
     if n:
         return int(n), "cache"
-    from .hooks import model_shape
+    from ..extract.hooks import model_shape
 
     n = model_shape(cfg)[0]
     return (int(n), "model config") if n else (None, "unknown")
@@ -1147,14 +1147,14 @@ def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
     """The runs to compare, each with its probes; one line naming the config when one cannot be compared."""
     from collections import Counter
 
-    from .layout import Layout, RunIdentity, model_dir_name
+    from ..run.layout import Layout, RunIdentity, model_dir_name
 
     if len(cfgs) < 2:
         raise NeedleprobeError("a comparison needs two configs or more (--config A.yaml --config B.yaml); "
                                "with one --config, `needleprobe report` writes that run's own report")
     views: list[RunView] = []
     seen: dict[str, str] = {}
-    from .records import run_config
+    from ..run.record import run_config
 
     for cfg in [run_config(c, run) for c in cfgs]:  # each run as it was fitted (its record)
         layout = Layout.from_config(cfg, run)
@@ -1190,7 +1190,7 @@ def _file_part(text: str) -> str:
 
 def common_dir(paths: list[Any]) -> Any:
     """The deepest directory holding every path (``os.path.commonpath``; on one object store, the same on its keys)."""
-    from .stores import RemotePath, is_url
+    from ..io.stores import RemotePath, is_url
 
     if all(is_url(p) for p in paths) and len({p.protocol for p in paths}) == 1:
         proto = paths[0].protocol
@@ -1412,8 +1412,8 @@ def read_monitor(v: RunView) -> tuple[dict[str, Any] | None, str | None]:
     thresholds on the split) and the sha256 of ``monitor_metrics_{split}.csv``; a CSV changed since is not trusted.
     A fit drops these sections, so what is left describes the run's current probes.
     """
-    from .data import file_sha256
-    from .records import read_run_record
+    from ..data.documents import file_sha256
+    from ..run.record import read_run_record
 
     stages = read_run_record(v.layout.run_record).get("stages", {})
     changed = []
@@ -1440,7 +1440,7 @@ def _monitor_table(views: list[RunView]) -> str:
     """Per run, the document monitor it recommends: aggregation, document AUROC with CI, TPR at the thresholds set on
     the clean calibration documents, and the operating point that any number of them gives."""
     from .monitor import operating_point
-    from .verdict import one_row_per_probe
+    from ..fit.verdict import one_row_per_probe
 
     rows, data, notes = [], [], []
     for v in views:
@@ -1498,7 +1498,7 @@ def _runs_table(views: list[RunView]) -> str:
 
 
 def _comparison_html(views: list[RunView], run: str | None) -> str:
-    from . import __version__
+    from .. import __version__
 
     warnings = [f"{v.label}: probe missing: {m} (run `{command('fit', v.cfg, run)}`)" for v in views for m in v.missing]
     unknown = [v for v in views if not v.n_layers]
@@ -1560,7 +1560,7 @@ def _comparison_html(views: list[RunView], run: str | None) -> str:
         "<h3>The runs</h3>",
         _runs_table(views),
         "</section>",
-        f"<footer>Written by <code>needleprobe.report.write_comparison</code> from "
+        f"<footer>Written by <code>needleprobe.analysis.report.write_comparison</code> from "
         f"{esc(', '.join(str(v.layout.run_dir) for v in views))}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
     ]
@@ -1581,7 +1581,7 @@ def build_comparison(cfgs: list[Config], run: str | None = None) -> tuple[Any, s
 
 def write_comparison(cfgs: list[Config], run: str | None = None) -> Any:
     """Write one HTML page comparing the runs of ``cfgs`` (atomically) in their common directory; return its path."""
-    from .records import atomic_write_bytes
+    from ..run.record import atomic_write_bytes
 
     path, page = build_comparison(cfgs, run)
     atomic_write_bytes(path, page.encode("utf-8"))

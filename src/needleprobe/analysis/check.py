@@ -14,10 +14,10 @@ import csv
 import dataclasses
 import json
 
-from .config import RUNTIME_ONLY, Config
-from .data import file_sha256
-from .layout import Layout
-from .probe import LinearProbe
+from ..config import RUNTIME_ONLY, Config
+from ..data.documents import file_sha256
+from ..run.layout import Layout
+from ..fit.probe import LinearProbe
 
 REQUIRED_META = ("selected_l2", "train_stats", "val_stats", "val_metrics")
 CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
@@ -25,8 +25,8 @@ CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
 
 def check(cfg: Config, run: str | None = None) -> list[str]:
     """Failing items, one line each; empty when everything passes."""
-    from .fit import existing_probes
-    from .records import run_config
+    from ..fit.fit import existing_probes
+    from ..run.record import run_config
 
     problems: list[str] = []
     cfg = run_config(cfg, run)

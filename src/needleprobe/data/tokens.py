@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import Document, stable_hash
-from .errors import NeedleprobeError
+from .documents import Document, stable_hash
+from ..errors import NeedleprobeError
 
 _SENTINEL = "\x00NEEDLEPROBE-DOCUMENT\x00"
 

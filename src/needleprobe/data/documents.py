@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NeedleprobeError
+from ..errors import NeedleprobeError
 
 SPLITS = ("train", "val", "test")
 FIELDS = ("doc_id", "text", "needle_spans", "split", "metadata")
@@ -31,7 +31,7 @@ class Document:
 
 
 def file_sha256(path: str | Path) -> str:
-    from .stores import as_path  # a local path or an fsspec URL
+    from ..io.stores import as_path  # a local path or an fsspec URL
 
     h = hashlib.sha256()
     with as_path(path).open("rb") as f:

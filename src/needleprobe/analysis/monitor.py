@@ -9,7 +9,7 @@ after extract.  Logits are stored per probe (identified by its file's
 sha256), so re-aggregating with a new k, window or temperature, or asking for
 a subset of the probes already scored, never runs the model again; when the
 model must run, it runs with the same hooks, batching, early stop and resume
-as ``extract`` (:mod:`needleprobe.runner`).
+as ``extract`` (:mod:`needleprobe.extract.runner`).
 
 Store layout, one group per split::
 
@@ -52,14 +52,14 @@ import numpy as np
 import torch
 import zarr
 
-from .cache import CACHE_FORMAT, CacheDamaged, ChunkStream, array_codecs, documents_digest, read_rows
-from .config import Config, MonitorConfig
-from .data import by_split, file_sha256, load_documents
-from .errors import NeedleprobeError
-from .layout import Layout
-from .metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean_docs_to_bound, fpr_upper_bound,
+from ..cache.cache import CACHE_FORMAT, CacheDamaged, ChunkStream, array_codecs, documents_digest, read_rows
+from ..config import Config, MonitorConfig
+from ..data.documents import by_split, file_sha256, load_documents
+from ..errors import NeedleprobeError
+from ..run.layout import Layout
+from ..metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean_docs_to_bound, fpr_upper_bound,
                       threshold_at_fpr)
-from .records import FileLock, atomic_write_bytes, console, results, update_run_record
+from ..run.record import FileLock, atomic_write_bytes, console, results, update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
 LOGIT_CHUNK_ROWS = 1 << 16
@@ -126,7 +126,7 @@ def probe_refs(layout: Layout, layers: list[int], seeds: list[int]) -> list[Prob
 
 def tokens_fingerprint(cfg: Config, docs_digest: str) -> str:
     """What a split's token tables (and so every stored logit row) depend on, besides the probes."""
-    from .checkpoints import fingerprint_fields as model_fields
+    from ..extract.checkpoints import fingerprint_fields as model_fields
 
     m, p = cfg.model, cfg.probe
     key = json.dumps({"docs": docs_digest, "model": m.name, "revision": m.revision, "max_length": m.max_length,
@@ -177,7 +177,7 @@ class LogitStore:
         self.path = path
 
     def _root(self, mode: str) -> zarr.Group | None:
-        from .stores import open_group
+        from ..io.stores import open_group
 
         if mode in ("r", "r+") and not (self.path / "zarr.json").is_file():
             return None
@@ -320,11 +320,11 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     ``loaded``: a dict that keeps the tokenizer and model between calls (two
     splits of one command load the model once).
     """
-    from .hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
-    from .sites import capture_sites
-    from .batching import batch_limits, budget_message, device_budget
-    from .runner import Forward, SplitBatches, run_batches
-    from .tokens import plan_batches, tokenize_documents
+    from ..extract.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
+    from ..extract.sites import capture_sites
+    from ..extract.batching import batch_limits, budget_message, device_budget
+    from ..extract.runner import Forward, SplitBatches, run_batches
+    from ..data.tokens import plan_batches, tokenize_documents
 
     con = console()
     data_path = cfg.dataset.resolved_path()
@@ -392,7 +392,7 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
 
 def _probe_matrices(probes: list[ProbeRef], d_model: int | None) -> dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]]:
     """(layer, seed, sha256) → (weight [d], bias []) of each probe, checked against the model's width."""
-    from .probe import LinearProbe
+    from ..fit.probe import LinearProbe
 
     out = {}
     for p in probes:
@@ -415,7 +415,7 @@ def _by_layer(probes: list[ProbeRef], weights) -> list[tuple[int, torch.Tensor, 
 
 def _logit_rows(acts: dict[int, torch.Tensor], batch_rows: list[np.ndarray], weights):
     """Probe logits [rows, n_probes] of a batch's text tokens (see ``runner.run_batches``)."""
-    from .runner import host_later, row_index
+    from ..extract.runner import host_later, row_index
 
     b_idx, t_idx = row_index(batch_rows, next(iter(acts.values())).device)
     by_layer = {layer: a for (_, layer), a in acts.items()}  # one site per run
@@ -573,7 +573,7 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
     The run's layers and seeds are the ones it was fitted with (its record: ``records.run_config``); ``layers``
     and ``seeds`` pick some of them.
     """
-    from .records import run_config
+    from ..run.record import run_config
 
     cfg = run_config(cfg, run)
     split = split or cfg.monitor.split
@@ -585,7 +585,7 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
             raise NeedleprobeError(f"--{what} {','.join(map(str, picked))}: {layout.run_dir} has no probes of {what}(s) "
                                    f"{', '.join(map(str, lacking))} (its {what}s: {', '.join(map(str, have))})")
     probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
-    from .fit import existing_probes
+    from ..fit.fit import existing_probes
 
     cal_split = cfg.monitor.calibration_split
     with FileLock(layout.lock, what=f"fit or monitor of {layout.run_dir}"):
@@ -624,8 +624,8 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
             "recommended": None if best is None else {**best, "operating_point": operating_point(best)},
             "outputs": {str(p): file_sha256(p) for p in (csv_path, jsonl_path)},
         })
-    from .probe import LinearProbe
-    from .verdict import one_row_per_probe
+    from ..fit.probe import LinearProbe
+    from ..fit.verdict import one_row_per_probe
 
     _print(rows, split, best, one_row_per_probe({(p.layer, p.seed): LinearProbe.load(p.path) for p in probes}))
     return {"metrics": rows, "csv": str(csv_path), "scores": str(jsonl_path), "recommended": best,
@@ -652,7 +652,7 @@ def monitor_table(rows: list[dict[str, Any]], split: str, seeds: dict[tuple[int,
     """
     from rich.table import Table
 
-    from .verdict import SAME_SEEDS
+    from ..fit.verdict import SAME_SEEDS
 
     seeds = seeds or {(r["layer"], r["seed"]): [r["seed"]] for r in rows}
     r0 = rows[0]

@@ -98,7 +98,7 @@ def build_verdict(probes: dict[tuple[int, int], LinearProbe], val_scores: dict[t
     ``val_scores``: (layer, seed) → the probe's val logits [n_val] (the selected L2's, as fit scored them);
     ``y_val`` [n_val] and ``val_groups`` [n_val] (document of each row) are the cache's val rows.
     """
-    from .metrics import paired_bootstrap_auroc_diff
+    from ..metrics import paired_bootstrap_auroc_diff
 
     ranked = ranked_layers(val_aurocs(probes))
     same = identical_seeds(probes)

@@ -8,7 +8,7 @@ the final norm, which HF's ``hidden_states[-1]`` is not.
 The forward is stopped by an exception from the hook of the highest probed
 block: no later block, no final norm, no LM head runs.  Hooks live only inside
 :func:`capture`, so no state outlives a forward pass.  Other sites
-(``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``): :mod:`needleprobe.sites`.
+(``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``): :mod:`needleprobe.extract.sites`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from .config import Config, ModelConfig
-from .errors import NeedleprobeError
+from ..config import Config, ModelConfig
+from ..errors import NeedleprobeError
 
 if TYPE_CHECKING:
-    from .tokens import TokenizedDoc
+    from ..data.tokens import TokenizedDoc
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -78,7 +78,7 @@ def placement(dtype: str, device: torch.device) -> dict:
         if importlib.util.find_spec("accelerate") is not None:
             kw["device_map"] = device
         else:
-            from .records import console
+            from ..run.record import console
 
             console().print("[yellow]loading the weights on the host, then moving them to the GPU: install accelerate "
                             "(pip install \"needleprobe\\[gpu]\") to read them straight onto the GPU")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .config import Config
-from .errors import NeedleprobeError
+from ..config import Config
+from ..errors import NeedleprobeError
 
 WINDOW = 40
 """Characters of text shown on each side of a token."""
@@ -73,7 +73,7 @@ def in_context(text: str, start: int, end: int, window: int = WINDOW) -> tuple[s
 
 def _probe_choice(layout, layers: list[int], seeds: list[int], layer: int | None) -> tuple[int, int, float | None]:
     """(layer, seed, val AUROC) of the probe to show: the best seed of ``layer``, or of the best layer."""
-    from .verdict import ranked_layers
+    from ..fit.verdict import ranked_layers
 
     aurocs: dict[tuple[int, int], float] = {}
     for lay in layers:
@@ -102,15 +102,15 @@ def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n
                  window: int = WINDOW) -> ErrorLists:
     """The ``n`` highest-scoring negatives and ``n`` lowest-scoring needle tokens of the best probe of ``layer`` (by
     default of the best layer) on the cached ``split``; ties keep the cache's row order."""
-    from .cache import open_cache
-    from .data import load_documents
-    from .fit import verify_cache
-    from .layout import Layout
-    from .probe import LinearProbe
+    from ..cache.cache import open_cache
+    from ..data.documents import load_documents
+    from ..fit.fit import verify_cache
+    from ..run.layout import Layout
+    from ..fit.probe import LinearProbe
 
     if n < 1:
         raise NeedleprobeError(f"-n {n}: list at least one token")
-    from .records import run_config
+    from ..run.record import run_config
 
     cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
     layout = Layout.from_config(cfg, run)
@@ -150,7 +150,7 @@ def print_errors(lists: ErrorLists) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .records import console, results
+    from ..run.record import console, results
 
     con = results()
     auroc = f", val AUROC {lists.val_auroc:.4f}" if lists.val_auroc is not None else ""

@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import SplitPlan
-from .errors import NeedleprobeError
-from .tokens import bucket_length
+from ..cache.cache import SplitPlan
+from ..errors import NeedleprobeError
+from ..data.tokens import bucket_length
 
 if TYPE_CHECKING:  # torch is imported where it is used: every command asks is_primary() before it needs torch
     from .runner import SplitBatches

@@ -27,7 +27,7 @@ import posixpath
 from pathlib import Path
 from typing import Any
 
-from .errors import NeedleprobeError
+from ..errors import NeedleprobeError
 
 _LOCAL_PROTOCOLS = ("local://",)
 

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config, load_config
-from .errors import NeedleprobeError
-from .layout import Layout, RunIdentity, transfer_path
-from .metrics import binary_metrics, bootstrap_auroc_ci
-from .probe import LinearProbe, load_probes
-from .records import atomic_write_json, console, results
-from .stores import as_path
+from ..config import Config, load_config
+from ..errors import NeedleprobeError
+from ..run.layout import Layout, RunIdentity, transfer_path
+from ..metrics import binary_metrics, bootstrap_auroc_ci
+from ..fit.probe import LinearProbe, load_probes
+from ..run.record import atomic_write_json, console, results
+from ..io.stores import as_path
 
 TOKEN_COLUMNS = ("layer", "seed", "split", "token_auroc", "auroc_ci_low", "auroc_ci_high", "average_precision",
                  "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "rows", "positives", "source_val_auroc")
@@ -51,7 +51,7 @@ class Source:
 def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
     """A run's probes from its config (``.yaml``: the layers and seeds its record says it was fitted with) or its
     probe directory (every probe in it)."""
-    from .records import run_config
+    from ..run.record import run_config
 
     p = as_path(spec)
     wanted = None
@@ -103,7 +103,7 @@ def _check_compatible(source: Source, target: Config, cache) -> None:
 
 def _check_split(cfg: Config, split: str) -> None:
     """The target split needs needle and clean documents (token AUROC, document AUROC): checked before any work."""
-    from .data import by_split, load_documents
+    from ..data.documents import by_split, load_documents
 
     path = cfg.dataset.resolved_path()
     docs = by_split(load_documents(path, cfg.dataset.val_fraction))[split]
@@ -116,16 +116,16 @@ def _check_split(cfg: Config, split: str) -> None:
 def target_cache(cfg: Config, split: str = "val", show_progress: bool = True):
     """The target's activation cache holding ``split``, extracting that split alone first when it is missing (None for
     ``test``, which no cache holds: its tokens are scored through the model)."""
-    from .cache import FIT_SPLITS, open_cache
-    from .fit import verify_cache
-    from .layout import Layout
+    from ..cache.cache import FIT_SPLITS, open_cache
+    from ..fit.fit import verify_cache
+    from ..run.layout import Layout
 
     if split not in FIT_SPLITS:
         return None
     path = Layout.from_config(cfg).cache
     cache = open_cache(cfg, allow_incomplete=True) if (path / "zarr.json").is_file() else None
     if cache is None or (not cache.complete and split not in cache.splits):
-        from .extract import extract
+        from ..extract.extract import extract
 
         con = console()
         con.print(f"evaluate: no activation cache for {cfg.dataset.key} yet: extracting it (the {split} split only, "
@@ -161,7 +161,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
 
     Returns what ``eval_metrics.json`` holds, and where it is (``output_dir``); ``show``: print the table on stdout.
     """
-    from .data import file_sha256
+    from ..data.documents import file_sha256
     from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, truncation_line, write_rows_csv
 
     source = load_source(probes, source_run)
@@ -232,7 +232,7 @@ def _row(layer: int, seed: int, split: str, m: dict[str, Any], probe: LinearProb
 def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]], doc_rows: list[dict[str, Any]]) -> None:
     from rich.table import Table
 
-    from .verdict import SAME_SEEDS, one_row_per_probe
+    from ..fit.verdict import SAME_SEEDS, one_row_per_probe
 
     seeds = one_row_per_probe(source.probes)  # identical seeds share a row
     t = Table(title=f"probes of {source.label} on {target.dataset.key} ({split})",
@@ -301,7 +301,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True, show: boo
     common = Path(os.path.commonpath([str(s.run_dir) for s in sources])) if all(
         not str(s.run_dir).count("://") for s in sources) else sources[0].run_dir.parent
     out = common / f"transfer_matrix_{'+'.join(keys)}.csv"
-    from .records import atomic_write_bytes
+    from ..run.record import atomic_write_bytes
 
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)

@@ -1,4 +1,4 @@
-"""The ``minibatch`` solver: the same objective as :mod:`needleprobe.solvers`, streamed from the cache.
+"""The ``minibatch`` solver: the same objective as :mod:`needleprobe.fit.lbfgs`, streamed from the cache.
 
 For caches larger than memory.  Rows are read in contiguous chunk blocks (Zarr
 has no memory map, random row gathers are ~25× slower), so shuffling is
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .solvers import PathResult
+from .lbfgs import PathResult
 
 ReadBlock = Callable[[int, int], np.ndarray]
 """(start, stop) → float32 raw rows [stop - start, d] of the train split."""

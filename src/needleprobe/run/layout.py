@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, template_fields
-from .errors import NeedleprobeError
-from .stores import as_path
+from ..config import Config, template_fields
+from ..errors import NeedleprobeError
+from ..io.stores import as_path
 
 
 def model_slug(name: str) -> str:

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig
-from .errors import NeedleprobeError
+from ..config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig
+from ..errors import NeedleprobeError
 
 GGUF_MAGIC = b"GGUF"
 CACHE_ENV = "NEEDLEPROBE_MODEL_CACHE"
@@ -136,7 +136,7 @@ def _checked(path: Path, given: str) -> Path:
 
 @functools.lru_cache(maxsize=16)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    from .data import file_sha256
+    from ..data.documents import file_sha256
 
     return file_sha256(path)
 
@@ -179,7 +179,7 @@ def converted(gguf: Path, given: str) -> Path:
     """The model directory holding ``gguf``'s weights de-quantized to float32 and its tokenizer: converted once per
     file content, under a lock (a second process waits for the first), into a temporary directory renamed at the end,
     so that an interrupted conversion leaves nothing a later load could take for a finished one."""
-    from .records import FileLock, console, versions
+    from ..run.record import FileLock, console, versions
 
     digest = gguf_digest(gguf)
     dest = converted_root() / f"{gguf.stem}-{digest[:16]}"

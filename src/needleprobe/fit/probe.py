@@ -7,7 +7,7 @@ symmetric ``save`` / ``load`` whose files are the ones ``needleprobe fit``
 writes (``probe_layer_{L}_seed_{S}.pt`` and ``.json``).  ``fit`` on a cache and
 :meth:`LinearProbe.fit_path` on arrays run the same code (:func:`fit_grid`).
 
-The objective (see :mod:`needleprobe.solvers`)::
+The objective (see :mod:`needleprobe.fit.lbfgs`)::
 
     J(w, b) = (1/n) Σ_i s_i · logloss(y_i, x_i·w + b) + (l2 / 2) · ||w||²
 
@@ -27,10 +27,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .config import DEFAULT_L2_GRID
-from .errors import NeedleprobeError
-from .metrics import binary_metrics, bootstrap_auroc_ci
-from .stores import as_path, is_url
+from ..config import DEFAULT_L2_GRID
+from ..errors import NeedleprobeError
+from ..metrics import binary_metrics, bootstrap_auroc_ci
+from ..io.stores import as_path, is_url
 
 NOISE_FLOOR = 1e-5
 """A feature whose standard deviation is below this fraction of the activations' RMS is treated as constant.
@@ -120,7 +120,7 @@ class FitData:
 
     The in-memory form (:meth:`from_arrays`) holds the standardised train matrix
     (shared by every seed and L2 value) and the raw val matrix; ``fit`` also
-    builds forms that read both from the cache in blocks (:mod:`needleprobe.streaming`:
+    builds forms that read both from the cache in blocks (:mod:`needleprobe.fit.streaming`:
     out of core, and split over ``torchrun`` processes) and the ``minibatch`` one.
     """
 
@@ -148,7 +148,7 @@ class FitData:
         """
         import torch
 
-        from .solvers import fit_l2_path
+        from .lbfgs import fit_l2_path
 
         x = np.array(x, dtype=np.float32, copy=True) if copy else np.asarray(x, dtype=np.float32)
         mean, std = column_moments(x)
@@ -258,7 +258,7 @@ class LinearProbe:
         ``val_groups`` (the document of each val row) makes the AUROC's 95% CI a
         document bootstrap; without it every row is its own group.
         """
-        from .runtime import fit_settings
+        from ..io.runtime import fit_settings
 
         X, X_val = np.asarray(X), np.asarray(X_val)
         if X.ndim != 2 or X_val.ndim != 2 or X.shape[1] != X_val.shape[1]:
@@ -318,7 +318,7 @@ class LinearProbe:
     @property
     def identity(self):
         """(dataset, model, site) the probe was fitted on, from its metadata (None for a probe fitted on arrays)."""
-        from .layout import RunIdentity
+        from ..run.layout import RunIdentity
 
         return RunIdentity.from_config_dict(self.metadata_.get("config", {}))
 
@@ -347,7 +347,7 @@ class LinearProbe:
         """Write ``{stem}.pt`` (``{"weight": float32 [d], "bias": float32 []}``) and ``{stem}.json`` (the metadata)."""
         import torch
 
-        from .records import atomic_write_bytes, atomic_write_json
+        from ..run.record import atomic_write_bytes, atomic_write_json
 
         stem = as_path(stem)
         pt, js = stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".json")
@@ -388,8 +388,8 @@ class LinearProbe:
 
 def load_probes(source) -> dict[tuple[int, int], LinearProbe]:
     """Every probe of a run, by (layer, seed): from a config (file or object, its default run) or a probe directory."""
-    from .config import Config, load_config
-    from .layout import Layout
+    from ..config import Config, load_config
+    from ..run.layout import Layout
 
     if isinstance(source, Config):
         folder = Layout.from_config(source).run_dir

@@ -16,10 +16,10 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
-from .errors import NeedleprobeError
+from ..errors import NeedleprobeError
 from .hooks import model_inputs, run_forward
-from .records import console, progress_bar
-from .tokens import TokenizedDoc, bucket_length
+from ..run.record import console, progress_bar
+from ..data.tokens import TokenizedDoc, bucket_length
 
 
 @dataclass

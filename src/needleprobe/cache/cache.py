@@ -43,7 +43,7 @@ chunks.  ``committed_rows`` advances only after the chunk data is written (and
 never past a chunk whose write failed): a killed run resumes from it and
 rewrites the same bytes, so nothing past the counter is ever trusted.
 
-A sharded cache (see :mod:`needleprobe.distributed`) reads exactly like an
+A sharded cache (see :mod:`needleprobe.extract.sharding`) reads exactly like an
 unsharded one: :meth:`Cache.split` concatenates the shards in rank order, which
 is the single-process row order.
 """
@@ -63,10 +63,10 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from .config import Config, load_config
-from .data import Document
-from .errors import NeedleprobeError
-from .stores import as_path, is_url, open_group
+from ..config import Config, load_config
+from ..data.documents import Document
+from ..errors import NeedleprobeError
+from ..io.stores import as_path, is_url, open_group
 
 CACHE_FORMAT = 2
 """The storage format this code writes (root attr ``needleprobe_cache_format``, also a fingerprint field).
@@ -109,7 +109,7 @@ def fault_point(name: str) -> None:
 
 def cache_path(cfg: Config) -> Path:
     """Where this config's cache lives (``layout.Layout.cache``)."""
-    from .layout import Layout
+    from ..run.layout import Layout
 
     return Layout.from_config(cfg).cache
 
@@ -151,7 +151,7 @@ def fingerprint_fields(cfg: Config, docs: list[Document]) -> dict[str, Any]:
     the documents of each cached split (``documents``), so editing a test
     document, or a line's ``metadata``, leaves the cache valid.
     """
-    from .checkpoints import fingerprint_fields as model_fields
+    from ..extract.checkpoints import fingerprint_fields as model_fields
 
     p, m = cfg.probe, cfg.model
     by_split = split_documents(cfg, docs)
@@ -186,7 +186,7 @@ def wanted_fields(cfg: Config, docs: list[Document], cached: dict[str, Any] | No
     """
     fields = fingerprint_fields(cfg, docs)
     if cached is not None and "dataset_sha256" in cached and "documents" not in cached:
-        from .data import file_sha256
+        from ..data.documents import file_sha256
 
         del fields["documents"]
         fields["dataset_sha256"] = file_sha256(cfg.dataset.resolved_path())
@@ -1033,8 +1033,8 @@ class Cache:
 
     def tokenizer(self):
         """The tokenizer the cache was built with (its model and revision, from the fingerprint; imports transformers)."""
-        from .config import ModelConfig
-        from .hooks import load_tokenizer
+        from ..config import ModelConfig
+        from ..extract.hooks import load_tokenizer
 
         f = self.fields
         return load_tokenizer(ModelConfig(name=f["model_name"], revision=f.get("model_revision"), gguf_file=f.get("gguf_file")))
@@ -1075,7 +1075,7 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
         raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
     cache = Cache(path, root)
     if not cache.complete and not allow_incomplete:
-        from .records import FileLock
+        from ..run.record import FileLock
 
         running = FileLock.holder(path.with_name(path.name + ".lock"))
         if running:

@@ -6,9 +6,9 @@ matrix is released before the next layer, so peak memory is one layer's
 train+val rows in float32.  When they do not fit the memory budget
 (``probe.fit_memory``), or under ``torchrun``, the same exact solver reads them
 from the cache block by block or splits them over the processes
-(:mod:`needleprobe.streaming`); which one, and why, is said per layer.  What a
+(:mod:`needleprobe.fit.streaming`); which one, and why, is said per layer.  What a
 probe is, and the objective every solver minimises, live in
-:mod:`needleprobe.probe`.
+:mod:`needleprobe.fit.probe`.
 
 A fit writes one consistent run into its run directory (``layout.Layout``):
 every probe file, ``probe_metrics.csv`` and the run record describe the same
@@ -32,13 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .cache import Cache, open_cache, stale_reasons
-from .config import Config
-from .data import file_sha256
-from .errors import NeedleprobeError
-from .layout import Layout
+from ..cache.cache import Cache, open_cache, stale_reasons
+from ..config import Config
+from ..data.documents import file_sha256
+from ..errors import NeedleprobeError
+from ..run.layout import Layout
 from .probe import FitData, LinearProbe, fit_grid, to_raw
-from .records import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, results, update_run_record
+from ..run.record import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, results, update_run_record
 from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
 
 AUROC_NOISE = 1e-4
@@ -50,7 +50,7 @@ CSV_COLUMNS = ("layer", "seed", "l2", "val_auroc", "val_average_precision", "sel
 
 def verify_cache(cfg: Config, cache: Cache) -> None:
     """Refuse a cache that no longer matches the config or the dataset file (a stale cache is never used)."""
-    from .data import load_documents
+    from ..data.documents import load_documents
 
     data_path = cfg.dataset.resolved_path()
     if not data_path.is_file():
@@ -243,7 +243,7 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
     Launched by ``torchrun`` (WORLD_SIZE > 1), every process fits its share of
     the rows of every layer together with the others, and rank 0 writes the files.
     """
-    from .distributed import Dist
+    from ..extract.sharding import Dist
 
     dist = Dist.from_env()
     try:
@@ -254,9 +254,9 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
 
 def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devices: list[torch.device] | None,
          dist) -> FitResult:
-    from .distributed import FitComm
-    from .hooks import resolve_device
-    from .runtime import fit_settings
+    from ..extract.sharding import FitComm
+    from ..extract.hooks import resolve_device
+    from ..io.runtime import fit_settings
 
     t_start = time.perf_counter()
     con = console()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .batching import batch_limits, budget_message, device_budget
-from .cache import (
+from ..cache.cache import (
     BYTES_PER_VALUE,
     ROW_ARRAYS,
     CacheWriter,
@@ -47,9 +47,9 @@ from .cache import (
     verify_chunks,
     writable,
 )
-from .config import Config
-from .data import by_split, file_sha256, load_documents
-from .errors import NeedleprobeError
+from ..config import Config
+from ..data.documents import by_split, file_sha256, load_documents
+from ..errors import NeedleprobeError
 from .hooks import (
     TORCH_DTYPES,
     check_layers,
@@ -60,11 +60,11 @@ from .hooks import (
     model_shape,
     resolve_device,
 )
-from .records import FileLock, console, human_bytes, versions
+from ..run.record import FileLock, console, human_bytes, versions
 from .runner import Forward, SplitBatches, host_later, row_index, run_batches
-from .stores import is_url, open_group
-from .summary import dir_size
-from .tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
+from ..io.stores import is_url, open_group
+from ..cache.inspect import dir_size
+from ..data.tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
 
 
 
@@ -132,7 +132,7 @@ def stored_rows(split_rows: list[int], d_model: int, feature_dtype: str, world: 
     (and of each process's share of it) written full (uncompressed), as Zarr stores an edge chunk."""
     import math
 
-    from .cache import chunk_rows_for
+    from ..cache.cache import chunk_rows_for
 
     chunk = chunk_rows_for(d_model, feature_dtype)
     return sum(world * math.ceil(math.ceil(n / world) / chunk) * chunk for n in split_rows)
@@ -205,7 +205,7 @@ def gather_rows(
 
 def _cache_state(path, cfg: Config, docs, overwrite: bool) -> tuple[str, Any]:
     """("new" | "stale" | "resume" | "up to date", existing cache or None); refuses a stale cache."""
-    from .cache import open_cache
+    from ..cache.cache import open_cache
 
     if not path.exists() or (is_url(path) and not (path / "zarr.json").is_file()):  # remote: leftovers of a removal
         return "new", None
@@ -267,11 +267,11 @@ def extract(
     ``repair`` rewrites the chunks that fail their checksum, or are missing,
     recomputing only what they hold (see :func:`repair_chunks`).
     Launched by ``torchrun`` (WORLD_SIZE > 1), each process writes its shard of
-    every split (see :mod:`needleprobe.distributed`).
+    every split (see :mod:`needleprobe.extract.sharding`).
     ``splits``: some of the cache's splits only (what ``evaluate`` scores): the cache then lists those as written
     and stays incomplete, and a later full extract resumes it with the others.
     """
-    from .distributed import Dist, launched_world
+    from .sharding import Dist, launched_world
 
     if tuple(splits) != FIT_SPLITS and (repair or launched_world()[1] > 1):
         raise NeedleprobeError("extracting some splits only runs in one process, without --repair")
@@ -725,7 +725,7 @@ def _merged(items: list[tuple[int, int, Any, ChunkDamage]]):
 
 
 def _shard(con, dist, plan: SplitPlan, split: SplitBatches) -> tuple[SplitPlan, SplitBatches]:
-    from .distributed import shard_split
+    from .sharding import shard_split
 
     part, mine = shard_split(plan, split, dist.rank, dist.world)
     s = part.shard
