@@ -95,7 +95,7 @@ import needleprobe.extract.extract as npx  # noqa: E402
 from needleprobe.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig, load_config  # noqa: E402
 from needleprobe.data.documents import by_split, load_documents  # noqa: E402
 from needleprobe.data.demo import build_demo_documents  # noqa: E402
-from needleprobe.extract.hooks import (  # noqa: E402
+from needleprobe.model.hooks import (  # noqa: E402
     capture,
     find_blocks,
     load_model,
@@ -441,7 +441,7 @@ class Naive:
     def __init__(self, case: Case, tdocs: dict[str, list], device: torch.device, dtype: str):
         from transformers import AutoModel, AutoModelForCausalLM
 
-        from needleprobe.extract.hooks import TORCH_DTYPES
+        from needleprobe.model.hooks import TORCH_DTYPES
 
         cls = AutoModelForCausalLM if case.decoder else AutoModel
         where = model_location(ModelConfig(name=case.model))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny_models
 import torch  # noqa: E402
 
 from needleprobe.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
-from needleprobe.extract.hooks import capture, find_blocks, load_model, model_inputs, run_forward  # noqa: E402
+from needleprobe.model.hooks import capture, find_blocks, load_model, model_inputs, run_forward  # noqa: E402
 from needleprobe.extract.sites import SITES, capture_sites, site_support  # noqa: E402
 
 

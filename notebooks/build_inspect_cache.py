@@ -62,7 +62,7 @@ print("matches the config:", facts["matches_config"], "; ".join(facts["differenc
     print(f"{name:>5}: {sp.n_rows:6d} rows = {int(y.sum()):6d} needle + {int((y == 0).sum()):6d} negative"
           f" | {len(n_needles)} docs, {int((n_needles > 0).sum())} with needles")"""),
     ("md", "## What a few rows are\n\nThe token of a few needle and negative rows (the cache stores token ids), decoded with the model's tokenizer."),
-    ("code", """from needleprobe.extract.hooks import load_tokenizer
+    ("code", """from needleprobe.model.hooks import load_tokenizer
 
 tok = load_tokenizer(cfg.model)
 val = cache.split("val")

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoTokenizer
 from needleprobe import open_cache
 from needleprobe.config import load_config
 from needleprobe.extract.extract import extract
-from needleprobe.extract.hooks import capture, find_blocks, model_location, run_forward
+from needleprobe.model.hooks import capture, find_blocks, model_location, run_forward
 
 
 def _hidden_states(model, tok, text: str, max_length: int) -> tuple[list[int], tuple[torch.Tensor, ...]]:

@@ -59,7 +59,7 @@ def monitored(minilm_run):
 def test_token_logits_are_the_probe_on_the_model(monitored):
     from transformers import AutoModel, AutoTokenizer
 
-    from needleprobe.extract.hooks import model_location
+    from needleprobe.model.hooks import model_location
 
     cfg_path, cfg, _ = monitored
     tokens = _tokens(cfg, "val")
@@ -111,7 +111,7 @@ def test_outputs_and_thresholds(monitored):
 
 def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):
     cfg_path, cfg, res = monitored
-    import needleprobe.extract.hooks as hooks
+    import needleprobe.model.hooks as hooks
 
     def boom(*a, **k):
         raise AssertionError("the model must not be loaded to re-aggregate")
@@ -348,7 +348,7 @@ def test_truncation_is_said_and_a_document_that_lost_every_needle_is_left_out(mo
     from sklearn.metrics import roc_auc_score
 
     from needleprobe.data.documents import by_split, load_documents
-    from needleprobe.extract.hooks import load_tokenizer
+    from needleprobe.model.hooks import load_tokenizer
     from needleprobe.data.tokens import tokenize_documents
 
     cfg_path, cfg, _ = monitored
@@ -389,7 +389,7 @@ def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, mo
     is loaded, even for the calibration split's logits (none stored in this copy)."""
     import shutil
 
-    import needleprobe.extract.hooks as hooks
+    import needleprobe.model.hooks as hooks
 
     cfg_path, cfg, _ = monitored
     raw = yaml.safe_load(cfg_path.read_text())

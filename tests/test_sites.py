@@ -11,7 +11,7 @@ from tiny_models import FAMILIES, make_tiny_model
 from transformers import AutoModel
 
 from needleprobe.errors import NeedleprobeError
-from needleprobe.extract.hooks import capture, find_blocks, model_inputs, run_forward
+from needleprobe.model.hooks import capture, find_blocks, model_inputs, run_forward
 from needleprobe.extract.sites import SITES, capture_sites, check_requests, parse_hook_name, site_support
 
 N_LAYERS = 3

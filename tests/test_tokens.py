@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from needleprobe.config import EMBEDDED_MODEL, ModelConfig
 from needleprobe.data.documents import Document
-from needleprobe.extract.hooks import load_tokenizer
+from needleprobe.model.hooks import load_tokenizer
 from needleprobe.data.tokens import apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
 
 

@@ -115,7 +115,7 @@ class ModelConfig:
     """HF revision (branch, tag or commit) for hub ids."""
     gguf_file: Optional[str] = None
     """A GGUF file: a name inside ``name``'s directory (or hub repository), or a path.  Weights and tokenizer are
-    read from it and de-quantized to float32 once, into a user cache (:mod:`needleprobe.extract.checkpoints`)."""
+    read from it and de-quantized to float32 once, into a user cache (:mod:`needleprobe.model.checkpoints`)."""
     max_length: int = 2048
     """Documents longer than this many tokens are truncated (losses are reported)."""
     chat_template: bool = False

@@ -126,7 +126,7 @@ def probe_refs(layout: Layout, layers: list[int], seeds: list[int]) -> list[Prob
 
 def tokens_fingerprint(cfg: Config, docs_digest: str) -> str:
     """What a split's token tables (and so every stored logit row) depend on, besides the probes."""
-    from ..extract.checkpoints import fingerprint_fields as model_fields
+    from ..model.checkpoints import fingerprint_fields as model_fields
 
     m, p = cfg.model, cfg.probe
     key = json.dumps({"docs": docs_digest, "model": m.name, "revision": m.revision, "max_length": m.max_length,
@@ -320,7 +320,7 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     ``loaded``: a dict that keeps the tokenizer and model between calls (two
     splits of one command load the model once).
     """
-    from ..extract.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
+    from ..model.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
     from ..extract.sites import capture_sites
     from ..extract.batching import batch_limits, budget_message, device_budget
     from ..extract.runner import Forward, SplitBatches, run_batches

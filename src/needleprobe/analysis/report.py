@@ -761,7 +761,7 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
         return note("No documents to show.")
     tok_note = ""
     try:
-        from ..extract.hooks import load_tokenizer
+        from ..model.hooks import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     except NeedleprobeError as e:
@@ -1137,7 +1137,7 @@ def model_depth(cfg: Config) -> tuple[int | None, str]:
         n = None
     if n:
         return int(n), "cache"
-    from ..extract.hooks import model_shape
+    from ..model.hooks import model_shape
 
     n = model_shape(cfg)[0]
     return (int(n), "model config") if n else (None, "unknown")

@@ -151,7 +151,7 @@ def fingerprint_fields(cfg: Config, docs: list[Document]) -> dict[str, Any]:
     the documents of each cached split (``documents``), so editing a test
     document, or a line's ``metadata``, leaves the cache valid.
     """
-    from ..extract.checkpoints import fingerprint_fields as model_fields
+    from ..model.checkpoints import fingerprint_fields as model_fields
 
     p, m = cfg.probe, cfg.model
     by_split = split_documents(cfg, docs)
@@ -1034,7 +1034,7 @@ class Cache:
     def tokenizer(self):
         """The tokenizer the cache was built with (its model and revision, from the fingerprint; imports transformers)."""
         from ..config import ModelConfig
-        from ..extract.hooks import load_tokenizer
+        from ..model.hooks import load_tokenizer
 
         f = self.fields
         return load_tokenizer(ModelConfig(name=f["model_name"], revision=f.get("model_revision"), gguf_file=f.get("gguf_file")))

@@ -50,7 +50,7 @@ from ..cache.cache import (
 from ..config import Config
 from ..data.documents import by_split, file_sha256, load_documents
 from ..errors import NeedleprobeError
-from .hooks import (
+from ..model.hooks import (
     TORCH_DTYPES,
     check_layers,
     check_positions,

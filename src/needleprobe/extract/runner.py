@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import NeedleprobeError
-from .hooks import model_inputs, run_forward
+from ..model.hooks import model_inputs, run_forward
 from ..run.record import console, progress_bar
 from ..data.tokens import TokenizedDoc, bucket_length
 

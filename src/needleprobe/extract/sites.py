@@ -43,7 +43,7 @@ from typing import Iterable, Iterator, Literal
 import torch
 
 from ..errors import NeedleprobeError
-from .hooks import _StopForward, find_blocks
+from ..model.hooks import _StopForward, find_blocks
 
 from ..config import SITES  # noqa: E402  (every site name, TransformerLens' ``hook_{site}`` without the prefix)
 
@@ -200,7 +200,7 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
 def capture_sites(
     blocks: torch.nn.ModuleList, requests: Iterable[tuple[str, int]], stop_early: bool = True
 ) -> Iterator[SiteCapture]:
-    """Hook every requested (site, layer); use with :func:`needleprobe.extract.hooks.run_forward`.
+    """Hook every requested (site, layer); use with :func:`needleprobe.model.hooks.run_forward`.
 
     All sites come from one forward.  With ``stop_early`` the forward ends
     right after the last requested tensor is computed (no later module runs).
@@ -254,7 +254,7 @@ def check_model_sites(cfg, requests: Iterable[tuple[str, int]]) -> None:
         return  # every block has an output
     from transformers import AutoConfig, AutoModel
 
-    from .hooks import model_location
+    from ..model.hooks import model_location
 
     try:
         mc = AutoConfig.from_pretrained(model_location(cfg.model), revision=cfg.model.revision)

@@ -255,7 +255,7 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
 def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devices: list[torch.device] | None,
          dist) -> FitResult:
     from ..extract.sharding import FitComm
-    from ..extract.hooks import resolve_device
+    from ..model.hooks import resolve_device
     from ..io.runtime import fit_settings
 
     t_start = time.perf_counter()
