@@ -75,7 +75,8 @@ def child(mode: str, path: str, budget: str) -> None:
     cpu = torch.device("cpu")
     comm = None
     if mode == "2-process":  # one of torchrun's processes: its contiguous share of the rows, sums all-reduced
-        from needleprobe.extract.sharding import Dist, FitComm
+        from needleprobe.fit.comm import FitComm
+        from needleprobe.io.processes import Dist
 
         dist = Dist.from_env()
         comm = FitComm(dist, cpu)

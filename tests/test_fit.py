@@ -209,7 +209,7 @@ def test_fit_command_starts_without_heavy_imports():
         "import sys\n"
         "import needleprobe.cli\n"
         "early = [m for m in ('sklearn', 'scipy', 'torch.distributed', 'transformers') if m in sys.modules]\n"
-        "import needleprobe.fit.fit, needleprobe.metrics, needleprobe.extract.sharding\n"
+        "import needleprobe.fit.fit, needleprobe.metrics, needleprobe.fit.comm\n"
         "late = [m for m in ('sklearn', 'scipy', 'transformers') if m in sys.modules]\n"
         "print(early, late)\n"
     )

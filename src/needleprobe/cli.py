@@ -297,7 +297,7 @@ def run(args) -> int:
     if args.command == "report":
         args.config = args.config[0] if args.config else None
     cfg = _config(args)
-    from .extract.sharding import is_primary
+    from .io.processes import is_primary
 
     if args.command in ("extract", "train"):
         from .extract.extract import extract

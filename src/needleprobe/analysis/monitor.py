@@ -320,7 +320,8 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     ``loaded``: a dict that keeps the tokenizer and model between calls (two
     splits of one command load the model once).
     """
-    from ..model.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape, resolve_device
+    from ..model.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape
+    from ..io.runtime import resolve_device
     from ..extract.sites import capture_sites
     from ..extract.batching import batch_limits, budget_message, device_budget
     from ..extract.runner import Forward, SplitBatches, run_batches

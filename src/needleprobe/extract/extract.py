@@ -58,10 +58,10 @@ from ..model.hooks import (
     load_model,
     load_tokenizer,
     model_shape,
-    resolve_device,
 )
 from ..run.record import FileLock, console, human_bytes, versions
 from .runner import Forward, SplitBatches, host_later, row_index, run_batches
+from ..io.runtime import resolve_device
 from ..io.stores import is_url, open_group
 from ..cache.inspect import dir_size
 from ..data.tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
@@ -271,7 +271,7 @@ def extract(
     ``splits``: some of the cache's splits only (what ``evaluate`` scores): the cache then lists those as written
     and stays incomplete, and a later full extract resumes it with the others.
     """
-    from .sharding import Dist, launched_world
+    from ..io.processes import Dist, launched_world
 
     if tuple(splits) != FIT_SPLITS and (repair or launched_world()[1] > 1):
         raise NeedleprobeError("extracting some splits only runs in one process, without --repair")

@@ -243,7 +243,7 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
     Launched by ``torchrun`` (WORLD_SIZE > 1), every process fits its share of
     the rows of every layer together with the others, and rank 0 writes the files.
     """
-    from ..extract.sharding import Dist
+    from ..io.processes import Dist
 
     dist = Dist.from_env()
     try:
@@ -254,8 +254,8 @@ def fit(cfg: Config, *, run: str | None = None, overwrite: bool = False, device:
 
 def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devices: list[torch.device] | None,
          dist) -> FitResult:
-    from ..extract.sharding import FitComm
-    from ..model.hooks import resolve_device
+    from ..io.runtime import resolve_device
+    from .comm import FitComm
     from ..io.runtime import fit_settings
 
     t_start = time.perf_counter()

@@ -526,7 +526,7 @@ def choose(solver: str, cache: Cache, layer: int, device: torch.device, budget: 
     train, val = cache.split("train"), cache.split("val")
     train_bounds = _shard_bounds(train, cache, dist.world)
     val_bounds = _shard_bounds(val, cache, dist.world)
-    from ..extract.sharding import row_shares
+    from .comm import row_shares
 
     t0, t1 = row_shares(shape.n_train, dist.world, group, train_bounds)[dist.rank]
     v0, v1 = row_shares(shape.n_val, dist.world, 1, val_bounds)[dist.rank]
@@ -595,7 +595,7 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
         if rows is None:
             return t0, t1, None, n_train
         # a row subset (downsample): this process's part of it, on group boundaries of the subset
-        from ..extract.sharding import row_shares
+        from .comm import row_shares
 
         n_fit = int(rows.size)
         group = group_rows(n_fit, device.type == "cuda")

@@ -62,3 +62,22 @@ def one_malloc_arena(arenas: int = 1) -> bool:
         return bool(libc.mallopt(-8, int(arenas)))  # M_ARENA_MAX
     except (OSError, AttributeError):
         return False
+
+
+def resolve_device(name: str) -> "torch.device":
+    """The device ``probe.device`` names (``auto``: CUDA, else MPS, else CPU)."""
+    import torch
+
+    from ..errors import NeedleprobeError
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NeedleprobeError("probe.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise NeedleprobeError("probe.device is 'mps' but MPS is not available (use 'auto' or 'cpu')")
+    return torch.device(name)

@@ -34,20 +34,6 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 _BLOCK_PATHS = ("layers", "h", "encoder.layer", "gpt_neox.layers", "language_model.layers", "model.layers", "transformer.h")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise NeedleprobeError("probe.device is 'cuda' but no CUDA device is available (use 'auto' or 'cpu')")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise NeedleprobeError("probe.device is 'mps' but MPS is not available (use 'auto' or 'cpu')")
-    return torch.device(name)
-
-
 def model_location(cfg: ModelConfig) -> str:
     """A local directory or hub id for ``from_pretrained`` (packaged models and GGUF files: :mod:`.checkpoints`)."""
     from .checkpoints import location
