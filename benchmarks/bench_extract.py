@@ -104,7 +104,7 @@ from needleprobe.model.hooks import (  # noqa: E402
     model_location,
     run_forward,
 )
-from needleprobe.run.record import console  # noqa: E402
+from needleprobe.io.console import console  # noqa: E402
 from needleprobe.data.tokens import apply_caps, bucket_length, plan_batches, tokenize_documents  # noqa: E402
 
 FIT_SPLITS = ("train", "val")

@@ -143,7 +143,7 @@ def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
     import numpy as np
 
     from needleprobe.config import parse_bytes
-    from needleprobe.run.record import human_bytes
+    from needleprobe.io.console import human_bytes
 
     path = synthetic(n, n_val, d)
     layer_bytes = (n + n_val) * d * 4
@@ -187,7 +187,7 @@ def run_s3(n: int, n_val: int, d: int, budget: str) -> list[str]:
     """The same out-of-core fit and reader on local disk and from a bucket: per pass, time and bytes."""
     from local_s3 import LocalS3
 
-    from needleprobe.run.record import human_bytes
+    from needleprobe.io.console import human_bytes
 
     path = synthetic(n, n_val, d)
     with LocalS3() as s3:

@@ -20,7 +20,7 @@ from needleprobe import open_cache
 from needleprobe.cli import main
 from needleprobe.config import load_config
 from needleprobe.errors import NeedleprobeError
-from needleprobe.run.record import FileLock
+from needleprobe.io.files import FileLock
 
 CHUNK = "64"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # local_s3: the S3 endpoint of the s3:// tests
@@ -305,7 +305,7 @@ def test_second_extract_or_fit_is_refused_while_one_runs(minilm_run, tmp_path, s
 def test_lock_released_when_owner_is_killed(tmp_path):
     lock = tmp_path / "x.lock"
     p = subprocess.Popen(
-        [sys.executable, "-c", f"from needleprobe.run.record import FileLock; import time\nwith FileLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"from needleprobe.io.files import FileLock; import time\nwith FileLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     assert p.stdout.readline().strip() == "held"
@@ -340,7 +340,7 @@ def test_lock_taken_on_a_file_its_owner_just_removed_is_retried(tmp_path, monkey
     a lock on that orphan would exclude no one, so the path's new file is locked instead."""
     import fcntl
 
-    from needleprobe.run import record as records
+    from needleprobe.io import files
 
     lock = tmp_path / "x.lock"
     real_flock, calls = fcntl.flock, []
@@ -351,13 +351,13 @@ def test_lock_taken_on_a_file_its_owner_just_removed_is_retried(tmp_path, monkey
         calls.append(op)
         return real_flock(fd, op)
 
-    monkeypatch.setattr(records.fcntl, "flock", flock)
+    monkeypatch.setattr(files.fcntl, "flock", flock)
     with FileLock(lock, "x") as held:
-        monkeypatch.setattr(records.fcntl, "flock", real_flock)
+        monkeypatch.setattr(files.fcntl, "flock", real_flock)
         assert len([op for op in calls if op & fcntl.LOCK_EX]) == 2
         assert os.fstat(held.fd).st_ino == lock.stat().st_ino
         r = subprocess.run(
-            [sys.executable, "-c", f"from needleprobe.run.record import FileLock\nwith FileLock({str(lock)!r}, 'x'):\n    pass"],
+            [sys.executable, "-c", f"from needleprobe.io.files import FileLock\nwith FileLock({str(lock)!r}, 'x'):\n    pass"],
             capture_output=True, text=True,
         )
         assert r.returncode != 0 and "another x is running" in r.stderr
@@ -529,7 +529,7 @@ def test_two_runs_give_identical_outputs(tmp_path, small_dataset, one_thread):
 
 def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_path):
     """A fit that dies midway leaves no temporary or half-written file, and the previous CSV and run record intact."""
-    import needleprobe.run.record as records
+    import needleprobe.io.files as files
     from needleprobe.run.layout import Layout
 
     cfg_path, cfg = minilm_run
@@ -537,7 +537,7 @@ def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_pat
     record = Layout.from_config(cfg).run_record
     before_csv = (out / "probe_metrics.csv").read_bytes()
     before_record = record.read_bytes()
-    real, calls = records.atomic_write_json, []
+    real, calls = files.atomic_write_json, []
 
     def dying(path, obj):
         calls.append(path)
@@ -545,7 +545,7 @@ def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_pat
             raise KeyboardInterrupt  # as if Ctrl-C arrived while the second probe was being written
         real(path, obj)
 
-    monkeypatch.setattr(records, "atomic_write_json", dying)
+    monkeypatch.setattr(files, "atomic_write_json", dying)
     assert main(["fit", "--config", str(cfg_path), "--l2-grid", "0.5,5"]) == 130
     assert (out / "probe_metrics.csv").read_bytes() == before_csv
     assert record.read_bytes() == before_record

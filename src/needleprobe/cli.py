@@ -14,7 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import NeedleprobeError
-from .run.record import model_loading_bar, print_json, results
+from .io.console import model_loading_bar, print_json, results
 
 DEFAULT_CONFIG = "configs/dataset_main.yaml"
 MODEL_COMMANDS = ("extract", "train", "monitor", "evaluate")
@@ -271,7 +271,7 @@ def _run_config(args, cfg):
 def run(args) -> int:
     from rich.markup import escape
 
-    from .run.record import console
+    from .io.console import console
 
     con = console()
     if args.command == "demo-data":

@@ -150,7 +150,7 @@ def print_errors(lists: ErrorLists) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from ..run.record import console, results
+    from ..io.console import console, results
 
     con = results()
     auroc = f", val AUROC {lists.val_auroc:.4f}" if lists.val_auroc is not None else ""

@@ -28,7 +28,8 @@ from ..errors import NeedleprobeError
 from ..run.layout import Layout, RunIdentity, transfer_path
 from ..metrics import binary_metrics, bootstrap_auroc_ci
 from ..fit.probe import LinearProbe, load_probes
-from ..run.record import atomic_write_json, console, results
+from ..io.console import console, results
+from ..io.files import atomic_write_json
 from ..io.stores import as_path
 
 TOKEN_COLUMNS = ("layer", "seed", "split", "token_auroc", "auroc_ci_low", "auroc_ci_high", "average_precision",
@@ -301,7 +302,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True, show: boo
     common = Path(os.path.commonpath([str(s.run_dir) for s in sources])) if all(
         not str(s.run_dir).count("://") for s in sources) else sources[0].run_dir.parent
     out = common / f"transfer_matrix_{'+'.join(keys)}.csv"
-    from ..run.record import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
 
     buf = io.StringIO()
     csv.writer(buf, lineterminator="\n").writerows(lines)

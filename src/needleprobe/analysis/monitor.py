@@ -59,7 +59,9 @@ from ..errors import NeedleprobeError
 from ..run.layout import Layout
 from ..metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean_docs_to_bound, fpr_upper_bound,
                       threshold_at_fpr)
-from ..run.record import FileLock, atomic_write_bytes, console, results, update_run_record
+from ..io.console import console, results
+from ..io.files import FileLock, atomic_write_bytes
+from ..run.record import update_run_record
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
 LOGIT_CHUNK_ROWS = 1 << 16

@@ -1085,7 +1085,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
 def write_report(cfg: Config, run: str | None = None) -> Path:
     """Write ``report.html`` in the run directory (atomically) and return its path."""
     from ..run.layout import Layout
-    from ..run.record import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
 
     layout = Layout.from_config(cfg, run)
     layout.refuse_foreign("report", can_overwrite=False)
@@ -1581,7 +1581,7 @@ def build_comparison(cfgs: list[Config], run: str | None = None) -> tuple[Any, s
 
 def write_comparison(cfgs: list[Config], run: str | None = None) -> Any:
     """Write one HTML page comparing the runs of ``cfgs`` (atomically) in their common directory; return its path."""
-    from ..run.record import atomic_write_bytes
+    from ..io.files import atomic_write_bytes
 
     path, page = build_comparison(cfgs, run)
     atomic_write_bytes(path, page.encode("utf-8"))

@@ -1075,7 +1075,7 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
         raise NeedleprobeError(f"{path}: a Zarr group, but not a needleprobe cache")
     cache = Cache(path, root)
     if not cache.complete and not allow_incomplete:
-        from ..run.record import FileLock
+        from ..io.files import FileLock
 
         running = FileLock.holder(path.with_name(path.name + ".lock"))
         if running:

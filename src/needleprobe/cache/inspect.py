@@ -18,7 +18,7 @@ import numpy as np
 from .cache import Cache, CacheDamaged, fingerprint, open_cache, read_rows, stale_reasons, wanted_fields
 from ..config import Config
 from ..data.documents import load_documents
-from ..run.record import human_bytes
+from ..io.console import human_bytes
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -183,7 +183,7 @@ def inspect(cfg: Config, *, verify: bool = False, show: bool = True) -> tuple[di
     """
     from rich.markup import escape
 
-    from ..run.record import results
+    from ..io.console import results
 
     out = results()
     facts = cache_facts(cfg)

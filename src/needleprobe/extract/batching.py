@@ -115,7 +115,7 @@ def device_budget(probe, max_length: int, model, device, n_captured: int) -> tup
 
 
 def budget_message(budget: int, free: int, device) -> str:
-    from ..run.record import human_bytes
+    from ..io.console import human_bytes
 
     return (f"batch plan: up to {budget:,} padded tokens per forward ({human_bytes(free)} free on {device} after the "
             "weights; --max-batch-tokens or --doc-batch-size to choose)")

@@ -59,7 +59,9 @@ from ..model.hooks import (
     load_tokenizer,
     model_shape,
 )
-from ..run.record import FileLock, console, human_bytes, versions
+from ..io.console import console, human_bytes
+from ..io.files import FileLock
+from ..run.record import versions
 from .runner import Forward, SplitBatches, host_later, row_index, run_batches
 from ..io.runtime import resolve_device
 from ..io.stores import is_url, open_group

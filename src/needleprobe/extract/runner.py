@@ -18,7 +18,7 @@ import torch
 
 from ..errors import NeedleprobeError
 from ..model.hooks import model_inputs, run_forward
-from ..run.record import console, progress_bar
+from ..io.console import console, progress_bar
 from ..data.tokens import TokenizedDoc, bucket_length
 
 

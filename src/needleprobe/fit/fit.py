@@ -38,7 +38,9 @@ from ..data.documents import file_sha256
 from ..errors import NeedleprobeError
 from ..run.layout import Layout
 from .probe import FitData, LinearProbe, fit_grid, to_raw
-from ..run.record import FileLock, atomic_write_bytes, atomic_write_json, console, human_bytes, results, update_run_record
+from ..io.console import console, human_bytes, results
+from ..io.files import FileLock, atomic_write_bytes, atomic_write_json
+from ..run.record import update_run_record
 from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
 
 AUROC_NOISE = 1e-4

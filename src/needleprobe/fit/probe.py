@@ -347,7 +347,7 @@ class LinearProbe:
         """Write ``{stem}.pt`` (``{"weight": float32 [d], "bias": float32 []}``) and ``{stem}.json`` (the metadata)."""
         import torch
 
-        from ..run.record import atomic_write_bytes, atomic_write_json
+        from ..io.files import atomic_write_bytes, atomic_write_json
 
         stem = as_path(stem)
         pt, js = stem.with_name(stem.name + ".pt"), stem.with_name(stem.name + ".json")

@@ -42,7 +42,7 @@ import torch
 from ..cache.cache import Cache, SplitView, to_float32
 from ..errors import NeedleprobeError
 from .probe import FitData, column_moments_of_blocks, feature_scale
-from ..run.record import human_bytes
+from ..io.console import human_bytes
 from .lbfgs import _MEMORY, fit_l2_path, group_rows
 
 SOLVER_ROW_BYTES = 48

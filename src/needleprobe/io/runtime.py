@@ -9,7 +9,10 @@ them here, once, before any worker starts.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    import torch
 
 
 @contextlib.contextmanager

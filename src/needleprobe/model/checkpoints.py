@@ -179,7 +179,9 @@ def converted(gguf: Path, given: str) -> Path:
     """The model directory holding ``gguf``'s weights de-quantized to float32 and its tokenizer: converted once per
     file content, under a lock (a second process waits for the first), into a temporary directory renamed at the end,
     so that an interrupted conversion leaves nothing a later load could take for a finished one."""
-    from ..run.record import FileLock, console, versions
+    from ..io.console import console
+    from ..io.files import FileLock
+    from ..run.record import versions
 
     digest = gguf_digest(gguf)
     dest = converted_root() / f"{gguf.stem}-{digest[:16]}"

@@ -64,7 +64,7 @@ def placement(dtype: str, device: torch.device) -> dict:
         if importlib.util.find_spec("accelerate") is not None:
             kw["device_map"] = device
         else:
-            from ..run.record import console
+            from ..io.console import console
 
             console().print("[yellow]loading the weights on the host, then moving them to the GPU: install accelerate "
                             "(pip install \"needleprobe\\[gpu]\") to read them straight onto the GPU")
