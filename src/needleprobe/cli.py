@@ -419,6 +419,10 @@ def tqdm_bars_shown(args) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MKL may otherwise use fewer threads than asked when it judges the machine busy, and the split of a float
+    # reduction follows the thread count: fixing it keeps a run's numbers independent of the machine's load.
+    # Only effective before torch first calls MKL (no command has imported torch yet); the user's own setting wins.
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     parser = build_parser()
     args = parser.parse_args(argv)
     from .io.runtime import one_malloc_arena

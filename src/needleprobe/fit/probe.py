@@ -258,15 +258,14 @@ class LinearProbe:
         ``val_groups`` (the document of each val row) makes the AUROC's 95% CI a
         document bootstrap; without it every row is its own group.
         """
-        from ..io.runtime import fit_settings
-
         X, X_val = np.asarray(X), np.asarray(X_val)
         if X.ndim != 2 or X_val.ndim != 2 or X.shape[1] != X_val.shape[1]:
             raise ValueError(f"X [n, d] and X_val [m, d] must share d, got {X.shape} and {X_val.shape}")
         groups = np.arange(len(y_val)) if val_groups is None else np.asarray(val_groups)
-        with fit_settings():
-            data = FitData.from_arrays(X, y, X_val, y_val, groups, self.l2_grid, self.device)
-            fitted = fit_grid(data, self.l2_grid, self.class_balance, self.seed)
+        # no process-wide setting here (threads, matmul precision): a library call leaves the caller's as they are;
+        # the fit command sets its own once around all of its fits (``io.runtime.fit_settings``)
+        data = FitData.from_arrays(X, y, X_val, y_val, groups, self.l2_grid, self.device)
+        fitted = fit_grid(data, self.l2_grid, self.class_balance, self.seed)
         self._set(fitted["weight"], fitted["bias"])
         self.metadata_ = {
             "selected_l2": fitted["selected_l2"],

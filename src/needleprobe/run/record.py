@@ -31,9 +31,15 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The commit of needleprobe's own checkout (the repository holding this package's files), not the current
+    directory's; None for an installed copy outside any repository."""
+    here = Path(__file__).resolve().parents[1]
     try:
-        out = subprocess.run(
-["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch", "__init__.py"], cwd=here,
+                                 capture_output=True, text=True, timeout=5)
+        if tracked.returncode != 0:  # not a checkout of needleprobe (e.g. site-packages inside another repository)
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
