@@ -95,3 +95,12 @@ def test_the_checker_sees_a_crossing():
     graph = _graph()
     assert "needleprobe.fit.probe" in graph["needleprobe.fit.fit"]
     assert any(_stage(t) == "cache" for t in graph["needleprobe.extract.extract"])
+
+
+def test_probe_file_names_are_built_and_parsed_in_one_place():
+    """``run/layout.py`` joins the run's paths and parses probe file names; every reader asks it (or a ``Run``)."""
+    import re
+
+    pattern = re.compile(r"""glob\(\s*f?["']probe_layer|f["'][^"']*probe_layer_\{""")
+    where = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if pattern.search(p.read_text()))
+    assert where == ["run/layout.py"]

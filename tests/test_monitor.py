@@ -23,12 +23,13 @@ from needleprobe.run.layout import Layout
 from needleprobe.analysis.monitor import (AGGREGATIONS, LogitStore, MonitorTokens, aggregate, document_metrics, monitor, probe_refs,
                                  recommend, stored_tokens)
 from needleprobe.fit.probe import LinearProbe
+from needleprobe.analysis.run import Run
 
 
 def _tokens(cfg, split: str, layers=None, seeds=None):
     """The stored token logits of the run's probes on ``split`` (no model run)."""
     layout = Layout.from_config(cfg)
-    refs = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
+    refs = probe_refs(Run.of_layout(layout), layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
     return stored_tokens(cfg, LogitStore(layout.monitor_store), split, refs)
 
 
@@ -412,7 +413,7 @@ def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, mo
 def test_monitor_table_fits_80_columns(monitored, monkeypatch, capsys):
     """At COLUMNS=80 nothing is cut: every aggregation name, AUROC with its CI and TPR with its counts is whole on
     stdout, four-digit counts included; the recommendation follows the table there."""
-    from needleprobe.run import record as records
+    from needleprobe.io import console as records
     from needleprobe.metrics import fpr_upper_bound
     from needleprobe.analysis.monitor import _print
 

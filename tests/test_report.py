@@ -95,9 +95,10 @@ def _stored_tokens(cfg, split: str, run: str | None = None):
     """The token logits the monitor stored in the run for all of its probes on ``split`` (no model run)."""
     from needleprobe.run.layout import Layout
     from needleprobe.analysis.monitor import LogitStore, probe_refs, stored_tokens
+    from needleprobe.analysis.run import Run
 
     layout = Layout.from_config(cfg, run)
-    refs = probe_refs(layout, cfg.probe.layers_to_probe, cfg.probe.train_seeds)
+    refs = probe_refs(Run.of_layout(layout), cfg.probe.layers_to_probe, cfg.probe.train_seeds)
     tokens = stored_tokens(cfg, LogitStore(layout.monitor_store), split, refs)
     assert tokens is not None and len(tokens.probes) == len(refs)
     return tokens
@@ -402,3 +403,36 @@ def test_identical_seeds_share_a_row_of_the_tables(run):
     assert len(seeds_cells) == 4
     assert "Seeds on one row gave identical probes." in run["html"]
     assert len(el.find("circle", "point", svg="auroc-by-layer")) == len(probes)
+
+
+def test_the_report_shows_the_monitors_own_recommendation(run, tmp_path):
+    """The report reads what ``monitor`` stored (its CSV and run record) instead of choosing again: after a monitor
+    of a weaker layer alone, the page shows that layer and the aggregation the monitor recommended, although the
+    store still holds the logits of every probe (a report that chose by val AUROC would show the best layer)."""
+    import dataclasses
+
+    from needleprobe.analysis.monitor import AGGREGATIONS, aggregation_label, monitor
+    from needleprobe.analysis.report import build_html
+    from needleprobe.analysis.run import Run
+
+    cfg = run["cfg"]
+    results = Path(cfg.probe.output_dir).parent
+    shutil.copytree(results, tmp_path / "results")
+    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(
+        cfg.probe, output_dir=str(tmp_path / "results" / "probes"), run_record_dir=str(tmp_path / "results" / "run_records")))
+    best_layer = Run.of(cfg2).best()[0]
+    weaker = next(la for la in sorted(cfg2.probe.layers_to_probe) if la != best_layer)
+    rec = monitor(cfg2, layers=[weaker], seeds=[0], split="val", show_progress=False)["recommended"]
+    method = next(m for m in AGGREGATIONS if aggregation_label(m, cfg2.monitor) == rec["aggregation"])
+    page = build_html(cfg2)
+    assert f"<h3>Document monitor on val: layer {rec['layer']} · seed {rec['seed']}</h3>" in page
+    assert f"probe layer {rec['layer']} · seed {rec['seed']}, documents ranked by {method}," in page
+    assert rec["layer"] == weaker
+    curves = Elements(page).find("path", "roc", svg="roc-monitor")
+    assert {(c["attrs"]["data-layer"], c["attrs"]["data-seed"]) for c in curves} == {(str(weaker), "0")}
+    # and the table's numbers are the monitor's CSV's, to the bit
+    by_label = {c["attrs"]["data-aggregation"]: float(c["attrs"]["data-auroc"]) for c in curves}
+    with open(Run.of(cfg2).layout.monitor_csv("val"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["layer"]) == weaker and int(r["seed"]) == 0]
+    assert by_label == {m: float(next(r["auroc"] for r in rows if r["aggregation"] == aggregation_label(m, cfg2.monitor)))
+                        for m in AGGREGATIONS}

@@ -12,7 +12,8 @@ from .cache.cache import Cache, open_cache
 from .config import Config, load_config
 from .errors import NeedleprobeError
 from .run.layout import Layout
-from .fit.probe import LinearProbe, load_probes
+from .fit.probe import LinearProbe
+from .analysis.run import load_probes
 
 __all__ = ["Cache", "Config", "Layout", "LinearProbe", "NeedleprobeError", "load_config", "load_probes", "open_cache",
            "__version__"]

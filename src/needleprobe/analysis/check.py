@@ -17,7 +17,6 @@ import json
 from ..config import RUNTIME_ONLY, Config
 from ..data.documents import file_sha256
 from ..run.layout import Layout
-from ..fit.probe import LinearProbe
 
 REQUIRED_META = ("selected_l2", "train_stats", "val_stats", "val_metrics")
 CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
@@ -25,12 +24,13 @@ CHANCE_BAND = 0.02  # |AUROC - 0.5| below this counts as "about chance"
 
 def check(cfg: Config, run: str | None = None) -> list[str]:
     """Failing items, one line each; empty when everything passes."""
-    from ..fit.fit import existing_probes
     from ..run.record import run_config
+    from .run import Run
 
     problems: list[str] = []
     cfg = run_config(cfg, run)
     layout = Layout.from_config(cfg, run)
+    fitted = Run.of_layout(layout)
     csv_path = layout.metrics_csv
     if not csv_path.is_file():
         return [f"{csv_path}: metrics CSV missing (run `needleprobe fit`)"]
@@ -48,7 +48,7 @@ def check(cfg: Config, run: str | None = None) -> list[str]:
             problems.append(f"{csv_path}: no selected row for layer {key[0]} seed {key[1]}")
         elif not selected[key] > 0.5:
             problems.append(f"layer {key[0]} seed {key[1]}: val AUROC {selected[key]:.4f} is not above chance (0.5)")
-    extra = sorted({k for k in selected if k not in in_run} | {k for k in existing_probes(layout) if k not in in_run})
+    extra = sorted({k for k in selected if k not in in_run} | {k for k in fitted.metadata() if k not in in_run})
     if extra:
         problems.append(f"{layout.run_dir}: holds probes of (layer, seed) {extra} that "
                         + ("its run record does not list" if cfg.fitted is not None else
@@ -58,13 +58,13 @@ def check(cfg: Config, run: str | None = None) -> list[str]:
         problems.append(f"every val AUROC is within {CHANCE_BAND} of 0.5: the probes are not learning")
     want_cfg = whole.outcome_dict()
     for layer, seed in wanted:
-        pt, js = layout.probe_files(layer, seed)
+        pt, js = fitted.files(layer, seed)
         if not pt.is_file():
             problems.append(f"{pt}: probe weights missing")
         if not js.is_file():
             problems.append(f"{js}: probe metadata missing")
             continue
-        meta = LinearProbe.load(pt).metadata_ if pt.is_file() else json.loads(js.read_text())
+        meta = fitted.probe(layer, seed).metadata_ if pt.is_file() else json.loads(js.read_text())
         for k in REQUIRED_META:
             if k not in meta:
                 problems.append(f"{js}: metadata field {k!r} missing")
@@ -92,7 +92,7 @@ def check(cfg: Config, run: str | None = None) -> list[str]:
                 problems.append(f"{path}: content differs from the run record (sha256)")
         except FileNotFoundError:
             problems.append(f"{path}: listed in the run record but missing")
-    on_disk = {str(p) for k in existing_probes(layout) for p in layout.probe_files(*k) if p.is_file()}
+    on_disk = {str(p) for k in fitted.metadata() for p in fitted.files(*k) if p.is_file()}
     unlisted = sorted(on_disk - set(outputs))
     if unlisted:
         problems.append(f"{rec_path}: probe files on disk that the run record does not list: {', '.join(unlisted[:3])}")

@@ -14,7 +14,6 @@ and the dataset's text: no model and no tokenizer, so it takes seconds.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 
@@ -71,33 +70,6 @@ def in_context(text: str, start: int, end: int, window: int = WINDOW) -> tuple[s
     return left, text[start:end].replace("\n", "↵").replace("\t", "⇥"), right
 
 
-def _probe_choice(layout, layers: list[int], seeds: list[int], layer: int | None) -> tuple[int, int, float | None]:
-    """(layer, seed, val AUROC) of the probe to show: the best seed of ``layer``, or of the best layer."""
-    from ..fit.verdict import ranked_layers
-
-    aurocs: dict[tuple[int, int], float] = {}
-    for lay in layers:
-        for seed in seeds:
-            _, js = layout.probe_files(lay, seed)
-            if js.is_file():
-                try:
-                    aurocs[(lay, seed)] = float(json.loads(js.read_text())["val_metrics"]["auroc"])
-                except (ValueError, KeyError, TypeError):
-                    aurocs[(lay, seed)] = 0.0
-    if not aurocs:
-        raise NeedleprobeError(f"{layout.run_dir}: no probes here; run `needleprobe fit` first")
-    ranked = ranked_layers(aurocs)
-    if layer is None:
-        lay, seed = ranked[0]
-    else:
-        found = [ls for ls in ranked if ls[0] == layer]
-        if not found:
-            have = ", ".join(str(x) for x in sorted({ls[0] for ls in ranked}))
-            raise NeedleprobeError(f"{layout.run_dir}: no probe of layer {layer} (probed layers: {have})")
-        lay, seed = found[0]
-    return lay, seed, aurocs[(lay, seed)]
-
-
 def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n: int = 20, run: str | None = None,
                  window: int = WINDOW) -> ErrorLists:
     """The ``n`` highest-scoring negatives and ``n`` lowest-scoring needle tokens of the best probe of ``layer`` (by
@@ -106,7 +78,7 @@ def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n
     from ..data.documents import load_documents
     from ..fit.fit import verify_cache
     from ..run.layout import Layout
-    from ..fit.probe import LinearProbe
+    from .run import Run
 
     if n < 1:
         raise NeedleprobeError(f"-n {n}: list at least one token")
@@ -120,10 +92,13 @@ def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n
         raise NeedleprobeError(f"{cache.path}: split {split!r} is not cached (cached: {', '.join(cache.splits)}); the "
                                "test split's tokens are scored by `needleprobe monitor`")
     verify_cache(cfg, cache)
-    lay, seed, auroc = _probe_choice(layout, cfg.probe.layers_to_probe, cfg.probe.train_seeds, layer)
+    fitted = Run.of_layout(layout)
+    keys = [(lay, seed) for lay in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds]
+    lay, seed = fitted.best(layer, keys)
+    auroc = fitted.val_aurocs(keys)[(lay, seed)]
     view = cache.split(split)
     starts, ends = view.char_start, view.char_end  # first: an old cache says so before any work
-    probe = LinearProbe.load(layout.probe_files(lay, seed)[0])
+    probe = fitted.probe(lay, seed)
     logits = probe.decision_function(view.to_numpy(lay)).astype(np.float64)
     y = view.labels.astype(bool)
     doc_ids, doc_index, token_index = view.doc_ids, view.doc_index, view.token_index

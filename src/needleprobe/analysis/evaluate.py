@@ -27,10 +27,12 @@ from ..config import Config, load_config
 from ..errors import NeedleprobeError
 from ..run.layout import Layout, RunIdentity, transfer_path
 from ..metrics import binary_metrics, bootstrap_auroc_ci
-from ..fit.probe import LinearProbe, load_probes
+from ..fit.probe import LinearProbe
+from ..fit.verdict import best_seed_per_layer, val_aurocs
 from ..io.console import console, results
 from ..io.files import atomic_write_json
 from ..io.stores import as_path
+from .run import Run
 
 TOKEN_COLUMNS = ("layer", "seed", "split", "token_auroc", "auroc_ci_low", "auroc_ci_high", "average_precision",
                  "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "rows", "positives", "source_val_auroc")
@@ -58,7 +60,7 @@ def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
     wanted = None
     if p.suffix in (".yaml", ".yml"):
         cfg = run_config(load_config(p), run)
-        run_dir = Layout.from_config(cfg, run).run_dir
+        fitted = Run.of(cfg, run)
         if cfg.fitted is not None:
             wanted = {(layer, seed) for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds}
     else:
@@ -66,8 +68,11 @@ def load_source(spec: str | os.PathLike, run: str | None = None) -> Source:
             raise NeedleprobeError("--probes-run names a run of a config; --probes is a directory here")
         if not p.is_dir():
             raise NeedleprobeError(f"{p}: no such probe directory (give a config or a directory of probe files)")
-        run_dir = p
-    probes = load_probes(run_dir)
+        fitted = Run.at(p)
+    run_dir = fitted.run_dir
+    probes = fitted.probes()
+    if not probes:
+        raise NeedleprobeError(f"{run_dir}: no probe files (probe_layer_L_seed_S.pt) here; run `needleprobe fit` first")
     if wanted is not None:
         probes = {k: v for k, v in probes.items() if k in wanted}
         if not probes:
@@ -183,8 +188,8 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
     _check_compatible(source, target, cache)
     out_dir = transfer_path(source.run_dir, target.dataset.key, split)
     rows: list[dict[str, Any]] = []
-    refs = [ProbeRef(layer, seed, source.run_dir / f"probe_layer_{layer}_seed_{seed}.pt",
-                     file_sha256(source.run_dir / f"probe_layer_{layer}_seed_{seed}.pt"))
+    files = Run.at(source.run_dir)
+    refs = [ProbeRef(layer, seed, files.probe_path(layer, seed), file_sha256(files.probe_path(layer, seed)))
             for layer, seed in sorted(source.probes)]
     tokens = None
     if split == "test":  # not cached: every text token, scored through the model (stored for the next time)
@@ -252,16 +257,6 @@ def _print(source: Source, target: Config, split: str, rows: list[dict[str, Any]
     results().print(t)
 
 
-def best_probes(probes: dict[tuple[int, int], LinearProbe]) -> dict[int, tuple[int, LinearProbe]]:
-    """Per layer, the seed with the best val AUROC (ties: the lowest seed) and its probe."""
-    out: dict[int, tuple[int, LinearProbe]] = {}
-    for (layer, seed), p in sorted(probes.items()):
-        cur = out.get(layer)
-        if cur is None or (p.val_auroc_ or 0.0) > (cur[1].val_auroc_ or 0.0):
-            out[layer] = (seed, p)
-    return out
-
-
 def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True, show: bool = True) -> dict[str, Any]:
     """Every dataset's best probes on every dataset's val split (token AUROC): a CSV per layer, trained-on × evaluated-on.
 
@@ -283,7 +278,7 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True, show: boo
     caches = [target_cache(c, "val", show_progress) for c in cfgs]
     table: dict[tuple[int, str, str], float] = {}
     for src, scfg in zip(sources, cfgs):
-        best = best_probes(src.probes)
+        best = {layer: (seed, src.probes[(layer, seed)]) for layer, seed in best_seed_per_layer(val_aurocs(src.probes)).items()}
         for tcfg, cache in zip(cfgs, caches):
             _check_compatible(src, tcfg, cache)
             view = cache.split("val")

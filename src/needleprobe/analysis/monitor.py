@@ -62,6 +62,7 @@ from ..metrics import (FPR_CONFIDENCE, binary_metrics, bootstrap_auroc_ci, clean
 from ..io.console import console, results
 from ..io.files import FileLock, atomic_write_bytes
 from ..run.record import update_run_record
+from .run import Run
 
 AGGREGATIONS = ("mean", "max", "topk_mean", "rolling_max", "softmax_mean")
 LOGIT_CHUNK_ROWS = 1 << 16
@@ -114,12 +115,12 @@ class ProbeRef:
         return {"layer": self.layer, "seed": self.seed, "sha256": self.sha256}
 
 
-def probe_refs(layout: Layout, layers: list[int], seeds: list[int]) -> list[ProbeRef]:
+def probe_refs(run: "Run", layers: list[int], seeds: list[int]) -> list[ProbeRef]:
     """The run's probe files for ``layers`` × ``seeds`` (a missing one is an error naming it)."""
     refs = []
     for layer in sorted(layers):
         for seed in seeds:
-            pt, _ = layout.probe_files(layer, seed)
+            pt = run.probe_path(layer, seed)
             if not pt.is_file():
                 raise NeedleprobeError(f"{pt}: probe missing (run `needleprobe fit` for layer {layer}, seed {seed})")
             refs.append(ProbeRef(layer, seed, pt, file_sha256(pt)))
@@ -569,6 +570,41 @@ def write_rows_csv(path, rows: list[dict[str, Any]]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
+def read_rows_csv(path) -> list[dict[str, Any]]:
+    """The rows :func:`write_rows_csv` wrote, typed again: an empty cell is None, numbers are ints or floats (floats
+    were written with ``repr``, so they read back exactly)."""
+    def typed(v: str) -> Any:
+        if v == "":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(v)
+            except ValueError:
+                pass
+        return v
+
+    with open(path, newline="") as f:
+        return [{k: typed(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def stored_results(run: "Run", split: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None] | None:
+    """(metrics rows, recommended row) that ``monitor`` wrote for ``split``, kept to the probes whose files are still
+    the ones it scored (sha256 in the run record; the recommendation None when its probe changed since); None when
+    the monitor has not run on ``split`` or its CSV is not one it recorded.  Readers (the report) show these
+    instead of deciding again."""
+    section = run.record().get("stages", {}).get(f"monitor:{split}")
+    if not section or run.layout is None:
+        return None
+    csv_path = run.layout.monitor_csv(split)
+    if not csv_path.is_file() or file_sha256(csv_path) not in section.get("outputs", {}).values():
+        return None  # (by content: a run directory copied or moved keeps its results)
+    current = {(p["layer"], p["seed"]) for p in section.get("probes", [])
+               if run.has(p["layer"], p["seed"]) and file_sha256(run.probe_path(p["layer"], p["seed"])) == p["sha256"]}
+    rows = [r for r in read_rows_csv(csv_path) if (r["layer"], r["seed"]) in current]
+    rec = section.get("recommended")
+    return rows, rec if rec is not None and (rec["layer"], rec["seed"]) in current else None
+
+
 def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | None = None, split: str | None = None,
             run: str | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Score ``split`` with the run's probes, aggregate per document, and write the monitor's outputs in the run.
@@ -587,12 +623,12 @@ def monitor(cfg: Config, *, layers: list[int] | None = None, seeds: list[int] | 
         if lacking:
             raise NeedleprobeError(f"--{what} {','.join(map(str, picked))}: {layout.run_dir} has no probes of {what}(s) "
                                    f"{', '.join(map(str, lacking))} (its {what}s: {', '.join(map(str, have))})")
-    probes = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
-    from ..fit.fit import existing_probes
+    fitted = Run.of_layout(layout)
+    probes = probe_refs(fitted, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
 
     cal_split = cfg.monitor.calibration_split
     with FileLock(layout.lock, what=f"fit or monitor of {layout.run_dir}"):
-        current = {k: file_sha256(layout.probe_files(*k)[0]) for k in existing_probes(layout)}
+        current = {k: file_sha256(fitted.probe_path(*k)) for k in fitted.metadata()}
         store, loaded = LogitStore(layout.monitor_store), {}
         calibration = None
         data_path = cfg.dataset.resolved_path()

@@ -49,7 +49,6 @@ import numpy as np
 
 from ..config import Config
 from ..errors import NeedleprobeError
-from ..fit.probe import LinearProbe
 
 if TYPE_CHECKING:
     from ..run.layout import Layout
@@ -106,34 +105,33 @@ class ProbeInfo:
 
 def load_probe_infos(cfg: Config, run: str | None = None) -> tuple[list[ProbeInfo], list[str]]:
     """Probes of the config's layers × seeds that exist on disk, and the ones that do not."""
-    from ..run.layout import Layout
+    from .run import Run
 
-    layout = Layout.from_config(cfg, run)
+    fitted = Run.of(cfg, run)
     found, missing = [], []
     for layer in sorted(cfg.probe.layers_to_probe):
         for seed in cfg.probe.train_seeds:
-            pt, js = layout.probe_files(layer, seed)
-            if js.is_file() and pt.is_file():
-                found.append(ProbeInfo(layer, seed, pt, LinearProbe.load(pt)))
+            if fitted.has(layer, seed):
+                found.append(ProbeInfo(layer, seed, fitted.probe_path(layer, seed), fitted.probe(layer, seed)))
             else:
                 missing.append(f"layer {layer} seed {seed}")
     return found, missing
 
 
 def best_per_layer(probes: list[ProbeInfo]) -> dict[int, ProbeInfo]:
-    """Highest val AUROC per layer; ties go to the lowest seed."""
-    out: dict[int, ProbeInfo] = {}
-    for p in probes:
-        cur = out.get(p.layer)
-        if cur is None or p.auroc > cur.auroc:
-            out[p.layer] = p
-    return out
+    """Each layer's best seed (``verdict.best_seed_per_layer``: highest val AUROC, ties to the lowest seed)."""
+    from ..fit.verdict import best_seed_per_layer
+
+    by_key = {(p.layer, p.seed): p for p in probes}
+    return {layer: by_key[(layer, seed)] for layer, seed in best_seed_per_layer({k: p.auroc for k, p in by_key.items()}).items()}
 
 
 def best_overall(probes: list[ProbeInfo]) -> ProbeInfo:
-    """Highest val AUROC; ties go to the layer with the better seed mean, then the earlier layer."""
-    mean = {layer: float(np.mean([q.auroc for q in probes if q.layer == layer])) for layer in {p.layer for p in probes}}
-    return max(probes, key=lambda p: (p.auroc, mean[p.layer], -p.layer, -p.seed))
+    """The best probe (``verdict.ranked_layers``: val AUROC, then the layer's seed mean, then the earlier layer)."""
+    from ..fit.verdict import ranked_layers
+
+    by_key = {(p.layer, p.seed): p for p in probes}
+    return by_key[ranked_layers({k: p.auroc for k, p in by_key.items()})[0]]
 
 
 # ---------------------------------------------------------------------------
@@ -530,85 +528,52 @@ def _stored_splits(store_path) -> list[str]:
         return []
 
 
-def calibration_tokens(cfg: Config, run: str | None, found: tuple[str, Any]):
-    """The stored logits of the shown probes on ``monitor.calibration_split`` when it is another split (else None)."""
-    from ..run.layout import Layout
-    from .monitor import LogitStore, ProbeRef, stored_tokens
+def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], stored) -> MonitorView:
+    """The monitor's results on ``split`` as ``needleprobe monitor`` stored them, with document scores for the charts.
 
-    split, tokens = found
-    if cfg.monitor.calibration_split == split:
-        return None
-    layout = Layout.from_config(cfg, run)
-    refs = [ProbeRef(int(p["layer"]), int(p["seed"]), layout.probe_files(int(p["layer"]), int(p["seed"]))[0], p["sha256"])
-            for p in tokens.probes]
-    cal = stored_tokens(cfg, LogitStore(layout.monitor_store), cfg.monitor.calibration_split, refs)
-    return cal if cal is not None and len(cal.probes) == len(refs) else None
-
-
-def _finite(s: np.ndarray) -> np.ndarray:
-    """A document without text tokens aggregates to -inf; rank it below every other (sklearn refuses inf)."""
-    bad = ~np.isfinite(s)
-    if bad.any():
-        ok = s[~bad]
-        s = np.where(bad, (ok.min() - 1.0) if ok.size else 0.0, s)
-    return s
-
-
-def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], calibration=None) -> MonitorView:
-    """Document scores of the best monitored probe under every aggregation, with the monitor's metrics.
-
-    ``calibration``: the same probes' stored logits on ``monitor.calibration_split`` (another split), whose clean
-    documents set the thresholds and whose document AUROC picks the aggregation, as ``needleprobe monitor`` does;
-    without it, ``split`` itself.
+    ``stored``: (metrics rows, recommended row) from :func:`monitor.stored_results`.  The probe and aggregation
+    shown are the ones the monitor recommended, and the table's numbers are its CSV's: the report decides nothing
+    again.  The stored token logits are only aggregated (``monitor.document_scores``) for the ROC curves, the
+    heatmaps and the per-probe AUROC table.
     """
     from sklearn.metrics import roc_auc_score
 
-    from ..metrics import bootstrap_auroc_ci
-    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregate, aggregation_label, calibrated_rates
+    from ..fit.verdict import one_row_per_probe, ranked_layers
+    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregation_label, doc_labels, document_scores
 
-    auroc_of = {(p.layer, p.seed): p.auroc for p in probes}
-    layer_mean = {layer: float(np.mean([p.auroc for p in probes if p.layer == layer])) for layer in {p.layer for p in probes}}
+    rows, rec = stored
     cols = [(int(p["layer"]), int(p["seed"])) for p in tokens.probes]
-    j = max(range(len(cols)), key=lambda i: (auroc_of.get(cols[i], -1.0), layer_mean.get(cols[i][0], -1.0), -cols[i][0], -cols[i][1]))
-    y = (np.asarray(tokens.doc_n_needles) > 0).astype(np.int8)
+    if rec is not None and (int(rec["layer"]), int(rec["seed"])) in cols:
+        j = cols.index((int(rec["layer"]), int(rec["seed"])))
+    else:  # no recommendation (the calibration split lacks needle or clean documents): the best probe shown
+        j = cols.index(ranked_layers({k: p.auroc for p in probes if (k := (p.layer, p.seed)) in cols})[0])
     view = MonitorView(split, tokens, j, cols[j][0], cols[j][1])
-    from ..fit.verdict import one_row_per_probe
-
     by_key = {(p.layer, p.seed): p.probe for p in probes}
     view.seeds = one_row_per_probe({k: by_key[k] for k in cols if k in by_key})
-    both = 0 < y.sum() < y.size
+    y = doc_labels(tokens)
     for jj, (layer, seed) in enumerate(cols):
         per = {}
         for method in AGGREGATIONS:
-            s = _finite(np.array([aggregate(lg[:, jj], method, cfg.monitor) for lg in tokens.logits]))
+            s = document_scores(tokens, jj, method, cfg.monitor)
             if jj == j:
                 view.doc_scores[method] = s
-            if both:
-                per[method] = float(roc_auc_score(y, s))
+            per[method] = float(roc_auc_score(y, s))
         view.all_probe_aurocs.append((layer, seed, per))
-    if not both:
+    method_of = {aggregation_label(m, cfg.monitor): m for m in AGGREGATIONS}
+    mine = {r["aggregation"]: r for r in rows if (int(r["layer"]), int(r["seed"])) == cols[j]}
+    if not mine:
         return view
-    cal = tokens if calibration is None else calibration
-    view.calibration_split = split if calibration is None else cfg.monitor.calibration_split
-    y_cal = (np.asarray(cal.doc_n_needles) > 0).astype(np.int8)
-    view.n_calibration_clean = int((y_cal == 0).sum())
-    jc = [(int(p["layer"]), int(p["seed"])) for p in cal.probes].index(cols[j])
-    for method in AGGREGATIONS:
-        s = view.doc_scores[method]
-        s_cal = s if cal is tokens else _finite(np.array([aggregate(lg[:, jc], method, cfg.monitor) for lg in cal.logits]))
-        try:
-            lo, hi = bootstrap_auroc_ci(y, s, np.arange(len(s)), n_boot=1000, seed=0)
-        except ValueError:
-            lo = hi = float("nan")
-        row = {"method": method, "label": aggregation_label(method, cfg.monitor),
-               "auroc": view.all_probe_aurocs[j][2][method], "ci": (lo, hi),
-               "cal_auroc": float(roc_auc_score(y_cal, s_cal)) if 0 < y_cal.sum() < y_cal.size else -1.0}
-        for fpr, name in TARGET_FPRS:
-            row[f"tpr_{name}"] = calibrated_rates(s_cal[y_cal == 0], s, y, fpr)["tpr"]
-        top = calibrated_rates(s_cal[y_cal == 0], s, y, 0.0)  # just above every clean calibration document
-        row["tpr_above_clean"], row["fpr_upper95_above_clean"] = top["tpr"], top["fpr_upper95"]
+    for label, method in method_of.items():
+        r = mine[label]
+        row = {"method": method, "label": label, "auroc": r["auroc"], "ci": (r["auroc_ci_low"], r["auroc_ci_high"]),
+               "cal_auroc": r["calibration_auroc"], "tpr_above_clean": r["tpr_above_clean"],
+               "fpr_upper95_above_clean": r["fpr_upper95_above_clean"]}
+        for _, name in TARGET_FPRS:
+            row[f"tpr_{name}"] = r[f"tpr_at_{name}_fpr"]
         view.agg_rows.append(row)
-    view.chosen = min(view.agg_rows, key=lambda r: (-r["cal_auroc"], AGGREGATIONS.index(r["method"])))["method"]
+    first = next(iter(mine.values()))
+    view.calibration_split, view.n_calibration_clean = first["calibration_split"], int(first["n_calibration_clean_docs"])
+    view.chosen = method_of[rec["aggregation"]] if rec is not None else AGGREGATIONS[0]
     return view
 
 
@@ -1011,7 +976,14 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     view, mon_notes = None, []
     found, mon_notes = choose_monitor_tokens(cfg, run, probes)
     if found is not None:
-        view = monitor_view(cfg, found[0], found[1], probes, calibration_tokens(cfg, run, found))
+        from .monitor import stored_results
+        from .run import Run
+
+        stored = stored_results(Run.of_layout(layout), found[0])
+        if stored is None or not stored[0]:
+            mon_notes.append(f"the monitor's {found[0]!r} metrics are not of the current probe files")
+        else:
+            view = monitor_view(cfg, found[0], found[1], probes, stored)
     if view is None:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
         mon_html = note(f"No up-to-date monitor results. {why}Run `{command('monitor', cfg, run)}` "

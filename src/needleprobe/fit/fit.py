@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -203,21 +202,6 @@ def fit_devices(dev: torch.device, cfg: Config | None = None, cache: Cache | Non
     return [dev] * max(1, n)
 
 
-def existing_probes(layout: Layout) -> dict[tuple[int, int], dict[str, Any]]:
-    """(layer, seed) → metadata of the probes already in the run directory (an unreadable JSON counts as empty)."""
-    out = {}
-    for js in sorted(layout.run_dir.glob("probe_layer_*_seed_*.json")):
-        try:
-            layer, seed = (int(x) for x in js.name[len("probe_layer_"):-len(".json")].split("_seed_"))
-        except ValueError:
-            continue
-        try:
-            out[(layer, seed)] = json.loads(js.read_text())
-        except (OSError, ValueError):
-            out[(layer, seed)] = {}
-    return out
-
-
 def _refuse_partial_run(layout: Layout, cfg: Config, before: dict[tuple[int, int], dict[str, Any]]) -> None:
     """A fit that would leave probes it does not rewrite would mix two runs in one directory: refuse, saying the ways out."""
     wanted = {(layer, seed) for layer in cfg.probe.layers_to_probe for seed in cfg.probe.train_seeds}
@@ -285,7 +269,7 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
         workers = list(devices) if devices is not None else fit_devices(dev, cfg, cache, scale.budget)
     lock = FileLock(layout.lock, what=f"fit into {out}") if dist.primary else contextlib.nullcontext()
     with lock:
-        before = existing_probes(layout)
+        before = layout.probe_metadata()
         if not overwrite:
             _refuse_partial_run(layout, cfg, before)
         dist.barrier()  # every process checked the run directory before rank 0 writes into it

@@ -383,25 +383,3 @@ class LinearProbe:
         where = f"layer={self.layer}, " if self.layer is not None else ""
         fitted = f", selected_l2={self.selected_l2_:g}" if self.selected_l2_ is not None else ""
         return f"LinearProbe({where}d_model={getattr(self, 'coef_', np.zeros(0)).shape[0]}{fitted})"
-
-
-def load_probes(source) -> dict[tuple[int, int], LinearProbe]:
-    """Every probe of a run, by (layer, seed): from a config (file or object, its default run) or a probe directory."""
-    from ..config import Config, load_config
-    from ..run.layout import Layout
-
-    if isinstance(source, Config):
-        folder = Layout.from_config(source).run_dir
-    else:
-        p = as_path(source)
-        folder = Layout.from_config(load_config(p)).run_dir if p.suffix in (".yaml", ".yml") else p
-    out = {}
-    for pt in sorted(folder.glob("probe_layer_*_seed_*.pt")):
-        try:
-            layer, seed = (int(x) for x in pt.name[len("probe_layer_"):-len(".pt")].split("_seed_"))
-        except ValueError:
-            continue
-        out[(layer, seed)] = LinearProbe.load(pt)
-    if not out:
-        raise NeedleprobeError(f"{folder}: no probe files (probe_layer_L_seed_S.pt) here; run `needleprobe fit` first")
-    return dict(sorted(out.items()))

@@ -128,6 +128,31 @@ class RunIdentity:
         return f"{self.model}{rev} · {self.site} · {self.dataset}"
 
 
+def probe_stem(run_dir: Path, layer: int, seed: int) -> Path:
+    """A probe's files without their suffix (``.pt`` weights, ``.json`` metadata): the documented names."""
+    return run_dir / f"probe_layer_{layer}_seed_{seed}"
+
+
+def probe_metadata(run_dir: Path, suffix: str = ".json") -> dict[tuple[int, int], dict[str, Any]]:
+    """(layer, seed) → metadata of the probes in ``run_dir``, from their file names (the only place that parses
+    them); ``suffix`` ``.pt`` lists the weight files instead, with empty metadata.  An unreadable JSON counts as
+    empty."""
+    out: dict[tuple[int, int], dict[str, Any]] = {}
+    for path in sorted(run_dir.glob(f"probe_layer_*_seed_*{suffix}")):
+        try:
+            layer, seed = (int(x) for x in path.name[len("probe_layer_"):-len(suffix)].split("_seed_"))
+        except ValueError:
+            continue
+        if suffix != ".json":
+            out[(layer, seed)] = {}
+            continue
+        try:
+            out[(layer, seed)] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            out[(layer, seed)] = {}
+    return dict(sorted(out.items()))
+
+
 @dataclass(frozen=True)
 class Layout:
     """Every path one run reads or writes (see the module docstring)."""
@@ -193,11 +218,14 @@ class Layout:
 
     # -- the run directory -----------------------------------------------------
     def probe_stem(self, layer: int, seed: int) -> Path:
-        return self.run_dir / f"probe_layer_{layer}_seed_{seed}"
+        return probe_stem(self.run_dir, layer, seed)
 
     def probe_files(self, layer: int, seed: int) -> tuple[Path, Path]:
         stem = self.probe_stem(layer, seed)
         return stem.with_suffix(".pt"), stem.with_suffix(".json")
+
+    def probe_metadata(self, suffix: str = ".json") -> dict[tuple[int, int], dict[str, Any]]:
+        return probe_metadata(self.run_dir, suffix)
 
     @property
     def metrics_csv(self) -> Path:
@@ -242,11 +270,7 @@ class Layout:
     # -- who owns what ---------------------------------------------------------
     def owner(self) -> RunIdentity | None:
         """The identity of the probes already in the run directory (None when it holds none)."""
-        for js in sorted(self.run_dir.glob("probe_layer_*_seed_*.json")):
-            try:
-                meta = json.loads(js.read_text())
-            except (OSError, ValueError):
-                continue
+        for meta in self.probe_metadata().values():
             ident = RunIdentity.from_config_dict(meta.get("config", {}))
             if ident is not None:
                 return ident
