@@ -362,7 +362,8 @@ def test_common_directory_and_file_name_rules(tmp_path):
     from types import SimpleNamespace
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.analysis.report import RunView, common_dir, comparison_path
+    from needleprobe.analysis.report import RunView, comparison_path
+    from needleprobe.run.layout import common_dir
     from needleprobe.io.stores import RemotePath
 
     assert common_dir([RemotePath("memory://b/probes/m1/t_v1"), RemotePath("memory://b/probes/m2/t_v1")]) == \

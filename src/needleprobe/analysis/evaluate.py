@@ -25,7 +25,7 @@ import numpy as np
 
 from ..config import Config, load_config
 from ..errors import NeedleprobeError
-from ..run.layout import Layout, RunIdentity, transfer_path
+from ..run.layout import Layout, RunIdentity, TransferFiles, comparison_page, transfer_path
 from ..metrics import binary_metrics, bootstrap_auroc_ci
 from ..fit.probe import LinearProbe
 from ..fit.verdict import best_seed_per_layer, val_aurocs
@@ -187,13 +187,14 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
     cache = target_cache(target, split, show_progress)
     _check_compatible(source, target, cache)
     out_dir = transfer_path(source.run_dir, target.dataset.key, split)
+    files = TransferFiles(out_dir)
     rows: list[dict[str, Any]] = []
-    files = Run.at(source.run_dir)
-    refs = [ProbeRef(layer, seed, files.probe_path(layer, seed), file_sha256(files.probe_path(layer, seed)))
+    fitted = Run.at(source.run_dir)
+    refs = [ProbeRef(layer, seed, fitted.probe_path(layer, seed), file_sha256(fitted.probe_path(layer, seed)))
             for layer, seed in sorted(source.probes)]
     tokens = None
     if split == "test":  # not cached: every text token, scored through the model (stored for the next time)
-        tokens = score_tokens(target, LogitStore(out_dir / "token_logits.zarr"), split, refs, show_progress=show_progress)
+        tokens = score_tokens(target, LogitStore(files.token_logits), split, refs, show_progress=show_progress)
         groups = np.concatenate([np.full(len(n), i) for i, n in enumerate(tokens.needle)])
         y = np.concatenate(tokens.needle).astype(np.int8)
         for j, ((layer, seed), probe) in enumerate(sorted(source.probes.items())):
@@ -206,13 +207,13 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
             m = token_metrics(probe, view.to_numpy(layer), y, groups, f"{cache.path} {split}")
             rows.append(_row(layer, seed, split, m, probe))
     if tokens is None:
-        tokens = score_tokens(target, LogitStore(out_dir / "token_logits.zarr"), split, refs, show_progress=show_progress)
+        tokens = score_tokens(target, LogitStore(files.token_logits), split, refs, show_progress=show_progress)
     line = truncation_line(split, tokens, target.model.max_length)
     if line:
         console().print(f"[yellow]evaluate: {line}")
     doc_rows, _ = document_metrics(tokens, target.monitor, split)
-    write_rows_csv(out_dir / "eval_metrics.csv", rows)
-    write_rows_csv(out_dir / "doc_metrics.csv", doc_rows)
+    write_rows_csv(files.eval_csv, rows)
+    write_rows_csv(files.doc_csv, doc_rows)
     summary = {
         "source": {"probes": str(source.run_dir), "dataset": source.identity.dataset, "model": source.identity.model,
                    "site": source.identity.site},
@@ -224,7 +225,7 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
         "document_metrics": doc_rows,
         "truncation": tokens.truncation,
     }
-    atomic_write_json(out_dir / "eval_metrics.json", summary)
+    atomic_write_json(files.eval_json, summary)
     if show:
         _print(source, target, split, rows, doc_rows)
     console().print(f"transfer results in {out_dir}")
@@ -288,15 +289,13 @@ def transfer_matrix(cfgs: list[Config], *, show_progress: bool = True, show: boo
                 m = token_metrics(probe, view.to_numpy(layer), y, groups, f"{cache.path} val")
                 rows.append(_row(layer, seed, "val", m, probe))
                 table[(layer, scfg.dataset.key, tcfg.dataset.key)] = m["token_auroc"]
-            write_rows_csv(transfer_path(src.run_dir, tcfg.dataset.key, "val") / "eval_metrics.csv", rows)
+            write_rows_csv(TransferFiles(transfer_path(src.run_dir, tcfg.dataset.key, "val")).eval_csv, rows)
     layers = sorted({layer for layer, _, _ in table})
     lines = [["layer", "trained_on", *keys]]
     for layer in layers:
         for k in keys:
             lines.append([str(layer), k, *(repr(table[(layer, k, t)]) if (layer, k, t) in table else "" for t in keys)])
-    common = Path(os.path.commonpath([str(s.run_dir) for s in sources])) if all(
-        not str(s.run_dir).count("://") for s in sources) else sources[0].run_dir.parent
-    out = common / f"transfer_matrix_{'+'.join(keys)}.csv"
+    out = comparison_page([s.run_dir for s in sources], f"transfer_matrix_{'+'.join(keys)}.csv")
     from ..io.files import atomic_write_bytes
 
     buf = io.StringIO()

@@ -38,8 +38,6 @@ import html
 import io
 import json
 import math
-import os
-import posixpath
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1160,33 +1158,15 @@ def _file_part(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+=-]+", "-", text).strip("-") or "run"
 
 
-def common_dir(paths: list[Any]) -> Any:
-    """The deepest directory holding every path (``os.path.commonpath``; on one object store, the same on its keys)."""
-    from ..io.stores import RemotePath, is_url
-
-    if all(is_url(p) for p in paths) and len({p.protocol for p in paths}) == 1:
-        proto = paths[0].protocol
-        keys = ["/" + str(p).partition("://")[2].lstrip("/") for p in paths]
-        return RemotePath(f"{proto}://" + posixpath.commonpath(keys).lstrip("/"))
-    if any(is_url(p) for p in paths):  # local and remote runs, or two stores: beside the first run
-        return paths[0].parent
-    strs = [str(p) for p in paths]
-    if len({os.path.isabs(x) for x in strs}) > 1:
-        strs = [os.path.abspath(x) for x in strs]
-    common = Path(os.path.commonpath(strs))
-    if common.is_absolute() and common.parent == common:
-        raise NeedleprobeError(f"the runs share no directory but the root ({', '.join(strs)}): nowhere to write the "
-                               "comparison; put their probe.output_dir under one directory")
-    return common
-
-
 def comparison_path(views: list[RunView]) -> Any:
     """``comparison_{A}_vs_{B}....html`` in the runs' common directory (A, B: dataset keys, told apart when shared)."""
     name = "comparison_" + "_vs_".join("-".join(_file_part(x) for x in v.parts) for v in views) + ".html"
     if len(name) > 200:  # file names stop at 255 bytes
         digest = hashlib.sha256(name.encode()).hexdigest()[:12]
         name = f"comparison_{len(views)}_runs_{digest}.html"
-    return common_dir([v.layout.run_dir for v in views]) / name
+    from ..run.layout import comparison_page
+
+    return comparison_page([v.layout.run_dir for v in views], name)
 
 
 def _dodge(i: int, n: int) -> float:
@@ -1271,7 +1251,9 @@ def read_transfer(source: RunView, target: RunView) -> tuple[dict[int, TransferC
     probe's current one, or of a seed that is no longer the best, was scored
     with probes refit since (``stale``).
     """
-    path = source.layout.transfer_dir(target.layout, "val") / "eval_metrics.csv"
+    from ..run.layout import TransferFiles
+
+    path = TransferFiles(source.layout.transfer_dir(target.layout, "val")).eval_csv
     if not path.is_file():
         return None, None
     try:

@@ -1077,7 +1077,9 @@ def open_cache(source: str | os.PathLike | Config, *, allow_incomplete: bool = F
     if not cache.complete and not allow_incomplete:
         from ..io.files import FileLock
 
-        running = FileLock.holder(path.with_name(path.name + ".lock"))
+        from ..run.layout import lock_beside
+
+        running = FileLock.holder(lock_beside(path))
         if running:
             raise NeedleprobeError(f"{path}: an extract is filling this cache right now ({running}); wait for it to finish")
         failure = cache.last_failure

@@ -61,6 +61,7 @@ from ..model.hooks import (
 )
 from ..io.console import console, human_bytes
 from ..io.files import FileLock
+from ..run.layout import lock_beside
 from ..run.record import versions
 from .runner import Forward, SplitBatches, host_later, row_index, run_batches
 from ..io.runtime import resolve_device
@@ -405,7 +406,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     with contextlib.ExitStack() as locks:
         if dist.primary:
             for job in sorted(jobs, key=lambda j: str(j.path)):
-                locks.enter_context(FileLock(job.path.with_name(job.path.name + ".lock"), what=f"extract of {job.path}"))
+                locks.enter_context(FileLock(lock_beside(job.path), what=f"extract of {job.path}"))
             for job in jobs:  # again, now that we hold the locks
                 job.state, job.existing = _cache_state(job.path, job.cfg, docs, overwrite)
                 job.state = _world_state(job.state, job.existing, dist.world, overwrite)

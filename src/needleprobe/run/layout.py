@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,59 @@ def check_run_name(run: str | None) -> None:
 def transfer_path(run_dir, target_dataset: str, split: str):
     """Where probes of ``run_dir`` scored on a target dataset's split go (a probe directory need not be a run's)."""
     return run_dir / "transfer" / f"{target_dataset}-{split}"
+
+
+@dataclass(frozen=True)
+class TransferFiles:
+    """The files of one transfer evaluation (``needleprobe evaluate``) in its directory."""
+
+    dir: Path
+
+    @property
+    def token_logits(self) -> Path:
+        return self.dir / "token_logits.zarr"
+
+    @property
+    def eval_csv(self) -> Path:
+        return self.dir / "eval_metrics.csv"
+
+    @property
+    def doc_csv(self) -> Path:
+        return self.dir / "doc_metrics.csv"
+
+    @property
+    def eval_json(self) -> Path:
+        return self.dir / "eval_metrics.json"
+
+
+def lock_beside(path) -> Path:
+    """The lock file of a store or directory: ``{name}.lock`` beside it."""
+    return path.with_name(path.name + ".lock")
+
+
+def common_dir(paths: list[Any]) -> Any:
+    """The deepest directory holding every path (``os.path.commonpath``; on one object store, the same on its keys)."""
+    from ..io.stores import RemotePath, is_url
+
+    if all(is_url(p) for p in paths) and len({p.protocol for p in paths}) == 1:
+        proto = paths[0].protocol
+        keys = ["/" + str(p).partition("://")[2].lstrip("/") for p in paths]
+        return RemotePath(f"{proto}://" + posixpath.commonpath(keys).lstrip("/"))
+    if any(is_url(p) for p in paths):  # local and remote runs, or two stores: beside the first run
+        return paths[0].parent
+    strs = [str(p) for p in paths]
+    if len({os.path.isabs(x) for x in strs}) > 1:
+        strs = [os.path.abspath(x) for x in strs]
+    common = Path(os.path.commonpath(strs))
+    if common.is_absolute() and common.parent == common:
+        raise NeedleprobeError(f"the runs share no directory but the root ({', '.join(strs)}): nowhere to write the "
+                               "comparison; put their probe.output_dir under one directory")
+    return common
+
+
+def comparison_page(run_dirs: list[Any], name: str) -> Any:
+    """A comparison page of several runs: ``name`` in their common directory."""
+    return common_dir(run_dirs) / name
 
 
 @dataclass(frozen=True)
@@ -265,7 +319,7 @@ class Layout:
 
     @property
     def cache_lock(self) -> Path:
-        return self.cache.with_name(self.cache.name + ".lock")
+        return lock_beside(self.cache)
 
     # -- who owns what ---------------------------------------------------------
     def owner(self) -> RunIdentity | None:
