@@ -78,7 +78,7 @@ class Elements(HTMLParser):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One train + monitor(val) + report; the tests only read."""
-    from needleprobe.analysis.report import write_report
+    from needleprobe.analysis.report.html import write_report
 
     tmp = tmp_path_factory.mktemp("report")
     cfg_path, cfg = build_pipeline(tmp, monitor_split="val")
@@ -235,7 +235,7 @@ def test_heatmaps_show_documents_tokens_and_needles(run):
 
 
 def test_heatmap_escapes_token_text():
-    from needleprobe.analysis.report import heatmap_html
+    from needleprobe.analysis.report.html import heatmap_html
 
     out = heatmap_html(["<b>", " &x", '"'], ["<b>", "&x", '"'], np.array([3.0, -1.0, 0.0]), np.array([1, 0, 0]), 3.0)
     assert "<b>" not in out and "&lt;b&gt;" in out and "&amp;x" in out
@@ -247,7 +247,7 @@ def test_no_probes_is_an_error(run, tmp_path):
     import dataclasses
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.analysis.report import build_html
+    from needleprobe.analysis.report.html import build_html
 
     cfg = run["cfg"]
     cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, output_dir=str(tmp_path / "probes")))
@@ -259,7 +259,7 @@ def test_no_monitor_note(run, tmp_path):
     """Probes but no monitor run: the probe charts still build, and the page says how to get the rest."""
     import dataclasses
 
-    from needleprobe.analysis.report import build_html
+    from needleprobe.analysis.report.html import build_html
 
     from needleprobe.run.layout import Layout
 
@@ -282,7 +282,7 @@ def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
 
     from needleprobe.run.layout import Layout
     from needleprobe.fit.probe import LinearProbe
-    from needleprobe.analysis.report import build_html
+    from needleprobe.analysis.report.html import build_html
 
     cfg = run["cfg"]
     src = Layout.from_config(cfg).run_dir
@@ -340,7 +340,7 @@ def test_refuses_a_run_directory_of_another_model(run):
     import dataclasses
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.analysis.report import write_report
+    from needleprobe.analysis.report.html import write_report
 
     cfg = run["cfg"]
     before = run["path"].read_bytes()
@@ -412,7 +412,7 @@ def test_the_report_shows_the_monitors_own_recommendation(run, tmp_path):
     import dataclasses
 
     from needleprobe.analysis.monitor import AGGREGATIONS, aggregation_label, monitor
-    from needleprobe.analysis.report import build_html
+    from needleprobe.analysis.report.html import build_html
     from needleprobe.analysis.run import Run
 
     cfg = run["cfg"]

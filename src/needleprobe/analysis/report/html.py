@@ -45,11 +45,11 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
-from ..config import Config
-from ..errors import NeedleprobeError
+from ...config import Config
+from ...errors import NeedleprobeError
 
 if TYPE_CHECKING:
-    from ..run.layout import Layout
+    from ...run.layout import Layout
 
 
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#ff9da7", "#bab0ac")
@@ -71,7 +71,7 @@ def command(name: str, cfg: Config, run: str | None = None) -> str:
 
 def report_path(cfg: Config, run: str | None = None) -> Path:
     """``report.html`` in the run directory (``layout.Layout.report``)."""
-    from ..run.layout import Layout
+    from ...run.layout import Layout
 
     return Layout.from_config(cfg, run).report
 
@@ -103,7 +103,7 @@ class ProbeInfo:
 
 def load_probe_infos(cfg: Config, run: str | None = None) -> tuple[list[ProbeInfo], list[str]]:
     """Probes of the config's layers × seeds that exist on disk, and the ones that do not."""
-    from .run import Run
+    from ..run import Run
 
     fitted = Run.of(cfg, run)
     found, missing = [], []
@@ -118,7 +118,7 @@ def load_probe_infos(cfg: Config, run: str | None = None) -> tuple[list[ProbeInf
 
 def best_per_layer(probes: list[ProbeInfo]) -> dict[int, ProbeInfo]:
     """Each layer's best seed (``verdict.best_seed_per_layer``: highest val AUROC, ties to the lowest seed)."""
-    from ..fit.verdict import best_seed_per_layer
+    from ...fit.verdict import best_seed_per_layer
 
     by_key = {(p.layer, p.seed): p for p in probes}
     return {layer: by_key[(layer, seed)] for layer, seed in best_seed_per_layer({k: p.auroc for k, p in by_key.items()}).items()}
@@ -126,7 +126,7 @@ def best_per_layer(probes: list[ProbeInfo]) -> dict[int, ProbeInfo]:
 
 def best_overall(probes: list[ProbeInfo]) -> ProbeInfo:
     """The best probe (``verdict.ranked_layers``: val AUROC, then the layer's seed mean, then the earlier layer)."""
-    from ..fit.verdict import ranked_layers
+    from ...fit.verdict import ranked_layers
 
     by_key = {(p.layer, p.seed): p for p in probes}
     return by_key[ranked_layers({k: p.auroc for k, p in by_key.items()})[0]]
@@ -483,9 +483,9 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
     documents, so a refit probe or an edited dataset is never shown with the
     old logits; the notes say which stored splits were passed over and why.
     """
-    from ..data.documents import file_sha256
-    from ..run.layout import Layout
-    from .monitor import LogitStore, ProbeRef, stored_tokens
+    from ...data.documents import file_sha256
+    from ...run.layout import Layout
+    from ..monitor import LogitStore, ProbeRef, stored_tokens
 
     layout = Layout.from_config(cfg, run)
     refs = [ProbeRef(p.layer, p.seed, p.pt, file_sha256(p.pt)) for p in probes]
@@ -497,7 +497,7 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
         tokens = stored_tokens(cfg, store, split, refs)
         if tokens is not None:
             if len(tokens.probes) < len(refs):
-                from ..fit.verdict import one_row_per_probe
+                from ...fit.verdict import one_row_per_probe
 
                 have = {(int(p["layer"]), int(p["seed"])) for p in tokens.probes}
                 distinct = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})  # identical seeds once
@@ -516,7 +516,7 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
 
 def _stored_splits(store_path) -> list[str]:
     """Split groups in a monitor store (none when it does not exist or cannot be read)."""
-    from ..io.stores import open_group
+    from ...io.stores import open_group
 
     if not (store_path / "zarr.json").is_file():
         return []
@@ -536,8 +536,8 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], store
     """
     from sklearn.metrics import roc_auc_score
 
-    from ..fit.verdict import one_row_per_probe, ranked_layers
-    from .monitor import AGGREGATIONS, TARGET_FPRS, aggregation_label, doc_labels, document_scores
+    from ...fit.verdict import one_row_per_probe, ranked_layers
+    from ..monitor import AGGREGATIONS, TARGET_FPRS, aggregation_label, doc_labels, document_scores
 
     rows, rec = stored
     cols = [(int(p["layer"]), int(p["seed"])) for p in tokens.probes]
@@ -604,7 +604,7 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
         classes.append("best" if r["method"] == view.chosen else "")
     out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR",
                   "TPR above every clean one"], rows, row_classes=classes)
-    from .monitor import TARGET_FPRS, clean_docs_needed
+    from ..monitor import TARGET_FPRS, clean_docs_needed
 
     held = "held out" if view.calibration_split != view.split else "the same split"
     missing = [f"{fpr:.0%} FPR needs at least {clean_docs_needed(fpr)}" for fpr, name in TARGET_FPRS
@@ -618,7 +618,7 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
     shown = [(layer, seed, per) for layer, seed, per in view.all_probe_aurocs
              if not view.seeds or (layer, seed) in view.seeds]  # identical seeds once
     if len(shown) > 1:
-        from .monitor import AGGREGATIONS
+        from ..monitor import AGGREGATIONS
 
         out += "<h3>Every monitored probe (document AUROC)</h3>"
         rows = [[str(layer), ", ".join(map(str, view.seeds.get((layer, seed), [seed])))]
@@ -714,7 +714,7 @@ def heatmap_picks(view: MonitorView) -> list[tuple[int, str]]:
 
 
 def heatmaps_section(cfg: Config, view: MonitorView) -> str:
-    from .monitor import aggregation_label
+    from ..monitor import aggregation_label
 
     tok = view.tokens
     y = np.asarray(tok.doc_n_needles) > 0
@@ -724,7 +724,7 @@ def heatmaps_section(cfg: Config, view: MonitorView) -> str:
         return note("No documents to show.")
     tok_note = ""
     try:
-        from ..model.hooks import load_tokenizer
+        from ...model.hooks import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     except NeedleprobeError as e:
@@ -837,7 +837,7 @@ table.data td.path{white-space:normal;word-break:break-all;min-width:14em;text-a
 
 
 def _header(cfg: Config, layout, facts: dict[str, Any] | None, probes: list[ProbeInfo], best: ProbeInfo) -> str:
-    from .. import __version__
+    from ... import __version__
 
     if facts is None:
         fp = '<span class="bad">no cache</span>'
@@ -868,7 +868,7 @@ def _run_title(cfg: Config, run: str | None) -> str:
 
 def _probe_table(probes: list[ProbeInfo], best: dict[int, ProbeInfo]) -> str:
     """One row per distinct probe (identical seeds share one, as ``fit`` prints them)."""
-    from ..fit.verdict import SAME_SEEDS, one_row_per_probe
+    from ...fit.verdict import SAME_SEEDS, one_row_per_probe
 
     seeds = one_row_per_probe({(p.layer, p.seed): p.probe for p in probes})
     rows, classes = [], []
@@ -909,7 +909,7 @@ N_ERRORS = 10
 
 def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str:
     """The two lists of :func:`token_errors.token_errors` as tables; doc ids link to their heatmaps when shown."""
-    from .errors import token_errors
+    from ..errors import token_errors
 
     try:
         lists = token_errors(cfg, run=run, n=N_ERRORS)
@@ -938,10 +938,10 @@ def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str
 
 
 def build_html(cfg: Config, run: str | None = None) -> str:
-    from ..cache.cache import open_cache
-    from ..run.layout import Layout
+    from ...cache.cache import open_cache
+    from ...run.layout import Layout
 
-    from ..run.record import run_config
+    from ...run.record import run_config
 
     cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
     layout = Layout.from_config(cfg, run)
@@ -957,7 +957,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         cache, facts = None, None
         warnings.append(str(e))
     else:
-        from ..cache.inspect import cache_facts
+        from ...cache.inspect import cache_facts
 
         facts = cache_facts(cfg)
         if facts["damaged"]:  # a report from a damaged cache would mislead: the one-line error instead
@@ -974,8 +974,8 @@ def build_html(cfg: Config, run: str | None = None) -> str:
     view, mon_notes = None, []
     found, mon_notes = choose_monitor_tokens(cfg, run, probes)
     if found is not None:
-        from .monitor import stored_results
-        from .run import Run
+        from ..monitor import stored_results
+        from ..run import Run
 
         stored = stored_results(Run.of_layout(layout), found[0])
         if stored is None or not stored[0]:
@@ -988,7 +988,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
                         "to score whole documents, then write the report again.")
         heat_html, mon_tables = mon_html, ""
     else:
-        from .monitor import truncation_line
+        from ..monitor import truncation_line
 
         cut = truncation_line(view.split, view.tokens, cfg.model.max_length)
         extra = "".join(note(n, kind="warn") for n in mon_notes + ([f"Truncation: {cut}."] if cut else []))
@@ -1054,8 +1054,8 @@ def build_html(cfg: Config, run: str | None = None) -> str:
 
 def write_report(cfg: Config, run: str | None = None) -> Path:
     """Write ``report.html`` in the run directory (atomically) and return its path."""
-    from ..run.layout import Layout
-    from ..io.files import atomic_write_bytes
+    from ...run.layout import Layout
+    from ...io.files import atomic_write_bytes
 
     layout = Layout.from_config(cfg, run)
     layout.refuse_foreign("report", can_overwrite=False)
@@ -1099,7 +1099,7 @@ class RunView:
 
 def model_depth(cfg: Config) -> tuple[int | None, str]:
     """(number of blocks, where it was read): the cache's metadata, else the model's config (no weights loaded)."""
-    from ..cache.cache import open_cache
+    from ...cache.cache import open_cache
 
     try:
         n = open_cache(cfg, allow_incomplete=True).metadata.get("n_layers")
@@ -1107,7 +1107,7 @@ def model_depth(cfg: Config) -> tuple[int | None, str]:
         n = None
     if n:
         return int(n), "cache"
-    from ..model.hooks import model_shape
+    from ...model.hooks import model_shape
 
     n = model_shape(cfg)[0]
     return (int(n), "model config") if n else (None, "unknown")
@@ -1117,14 +1117,14 @@ def load_runs(cfgs: list[Config], run: str | None = None) -> list[RunView]:
     """The runs to compare, each with its probes; one line naming the config when one cannot be compared."""
     from collections import Counter
 
-    from ..run.layout import Layout, RunIdentity, model_dir_name
+    from ...run.layout import Layout, RunIdentity, model_dir_name
 
     if len(cfgs) < 2:
         raise NeedleprobeError("a comparison needs two configs or more (--config A.yaml --config B.yaml); "
                                "with one --config, `needleprobe report` writes that run's own report")
     views: list[RunView] = []
     seen: dict[str, str] = {}
-    from ..run.record import run_config
+    from ...run.record import run_config
 
     for cfg in [run_config(c, run) for c in cfgs]:  # each run as it was fitted (its record)
         layout = Layout.from_config(cfg, run)
@@ -1164,7 +1164,7 @@ def comparison_path(views: list[RunView]) -> Any:
     if len(name) > 200:  # file names stop at 255 bytes
         digest = hashlib.sha256(name.encode()).hexdigest()[:12]
         name = f"comparison_{len(views)}_runs_{digest}.html"
-    from ..run.layout import comparison_page
+    from ...run.layout import comparison_page
 
     return comparison_page([v.layout.run_dir for v in views], name)
 
@@ -1251,7 +1251,7 @@ def read_transfer(source: RunView, target: RunView) -> tuple[dict[int, TransferC
     probe's current one, or of a seed that is no longer the best, was scored
     with probes refit since (``stale``).
     """
-    from ..run.layout import TransferFiles
+    from ...run.layout import TransferFiles
 
     path = TransferFiles(source.layout.transfer_dir(target.layout, "val")).eval_csv
     if not path.is_file():
@@ -1366,8 +1366,8 @@ def read_monitor(v: RunView) -> tuple[dict[str, Any] | None, str | None]:
     thresholds on the split) and the sha256 of ``monitor_metrics_{split}.csv``; a CSV changed since is not trusted.
     A fit drops these sections, so what is left describes the run's current probes.
     """
-    from ..data.documents import file_sha256
-    from ..run.record import read_run_record
+    from ...data.documents import file_sha256
+    from ...run.record import read_run_record
 
     stages = read_run_record(v.layout.run_record).get("stages", {})
     changed = []
@@ -1393,8 +1393,8 @@ def read_monitor(v: RunView) -> tuple[dict[str, Any] | None, str | None]:
 def _monitor_table(views: list[RunView]) -> str:
     """Per run, the document monitor it recommends: aggregation, document AUROC with CI, TPR at the thresholds set on
     the clean calibration documents, and the operating point that any number of them gives."""
-    from .monitor import operating_point
-    from ..fit.verdict import one_row_per_probe
+    from ..monitor import operating_point
+    from ...fit.verdict import one_row_per_probe
 
     rows, data, notes = [], [], []
     for v in views:
@@ -1452,7 +1452,7 @@ def _runs_table(views: list[RunView]) -> str:
 
 
 def _comparison_html(views: list[RunView], run: str | None) -> str:
-    from .. import __version__
+    from ... import __version__
 
     warnings = [f"{v.label}: probe missing: {m} (run `{command('fit', v.cfg, run)}`)" for v in views for m in v.missing]
     unknown = [v for v in views if not v.n_layers]
@@ -1535,7 +1535,7 @@ def build_comparison(cfgs: list[Config], run: str | None = None) -> tuple[Any, s
 
 def write_comparison(cfgs: list[Config], run: str | None = None) -> Any:
     """Write one HTML page comparing the runs of ``cfgs`` (atomically) in their common directory; return its path."""
-    from ..io.files import atomic_write_bytes
+    from ...io.files import atomic_write_bytes
 
     path, page = build_comparison(cfgs, run)
     atomic_write_bytes(path, page.encode("utf-8"))
