@@ -46,7 +46,7 @@ def _load(cfg_path):
 def runs(tmp_path_factory):
     """Train the three runs, evaluate the MiniLM pair both ways, write the comparison; the tests only read."""
     from needleprobe.cli import main
-    from needleprobe.analysis.report.html import write_comparison
+    from needleprobe.analysis.report.compare import write_comparison
 
     tmp = tmp_path_factory.mktemp("compare")
     where = {"output_dir": str(tmp / "results" / "probes" / "{model}" / "{site}"),
@@ -165,7 +165,7 @@ def test_relative_depth_is_layer_over_the_models_depth(runs):
 
 
 def test_depth_read_from_the_model_when_the_cache_is_gone(runs, tmp_path):
-    from needleprobe.analysis.report.html import build_comparison
+    from needleprobe.analysis.report.compare import build_comparison
 
     a, b = runs["cfgs"]["a"], runs["cfgs"]["b"]
     gone = dataclasses.replace(a, probe=dataclasses.replace(a.probe, cache_dir=str(tmp_path / "no-cache")))
@@ -211,7 +211,7 @@ def test_transfer_matrix_cells_are_the_evaluated_numbers(runs):
 
 def test_missing_and_stale_pairs_are_marked_with_the_command_that_fills_them(runs, tmp_path):
     from needleprobe.run.layout import Layout
-    from needleprobe.analysis.report.html import build_comparison
+    from needleprobe.analysis.report.compare import build_comparison
 
     a, b = runs["cfgs"]["a"], runs["cfgs"]["b"]
     root = runs["tmp"] / "results" / "probes"
@@ -284,7 +284,7 @@ def _children(el, row) -> list[dict]:
 
 
 def test_runs_of_different_models_only_have_no_matrix(runs):
-    from needleprobe.analysis.report.html import build_comparison
+    from needleprobe.analysis.report.compare import build_comparison
 
     path, page = build_comparison([runs["cfgs"]["b"], runs["cfgs"]["g"]])
     el = Elements(page)
@@ -318,7 +318,7 @@ def _error(capsys, *argv) -> str:
 
 def test_bad_inputs_are_one_line(runs, capsys, tmp_path):
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.analysis.report.html import write_comparison
+    from needleprobe.analysis.report.compare import write_comparison
 
     p = runs["paths"]
     unfitted = write_config(runs["tmp"], runs["tmp"] / "data_a.jsonl", dataset="unfitted", config_name="unfitted.yaml",
@@ -362,7 +362,8 @@ def test_common_directory_and_file_name_rules(tmp_path):
     from types import SimpleNamespace
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.analysis.report.html import RunView, comparison_path
+    from needleprobe.analysis.report.compare import comparison_path
+    from needleprobe.analysis.report.data import RunView
     from needleprobe.run.layout import common_dir
     from needleprobe.io.stores import RemotePath
 
@@ -386,7 +387,7 @@ def test_document_monitors_are_compared_from_what_the_monitor_stored(runs):
     thresholds, read from the run record and CSV the monitor wrote; a run never monitored says how to fill it."""
     from needleprobe.run.layout import Layout
     from needleprobe.analysis.monitor import monitor
-    from needleprobe.analysis.report.html import build_comparison
+    from needleprobe.analysis.report.compare import build_comparison
 
     cfgs = runs["cfgs"]
     res = monitor(cfgs["a"], split="val", show_progress=False)

@@ -281,7 +281,7 @@ def run(args) -> int:
         con.print(f"wrote {path}")
         return 0
     if args.command == "report" and args.config and len(args.config) > 1:
-        from .analysis.report.html import write_comparison
+        from .analysis.report.compare import write_comparison
 
         cfgs = [_run_config(args, _config(args, c)) for c in args.config]
         con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
@@ -355,7 +355,7 @@ def run(args) -> int:
     if problems:
         raise NeedleprobeError(problems[0])
     if args.command == "report" and len(sites) > 1:
-        from .analysis.report.html import write_comparison
+        from .analysis.report.compare import write_comparison
 
         cfgs = [_run_config(args, cfg.for_site(s)) for s in sites]
         con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
