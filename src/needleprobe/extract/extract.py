@@ -81,7 +81,7 @@ class ExtractResult:
     tokens: int = 0
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
     repaired: list[str] = field(default_factory=list)
-    """The damaged chunks ``--repair`` rewrote (or dropped, for monitor results), as messages."""
+    """The damaged chunks ``--repair`` rewrote, as messages."""
     sites: dict[str, tuple[str, str]] = field(default_factory=dict)
     """Activation site → (its cache, its fingerprint): one cache per site, all filled by one forward pass."""
 
@@ -631,9 +631,8 @@ def repair_chunks(
     Small arrays come from the plan (no model).  A damaged activation chunk
     covers rows [a, b) of its split (shards add their ``row_start``); only the
     batches holding those rows run, and the rows are bit-identical to the first
-    extract's because a row never depends on its batch.  Damaged monitor
-    results are dropped (``needleprobe monitor`` recomputes them).  Undamaged
-    chunks are never written.
+    extract's because a row never depends on its batch.  Undamaged chunks are
+    never written.
     """
     from rich.markup import escape
 
@@ -644,15 +643,8 @@ def repair_chunks(
     con.print(f"--repair: {len(v.damaged)} of {v.chunks:,} chunks damaged")
     done: list[str] = []
     todo: dict[str, list[tuple[int, int, Any, ChunkDamage]]] = {}  # split → (split rows [g0, g1), array, damage)
-    dropped: set[str] = set()
     for d in v.damaged:
         con.print(f"  {escape(str(d))}", soft_wrap=True)
-        if d.group.startswith("monitor/"):
-            if d.group not in dropped:
-                del root[d.group]
-                dropped.add(d.group)
-                done.append(f"{d.group}: dropped (run needleprobe monitor --split {d.group.rpartition('/')[2]})")
-            continue
         split = d.group.rpartition("/")[2]
         if split not in plans:
             raise NeedleprobeError(f"{d}: cannot repair it, {split!r} is not a split this config extracts")
@@ -704,7 +696,7 @@ def repair_chunks(
                         arr[d.start : d.stop] = rows[d.name][a - g0 : b - g0]
                         done.append(str(d))
     for d in v.damaged:  # read back what was rewritten
-        if not d.group.startswith("monitor/") and chunk_problem(root[d.group][d.name], d.chunk):
+        if chunk_problem(root[d.group][d.name], d.chunk):
             raise NeedleprobeError(f"{d}: still damaged after the repair (is the disk failing?)")
     con.print(f"--repair: repaired {len(done)} chunk(s){f', {tokens:,} tokens through the model' if tokens else ''}")
     return done, tokens
