@@ -145,7 +145,7 @@ def test_every_run_has_one_point_per_layer_with_its_json_auroc(runs):
 
 
 def test_relative_depth_is_layer_over_the_models_depth(runs):
-    from needleprobe.cache.cache import open_cache
+    from needleprobe.cache.reader import open_cache
 
     el, cfgs = runs["el"], runs["cfgs"]
     depth = {k: open_cache(c).metadata["n_layers"] for k, c in cfgs.items()}

@@ -154,7 +154,7 @@ def test_minibatch_streams_blocks_and_approaches_lbfgs(small_dataset, tmp_path, 
     """The minibatch solver never reads a whole split, is deterministic per seed, and lands near the exact fit."""
     from conftest import write_config
 
-    from needleprobe.cache.cache import SplitView
+    from needleprobe.cache.reader import SplitView
     from needleprobe.cli import main
     from needleprobe.config import load_config
 

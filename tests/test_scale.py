@@ -23,7 +23,7 @@ import zarr
 from conftest import ONE_THREAD_ENV, fit_outputs, small_docs, threads, write_config, write_jsonl
 
 from needleprobe import open_cache
-from needleprobe.cache.cache import ShardedArray
+from needleprobe.cache.reader import ShardedArray
 from needleprobe.cli import main
 from needleprobe.config import load_config
 from needleprobe.extract.sharding import shard_ranges
@@ -187,7 +187,7 @@ def test_one_process_repairs_a_sharded_cache(scale_setup, sharded_run, tmp_path,
     split's rows; the cache is again the torchrun cache byte for byte."""
     import shutil
 
-    from needleprobe.cache.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     tmp, data, ref_cfg, _ = scale_setup
     run, _, _, _ = sharded_run

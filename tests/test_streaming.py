@@ -237,7 +237,7 @@ def test_split_rows_give_the_one_process_bits():
 @pytest.mark.parametrize("feature_dtype", ["bfloat16", "float32"])
 def test_conversion_into_a_buffer_equals_the_allocating_one(feature_dtype):
     """Streamed blocks are widened into reused buffers: the same float32 values as ``to_float32`` returns."""
-    from needleprobe.cache.cache import to_float32
+    from needleprobe.cache.format import to_float32
 
     x = torch.randn(7, 5)
     raw = (x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if feature_dtype == "bfloat16"

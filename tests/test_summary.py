@@ -34,7 +34,7 @@ def _with_dataset(cfg, path):
 
 
 def test_facts_are_the_cache_contents(run):
-    from needleprobe.cache.cache import open_cache
+    from needleprobe.cache.reader import open_cache
     from needleprobe.cache.inspect import cache_facts
 
     cfg = run

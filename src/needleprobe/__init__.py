@@ -8,7 +8,7 @@ change any environment variable or process setting (the command line sets its ow
 
 __version__ = "0.1.0"
 
-from .cache.cache import Cache, open_cache
+from .cache.reader import Cache, open_cache
 from .config import Config, load_config
 from .errors import NeedleprobeError
 from .run.layout import Layout

@@ -74,7 +74,7 @@ def token_errors(cfg: Config, *, layer: int | None = None, split: str = "val", n
                  window: int = WINDOW) -> ErrorLists:
     """The ``n`` highest-scoring negatives and ``n`` lowest-scoring needle tokens of the best probe of ``layer`` (by
     default of the best layer) on the cached ``split``; ties keep the cache's row order."""
-    from ..cache.cache import open_cache
+    from ..cache.reader import open_cache
     from ..data.documents import load_documents
     from ..fit.fit import verify_cache
     from ..run.layout import Layout

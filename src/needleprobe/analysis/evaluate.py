@@ -122,7 +122,8 @@ def _check_split(cfg: Config, split: str) -> None:
 def target_cache(cfg: Config, split: str = "val", show_progress: bool = True):
     """The target's activation cache holding ``split``, extracting that split alone first when it is missing (None for
     ``test``, which no cache holds: its tokens are scored through the model)."""
-    from ..cache.cache import FIT_SPLITS, open_cache
+    from ..cache.format import FIT_SPLITS
+    from ..cache.reader import open_cache
     from ..fit.fit import verify_cache
     from ..run.layout import Layout
 

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 import zarr
 
-from ..cache.cache import CACHE_FORMAT, CacheDamaged, ChunkStream, array_codecs, documents_digest, read_rows
+from ..cache.format import CACHE_FORMAT, documents_digest
+from ..cache.integrity import CacheDamaged, array_codecs, read_rows
+from ..cache.writer import ChunkStream
 from ..config import Config, MonitorConfig
 from ..data.documents import by_split, file_sha256, load_documents
 from ..errors import NeedleprobeError

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import Cache, CacheDamaged, fingerprint, open_cache, read_rows, stale_reasons, wanted_fields
+from .format import fingerprint, stale_reasons, wanted_fields
+from .integrity import CacheDamaged, read_rows
+from .reader import Cache, open_cache
 from ..config import Config
 from ..data.documents import load_documents
 from ..io.console import human_bytes

@@ -27,26 +27,10 @@ import numpy as np
 import torch
 
 from .batching import batch_limits, budget_message, device_budget
-from ..cache.cache import (
-    BYTES_PER_VALUE,
-    ROW_ARRAYS,
-    CacheWriter,
-    ChunkDamage,
-    ChunkStream,
-    SplitPlan,
-    FIT_SPLITS,
-    cache_path,
-    chunk_problem,
-    doc_digest,
-    fingerprint,
-    fingerprint_fields,
-    remove_cache,
-    shard_name,
-    small_arrays,
-    stale_reasons,
-    verify_chunks,
-    writable,
-)
+from ..cache.format import BYTES_PER_VALUE, FIT_SPLITS, cache_path, doc_digest, fingerprint, fingerprint_fields, stale_reasons
+from ..cache.integrity import ChunkDamage, chunk_problem, verify_chunks, writable
+from ..cache.reader import ROW_ARRAYS, shard_name
+from ..cache.writer import CacheWriter, ChunkStream, SplitPlan, remove_cache, small_arrays
 from ..config import Config
 from ..data.documents import by_split, file_sha256, load_documents
 from ..errors import NeedleprobeError
@@ -135,7 +119,7 @@ def stored_rows(split_rows: list[int], d_model: int, feature_dtype: str, world: 
     (and of each process's share of it) written full (uncompressed), as Zarr stores an edge chunk."""
     import math
 
-    from ..cache.cache import chunk_rows_for
+    from ..cache.format import chunk_rows_for
 
     chunk = chunk_rows_for(d_model, feature_dtype)
     return sum(world * math.ceil(math.ceil(n / world) / chunk) * chunk for n in split_rows)
@@ -208,7 +192,7 @@ def gather_rows(
 
 def _cache_state(path, cfg: Config, docs, overwrite: bool) -> tuple[str, Any]:
     """("new" | "stale" | "resume" | "up to date", existing cache or None); refuses a stale cache."""
-    from ..cache.cache import open_cache
+    from ..cache.reader import open_cache
 
     if not path.exists() or (is_url(path) and not (path / "zarr.json").is_file()):  # remote: leftovers of a removal
         return "new", None

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cache.cache import SplitPlan
+from ..cache.writer import SplitPlan
 from ..data.tokens import bucket_length
 
 if TYPE_CHECKING:

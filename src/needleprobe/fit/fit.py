@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cache.cache import Cache, open_cache, stale_reasons
+from ..cache.format import stale_reasons
+from ..cache.reader import Cache, open_cache
 from ..config import Config
 from ..data.documents import file_sha256
 from ..errors import NeedleprobeError

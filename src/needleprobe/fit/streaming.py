@@ -39,7 +39,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..cache.cache import Cache, SplitView, to_float32
+from ..cache.format import to_float32
+from ..cache.reader import Cache, SplitView
 from ..errors import NeedleprobeError
 from .probe import FitData, column_moments_of_blocks, feature_scale
 from ..io.console import human_bytes

@@ -219,7 +219,7 @@ class RunView:
 
 def model_depth(cfg: Config) -> tuple[int | None, str]:
     """(number of blocks, where it was read): the cache's metadata, else the model's config (no weights loaded)."""
-    from ...cache.cache import open_cache
+    from ...cache.reader import open_cache
 
     try:
         n = open_cache(cfg, allow_incomplete=True).metadata.get("n_layers")

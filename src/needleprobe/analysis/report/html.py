@@ -417,7 +417,7 @@ def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str
 
 
 def build_html(cfg: Config, run: str | None = None) -> str:
-    from ...cache.cache import open_cache
+    from ...cache.reader import open_cache
     from ...run.layout import Layout
 
     from ...run.record import run_config
