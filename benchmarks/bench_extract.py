@@ -12,7 +12,7 @@ tokens: no padding, train + val, the splits extract processes):
             with ``AutoModel``).  Inputs are tokenized and on the device before
             the timer starts.
 (b) forward needleprobe's batches (``plan_batches``, ``bucket_length``, right
-            padding, ``model_inputs``) through ``capture``/``run_forward`` with the
+            padding, ``model_inputs``) through ``capture_sites``/``run_forward`` with the
             early stop at the highest probed layer; stores nothing, inputs built
             before the timer starts.
 (c) extract ``needleprobe.extract.extract.extract(cfg)`` end to end on a fresh cache dir.
@@ -96,7 +96,6 @@ from needleprobe.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig,
 from needleprobe.data.documents import by_split, load_documents  # noqa: E402
 from needleprobe.data.demo import build_demo_documents  # noqa: E402
 from needleprobe.model.hooks import (  # noqa: E402
-    capture,
     find_blocks,
     load_model,
     load_tokenizer,
@@ -105,6 +104,7 @@ from needleprobe.model.hooks import (  # noqa: E402
     run_forward,
 )
 from needleprobe.io.console import console  # noqa: E402
+from needleprobe.extract.sites import capture_sites  # noqa: E402
 from needleprobe.data.tokens import apply_caps, bucket_length, plan_batches, tokenize_documents  # noqa: E402
 
 FIT_SPLITS = ("train", "val")
@@ -495,7 +495,7 @@ class Forward:
     def run(self, layers: list[int], plan: Plan) -> tuple[float, float]:
         inputs, _ = self.plan(plan, len(layers))
         t, tc = time.perf_counter(), time.process_time()
-        with torch.inference_mode(), capture(self.blocks, layers) as cap:
+        with torch.inference_mode(), capture_sites(self.blocks, [("resid_post", layer) for layer in layers]) as cap:
             for inp in inputs:
                 acts = run_forward(self.model, cap, inp)
                 del acts

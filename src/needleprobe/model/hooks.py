@@ -7,18 +7,16 @@ the final norm, which HF's ``hidden_states[-1]`` is not.
 
 The forward is stopped by an exception from the hook of the highest probed
 block: no later block, no final norm, no LM head runs.  Hooks live only inside
-:func:`capture`, so no state outlives a forward pass.  Other sites
+``sites.capture_sites``, so no state outlives a forward pass.  Other sites
 (``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``): :mod:`needleprobe.extract.sites`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -176,41 +174,8 @@ class _StopForward(Exception):
     """Raised by the hook of the highest probed block to end the forward pass."""
 
 
-@dataclass
-class Capture:
-    outputs: dict[int, torch.Tensor]
-    """layer → [batch, seq, d_model] block outputs of the last forward."""
-    expected: tuple[int, ...] = ()
-    """The layers hooked; :func:`run_forward` checks that each was captured."""
-
-
-@contextlib.contextmanager
-def capture(blocks: torch.nn.ModuleList, layers: list[int], stop_early: bool = True) -> Iterator[Capture]:
-    """Hook the blocks in ``layers``; with ``stop_early`` the forward ends after the highest."""
-    cap = Capture({}, tuple(layers))
-    top = max(layers)
-    handles = []
-
-    def make_hook(layer: int):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            cap.outputs[layer] = out.detach()
-            if stop_early and layer == top:
-                raise _StopForward
-
-        return hook
-
-    try:
-        for layer in layers:
-            handles.append(blocks[layer].register_forward_hook(make_hook(layer)))
-        yield cap
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def run_forward(model, cap, inputs: dict[str, torch.Tensor]) -> dict:
-    """One forward inside :func:`capture` (→ layer → activations) or ``sites.capture_sites`` (→ (site, layer) → activations)."""
+    """One forward inside ``sites.capture_sites``: (site, layer) → activations."""
     cap.outputs.clear()
     try:
         model(**inputs, use_cache=False)
