@@ -104,3 +104,10 @@ def test_probe_file_names_are_built_and_parsed_in_one_place():
     pattern = re.compile(r"""glob\(\s*f?["']probe_layer|f["'][^"']*probe_layer_\{""")
     where = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if pattern.search(p.read_text()))
     assert where == ["run/layout.py"]
+
+
+def test_one_place_builds_batch_plans():
+    """extract, its repair and the monitor all batch documents through ``extract.batching.batch_plan``."""
+    callers = sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if "plan_batches(" in p.read_text().replace(
+        "def plan_batches(", ""))
+    assert callers == ["extract/batching.py"]

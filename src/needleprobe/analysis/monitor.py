@@ -328,9 +328,9 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     from ..model.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape
     from ..io.runtime import resolve_device
     from ..extract.sites import capture_sites
-    from ..extract.batching import batch_limits, budget_message, device_budget
+    from ..extract.batching import batch_plan, budget_message, device_budget
     from ..extract.runner import Forward, SplitBatches, run_batches
-    from ..data.tokens import plan_batches, tokenize_documents
+    from ..data.tokens import tokenize_documents
 
     con = console()
     data_path = cfg.dataset.resolved_path()
@@ -363,7 +363,7 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
         check_layers(layers, n_layers, cfg.model.name)
     weights = _probe_matrices(probes, d_model)
     lengths = [td.n_tokens for td in tdocs]
-    order, batches = plan_batches(lengths, *batch_limits(cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens))
+    order, batches = batch_plan(lengths, cfg.probe)
     rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
     if g is None:
         g = store.create_split(split, tokens_fp, tdocs, rows_of, order)
@@ -379,7 +379,7 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     mats = [(layer, w.to(device), b.to(device)) for layer, w, b in _by_layer(missing, weights)]
     found = device_budget(cfg.probe, cfg.model.max_length, model, device, len({p.layer for p in missing}))
     if found is not None:  # the row order does not depend on the batches
-        batches = plan_batches(lengths, *batch_limits(None, None, found[0]))[1]
+        batches = batch_plan(lengths, cfg.probe, found[0])[1]
         con.print(budget_message(*found, device))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     con.print(f"monitor: scoring {len(tdocs)} {split} documents with {len(missing)} probe(s) on {device}")

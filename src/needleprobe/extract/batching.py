@@ -101,6 +101,15 @@ def batch_limits(doc_batch_size: int | None, max_batch_tokens: int | None,
     return DEFAULT_DOC_BATCH_SIZE, budget
 
 
+def batch_plan(lengths: list[int], probe, budget: int | None = None):
+    """The batch plan of documents of ``lengths`` tokens, (row order, batches): by ``probe.doc_batch_size`` /
+    ``max_batch_tokens``, else by a device's token ``budget`` (:func:`device_budget`), else the CPU default.  The
+    order depends on the lengths alone, so a plan re-made with a budget keeps every row where it was."""
+    from ..data.tokens import plan_batches
+
+    return plan_batches(lengths, *batch_limits(probe.doc_batch_size, probe.max_batch_tokens, budget))
+
+
 def device_budget(probe, max_length: int, model, device, n_captured: int) -> tuple[int, int] | None:
     """(token budget, free bytes) for a model already on a CUDA device when ``probe`` sets no batch size; else None."""
     import torch

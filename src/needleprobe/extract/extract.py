@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .batching import batch_limits, budget_message, device_budget
+from .batching import batch_plan, budget_message, device_budget
 from ..cache.format import BYTES_PER_VALUE, FIT_SPLITS, cache_path, doc_digest, fingerprint, fingerprint_fields, stale_reasons
 from ..cache.integrity import ChunkDamage, chunk_problem, verify_chunks, writable
 from ..cache.reader import ROW_ARRAYS, shard_name
@@ -51,7 +51,7 @@ from .runner import Forward, SplitBatches, host_later, row_index, run_batches
 from ..io.runtime import resolve_device
 from ..io.stores import is_url, open_group
 from ..cache.inspect import dir_size
-from ..data.tokens import TokenizedDoc, apply_caps, plan_batches, select_rows, tokenize_documents
+from ..data.tokens import TokenizedDoc, apply_caps, select_rows, tokenize_documents
 
 
 
@@ -228,8 +228,7 @@ def prepare_plans(cfg: Config, tokenizer, docs, data_path, names: tuple[str, ...
         )
         if not tdocs:
             raise NeedleprobeError(f"{data_path}: split {name!r} has no documents (after caps)")
-        limits = batch_limits(cfg.probe.doc_batch_size, cfg.probe.max_batch_tokens)
-        order, batches = plan_batches([td.n_tokens for td in tdocs], *limits)
+        order, batches = batch_plan([td.n_tokens for td in tdocs], cfg.probe)
         plan, rows_of = plan_split(name, tdocs, order, cfg)
         if plan.stats["positives"] == 0:
             raise NeedleprobeError(
@@ -549,7 +548,7 @@ def _auto_plan(con, cfg: Config, plans: dict[str, SplitWork], model, device, n_c
     budget, free = found
     for work in plans.values():
         split = work.batches
-        split.batches = plan_batches([td.n_tokens for td in split.tdocs], *batch_limits(None, None, budget))[1]
+        split.batches = batch_plan([td.n_tokens for td in split.tdocs], cfg.probe, budget)[1]
     if dist.primary:
         con.print(budget_message(budget, free, device))
 
