@@ -420,8 +420,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             for job in jobs:
                 if job.state not in ("resume", "up to date"):
                     continue
-                done, n = repair_chunks(con, job.cfg, open_group(job.path, mode="r+"), job.existing.format, plans,
-                                        job.layers, model_parts, pad_id, device, show_progress, site=job.site,
+                done, n = repair_chunks(con, job, plans, ModelRun(model_parts, pad_id, device, show_progress),
                                         legacy=job.site in legacy)
                 repaired += done
                 tokens += n
@@ -605,11 +604,21 @@ class _RowSink:
         return {name: np.concatenate(p) for name, p in self.parts.items()}
 
 
-def repair_chunks(
-    con, cfg: Config, root, fmt: int, plans: dict[str, SplitWork], layers: list[int], model_parts, pad_id: int, device,
-    show_progress: bool, site: str = "resid_post", legacy: bool = False,
-) -> tuple[list[str], int]:
-    """Verify every chunk and rewrite the damaged ones; returns (what was repaired, tokens run through the model).
+@dataclass
+class ModelRun:
+    """How this extract runs the model: loaded on first use (``parts()`` → model, blocks, d_model), its pad id,
+    device and progress bars."""
+
+    parts: Callable[[], tuple[Any, Any, int]]
+    pad_id: int
+    device: Any
+    show_progress: bool
+
+
+def repair_chunks(con, job: SiteJob, plans: dict[str, SplitWork], run: ModelRun, legacy: bool = False
+                  ) -> tuple[list[str], int]:
+    """Verify every chunk of ``job``'s cache and rewrite the damaged ones; returns (what was repaired, tokens run
+    through the model).
 
     Small arrays come from the plan (no model).  A damaged activation chunk
     covers rows [a, b) of its split (shards add their ``row_start``); only the
@@ -619,7 +628,10 @@ def repair_chunks(
     """
     from rich.markup import escape
 
-    v = verify_chunks(root, fmt)
+    cfg, layers, site = job.cfg, job.layers, job.site
+    root = open_group(job.path, mode="r+")
+    model_parts, pad_id, device, show_progress = run.parts, run.pad_id, run.device, run.show_progress
+    v = verify_chunks(root, job.existing.format)
     if not v.damaged:
         con.print(f"--repair: all {v.chunks:,} chunks verified, nothing to repair")
         return [], 0
