@@ -32,12 +32,13 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-import needleprobe.cache as cache_mod  # noqa: E402
+import needleprobe.cache.format as cache_format  # noqa: E402
+import needleprobe.cache.writer as cache_writer  # noqa: E402
 from zarr.codecs import Crc32cCodec  # noqa: E402
 from needleprobe import open_cache  # noqa: E402
 from needleprobe.config import load_config  # noqa: E402
-from needleprobe.demo_data import write_demo_dataset  # noqa: E402
-from needleprobe.extract import extract  # noqa: E402
+from needleprobe.data.demo import write_demo_dataset  # noqa: E402
+from needleprobe.extract.extract import extract  # noqa: E402
 
 
 SPENT = {"crc32c": 0.0, "chunk writes": 0.0}
@@ -57,7 +58,7 @@ def _timed(cls, name: str, key: str) -> None:
 
 
 _timed(Crc32cCodec, "_encode_sync", "crc32c")
-_timed(cache_mod.ChunkStream, "_write", "chunk writes")
+_timed(cache_writer.ChunkStream, "_write", "chunk writes")
 
 
 def one_run(cfg_path: Path, fmt: int) -> tuple[float, float, float, float, float]:
@@ -66,14 +67,14 @@ def one_run(cfg_path: Path, fmt: int) -> tuple[float, float, float, float, float
         SPENT[k] = 0.0
     cfg = load_config(cfg_path)
     shutil.rmtree(cfg.probe.cache_dir, ignore_errors=True)
-    saved = cache_mod.CACHE_FORMAT
-    cache_mod.CACHE_FORMAT = fmt
+    saved = cache_format.CACHE_FORMAT
+    cache_format.CACHE_FORMAT = cache_writer.CACHE_FORMAT = fmt  # the fingerprint's format and the arrays'
     try:
         cpu = time.process_time()
         res = extract(cfg, show_progress=False)
         cpu = time.process_time() - cpu
     finally:
-        cache_mod.CACHE_FORMAT = saved
+        cache_format.CACHE_FORMAT = cache_writer.CACHE_FORMAT = saved
     assert res.status == "extracted", res.status
     spent = dict(SPENT)
     cache = open_cache(cfg)

@@ -12,13 +12,13 @@ tokens: no padding, train + val, the splits extract processes):
             with ``AutoModel``).  Inputs are tokenized and on the device before
             the timer starts.
 (b) forward needleprobe's batches (``plan_batches``, ``bucket_length``, right
-            padding, ``model_inputs``) through ``capture``/``run_forward`` with the
+            padding, ``model_inputs``) through ``capture_sites``/``run_forward`` with the
             early stop at the highest probed layer; stores nothing, inputs built
             before the timer starts.
-(c) extract ``needleprobe.extract.extract(cfg)`` end to end on a fresh cache dir.
+(c) extract ``needleprobe.extract.extract.extract(cfg)`` end to end on a fresh cache dir.
             c' is the same call minus the model, tokenizer and model-config
             loading it does, timed inside that call (wrappers on
-            ``needleprobe.extract.load_model`` / ``load_tokenizer`` /
+            ``needleprobe.extract.extract.load_model`` / ``load_tokenizer`` /
             ``model_shape``, which add microseconds).
 
 Repetitions are interleaved (a, b, c, a, b, c, ...) because the machine is
@@ -91,12 +91,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-import needleprobe.extract as npx  # noqa: E402
+import needleprobe.extract.extract as npx  # noqa: E402
 from needleprobe.config import EMBEDDED_CHAT_MODEL, EMBEDDED_MODEL, ModelConfig, load_config  # noqa: E402
-from needleprobe.data import by_split, load_documents  # noqa: E402
-from needleprobe.demo_data import build_demo_documents  # noqa: E402
-from needleprobe.hooks import (  # noqa: E402
-    capture,
+from needleprobe.data.documents import by_split, load_documents  # noqa: E402
+from needleprobe.data.demo import build_demo_documents  # noqa: E402
+from needleprobe.model.hooks import (  # noqa: E402
     find_blocks,
     load_model,
     load_tokenizer,
@@ -104,8 +103,9 @@ from needleprobe.hooks import (  # noqa: E402
     model_location,
     run_forward,
 )
-from needleprobe.records import console  # noqa: E402
-from needleprobe.tokens import apply_caps, bucket_length, plan_batches, tokenize_documents  # noqa: E402
+from needleprobe.io.console import console  # noqa: E402
+from needleprobe.extract.sites import capture_sites  # noqa: E402
+from needleprobe.data.tokens import apply_caps, bucket_length, plan_batches, tokenize_documents  # noqa: E402
 
 FIT_SPLITS = ("train", "val")
 
@@ -230,7 +230,7 @@ def gpu_peak(device: torch.device) -> int | None:
 def forward_flops_per_token(model, n_blocks: int, tdocs: dict[str, list]) -> float:
     """Matmul FLOPs per real token of a forward through ``n_blocks`` blocks: 2 × the blocks' weights, plus attention
     (QKᵀ and AV: 4 × heads × head_dim × the mean document length, halved for causal masks)."""
-    from needleprobe.batching import ModelDims
+    from needleprobe.extract.batching import ModelDims
 
     blocks = find_blocks(model)
     params = sum(p.numel() for b in list(blocks)[:n_blocks] for p in b.parameters())
@@ -394,7 +394,7 @@ def plan_limits(model, plan: Plan, max_length: int, n_captured: int, device: tor
     """``plan_batches``' limits for a plan, as extract sets them (its default: the device's token budget on CUDA)."""
     from types import SimpleNamespace
 
-    from needleprobe.batching import batch_limits, device_budget
+    from needleprobe.extract.batching import batch_limits, device_budget
 
     found = device_budget(SimpleNamespace(doc_batch_size=plan[0], max_batch_tokens=plan[1]), max_length, model, device,
                           n_captured)
@@ -441,7 +441,7 @@ class Naive:
     def __init__(self, case: Case, tdocs: dict[str, list], device: torch.device, dtype: str):
         from transformers import AutoModel, AutoModelForCausalLM
 
-        from needleprobe.hooks import TORCH_DTYPES
+        from needleprobe.model.hooks import TORCH_DTYPES
 
         cls = AutoModelForCausalLM if case.decoder else AutoModel
         where = model_location(ModelConfig(name=case.model))
@@ -495,7 +495,7 @@ class Forward:
     def run(self, layers: list[int], plan: Plan) -> tuple[float, float]:
         inputs, _ = self.plan(plan, len(layers))
         t, tc = time.perf_counter(), time.process_time()
-        with torch.inference_mode(), capture(self.blocks, layers) as cap:
+        with torch.inference_mode(), capture_sites(self.blocks, [("resid_post", layer) for layer in layers]) as cap:
             for inp in inputs:
                 acts = run_forward(self.model, cap, inp)
                 del acts

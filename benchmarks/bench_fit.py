@@ -22,7 +22,7 @@ whole      The user's view, process start included.  Workload: the demo data
            wall time and from the child's CPU time (which a busy machine disturbs
            less).
 layers     Per layer of the demo cache (``configs/demo.yaml``; built first if
-           missing), the L2 grid with ``needleprobe.solvers.fit_l2_path`` vs the
+           missing), the L2 grid with ``needleprobe.fit.lbfgs.fit_l2_path`` vs the
            same scikit-learn loop on the same standardised rows, in process.
 refit      ``needleprobe fit --l2-grid …`` with a new grid on that demo cache.
 synthetic  An n × d matrix with a few ~100× outlier dimensions (like Gemma's
@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from needleprobe import open_cache  # noqa: E402
 from needleprobe.config import load_config  # noqa: E402
-from needleprobe.solvers import fit_l2_path  # noqa: E402
+from needleprobe.fit.lbfgs import fit_l2_path  # noqa: E402
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 S3_CASE = ["--n", "20000", "--n-val", "4000", "--d", "1024", "--budget", "56MB"]
@@ -79,8 +79,8 @@ def ensure_demo_cache(cfg_path: Path):
     try:
         return open_cache(cfg)
     except Exception:
-        from needleprobe.demo_data import write_demo_dataset
-        from needleprobe.extract import extract
+        from needleprobe.data.demo import write_demo_dataset
+        from needleprobe.extract.extract import extract
 
         write_demo_dataset(cfg.dataset.resolved_path())
         extract(cfg, show_progress=False)
@@ -147,7 +147,7 @@ def whole_config() -> Path:
     WHOLE_DIR.mkdir(parents=True, exist_ok=True)
     data = WHOLE_DIR / "needles_demo_v1.jsonl"
     if not data.is_file():
-        from needleprobe.demo_data import write_demo_dataset
+        from needleprobe.data.demo import write_demo_dataset
 
         write_demo_dataset(data)
     cfg = {

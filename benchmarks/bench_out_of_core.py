@@ -59,7 +59,7 @@ def _rss() -> dict[str, int]:
 
 def child(mode: str, path: str, budget: str) -> None:
     """One measurement, printed as one JSON line."""
-    from needleprobe.runtime import fit_settings, one_malloc_arena
+    from needleprobe.io.runtime import fit_settings, one_malloc_arena
 
     one_malloc_arena()  # as ``needleprobe fit`` does
     import numpy as np
@@ -67,15 +67,16 @@ def child(mode: str, path: str, budget: str) -> None:
 
     from needleprobe import open_cache
     from needleprobe.config import parse_bytes
-    from needleprobe.fit import lbfgs_layer
-    from needleprobe.probe import fit_grid
-    from needleprobe.streaming import Budget, LayerRows, choose, streamed_fit_data
+    from needleprobe.fit.fit import lbfgs_layer
+    from needleprobe.fit.probe import fit_grid
+    from needleprobe.fit.streaming import Budget, LayerRows, choose, streamed_fit_data
 
     cache = open_cache(path)
     cpu = torch.device("cpu")
     comm = None
     if mode == "2-process":  # one of torchrun's processes: its contiguous share of the rows, sums all-reduced
-        from needleprobe.distributed import Dist, FitComm
+        from needleprobe.fit.comm import FitComm
+        from needleprobe.io.processes import Dist
 
         dist = Dist.from_env()
         comm = FitComm(dist, cpu)
@@ -142,7 +143,7 @@ def run(n: int, n_val: int, d: int, budget: str) -> list[str]:
     import numpy as np
 
     from needleprobe.config import parse_bytes
-    from needleprobe.records import human_bytes
+    from needleprobe.io.console import human_bytes
 
     path = synthetic(n, n_val, d)
     layer_bytes = (n + n_val) * d * 4
@@ -186,7 +187,7 @@ def run_s3(n: int, n_val: int, d: int, budget: str) -> list[str]:
     """The same out-of-core fit and reader on local disk and from a bucket: per pass, time and bytes."""
     from local_s3 import LocalS3
 
-    from needleprobe.records import human_bytes
+    from needleprobe.io.console import human_bytes
 
     path = synthetic(n, n_val, d)
     with LocalS3() as s3:

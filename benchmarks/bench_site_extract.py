@@ -30,9 +30,9 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from needleprobe.config import load_config  # noqa: E402
-from needleprobe.demo_data import write_demo_dataset  # noqa: E402
-from needleprobe.extract import extract  # noqa: E402
-from needleprobe.layout import Layout  # noqa: E402
+from needleprobe.data.demo import write_demo_dataset  # noqa: E402
+from needleprobe.extract.extract import extract  # noqa: E402
+from needleprobe.run.layout import Layout  # noqa: E402
 
 SITES = ["resid_pre", "resid_mid", "resid_post"]
 

@@ -7,7 +7,8 @@ Per model, one batch of 8 documents x 256 tokens (random ids, no padding),
 probed at two layers (the last block among them, so both runs do the same
 blocks); each repetition times, back to back and in rotating order:
 
-(a) today     ``hooks.capture(blocks, layers)`` (resid_post only)
+(a) today     one forward hook per block, its output kept (resid_post only: what
+              needleprobe captured before activation sites; ``resid_post_hooks`` here)
 (b) post      ``sites.capture_sites`` with resid_post at the same layers
 (c) all       ``sites.capture_sites`` with every site the model has at those layers
 
@@ -21,11 +22,13 @@ MiniLM's size (hidden 384, 6 blocks: 5 sites) and the tests' tiny Llama
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -37,8 +40,31 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny_models
 import torch  # noqa: E402
 
 from needleprobe.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
-from needleprobe.hooks import capture, find_blocks, load_model, model_inputs, run_forward  # noqa: E402
-from needleprobe.sites import SITES, capture_sites, site_support  # noqa: E402
+from needleprobe.model.hooks import _StopForward, find_blocks, load_model, model_inputs, run_forward  # noqa: E402
+from needleprobe.extract.sites import SITES, capture_sites, site_support  # noqa: E402
+
+
+@contextlib.contextmanager
+def resid_post_hooks(blocks, layers: list[int]):
+    """The baseline: a forward hook on each block in ``layers`` keeping its output, the forward stopped after the
+    highest (``run_forward`` reads ``outputs`` and ``expected``)."""
+    cap = types.SimpleNamespace(outputs={}, expected=tuple(layers))
+    top = max(layers)
+
+    def make_hook(layer: int):
+        def hook(module, args, output):
+            cap.outputs[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+            if layer == top:
+                raise _StopForward
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(make_hook(layer)) for layer in layers]
+    try:
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def models(device: torch.device):
@@ -86,7 +112,7 @@ def main() -> None:
         ids = torch.randint(min(1000, vocab // 2), min(vocab, 30000), (args.docs, args.tokens), generator=g).to(device)
         inputs = model_inputs(model, ids, torch.ones_like(ids))
         cases = {
-            "today": lambda: capture(blocks, layers),
+            "today": lambda: resid_post_hooks(blocks, layers),
             "post": lambda: capture_sites(blocks, [("resid_post", layer) for layer in layers]),
             "all": lambda: capture_sites(blocks, [(s, layer) for layer in layers for s in sites]),
         }

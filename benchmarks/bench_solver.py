@@ -6,7 +6,7 @@ an offset, a planted linear signal and ~10% positives.  Features are
 standardised with train statistics, both solvers see the same float32 arrays
 and the same class-balanced sample weights ``s_i = n / (2 n_{y_i})``, and for
 every grid value scikit-learn gets ``C = 1 / (l2 * n)`` (the same objective; see
-``needleprobe.solvers``).
+``needleprobe.fit.lbfgs``).
 
 The reference is scikit-learn at ``--sk-tol`` (default 1e-6).  Because
 ``sum(s) == n``, scikit-learn's lbfgs minimises exactly our J and its ``tol`` is
@@ -36,7 +36,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
-from needleprobe.solvers import fit_l2_path, objective  # noqa: E402
+from needleprobe.fit.lbfgs import fit_l2_path, objective  # noqa: E402
 
 
 def make_data(n: int, n_val: int, d: int, seed: int, n_outliers: int = 4, pos_frac: float = 0.1):
@@ -106,14 +106,14 @@ def main(argv=None) -> None:
     ap.add_argument("--no-sk-default", action="store_true",
                     help="skip the scikit-learn run at its default tol=1e-4")
     ap.add_argument("--strategy", choices=["warm", "joint"], default=None,
-                    help="override the path strategy of needleprobe.solvers (design comparison)")
+                    help="override the path strategy of needleprobe.fit.lbfgs (design comparison)")
     ap.add_argument("--ours-only", action="store_true", help="time fit_l2_path only")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for torch and for scikit-learn's BLAS (default: torch's)")
     args = ap.parse_args(argv)
 
     if args.strategy:
-        import needleprobe.solvers as solvers
+        import needleprobe.fit.lbfgs as solvers
 
         solvers._STRATEGY = args.strategy
 

@@ -32,10 +32,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from needleprobe import open_cache  # noqa: E402
-from needleprobe.checkpoints import gguf_path  # noqa: E402
+from needleprobe.model.checkpoints import gguf_path  # noqa: E402
 from needleprobe.config import EMBEDDED_CHAT_MODEL, ModelConfig, load_config  # noqa: E402
-from needleprobe.demo_data import build_demo_documents  # noqa: E402
-from needleprobe.extract import extract  # noqa: E402
+from needleprobe.data.demo import build_demo_documents  # noqa: E402
+from needleprobe.extract.extract import extract  # noqa: E402
 
 
 def main() -> None:

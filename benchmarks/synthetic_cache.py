@@ -30,7 +30,9 @@ def _rows(rng: np.random.Generator, n: int, d: int, basis: np.ndarray, w: np.nda
 def write_synthetic_cache(path: str | Path, n_train: int, n_val: int, d: int, *, layers: tuple[int, ...] = (0,),
                           feature_dtype: str = "float32", seed: int = 0, block_rows: int = 65536):
     """Write the cache at ``path`` (a directory or fsspec URL) and return it opened (``needleprobe.Cache``)."""
-    from needleprobe.cache import STORAGE_DTYPES, CacheWriter, SplitPlan, open_cache
+    from needleprobe.cache.format import STORAGE_DTYPES
+    from needleprobe.cache.reader import open_cache
+    from needleprobe.cache.writer import CacheWriter, SplitPlan
 
     rng = np.random.default_rng(seed)
     r = 16

@@ -45,7 +45,7 @@ import numpy as np
 import needleprobe
 from needleprobe.config import load_config
 
-from needleprobe.summary import cache_facts
+from needleprobe.cache.inspect import cache_facts
 
 cfg = load_config(CONFIG)
 cache = needleprobe.open_cache(CONFIG)
@@ -62,7 +62,7 @@ print("matches the config:", facts["matches_config"], "; ".join(facts["differenc
     print(f"{name:>5}: {sp.n_rows:6d} rows = {int(y.sum()):6d} needle + {int((y == 0).sum()):6d} negative"
           f" | {len(n_needles)} docs, {int((n_needles > 0).sum())} with needles")"""),
     ("md", "## What a few rows are\n\nThe token of a few needle and negative rows (the cache stores token ids), decoded with the model's tokenizer."),
-    ("code", """from needleprobe.hooks import load_tokenizer
+    ("code", """from needleprobe.model.hooks import load_tokenizer
 
 tok = load_tokenizer(cfg.model)
 val = cache.split("val")

@@ -20,7 +20,7 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")  # as the CLI sets it: the thread 
 
 import torch  # noqa: E402
 
-from needleprobe.demo_data import build_demo_documents  # noqa: E402
+from needleprobe.data.demo import build_demo_documents  # noqa: E402
 
 UNICODE_DOCS = [
     {
@@ -78,13 +78,13 @@ def dump_dom(chromium: str, page: Path, tmp_path: Path):
 
 def probe_files(cfg, layer: int, seed: int, run: str | None = None):
     """(.pt, .json) of a probe of ``cfg``'s run."""
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     return Layout.from_config(cfg, run).probe_files(layer, seed)
 
 
 def run_dir(cfg, run: str | None = None):
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     return Layout.from_config(cfg, run).run_dir
 

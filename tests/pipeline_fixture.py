@@ -34,7 +34,7 @@ def build_pipeline(tmp: Path, *, monitor_split: str | None = "val", **probe):
     assert main(["train", "--config", str(cfg_path), "--no-progress"]) == 0
     cfg = load_config(cfg_path)
     if monitor_split is not None:
-        from needleprobe.monitor import monitor
+        from needleprobe.analysis.monitor import monitor
 
         monitor(cfg, split=monitor_split, show_progress=False)
     return cfg_path, cfg

@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import small_docs, write_config, write_jsonl
 
-import needleprobe.runner as runner
-from needleprobe.batching import (
+import needleprobe.extract.runner as runner
+from needleprobe.extract.batching import (
     DEFAULT_DOC_BATCH_SIZE,
     MAX_BUDGET,
     MIN_BUDGET,
@@ -22,8 +22,8 @@ from needleprobe.batching import (
 )
 from needleprobe.config import Config, load_config
 from needleprobe.errors import NeedleprobeError
-from needleprobe.runner import Forward, SplitBatches, run_batches
-from needleprobe.tokens import plan_batches
+from needleprobe.extract.runner import Forward, SplitBatches, run_batches
+from needleprobe.data.tokens import plan_batches
 
 GEMMA_4B = ModelDims(hidden_size=2560, num_layers=34, num_heads=8, num_kv_heads=4, head_dim=256,
                      intermediate_size=10240, vocab_size=262208)
@@ -157,7 +157,7 @@ def test_extract_after_out_of_memory_retries_writes_the_same_bytes(tmp_path, mon
     from test_extract import _all_arrays
 
     from needleprobe import open_cache
-    from needleprobe.extract import extract
+    from needleprobe.extract.extract import extract
 
     data = write_jsonl(tmp_path / "d.jsonl", small_docs(4, 2))
     caches = {}

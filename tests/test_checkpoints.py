@@ -19,7 +19,7 @@ from conftest import small_docs, write_config, write_jsonl
 from tiny_models import make_tiny_gguf
 
 from needleprobe import open_cache
-from needleprobe.checkpoints import CACHE_ENV, gguf_path
+from needleprobe.model.checkpoints import CACHE_ENV, gguf_path
 from needleprobe.cli import main
 from needleprobe.config import EMBEDDED_CHAT_MODEL, ModelConfig, load_config
 

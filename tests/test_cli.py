@@ -14,7 +14,7 @@ from conftest import small_docs, write_config, write_jsonl
 
 import needleprobe
 from needleprobe.cli import build_parser, main
-from needleprobe.records import console, model_loading_bar
+from needleprobe.io.console import console, model_loading_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["extract", "fit", "train", "check", "monitor", "errors", "inspect", "report", "evaluate", "scan", "export",

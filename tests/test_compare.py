@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from needleprobe.layout import model_slug
+from needleprobe.run.layout import model_slug
 
 from conftest import dump_dom, probe_files, write_config, write_jsonl
 from pipeline_fixture import pipeline_docs
@@ -30,7 +30,7 @@ HOSTILE_NAME = 'u&<i>"q'  # a dataset name is any name without '/': it ends up i
 
 def second_docs() -> list[dict]:
     """Another kind of data: the demo's test-split needles (their own wording), as train and val."""
-    from needleprobe.demo_data import build_demo_documents
+    from needleprobe.data.demo import build_demo_documents
 
     test = [d for d in build_demo_documents(0) if d["split"] == "test"]
     return [{**d, "split": "train"} for d in test[:12]] + [{**d, "split": "val"} for d in test[12:26]]
@@ -46,7 +46,7 @@ def _load(cfg_path):
 def runs(tmp_path_factory):
     """Train the three runs, evaluate the MiniLM pair both ways, write the comparison; the tests only read."""
     from needleprobe.cli import main
-    from needleprobe.report import write_comparison
+    from needleprobe.analysis.report.compare import write_comparison
 
     tmp = tmp_path_factory.mktemp("compare")
     where = {"output_dir": str(tmp / "results" / "probes" / "{model}" / "{site}"),
@@ -95,7 +95,7 @@ def _points(el, chart: str) -> dict[str, list[dict]]:
 
 
 def test_written_in_the_runs_common_directory(runs):
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     dirs = [Layout.from_config(c).run_dir for c in runs["cfgs"].values()]
     assert dirs[0].parent == dirs[1].parent != dirs[2].parent  # {model}/{site} kept the two t_v1 runs apart
@@ -145,7 +145,7 @@ def test_every_run_has_one_point_per_layer_with_its_json_auroc(runs):
 
 
 def test_relative_depth_is_layer_over_the_models_depth(runs):
-    from needleprobe.cache import open_cache
+    from needleprobe.cache.reader import open_cache
 
     el, cfgs = runs["el"], runs["cfgs"]
     depth = {k: open_cache(c).metadata["n_layers"] for k, c in cfgs.items()}
@@ -165,7 +165,7 @@ def test_relative_depth_is_layer_over_the_models_depth(runs):
 
 
 def test_depth_read_from_the_model_when_the_cache_is_gone(runs, tmp_path):
-    from needleprobe.report import build_comparison
+    from needleprobe.analysis.report.compare import build_comparison
 
     a, b = runs["cfgs"]["a"], runs["cfgs"]["b"]
     gone = dataclasses.replace(a, probe=dataclasses.replace(a.probe, cache_dir=str(tmp_path / "no-cache")))
@@ -177,7 +177,7 @@ def test_depth_read_from_the_model_when_the_cache_is_gone(runs, tmp_path):
 
 
 def _csv_auroc(source, target, layer: int, seed: int) -> float:
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     path = Layout.from_config(source).transfer_dir(Layout.from_config(target), "val") / "eval_metrics.csv"
     with open(path, newline="") as f:
@@ -210,8 +210,8 @@ def test_transfer_matrix_cells_are_the_evaluated_numbers(runs):
 
 
 def test_missing_and_stale_pairs_are_marked_with_the_command_that_fills_them(runs, tmp_path):
-    from needleprobe.layout import Layout
-    from needleprobe.report import build_comparison
+    from needleprobe.run.layout import Layout
+    from needleprobe.analysis.report.compare import build_comparison
 
     a, b = runs["cfgs"]["a"], runs["cfgs"]["b"]
     root = runs["tmp"] / "results" / "probes"
@@ -245,7 +245,7 @@ def test_missing_and_stale_pairs_are_marked_with_the_command_that_fills_them(run
 def test_best_probe_table_matches_the_jsons(runs):
     import numpy as np
 
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     el, cfgs = runs["el"], runs["cfgs"]
     best_rows = [e for e in el.items if e["tag"] == "tr" and "data-auroc" in e["attrs"]]
@@ -284,7 +284,7 @@ def _children(el, row) -> list[dict]:
 
 
 def test_runs_of_different_models_only_have_no_matrix(runs):
-    from needleprobe.report import build_comparison
+    from needleprobe.analysis.report.compare import build_comparison
 
     path, page = build_comparison([runs["cfgs"]["b"], runs["cfgs"]["g"]])
     el = Elements(page)
@@ -318,7 +318,7 @@ def _error(capsys, *argv) -> str:
 
 def test_bad_inputs_are_one_line(runs, capsys, tmp_path):
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.report import write_comparison
+    from needleprobe.analysis.report.compare import write_comparison
 
     p = runs["paths"]
     unfitted = write_config(runs["tmp"], runs["tmp"] / "data_a.jsonl", dataset="unfitted", config_name="unfitted.yaml",
@@ -362,8 +362,10 @@ def test_common_directory_and_file_name_rules(tmp_path):
     from types import SimpleNamespace
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.report import RunView, common_dir, comparison_path
-    from needleprobe.stores import RemotePath
+    from needleprobe.analysis.report.compare import comparison_path
+    from needleprobe.analysis.report.data import RunView
+    from needleprobe.run.layout import common_dir
+    from needleprobe.io.stores import RemotePath
 
     assert common_dir([RemotePath("memory://b/probes/m1/t_v1"), RemotePath("memory://b/probes/m2/t_v1")]) == \
         RemotePath("memory://b/probes")
@@ -383,9 +385,9 @@ def test_common_directory_and_file_name_rules(tmp_path):
 def test_document_monitors_are_compared_from_what_the_monitor_stored(runs):
     """Per run: the monitor's recommended probe and aggregation, its document AUROC with CI and TPR at the calibrated
     thresholds, read from the run record and CSV the monitor wrote; a run never monitored says how to fill it."""
-    from needleprobe.layout import Layout
-    from needleprobe.monitor import monitor
-    from needleprobe.report import build_comparison
+    from needleprobe.run.layout import Layout
+    from needleprobe.analysis.monitor import monitor
+    from needleprobe.analysis.report.compare import build_comparison
 
     cfgs = runs["cfgs"]
     res = monitor(cfgs["a"], split="val", show_progress=False)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from needleprobe.data import hash_split, load_documents
+from needleprobe.data.documents import hash_split, load_documents
 from needleprobe.errors import NeedleprobeError
 
 GOOD = {"doc_id": "a", "text": "hello needle world", "needle_spans": [[6, 12]], "split": "train"}

@@ -1,4 +1,4 @@
-"""Tests for the offline demo dataset (needleprobe.demo_data).
+"""Tests for the offline demo dataset (needleprobe.data.demo).
 
 The properties checked here are the ones the probe experiments rely on:
 reproducibility, exact needle spans, sensible split sizes, and val/test needles
@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from needleprobe.demo_data import build_demo_documents, needle_pool, write_demo_dataset
+from needleprobe.data.demo import build_demo_documents, needle_pool, write_demo_dataset
 
 SPLITS = ("train", "val", "test")
 # Function words the test tolerates in several families; defined here on purpose,

@@ -12,7 +12,7 @@ import pytest
 from needleprobe.cli import main
 from needleprobe.deploy.monitor import Monitor
 from needleprobe.errors import NeedleprobeError
-from needleprobe.layout import Layout
+from needleprobe.run.layout import Layout
 
 
 def _val_docs(cfg) -> list[dict]:
@@ -125,7 +125,7 @@ def test_missing_calibration_is_one_line_naming_the_command(llama_monitored, tmp
 def test_detection_is_in_monitors_output_csv_and_report(llama_monitored, capsys):
     import re
 
-    from needleprobe.monitor import monitor
+    from needleprobe.analysis.monitor import monitor
 
     cfg_path, cfg, _ = llama_monitored
     res = monitor(cfg, split="val", show_progress=False)  # logits stored: no model run

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from needleprobe.config import MonitorConfig
-from needleprobe.deploy.online import (RunningAggregate, detection_summary, first_crossing, needle_runs,
+from needleprobe.analysis.online import (RunningAggregate, detection_summary, first_crossing, needle_runs,
                                        running_values, span_latencies)
-from needleprobe.monitor import AGGREGATIONS, MonitorTokens, aggregate, document_metrics
+from needleprobe.analysis.monitor import AGGREGATIONS, MonitorTokens, aggregate, document_metrics
 
 
 @pytest.mark.parametrize("method", AGGREGATIONS)

@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 from needleprobe import LinearProbe, open_cache
 from needleprobe.cli import main
 from needleprobe.config import load_config
-from needleprobe.demo_data import build_demo_documents
-from needleprobe.layout import Layout
+from needleprobe.data.demo import build_demo_documents
+from needleprobe.run.layout import Layout
 
 
 def _other_dataset() -> list[dict]:

@@ -15,8 +15,9 @@ from transformers import AutoModel, AutoTokenizer
 
 from needleprobe import open_cache
 from needleprobe.config import load_config
-from needleprobe.extract import extract
-from needleprobe.hooks import capture, find_blocks, model_location, run_forward
+from needleprobe.extract.extract import extract
+from needleprobe.extract.sites import capture_sites
+from needleprobe.model.hooks import find_blocks, model_location, run_forward
 
 
 def _hidden_states(model, tok, text: str, max_length: int) -> tuple[list[int], tuple[torch.Tensor, ...]]:
@@ -109,15 +110,15 @@ def test_forward_stops_after_highest_probed_block(tmp_path):
     handles.append(model.norm.register_forward_hook(lambda *a: norm_calls.append(1)))
     ids = torch.tensor([[2, 10, 11, 12, 13]])
     mask = torch.ones_like(ids)
-    with torch.inference_mode(), capture(blocks, [0, 1]) as cap:
+    with torch.inference_mode(), capture_sites(blocks, [("resid_post", 0), ("resid_post", 1)]) as cap:
         acts = run_forward(model, cap, {"input_ids": ids, "attention_mask": mask})
     assert calls == [1, 1, 0, 0] and not norm_calls
-    assert sorted(acts) == [0, 1]
+    assert sorted(acts) == [("resid_post", 0), ("resid_post", 1)]
     # hooks are gone and the model still runs in full afterwards
     assert all(len(b._forward_hooks) == 1 for b in blocks)
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    torch.testing.assert_close(out.hidden_states[2], acts[1], atol=0, rtol=0)
+    torch.testing.assert_close(out.hidden_states[2], acts["resid_post", 1], atol=0, rtol=0)
     for h in handles:
         h.remove()
 
@@ -290,9 +291,9 @@ def test_cache_records_how_it_was_computed(minilm_run):
 def test_the_size_printed_before_extract_is_the_size_on_disk(minilm_run):
     """Zarr writes each split's last chunk whole, so the estimate counts whole chunks: within 10% of the cache on
     disk (the demo: 81.3 MiB printed, 81.4 MiB written); a 1.5-chunk split is not counted as 1.5 chunks."""
-    from needleprobe.cache import chunk_rows_for
-    from needleprobe.extract import cache_bytes
-    from needleprobe.summary import dir_size
+    from needleprobe.cache.format import chunk_rows_for
+    from needleprobe.extract.extract import cache_bytes
+    from needleprobe.cache.inspect import dir_size
 
     cache = open_cache(minilm_run[1])
     rows = [cache.split(s).n_rows for s in cache.splits]

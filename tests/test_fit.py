@@ -17,8 +17,8 @@ from conftest import probe_files as probe_paths
 from conftest import run_dir as output_dir
 
 from needleprobe import open_cache
-from needleprobe.check import check
-from needleprobe.probe import LinearProbe, column_moments
+from needleprobe.analysis.check import check
+from needleprobe.fit.probe import LinearProbe, column_moments
 
 
 def _meta(cfg, layer, seed, run=None):
@@ -138,7 +138,7 @@ def test_demo_end_to_end_learns(tmp_path):
     from conftest import write_config
 
     from needleprobe.cli import main
-    from needleprobe.demo_data import write_demo_dataset
+    from needleprobe.data.demo import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "demo.jsonl")
     cfg_path = write_config(tmp_path, data, layers_to_probe=[3], max_train_docs=120, max_val_docs=40, train_seeds=[0])
@@ -154,7 +154,7 @@ def test_minibatch_streams_blocks_and_approaches_lbfgs(small_dataset, tmp_path, 
     """The minibatch solver never reads a whole split, is deterministic per seed, and lands near the exact fit."""
     from conftest import write_config
 
-    from needleprobe.cache import SplitView
+    from needleprobe.cache.reader import SplitView
     from needleprobe.cli import main
     from needleprobe.config import load_config
 
@@ -209,7 +209,7 @@ def test_fit_command_starts_without_heavy_imports():
         "import sys\n"
         "import needleprobe.cli\n"
         "early = [m for m in ('sklearn', 'scipy', 'torch.distributed', 'transformers') if m in sys.modules]\n"
-        "import needleprobe.fit, needleprobe.metrics, needleprobe.distributed\n"
+        "import needleprobe.fit.fit, needleprobe.metrics, needleprobe.fit.comm\n"
         "late = [m for m in ('sklearn', 'scipy', 'transformers') if m in sys.modules]\n"
         "print(early, late)\n"
     )
@@ -224,8 +224,8 @@ def test_train_auroc_of_every_grid_value_is_sklearns_on_the_rows_used(minilm_run
     weights, whose AUROC equals the unweighted one; the drawn 1:1 subset with downsample), within 1e-9."""
     from sklearn.metrics import average_precision_score
 
-    from needleprobe.probe import FitData, fit_grid
-    from needleprobe.runtime import fit_settings
+    from needleprobe.fit.probe import FitData, fit_grid
+    from needleprobe.io.runtime import fit_settings
 
     _, cfg = minilm_run
     cache = open_cache(cfg)
@@ -252,7 +252,7 @@ def test_train_auroc_of_every_grid_value_is_sklearns_on_the_rows_used(minilm_run
     # the scores are the saved probe on those rows' raw activations
     best = grid.index(out["selected_l2"])
     if balance == "downsample":
-        from needleprobe.probe import training_rows
+        from needleprobe.fit.probe import training_rows
 
         x = x[training_rows(y, balance, 3)[0]]
     np.testing.assert_allclose(scores[:, best], x.astype(np.float64) @ out["weight"] + out["bias"], atol=2e-3, rtol=1e-4)
@@ -263,7 +263,7 @@ def test_fit_says_its_verdict_and_writes_it(minilm_run, capsys):
     """After a fit: the best layer, its paired margin over the runner-up, train AUROC, identical seeds once; the same
     in verdict.json, whose difference is the JSONs' val AUROCs' and whose CI is the paired bootstrap's."""
     from needleprobe.cli import main
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
     from needleprobe.metrics import paired_bootstrap_auroc_diff
 
     cfg_path, cfg = minilm_run
@@ -298,7 +298,7 @@ def test_fit_says_its_verdict_and_writes_it(minilm_run, capsys):
 
 
 def test_l2_at_the_edge_of_the_grid_is_flagged_only_when_it_beats_its_neighbour():
-    from needleprobe.verdict import l2_at_edge
+    from needleprobe.fit.verdict import l2_at_edge
 
     def probe(selected, aurocs):
         res = [{"l2": l2, "val_auroc": a} for l2, a in zip((0.01, 0.1, 1.0), aurocs)]

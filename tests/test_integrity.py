@@ -24,10 +24,10 @@ import zarr
 from conftest import ONE_THREAD_ENV, small_docs, threads, write_config, write_jsonl
 
 from needleprobe import open_cache
-from needleprobe.cache import CacheDamaged
+from needleprobe.cache.integrity import CacheDamaged
 from needleprobe.cli import main
 from needleprobe.config import load_config
-from needleprobe.runner import IN_FLIGHT
+from needleprobe.extract.runner import IN_FLIGHT
 
 CHUNK = "64"
 LAYERS = [1, 4]
@@ -80,7 +80,7 @@ REASON = {"random": "checksum mismatch", "empty": "checksum mismatch", "deleted"
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(dataset, reference dir, cache path relative to it): extract + fit + monitor on val, 64-row chunks."""
-    from needleprobe.monitor import monitor
+    from needleprobe.analysis.monitor import monitor
 
     tmp = tmp_path_factory.mktemp("integrity")
     data = write_jsonl(tmp / "d.jsonl", small_docs(14, 16))  # val: documents with and without needles
@@ -133,7 +133,7 @@ def test_damaged_chunk_is_named_on_every_read_path(run, how, capsys):
         train.activations(1)[250:260]
     assert train.activations(1)[:192].shape == (192, 384)  # chunks before it read as before
     train.to_numpy(4)  # and the other layer is whole
-    from needleprobe.streaming import LayerRows
+    from needleprobe.fit.streaming import LayerRows
 
     streamed = LayerRows(train, 1, 0, train.n_rows, block_rows=32, piece_rows=64)  # an out-of-core fit's reads
     with pytest.raises(CacheDamaged) as e:
@@ -170,7 +170,7 @@ def test_damaged_small_arrays_and_monitor_results_are_named(run, capsys):
     capsys.readouterr()
 
     # the monitor's stored logits (in the run, not the cache): a damaged chunk is recomputed, never read
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     store = Layout.from_config(load_config(cfg_path)).monitor_store
     (logits,) = [p for p in (store / "val").glob("pass-*/logits/c/2/0")]
@@ -188,7 +188,7 @@ def test_damaged_small_arrays_and_monitor_results_are_named(run, capsys):
 
 
 def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, capsys, monkeypatch):
-    import needleprobe.extract as ex
+    import needleprobe.extract.extract as ex
 
     cfg_path, cache_dir, ref_dir = run
     damaged = {
@@ -228,7 +228,7 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
 
 def test_repair_refuses_under_torchrun(monkeypatch, tmp_path):
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.extract import extract
+    from needleprobe.extract.extract import extract
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -243,19 +243,22 @@ def test_repair_refuses_under_torchrun(monkeypatch, tmp_path):
 
 def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monkeypatch, capsys):
     """A cache written before checksums (format 1) is read, fitted, verified and repaired; it is never "stale"."""
-    import needleprobe.cache as cache_mod
-    from needleprobe.extract import extract
-    from needleprobe.summary import cache_facts
+    import needleprobe.cache.format as cache_format
+    import needleprobe.cache.writer as cache_writer
+    from needleprobe.cache.integrity import checksummed
+    from needleprobe.extract.extract import extract
+    from needleprobe.cache.inspect import cache_facts
 
     data, ref, rel = reference
     monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
     cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS)
     with monkeypatch.context() as mp:
-        mp.setattr(cache_mod, "CACHE_FORMAT", 1)
+        mp.setattr(cache_format, "CACHE_FORMAT", 1)  # the fingerprint's format
+        mp.setattr(cache_writer, "CACHE_FORMAT", 1)  # and the arrays'
         assert extract(load_config(cfg_path), show_progress=False).status == "extracted"
     cache = open_cache(cfg_path)
     assert cache.format == 1 and cache.fields["cache_format"] == 1
-    assert not cache_mod.checksummed(cache.root["train/layer_1"]) and not cache_mod.checksummed(cache.root["train/labels"])
+    assert not checksummed(cache.root["train/layer_1"]) and not checksummed(cache.root["train/labels"])
     # same rows as the format-2 reference
     for s in ("train", "val"):
         np.testing.assert_array_equal(cache.split(s).to_numpy(1), open_cache(ref / "config.yaml").split(s).to_numpy(1))
@@ -280,7 +283,7 @@ def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monke
 
 
 def test_too_little_free_space_is_refused_before_the_model_loads(reference, tmp_path, monkeypatch, capsys):
-    import needleprobe.extract as ex
+    import needleprobe.extract.extract as ex
 
     data, _, _ = reference
     cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS)
@@ -293,7 +296,7 @@ def test_too_little_free_space_is_refused_before_the_model_loads(reference, tmp_
     assert need and "--force" in err
     assert not (tmp_path / "cache").exists()
     assert main(["extract", "--config", str(cfg_path), "--no-progress", "--force"]) == 0
-    from needleprobe.summary import dir_size
+    from needleprobe.cache.inspect import dir_size
 
     on_disk = dir_size(open_cache(cfg_path).path) / 2**20  # what it said it needed is what it took, within 10%
     assert abs(float(need[1]) - on_disk) <= 0.1 * on_disk, (need[1], on_disk)
@@ -347,7 +350,7 @@ def _can_mount_tmpfs(where: Path) -> str | None:
 def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path, monkeypatch):
     """On a real 3 MB filesystem: refused up front, then (--force) a one-line disk-full error, then a resume after
     the filesystem grows gives the cache of an uninterrupted run."""
-    from needleprobe.extract import extract
+    from needleprobe.extract.extract import extract
 
     mnt = tmp_path / "small_disk"
     why = _can_mount_tmpfs(mnt)
@@ -384,7 +387,7 @@ def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path, monkeypatch):
     err = refused[-2]
     need = re.search(r"the cache needs ([\d.]+) MiB more on disk but only 3.0 MiB is free there", err)
     assert need and "--force" in err, err
-    from needleprobe.summary import dir_size
+    from needleprobe.cache.inspect import dir_size
 
     on_disk = dir_size(Path(want.path)) / 2**20  # ~8.5 MiB: what it said it needed is what the cache takes
     assert abs(float(need[1]) - on_disk) <= 0.1 * on_disk, (need[1], on_disk)
@@ -402,7 +405,7 @@ def test_real_full_disk_on_a_3_mb_tmpfs(reference, tmp_path, monkeypatch):
 
 
 def test_a_crash_is_recorded_and_a_repairing_resume_clears_it(reference, tmp_path, monkeypatch, capsys):
-    import needleprobe.extract as ex
+    import needleprobe.extract.extract as ex
 
     data, ref, rel = reference
     monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", CHUNK)
@@ -426,7 +429,7 @@ def test_a_crash_is_recorded_and_a_repairing_resume_clears_it(reference, tmp_pat
     assert "interrupted" not in err
     from rich.console import Console
 
-    from needleprobe.summary import cache_summary
+    from needleprobe.cache.inspect import cache_summary
 
     con = Console(width=400, record=True, file=io.StringIO())
     con.print(cache_summary(load_config(cfg_path)))
@@ -443,7 +446,7 @@ def test_a_crash_is_recorded_and_a_repairing_resume_clears_it(reference, tmp_pat
 
 
 def test_ctrl_c_is_still_an_interruption(reference, tmp_path, monkeypatch, capsys):
-    import needleprobe.extract as ex
+    import needleprobe.extract.extract as ex
 
     data, _, _ = reference
     cfg_path = write_config(tmp_path, data, layers_to_probe=[1])

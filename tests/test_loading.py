@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-import needleprobe.hooks as hooks
+import needleprobe.model.hooks as hooks
 from needleprobe.config import EMBEDDED_MODEL, ModelConfig
 
 

@@ -19,16 +19,17 @@ from conftest import probe_files
 
 from needleprobe.cli import main
 from needleprobe.config import MonitorConfig, load_config
-from needleprobe.layout import Layout
-from needleprobe.monitor import (AGGREGATIONS, LogitStore, MonitorTokens, aggregate, document_metrics, monitor, probe_refs,
+from needleprobe.run.layout import Layout
+from needleprobe.analysis.monitor import (AGGREGATIONS, LogitStore, MonitorTokens, aggregate, document_metrics, monitor, probe_refs,
                                  recommend, stored_tokens)
-from needleprobe.probe import LinearProbe
+from needleprobe.fit.probe import LinearProbe
+from needleprobe.analysis.run import Run
 
 
 def _tokens(cfg, split: str, layers=None, seeds=None):
     """The stored token logits of the run's probes on ``split`` (no model run)."""
     layout = Layout.from_config(cfg)
-    refs = probe_refs(layout, layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
+    refs = probe_refs(Run.of_layout(layout), layers or cfg.probe.layers_to_probe, seeds or cfg.probe.train_seeds)
     return stored_tokens(cfg, LogitStore(layout.monitor_store), split, refs)
 
 
@@ -59,7 +60,7 @@ def monitored(minilm_run):
 def test_token_logits_are_the_probe_on_the_model(monitored):
     from transformers import AutoModel, AutoTokenizer
 
-    from needleprobe.hooks import model_location
+    from needleprobe.model.hooks import model_location
 
     cfg_path, cfg, _ = monitored
     tokens = _tokens(cfg, "val")
@@ -111,7 +112,7 @@ def test_outputs_and_thresholds(monitored):
 
 def test_reaggregation_never_runs_the_model(monitored, monkeypatch, tmp_path):
     cfg_path, cfg, res = monitored
-    import needleprobe.hooks as hooks
+    import needleprobe.model.hooks as hooks
 
     def boom(*a, **k):
         raise AssertionError("the model must not be loaded to re-aggregate")
@@ -151,7 +152,7 @@ def test_refit_probe_is_scored_again_and_its_old_logits_dropped(monitored, tmp_p
     torch.save({"weight": d["weight"] * 2, "bias": d["bias"]}, pt)
     assert main(["monitor", "--config", str(new_path), "--split", "val", "--no-progress"]) == 0
     assert re.search(r"scoring \d+ val documents with 1 probe\(s\)", capsys.readouterr().err)  # only the refit one
-    from needleprobe.data import file_sha256
+    from needleprobe.data.documents import file_sha256
 
     g = zarr.open_group(str(Layout.from_config(new).monitor_store), mode="r")["val"]
     assert (5, 1, file_sha256(pt)) in LogitStore.stored(g)
@@ -247,7 +248,7 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     the unresolvable FPRs are a warning, and the recommendation is val's best AUROC reported on train."""
     import shutil
 
-    from needleprobe.monitor import document_scores
+    from needleprobe.analysis.monitor import document_scores
 
     cfg_path, cfg, _ = monitored
     raw = yaml.safe_load(cfg_path.read_text())
@@ -306,7 +307,7 @@ def test_a_small_calibration_set_still_gives_an_operating_point_with_an_honest_f
     from scipy.stats import binom
 
     from needleprobe.metrics import clean_docs_to_bound, fpr_upper_bound
-    from needleprobe.monitor import _print, operating_point
+    from needleprobe.analysis.monitor import _print, operating_point
 
     rng = np.random.default_rng(3)
     val_y, test_y = np.r_[np.zeros(9), np.ones(6)].astype(int), np.r_[np.zeros(12), np.ones(10)].astype(int)
@@ -347,9 +348,9 @@ def test_truncation_is_said_and_a_document_that_lost_every_needle_is_left_out(mo
 
     from sklearn.metrics import roc_auc_score
 
-    from needleprobe.data import by_split, load_documents
-    from needleprobe.hooks import load_tokenizer
-    from needleprobe.tokens import tokenize_documents
+    from needleprobe.data.documents import by_split, load_documents
+    from needleprobe.model.hooks import load_tokenizer
+    from needleprobe.data.tokens import tokenize_documents
 
     cfg_path, cfg, _ = monitored
     raw = yaml.safe_load(cfg_path.read_text())
@@ -389,7 +390,7 @@ def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, mo
     is loaded, even for the calibration split's logits (none stored in this copy)."""
     import shutil
 
-    import needleprobe.hooks as hooks
+    import needleprobe.model.hooks as hooks
 
     cfg_path, cfg, _ = monitored
     raw = yaml.safe_load(cfg_path.read_text())
@@ -412,9 +413,9 @@ def test_an_empty_split_is_refused_before_any_model_runs(monitored, tmp_path, mo
 def test_monitor_table_fits_80_columns(monitored, monkeypatch, capsys):
     """At COLUMNS=80 nothing is cut: every aggregation name, AUROC with its CI and TPR with its counts is whole on
     stdout, four-digit counts included; the recommendation follows the table there."""
-    from needleprobe import records
+    from needleprobe.io import console as records
     from needleprobe.metrics import fpr_upper_bound
-    from needleprobe.monitor import _print
+    from needleprobe.analysis.monitor import _print
 
     _, _, res = monitored
     rows = [dict(r) for r in res["metrics"]]

@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from needleprobe import LinearProbe, NeedleprobeError, load_probes, open_cache
-from needleprobe.probe import NOISE_FLOOR, feature_scale
+from needleprobe.fit.probe import NOISE_FLOOR, feature_scale
 
 
 def _arrays(cfg, layer):

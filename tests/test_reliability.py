@@ -20,7 +20,7 @@ from needleprobe import open_cache
 from needleprobe.cli import main
 from needleprobe.config import load_config
 from needleprobe.errors import NeedleprobeError
-from needleprobe.records import FileLock
+from needleprobe.io.files import FileLock
 
 CHUNK = "64"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # local_s3: the S3 endpoint of the s3:// tests
@@ -39,7 +39,7 @@ def _cli(cfg_path: Path, *args: str, env: dict | None = None) -> subprocess.Comp
 
 
 def extract_status(cfg_path: Path) -> str:
-    from needleprobe.extract import extract
+    from needleprobe.extract.extract import extract
 
     return extract(load_config(cfg_path), show_progress=False).status
 
@@ -70,9 +70,9 @@ def resume_setup(tmp_path_factory):
 
     from conftest import threads
 
-    from needleprobe.extract import extract
-    from needleprobe.fit import fit
-    from needleprobe.monitor import monitor
+    from needleprobe.extract.extract import extract
+    from needleprobe.fit.fit import fit
+    from needleprobe.analysis.monitor import monitor
 
     sys.path.insert(0, str(BENCHMARKS))
     from local_s3 import LocalS3
@@ -186,7 +186,7 @@ def test_s3_cache_killed_mid_split_resumes_to_the_local_cache(resume_setup, monk
     """An extract into s3:// SIGKILLed after two commits resumes; every object of the cache equals, byte for byte,
     the file of the same name in the uninterrupted local cache; it opens by config and by URL; a second extract
     finds it up to date."""
-    from needleprobe.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     cfg, killed, ref_cfg = _s3_run(resume_setup, monkeypatch)
     assert killed.returncode == -9, killed.stderr[-3000:]
@@ -210,7 +210,7 @@ def test_s3_fit_monitor_and_out_of_core_fit_write_the_local_bytes(resume_setup, 
                                                                    one_thread):
     """Probes and the monitor's outputs written to s3:// are the local run's bytes; an out-of-core fit reading its
     train rows from the bucket at every pass (each chunk once per pass) writes the in-memory probe."""
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     cfg, _, ref_cfg = _s3_run(resume_setup, monkeypatch)
     if not open_cache(cfg, allow_incomplete=True).complete:  # run alone: resume the killed extract first
@@ -284,7 +284,7 @@ def test_overwrite_rebuilds(tmp_path, small_dataset, capsys):
 
 
 def test_second_extract_or_fit_is_refused_while_one_runs(minilm_run, tmp_path, small_dataset, capsys):
-    from needleprobe.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     cfg_path = write_config(tmp_path, small_dataset, layers_to_probe=[0])
     path = cache_path(load_config(cfg_path))
@@ -305,7 +305,7 @@ def test_second_extract_or_fit_is_refused_while_one_runs(minilm_run, tmp_path, s
 def test_lock_released_when_owner_is_killed(tmp_path):
     lock = tmp_path / "x.lock"
     p = subprocess.Popen(
-        [sys.executable, "-c", f"from needleprobe.records import FileLock; import time\nwith FileLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"from needleprobe.io.files import FileLock; import time\nwith FileLock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )
     assert p.stdout.readline().strip() == "held"
@@ -340,7 +340,7 @@ def test_lock_taken_on_a_file_its_owner_just_removed_is_retried(tmp_path, monkey
     a lock on that orphan would exclude no one, so the path's new file is locked instead."""
     import fcntl
 
-    from needleprobe import records
+    from needleprobe.io import files
 
     lock = tmp_path / "x.lock"
     real_flock, calls = fcntl.flock, []
@@ -351,13 +351,13 @@ def test_lock_taken_on_a_file_its_owner_just_removed_is_retried(tmp_path, monkey
         calls.append(op)
         return real_flock(fd, op)
 
-    monkeypatch.setattr(records.fcntl, "flock", flock)
+    monkeypatch.setattr(files.fcntl, "flock", flock)
     with FileLock(lock, "x") as held:
-        monkeypatch.setattr(records.fcntl, "flock", real_flock)
+        monkeypatch.setattr(files.fcntl, "flock", real_flock)
         assert len([op for op in calls if op & fcntl.LOCK_EX]) == 2
         assert os.fstat(held.fd).st_ino == lock.stat().st_ino
         r = subprocess.run(
-            [sys.executable, "-c", f"from needleprobe.records import FileLock\nwith FileLock({str(lock)!r}, 'x'):\n    pass"],
+            [sys.executable, "-c", f"from needleprobe.io.files import FileLock\nwith FileLock({str(lock)!r}, 'x'):\n    pass"],
             capture_output=True, text=True,
         )
         assert r.returncode != 0 and "another x is running" in r.stderr
@@ -529,15 +529,15 @@ def test_two_runs_give_identical_outputs(tmp_path, small_dataset, one_thread):
 
 def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_path):
     """A fit that dies midway leaves no temporary or half-written file, and the previous CSV and run record intact."""
-    import needleprobe.records as records
-    from needleprobe.layout import Layout
+    import needleprobe.io.files as files
+    from needleprobe.run.layout import Layout
 
     cfg_path, cfg = minilm_run
     out = Path(cfg.probe.output_dir) / cfg.dataset.key
     record = Layout.from_config(cfg).run_record
     before_csv = (out / "probe_metrics.csv").read_bytes()
     before_record = record.read_bytes()
-    real, calls = records.atomic_write_json, []
+    real, calls = files.atomic_write_json, []
 
     def dying(path, obj):
         calls.append(path)
@@ -545,7 +545,7 @@ def test_interrupted_fit_keeps_previous_results(minilm_run, monkeypatch, tmp_pat
             raise KeyboardInterrupt  # as if Ctrl-C arrived while the second probe was being written
         real(path, obj)
 
-    monkeypatch.setattr(records, "atomic_write_json", dying)
+    monkeypatch.setattr(files, "atomic_write_json", dying)
     assert main(["fit", "--config", str(cfg_path), "--l2-grid", "0.5,5"]) == 130
     assert (out / "probe_metrics.csv").read_bytes() == before_csv
     assert record.read_bytes() == before_record
@@ -572,8 +572,8 @@ def test_cache_fingerprinted_by_the_whole_file_stays_valid_until_the_file_change
     """Caches written before per-document digests record the file's sha256: up to date as they are, stale on any edit."""
     import zarr
 
-    from needleprobe.cache import fingerprint
-    from needleprobe.data import file_sha256
+    from needleprobe.cache.format import fingerprint
+    from needleprobe.data.documents import file_sha256
 
     data = write_jsonl(tmp_path / "d.jsonl", GOOD)
     cfg = write_config(tmp_path, data, layers_to_probe=[0])
@@ -597,7 +597,7 @@ def test_cache_fingerprinted_by_the_whole_file_stays_valid_until_the_file_change
 
 @pytest.mark.slow
 def test_fit_during_a_running_extract_says_so(resume_setup, capsys):
-    from needleprobe.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     cfg_path = resume_setup.partial  # a killed extract's cache
     path = cache_path(load_config(cfg_path))
@@ -625,8 +625,8 @@ def test_a_refit_reports_a_lower_val_auroc_only_beyond_the_noise_of_one_fit():
     """A drop within 1e-4 (what one fit moves across thread counts and CPUs) is noise; beyond it, news."""
     import numpy as np
 
-    from needleprobe.fit import AUROC_NOISE, _lowered
-    from needleprobe.probe import LinearProbe
+    from needleprobe.fit.fit import AUROC_NOISE, _lowered
+    from needleprobe.fit.probe import LinearProbe
 
     before = {(3, 0): {"val_metrics": {"auroc": 0.9568}, "selected_l2": 0.1, "cache_fingerprint": "f"}}
 

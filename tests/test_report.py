@@ -78,7 +78,7 @@ class Elements(HTMLParser):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One train + monitor(val) + report; the tests only read."""
-    from needleprobe.report import write_report
+    from needleprobe.analysis.report.html import write_report
 
     tmp = tmp_path_factory.mktemp("report")
     cfg_path, cfg = build_pipeline(tmp, monitor_split="val")
@@ -93,11 +93,12 @@ def run(tmp_path_factory):
 
 def _stored_tokens(cfg, split: str, run: str | None = None):
     """The token logits the monitor stored in the run for all of its probes on ``split`` (no model run)."""
-    from needleprobe.layout import Layout
-    from needleprobe.monitor import LogitStore, probe_refs, stored_tokens
+    from needleprobe.run.layout import Layout
+    from needleprobe.analysis.monitor import LogitStore, probe_refs, stored_tokens
+    from needleprobe.analysis.run import Run
 
     layout = Layout.from_config(cfg, run)
-    refs = probe_refs(layout, cfg.probe.layers_to_probe, cfg.probe.train_seeds)
+    refs = probe_refs(Run.of_layout(layout), cfg.probe.layers_to_probe, cfg.probe.train_seeds)
     tokens = stored_tokens(cfg, LogitStore(layout.monitor_store), split, refs)
     assert tokens is not None and len(tokens.probes) == len(refs)
     return tokens
@@ -108,7 +109,7 @@ def _n_points(d: str) -> int:
 
 
 def test_written_where_promised_and_atomically(run):
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     layout = Layout.from_config(run["cfg"])
     assert run["path"] == layout.report == layout.run_dir / "report.html"
@@ -184,8 +185,8 @@ def test_probe_roc_rescored_from_cache_matches_json(run):
 
 
 def test_monitor_roc_matches_monitor_outputs(run):
-    from needleprobe.layout import Layout
-    from needleprobe.monitor import AGGREGATIONS, aggregation_label
+    from needleprobe.run.layout import Layout
+    from needleprobe.analysis.monitor import AGGREGATIONS, aggregation_label
 
     el, cfg = run["el"], run["cfg"]
     curves = el.find("path", "roc", svg="roc-monitor")
@@ -234,7 +235,7 @@ def test_heatmaps_show_documents_tokens_and_needles(run):
 
 
 def test_heatmap_escapes_token_text():
-    from needleprobe.report import heatmap_html
+    from needleprobe.analysis.report.html import heatmap_html
 
     out = heatmap_html(["<b>", " &x", '"'], ["<b>", "&x", '"'], np.array([3.0, -1.0, 0.0]), np.array([1, 0, 0]), 3.0)
     assert "<b>" not in out and "&lt;b&gt;" in out and "&amp;x" in out
@@ -246,7 +247,7 @@ def test_no_probes_is_an_error(run, tmp_path):
     import dataclasses
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.report import build_html
+    from needleprobe.analysis.report.html import build_html
 
     cfg = run["cfg"]
     cfg = dataclasses.replace(cfg, probe=dataclasses.replace(cfg.probe, output_dir=str(tmp_path / "probes")))
@@ -258,9 +259,9 @@ def test_no_monitor_note(run, tmp_path):
     """Probes but no monitor run: the probe charts still build, and the page says how to get the rest."""
     import dataclasses
 
-    from needleprobe.report import build_html
+    from needleprobe.analysis.report.html import build_html
 
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     cfg = run["cfg"]
     src = Layout.from_config(cfg).run_dir
@@ -279,9 +280,9 @@ def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
     """A probe file changed since the monitor ran: its stored logits are passed over, and the page says so."""
     import dataclasses
 
-    from needleprobe.layout import Layout
-    from needleprobe.probe import LinearProbe
-    from needleprobe.report import build_html
+    from needleprobe.run.layout import Layout
+    from needleprobe.fit.probe import LinearProbe
+    from needleprobe.analysis.report.html import build_html
 
     cfg = run["cfg"]
     src = Layout.from_config(cfg).run_dir
@@ -301,7 +302,7 @@ def test_monitor_logits_of_a_refit_probe_are_not_shown(run, tmp_path):
 def test_named_run_has_its_own_report(run, capsys):
     """`fit --run NAME` then `report --run NAME`: that run's probes, in its directory; the default report is untouched."""
     from needleprobe.cli import main
-    from needleprobe.layout import Layout
+    from needleprobe.run.layout import Layout
 
     cfg, cfg_path = run["cfg"], run["cfg_path"]
     before = run["path"].read_bytes()
@@ -339,7 +340,7 @@ def test_refuses_a_run_directory_of_another_model(run):
     import dataclasses
 
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.report import write_report
+    from needleprobe.analysis.report.html import write_report
 
     cfg = run["cfg"]
     before = run["path"].read_bytes()
@@ -371,8 +372,8 @@ def test_renders_in_headless_chromium(run, tmp_path):
 def test_verdict_and_error_lists_are_the_fits_and_the_errors_commands(run):
     """The page shows verdict.json's sentences and the lists of `needleprobe errors` (same function, same rows);
     a listed document shown as a heatmap is linked to it."""
-    from needleprobe.layout import Layout
-    from needleprobe.token_errors import token_errors
+    from needleprobe.run.layout import Layout
+    from needleprobe.analysis.errors import token_errors
 
     el, cfg, page = run["el"], run["cfg"], run["html"]
     verdict = json.loads(Layout.from_config(cfg).verdict.read_text())
@@ -402,3 +403,36 @@ def test_identical_seeds_share_a_row_of_the_tables(run):
     assert len(seeds_cells) == 4
     assert "Seeds on one row gave identical probes." in run["html"]
     assert len(el.find("circle", "point", svg="auroc-by-layer")) == len(probes)
+
+
+def test_the_report_shows_the_monitors_own_recommendation(run, tmp_path):
+    """The report reads what ``monitor`` stored (its CSV and run record) instead of choosing again: after a monitor
+    of a weaker layer alone, the page shows that layer and the aggregation the monitor recommended, although the
+    store still holds the logits of every probe (a report that chose by val AUROC would show the best layer)."""
+    import dataclasses
+
+    from needleprobe.analysis.monitor import AGGREGATIONS, aggregation_label, monitor
+    from needleprobe.analysis.report.html import build_html
+    from needleprobe.analysis.run import Run
+
+    cfg = run["cfg"]
+    results = Path(cfg.probe.output_dir).parent
+    shutil.copytree(results, tmp_path / "results")
+    cfg2 = dataclasses.replace(cfg, probe=dataclasses.replace(
+        cfg.probe, output_dir=str(tmp_path / "results" / "probes"), run_record_dir=str(tmp_path / "results" / "run_records")))
+    best_layer = Run.of(cfg2).best()[0]
+    weaker = next(la for la in sorted(cfg2.probe.layers_to_probe) if la != best_layer)
+    rec = monitor(cfg2, layers=[weaker], seeds=[0], split="val", show_progress=False)["recommended"]
+    method = next(m for m in AGGREGATIONS if aggregation_label(m, cfg2.monitor) == rec["aggregation"])
+    page = build_html(cfg2)
+    assert f"<h3>Document monitor on val: layer {rec['layer']} · seed {rec['seed']}</h3>" in page
+    assert f"probe layer {rec['layer']} · seed {rec['seed']}, documents ranked by {method}," in page
+    assert rec["layer"] == weaker
+    curves = Elements(page).find("path", "roc", svg="roc-monitor")
+    assert {(c["attrs"]["data-layer"], c["attrs"]["data-seed"]) for c in curves} == {(str(weaker), "0")}
+    # and the table's numbers are the monitor's CSV's, to the bit
+    by_label = {c["attrs"]["data-aggregation"]: float(c["attrs"]["data-auroc"]) for c in curves}
+    with open(Run.of(cfg2).layout.monitor_csv("val"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if int(r["layer"]) == weaker and int(r["seed"]) == 0]
+    assert by_label == {m: float(next(r["auroc"] for r in rows if r["aggregation"] == aggregation_label(m, cfg2.monitor)))
+                        for m in AGGREGATIONS}

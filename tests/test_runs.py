@@ -11,11 +11,11 @@ import yaml
 from conftest import probe_files, small_docs, write_config, write_jsonl
 from tiny_models import make_tiny_model
 
-from needleprobe.check import check
+from needleprobe.analysis.check import check
 from needleprobe.cli import main
 from needleprobe.config import load_config
-from needleprobe.data import file_sha256
-from needleprobe.layout import Layout
+from needleprobe.data.documents import file_sha256
+from needleprobe.run.layout import Layout
 
 
 def _files(d):

@@ -23,12 +23,12 @@ import zarr
 from conftest import ONE_THREAD_ENV, fit_outputs, small_docs, threads, write_config, write_jsonl
 
 from needleprobe import open_cache
-from needleprobe.cache import ShardedArray
+from needleprobe.cache.reader import ShardedArray
 from needleprobe.cli import main
 from needleprobe.config import load_config
-from needleprobe.distributed import shard_ranges
-from needleprobe.extract import extract
-from needleprobe.fit import fit
+from needleprobe.extract.sharding import shard_ranges
+from needleprobe.extract.extract import extract
+from needleprobe.fit.fit import fit
 
 CHUNK = "64"
 LAYERS = [1, 4]
@@ -187,7 +187,7 @@ def test_one_process_repairs_a_sharded_cache(scale_setup, sharded_run, tmp_path,
     split's rows; the cache is again the torchrun cache byte for byte."""
     import shutil
 
-    from needleprobe.cache import cache_path
+    from needleprobe.cache.format import cache_path
 
     tmp, data, ref_cfg, _ = scale_setup
     run, _, _, _ = sharded_run

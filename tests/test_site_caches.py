@@ -16,9 +16,9 @@ from transformers import AutoModel
 from needleprobe import open_cache
 from needleprobe.cli import main
 from needleprobe.config import load_config
-from needleprobe.extract import extract
-from needleprobe.layout import Layout
-from needleprobe.sites import SITES, site_support
+from needleprobe.extract.extract import extract
+from needleprobe.run.layout import Layout
+from needleprobe.extract.sites import SITES, site_support
 
 LAYERS = [0, 2]
 
@@ -171,7 +171,7 @@ def test_resid_post_through_the_site_hooks_is_todays_cache(data, tmp_path, one_t
 
 def test_resid_pre_is_the_blocks_input(data, tmp_path, one_thread):
     """resid_pre of block L equals output_hidden_states[L] on the real MiniLM."""
-    from needleprobe.hooks import model_location
+    from needleprobe.model.hooks import model_location
 
     cfg = load_config(write_config(tmp_path, data, layers_to_probe=[2], activation_site=["resid_pre"]))
     extract(cfg, show_progress=False)

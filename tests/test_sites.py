@@ -11,8 +11,8 @@ from tiny_models import FAMILIES, make_tiny_model
 from transformers import AutoModel
 
 from needleprobe.errors import NeedleprobeError
-from needleprobe.hooks import capture, find_blocks, model_inputs, run_forward
-from needleprobe.sites import SITES, capture_sites, check_requests, parse_hook_name, site_support
+from needleprobe.model.hooks import find_blocks, model_inputs, run_forward
+from needleprobe.extract.sites import SITES, capture_sites, check_requests, parse_hook_name, site_support
 
 N_LAYERS = 3
 RTOL = 1e-5
@@ -155,11 +155,11 @@ def test_resid_post_with_other_sites_is_byte_identical_to_single_site_capture(ca
     model = models(case)
     blocks = find_blocks(model)
     ids, mask = ids_batch([23, 15], seed=1)
-    with torch.inference_mode(), capture(blocks, [0, 2]) as cap:
+    with torch.inference_mode(), capture_sites(blocks, [("resid_post", 0), ("resid_post", 2)]) as cap:
         alone = run_forward(model, cap, model_inputs(model, ids, mask))
     together = run_sites(model, all_requests(case, [0, 2]), ids, mask)
     for layer in (0, 2):
-        assert torch.equal(together["resid_post", layer], alone[layer])
+        assert torch.equal(together["resid_post", layer], alone["resid_post", layer])
 
 
 @pytest.mark.parametrize("case", CASES)

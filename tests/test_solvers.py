@@ -1,4 +1,4 @@
-"""Tests for needleprobe.solvers.fit_l2_path against scikit-learn at tight tolerance."""
+"""Tests for needleprobe.fit.lbfgs.fit_l2_path against scikit-learn at tight tolerance."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
-from needleprobe import solvers
-from needleprobe.solvers import PathResult, fit_l2_path, objective
+from needleprobe.fit import lbfgs as solvers
+from needleprobe.fit.lbfgs import PathResult, fit_l2_path, objective
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
 TOL = 1e-6
@@ -281,7 +281,7 @@ def test_solver_changes_no_process_wide_setting(monkeypatch):
 
 
 def test_fit_command_sets_them_once_around_every_fit(monkeypatch):
-    from needleprobe.runtime import fit_settings
+    from needleprobe.io.runtime import fit_settings
 
     from threadpoolctl import threadpool_info
 

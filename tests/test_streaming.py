@@ -16,10 +16,10 @@ import torch
 
 from needleprobe.config import parse_bytes
 from needleprobe.errors import NeedleprobeError
-from needleprobe.fit import lbfgs_layer
-from needleprobe.probe import fit_grid
-from needleprobe.runtime import fit_settings
-from needleprobe.streaming import Budget, LayerShape, choose, streamed_fit_data
+from needleprobe.fit.fit import lbfgs_layer
+from needleprobe.fit.probe import fit_grid
+from needleprobe.io.runtime import fit_settings
+from needleprobe.fit.streaming import Budget, LayerShape, choose, streamed_fit_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from synthetic_cache import write_synthetic_cache  # noqa: E402
@@ -94,7 +94,7 @@ def test_out_of_core_equals_in_memory(synthetic):
 
 def test_layer_rows_serve_rows_and_subsets_in_order(synthetic):
     """Held rows first, then blocks read ahead on a thread: every pass is the rows (or the row subset), standardised."""
-    from needleprobe.streaming import IOStats, LayerRows
+    from needleprobe.fit.streaming import IOStats, LayerRows
 
     train = synthetic.split("train")
     x = train.to_numpy(0)
@@ -116,7 +116,7 @@ def test_layer_rows_serve_rows_and_subsets_in_order(synthetic):
 def test_each_chunk_is_fetched_once_per_pass(synthetic, block):
     """Blocks smaller than a chunk (64 rows of 128) or ending inside one (192): a pass fetches each chunk of the
     streamed rows once, not once per block that touches it (what an object store bills); the rows are the same."""
-    from needleprobe.streaming import IOStats, LayerRows
+    from needleprobe.fit.streaming import IOStats, LayerRows
 
     train = synthetic.split("train")
     x, arr = train.to_numpy(0), train.activations(0)
@@ -171,7 +171,7 @@ def test_a_share_too_big_for_the_budget_stops_every_process_with_a_message(synth
     error (that one says what it needs, the others point to it) instead of the others waiting on its sums."""
     import threading
 
-    import needleprobe.streaming as streaming
+    import needleprobe.fit.streaming as streaming
 
     real = streaming.stream_plan
 
@@ -204,7 +204,7 @@ def test_split_rows_give_the_one_process_bits():
     losses and iterations as one process, bit for bit."""
     import threading
 
-    from needleprobe.solvers import fit_l2_path, group_rows
+    from needleprobe.fit.lbfgs import fit_l2_path, group_rows
 
     rng = np.random.default_rng(0)
     n, d = 3000, 40
@@ -237,7 +237,7 @@ def test_split_rows_give_the_one_process_bits():
 @pytest.mark.parametrize("feature_dtype", ["bfloat16", "float32"])
 def test_conversion_into_a_buffer_equals_the_allocating_one(feature_dtype):
     """Streamed blocks are widened into reused buffers: the same float32 values as ``to_float32`` returns."""
-    from needleprobe.cache import to_float32
+    from needleprobe.cache.format import to_float32
 
     x = torch.randn(7, 5)
     raw = (x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) if feature_dtype == "bfloat16"

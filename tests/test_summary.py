@@ -34,8 +34,8 @@ def _with_dataset(cfg, path):
 
 
 def test_facts_are_the_cache_contents(run):
-    from needleprobe.cache import open_cache
-    from needleprobe.summary import cache_facts
+    from needleprobe.cache.reader import open_cache
+    from needleprobe.cache.inspect import cache_facts
 
     cfg = run
     f = cache_facts(cfg)
@@ -57,7 +57,7 @@ def test_facts_are_the_cache_contents(run):
 
 def test_training_settings_and_layer_subsets_do_not_make_it_stale(run):
     """L2 grid, seeds, balance and probing fewer cached layers never change the rows: still a match."""
-    from needleprobe.summary import cache_facts
+    from needleprobe.cache.inspect import cache_facts
 
     cfg = _with(run, l2_grid=[1.0], train_seeds=[7], class_balance="downsample", layers_to_probe=[3], doc_batch_size=1)
     f = cache_facts(cfg)
@@ -75,7 +75,7 @@ def test_training_settings_and_layer_subsets_do_not_make_it_stale(run):
     ],
 )
 def test_row_changing_settings_are_stale_and_named(run, change, field):
-    from needleprobe.summary import cache_facts
+    from needleprobe.cache.inspect import cache_facts
 
     f = cache_facts(_with(run, **change))
     assert f["matches_config"] is False
@@ -83,7 +83,7 @@ def test_row_changing_settings_are_stale_and_named(run, change, field):
 
 
 def test_edited_dataset_is_stale_and_missing_dataset_is_unknown(run, tmp_path):
-    from needleprobe.summary import cache_facts
+    from needleprobe.cache.inspect import cache_facts
 
     docs = pipeline_docs()
     docs[0] = {**docs[0], "text": docs[0]["text"] + " (edited)"}
@@ -98,7 +98,7 @@ def test_edited_dataset_is_stale_and_missing_dataset_is_unknown(run, tmp_path):
 def test_summary_table_renders_the_verdict(run):
     from rich.console import Console
 
-    from needleprobe.summary import cache_summary
+    from needleprobe.cache.inspect import cache_summary
 
     def render(cfg) -> str:
         con = Console(file=io.StringIO(), width=200, color_system=None)
@@ -114,7 +114,7 @@ def test_summary_table_renders_the_verdict(run):
 
 def test_no_cache_is_a_one_line_error(run, tmp_path):
     from needleprobe.errors import NeedleprobeError
-    from needleprobe.summary import cache_facts
+    from needleprobe.cache.inspect import cache_facts
 
     with pytest.raises(NeedleprobeError, match="needleprobe extract"):
         cache_facts(_with(run, cache_dir=str(tmp_path / "nothing")))

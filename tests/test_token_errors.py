@@ -15,7 +15,7 @@ from conftest import probe_files
 
 from needleprobe import LinearProbe, open_cache
 from needleprobe.cli import main
-from needleprobe.token_errors import in_context, token_errors
+from needleprobe.analysis.errors import in_context, token_errors
 
 
 def test_lists_are_the_extreme_rows_with_their_text(minilm_run):

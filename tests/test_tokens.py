@@ -9,9 +9,9 @@ from tiny_models import make_tokenizer
 from transformers import AutoTokenizer
 
 from needleprobe.config import EMBEDDED_MODEL, ModelConfig
-from needleprobe.data import Document
-from needleprobe.hooks import load_tokenizer
-from needleprobe.tokens import apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
+from needleprobe.data.documents import Document
+from needleprobe.model.hooks import load_tokenizer
+from needleprobe.data.tokens import apply_caps, bucket_length, plan_batches, select_rows, tokenize_documents
 
 
 def _docs(raw: list[dict]) -> list[Document]:

@@ -2,23 +2,18 @@
 
 Two stages: ``extract`` runs the model once into a Zarr cache; ``fit`` trains
 probes from the cache as often as you like.  Importing this package does not
-import transformers, so fitting works where only the cache is available.
+import transformers, so fitting works where only the cache is available; nor does it
+change any environment variable or process setting (the command line sets its own).
 """
 
 __version__ = "0.1.0"
 
-import os as _os
-
-# MKL may otherwise use fewer threads than asked when it judges the machine busy, and the split of a float
-# reduction follows the thread count: fixing it keeps a run's numbers independent of the machine's load.
-# Only effective before torch first calls MKL; the user's own setting wins.
-_os.environ.setdefault("MKL_DYNAMIC", "FALSE")
-
-from .cache import Cache, open_cache  # noqa: E402
-from .config import Config, load_config  # noqa: E402
-from .errors import NeedleprobeError  # noqa: E402
-from .layout import Layout  # noqa: E402
-from .probe import LinearProbe, load_probes  # noqa: E402
+from .cache.reader import Cache, open_cache
+from .config import Config, load_config
+from .errors import NeedleprobeError
+from .run.layout import Layout
+from .fit.probe import LinearProbe
+from .analysis.run import load_probes
 
 __all__ = ["Cache", "Config", "Layout", "LinearProbe", "Monitor", "NeedleprobeError", "load_config", "load_probes",
            "open_cache", "__version__"]

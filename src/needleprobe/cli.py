@@ -14,7 +14,7 @@ from typing import Sequence
 
 from . import __version__
 from .errors import NeedleprobeError
-from .records import model_loading_bar, print_json, results
+from .io.console import model_loading_bar, print_json, results
 
 DEFAULT_CONFIG = "configs/dataset_main.yaml"
 MODEL_COMMANDS = ("extract", "train", "monitor", "evaluate", "scan", "export")
@@ -303,7 +303,7 @@ def _config(args, path: str | None = None):
 
 def _run_config(args, cfg):
     """``cfg`` as its run was fitted (layers, seeds, grid… from the run record), the flags narrowing it."""
-    from .records import run_config
+    from .run.record import run_config
 
     return run_config(cfg, getattr(args, "run", None), _given(args))
 
@@ -311,11 +311,11 @@ def _run_config(args, cfg):
 def run(args) -> int:
     from rich.markup import escape
 
-    from .records import console
+    from .io.console import console
 
     con = console()
     if args.command == "demo-data":
-        from .demo_data import write_demo_dataset
+        from .data.demo import write_demo_dataset
 
         path = write_demo_dataset(args.out, seed=args.seed)
         con.print(f"wrote {path}")
@@ -323,13 +323,13 @@ def run(args) -> int:
     if args.command in ("scan", "export"):
         return _deploy(args)
     if args.command == "report" and args.config and len(args.config) > 1:
-        from .report import write_comparison
+        from .analysis.report.compare import write_comparison
 
         cfgs = [_run_config(args, _config(args, c)) for c in args.config]
         con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
         return 0
     if args.command == "evaluate" and args.matrix:
-        from .evaluate import transfer_matrix
+        from .analysis.evaluate import transfer_matrix
 
         matrix = transfer_matrix([_config(args, c) for c in args.matrix], show_progress=not args.no_progress,
                                  show=not args.json)
@@ -339,12 +339,12 @@ def run(args) -> int:
     if args.command == "report":
         args.config = args.config[0] if args.config else None
     cfg = _config(args)
-    from .distributed import is_primary
+    from .io.processes import is_primary
 
     if args.command in ("extract", "train"):
-        from .extract import extract
-        from .layout import Layout
-        from .records import update_run_record
+        from .extract.extract import extract
+        from .run.layout import Layout
+        from .run.record import update_run_record
 
         layouts = {site: Layout.from_config(cfg.for_site(site), getattr(args, "run", None)) for site in cfg.probe.sites}
         if is_primary():  # before the model runs: a run of another model would be refused after it
@@ -374,7 +374,7 @@ def run(args) -> int:
     if not is_primary() and args.command not in ("fit", "train"):
         return 0  # torchrun shards extract and fit; every other stage runs once, on rank 0
     if args.command == "evaluate":  # the probes' site picks the target's
-        from .evaluate import evaluate
+        from .analysis.evaluate import evaluate
 
         if not args.probes:
             raise NeedleprobeError("evaluate: say which probes to score with --probes (a config or a probe directory)")
@@ -397,7 +397,7 @@ def run(args) -> int:
     if problems:
         raise NeedleprobeError(problems[0])
     if args.command == "report" and len(sites) > 1:
-        from .report import write_comparison
+        from .analysis.report.compare import write_comparison
 
         cfgs = [_run_config(args, cfg.for_site(s)) for s in sites]
         con.print(f"wrote {escape(str(write_comparison(cfgs, run=args.run)))}")
@@ -414,7 +414,7 @@ def _deploy(args) -> int:
     mon = Monitor.load(source, layer=args.layer, seed=args.seed, aggregation=args.aggregation, fpr=args.fpr,
                        run=args.run)
     if args.command == "export":
-        from .records import console
+        from .io.console import console
 
         console().print(f"wrote {mon.export(args.out, overwrite=args.overwrite)} ({mon!r})")
         return 0
@@ -443,17 +443,17 @@ def _run_site(args, cfg, con, answers: dict[str, dict], problems: list[str]) -> 
         cfg = _run_config(args, cfg)
 
     if args.command in ("fit", "train"):
-        from .fit import fit
+        from .fit.fit import fit
 
         fit(cfg, run=args.run, overwrite=args.overwrite)
     if args.command == "monitor":
-        from .monitor import monitor
+        from .analysis.monitor import monitor
 
         monitor(cfg, layers=args.layer, seeds=args.seed, split=args.split, run=args.run, show_progress=not args.no_progress)
     if args.command == "errors":
         from dataclasses import asdict
 
-        from .token_errors import print_errors, token_errors
+        from .analysis.errors import print_errors, token_errors
 
         lists = token_errors(cfg, layer=args.layer, split=args.split, n=args.n, run=args.run)
         if args.json:
@@ -461,17 +461,17 @@ def _run_site(args, cfg, con, answers: dict[str, dict], problems: list[str]) -> 
         else:
             print_errors(lists)
     if args.command == "inspect":
-        from .summary import inspect
+        from .cache.inspect import inspect
 
         facts, problem = inspect(cfg, verify=args.verify, show=not args.json)
         answers[cfg.probe.activation_site] = facts
         problems += [problem] if problem else []
     if args.command == "report":
-        from .report import write_report
+        from .analysis.report.html import write_report
 
         con.print(f"wrote {escape(str(write_report(cfg, run=args.run)))}")
     if args.command == "check":
-        from .check import check
+        from .analysis.check import check
 
         failures = check(cfg, run=args.run)
         out = results()  # the verdict of the checks is the answer: stdout
@@ -492,9 +492,13 @@ def tqdm_bars_shown(args) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # MKL may otherwise use fewer threads than asked when it judges the machine busy, and the split of a float
+    # reduction follows the thread count: fixing it keeps a run's numbers independent of the machine's load.
+    # Only effective before torch first calls MKL (no command has imported torch yet); the user's own setting wins.
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .runtime import one_malloc_arena
+    from .io.runtime import one_malloc_arena
 
     # a fit's memory: one malloc arena, set before Zarr's reader threads exist, so what they free is reused and
     # --fit-memory holds; the default again afterwards (main() also runs inside other programs, tests included)

@@ -32,7 +32,7 @@ RUN_SETTINGS = ("layers_to_probe", "train_seeds", "l2_grid", "class_balance", "s
 take them from there (``records.run_config``) and the flags are never typed twice."""
 DTYPES = ("float32", "bfloat16", "float16")
 SITES: tuple[str, ...] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "resid_post")
-"""Activation sites, TransformerLens' ``blocks.{L}.hook_{site}`` names (see :mod:`needleprobe.sites`)."""
+"""Activation sites, TransformerLens' ``blocks.{L}.hook_{site}`` names (see :mod:`needleprobe.extract.sites`)."""
 DEFAULT_L2_GRID: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)
 """L2 strengths tried by default (README, "A chat model against a sentence encoder"): on the demo data the selected value
 lands at 0.01–0.1 for a sentence encoder (all-MiniLM-L6-v2) and at 0.1–10 for a chat model (SmolLM2-135M-Instruct),
@@ -115,7 +115,7 @@ class ModelConfig:
     """HF revision (branch, tag or commit) for hub ids."""
     gguf_file: Optional[str] = None
     """A GGUF file: a name inside ``name``'s directory (or hub repository), or a path.  Weights and tokenizer are
-    read from it and de-quantized to float32 once, into a user cache (:mod:`needleprobe.checkpoints`)."""
+    read from it and de-quantized to float32 once, into a user cache (:mod:`needleprobe.model.checkpoints`)."""
     max_length: int = 2048
     """Documents longer than this many tokens are truncated (losses are reported)."""
     chat_template: bool = False
@@ -167,7 +167,7 @@ class ProbeConfig:
     """Dtype activations are stored in (bfloat16 is stored bit-exactly as uint16)."""
     doc_batch_size: Optional[int] = None
     """Documents per forward pass (``--doc-batch-size``); rows never depend on it.  Unset, with
-    ``max_batch_tokens`` unset too: 8 on CPU and MPS, a token budget from free memory on CUDA (:mod:`needleprobe.batching`)."""
+    ``max_batch_tokens`` unset too: 8 on CPU and MPS, a token budget from free memory on CUDA (:mod:`needleprobe.extract.batching`)."""
 
     @property
     def sites(self) -> list[str]:
@@ -435,7 +435,7 @@ def load_config(path: str | Path, *, default: bool = False) -> Config:
 
     ``default``: the path was not given by the user, so a missing file is explained as the default one.
     """
-    from .data import read_utf8
+    from .data.documents import read_utf8
 
     path = Path(path)
     try:

@@ -38,7 +38,7 @@ HUB_NAMES = {"embedded:SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instr
 def card_of(monitor) -> dict[str, Any]:
     """The ``monitor.json`` of a monitor (without the weights' digest, added once they are written)."""
     from .. import __version__
-    from ..checkpoints import fingerprint_fields
+    from ..model.checkpoints import fingerprint_fields
     from .monitor import expected_architecture
 
     m = monitor.model
@@ -70,7 +70,7 @@ def export_bundle(monitor, out, overwrite: bool = False) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from ..data import file_sha256
+    from ..data.documents import file_sha256
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -166,7 +166,7 @@ def load_bundle(path: Path, *, layer=None, seed=None, aggregation=None, fpr: flo
     from safetensors import safe_open
 
     from ..config import ModelConfig, MonitorConfig
-    from ..data import file_sha256
+    from ..data.documents import file_sha256
     from .monitor import Monitor, method_of
 
     for name in (CARD, WEIGHTS):

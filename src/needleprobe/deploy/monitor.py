@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,7 +33,7 @@ _EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 
 def method_of(aggregation: str) -> str:
     """``topk_mean(k=5)`` → ``topk_mean`` (the CSV's labels and the plain names both work)."""
-    from ..monitor import AGGREGATIONS
+    from ..analysis.monitor import AGGREGATIONS
 
     name = aggregation.split("(", 1)[0].strip()
     if name not in AGGREGATIONS:
@@ -142,18 +141,19 @@ class Monitor:
     @classmethod
     def _from_config(cls, cfg: Config, run: str | None, layer: int | None, seed: int | None, aggregation: str | None,
                      fpr: float, run_dir: Path | None = None) -> "Monitor":
-        from ..data import file_sha256
-        from ..layout import Layout
-        from ..monitor import ProbeRef
-        from ..probe import LinearProbe
-        from ..records import read_run_record, run_config
+        from ..analysis.monitor import ProbeRef
+        from ..analysis.run import Run
+        from ..data.documents import file_sha256
+        from ..run.layout import Layout
+        from ..run.record import run_config
 
         cfg = run_config(cfg, run).single_site("a monitor")
         layout = Layout.from_config(cfg, run)
         if run_dir is not None:
             layout = dataclasses.replace(layout, run_dir=Path(run_dir))
+        fitted = Run.of_layout(layout)
         how = f"needleprobe monitor --config {cfg.source or 'CONFIG'}" + (f" --run {run}" if run else "")
-        stages = read_run_record(layout.run_record).get("stages", {})
+        stages = fitted.record().get("stages", {})
         monitored = {k.split(":", 1)[1]: v for k, v in stages.items() if k.startswith("monitor:")}
         if not monitored:
             raise NeedleprobeError(f"{layout.run_dir}: no calibrated threshold yet: run `{how}` first (it sets the "
@@ -166,10 +166,10 @@ class Monitor:
         layer = int(best["layer"]) if layer is None else int(layer)
         seed = int(best["seed"]) if seed is None else int(seed)
         method = method_of(aggregation or best["aggregation"])
-        pt, _ = layout.probe_files(layer, seed)
+        pt = fitted.probe_path(layer, seed)
         if not pt.is_file():
             raise NeedleprobeError(f"{pt}: probe missing (layer {layer}, seed {seed}; run `needleprobe fit`)")
-        probe = LinearProbe.load(pt)
+        probe = fitted.probe(layer, seed)
         ref = ProbeRef(layer, seed, pt, file_sha256(pt))
         thresholds = calibration_thresholds(cfg, layout, ref, how)
         m = cls(model=cfg.model, model_dtype=cfg.probe.model_dtype, site=cfg.probe.activation_site, layer=layer,
@@ -203,12 +203,12 @@ class Monitor:
 
     @property
     def label(self) -> str:
-        from ..monitor import aggregation_label
+        from ..analysis.monitor import aggregation_label
 
         return aggregation_label(self.aggregation, self.params)
 
     def aggregate(self, logits: np.ndarray) -> float:
-        from ..monitor import aggregate
+        from ..analysis.monitor import aggregate
 
         return aggregate(logits, self.aggregation, self.params)
 
@@ -219,7 +219,7 @@ class Monitor:
     # -- the model -----------------------------------------------------------------------
     def tokenizer(self):
         if "tokenizer" not in self._loaded:
-            from ..hooks import load_tokenizer
+            from ..model.hooks import load_tokenizer
 
             self._loaded["tokenizer"] = load_tokenizer(self.model)
         return self._loaded["tokenizer"]
@@ -227,14 +227,15 @@ class Monitor:
     def model_location(self) -> str:
         """Where ``from_pretrained`` reads the probe's model (a hub id or a local directory; a packaged or GGUF model's
         converted directory), e.g. to load it with its LM head for generation."""
-        from ..hooks import model_location
+        from ..model.hooks import model_location
 
         return model_location(self.model)
 
     def load_model(self):
         """The model the probe reads, loaded as ``extract`` loads it (base model, ``model_dtype``, ``device``)."""
         if "model" not in self._loaded:
-            from ..hooks import load_model, resolve_device
+            from ..io.runtime import resolve_device
+            from ..model.hooks import load_model
 
             self._loaded["model"] = load_model(self.model, self.model_dtype, resolve_device(self.device))
         return self._loaded["model"]
@@ -244,7 +245,7 @@ class Monitor:
         vocabulary, dtype, and the digest of its first input-embedding rows where known)."""
         import torch
 
-        from ..hooks import TORCH_DTYPES
+        from ..model.hooks import TORCH_DTYPES
 
         arch = self.architecture or self._expected_architecture()
         have = model_architecture(model)
@@ -278,7 +279,7 @@ class Monitor:
         """Score documents: each a string, or a dict with ``text`` (and optional ``doc_id``) or ``input_ids`` (token
         ids scored as given, no chat template; special tokens are not scored).  ``model``/``tokenizer``: ones already
         loaded in this process (checked to be the probe's model); by default the monitor loads them once."""
-        from ..tokens import tokenize_documents
+        from ..data.tokens import tokenize_documents
 
         items = list(texts) if not isinstance(texts, (str, dict)) else [texts]
         if model is not None:
@@ -309,19 +310,17 @@ class Monitor:
         """The probe's logits [n_text_tokens] per tokenized document, from ``monitor``'s batched forward."""
         import torch
 
-        from ..batching import batch_limits
-        from ..hooks import find_blocks
-        from ..monitor import logit_rows
-        from ..runner import Forward, SplitBatches, run_batches
-        from ..sites import capture_sites
-        from ..tokens import plan_batches
+        from ..extract.batching import batch_plan
+        from ..model.hooks import find_blocks
+        from ..analysis.monitor import logit_rows
+        from ..extract.runner import Forward, SplitBatches, run_batches
+        from ..extract.sites import capture_sites
 
         if not tdocs:
             return []
         device = next(model.parameters()).device
         rows_of = [np.flatnonzero(td.labelable).astype(np.int32) for td in tdocs]
-        _, batches = plan_batches([td.n_tokens for td in tdocs],
-                                  *batch_limits(self.doc_batch_size, self.max_batch_tokens))
+        _, batches = batch_plan([td.n_tokens for td in tdocs], self)  # by the probe's batch settings, as extract
         w = torch.from_numpy(np.ascontiguousarray(self.weight, dtype=np.float32))[:, None].to(device)
         b = torch.tensor([self.bias], dtype=torch.float32).to(device)
         sink = _Rows()
@@ -347,8 +346,8 @@ class Monitor:
         tokens, the only prompt tokens the probe was trained on (give it to :meth:`watch`)."""
         import torch
 
-        from ..data import Document
-        from ..tokens import tokenize_documents
+        from ..data.documents import Document
+        from ..data.tokens import tokenize_documents
 
         tok = tokenizer if tokenizer is not None else self.tokenizer()
         docs = [Document(f"prompt-{i}", t, (), "test", i + 1) for i, t in enumerate(texts)]
@@ -398,7 +397,7 @@ class _Rows:
 
 def _documents(items: list) -> tuple[list, dict[str, np.ndarray]]:
     """``Document``s of the items (ids ``doc-{i}`` where none is given) and the token ids of those given as ids."""
-    from ..data import Document
+    from ..data.documents import Document
 
     docs, ids = [], {}
     for i, item in enumerate(items):
@@ -421,7 +420,7 @@ def _documents(items: list) -> tuple[list, dict[str, np.ndarray]]:
 
 
 def _id_doc(doc, ids: np.ndarray, special: set[int]):
-    from ..tokens import TokenizedDoc
+    from ..data.tokens import TokenizedDoc
 
     lab = ~np.isin(ids, list(special)) if special else np.ones(ids.size, bool)
     return TokenizedDoc(doc, ids, np.full((ids.size, 2), -1, np.int64), lab, np.zeros(ids.size, bool), int(ids.size))
@@ -432,7 +431,7 @@ def calibration_thresholds(cfg: Config, layout, ref, how: str) -> dict[str, dict
     """Thresholds of every aggregation at :data:`FPRS` from the probe's stored logits on the calibration split, set
     exactly as ``monitor`` sets them (``monitor.calibrated_rates``)."""
     from ..metrics import fpr_upper_bound
-    from ..monitor import AGGREGATIONS, LogitStore, calibrated_rates, doc_labels, document_scores, stored_tokens
+    from ..analysis.monitor import AGGREGATIONS, LogitStore, calibrated_rates, doc_labels, document_scores, stored_tokens
 
     split = cfg.monitor.calibration_split
     cal = stored_tokens(cfg, LogitStore(layout.monitor_store), split, [ref])
@@ -462,36 +461,23 @@ def calibration_thresholds(cfg: Config, layout, ref, how: str) -> dict[str, dict
 def _metrics(layout, monitored: dict[str, dict], layer: int, seed: int, method: str, mon: MonitorConfig,
              probe) -> dict[str, Any]:
     """The probe's validation metrics (token level, from fit) and the monitor's document metrics per split."""
-    import csv
-
-    from ..monitor import aggregation_label
+    from ..analysis.monitor import aggregation_label, read_rows_csv
 
     out: dict[str, Any] = {"token_val": probe.metadata_.get("val_metrics")}
     label = aggregation_label(method, mon)
+    keep = ("auroc", "auroc_ci_low", "auroc_ci_high", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr", "n_docs", "n_needle_docs")
     for split in monitored:
         path = layout.monitor_csv(split)
         if not path.is_file():
             continue
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                if (int(row["layer"]), int(row["seed"]), row["aggregation"]) == (layer, seed, label):
-                    keep = ("auroc", "auroc_ci_low", "auroc_ci_high", "tpr_at_1pct_fpr", "tpr_at_5pct_fpr",
-                            "n_docs", "n_needle_docs")
-                    out[f"documents_{split}"] = {k: _num(row.get(k)) for k in keep}
+        for row in read_rows_csv(path):
+            if (row["layer"], row["seed"], row["aggregation"]) == (layer, seed, label):
+                out[f"documents_{split}"] = {k: row.get(k) for k in keep}
     return out
 
 
-def _num(v):
-    if v in (None, ""):
-        return None
-    try:
-        return int(v)
-    except ValueError:
-        return float(v)
-
-
 def _dataset_digest(cfg: Config) -> str | None:
-    from ..data import file_sha256
+    from ..data.documents import file_sha256
 
     p = cfg.dataset.resolved_path()
     return file_sha256(p) if p.is_file() else None
@@ -499,15 +485,12 @@ def _dataset_digest(cfg: Config) -> str | None:
 
 def _run_dir_config(path: Path) -> Config:
     """The config a run directory's probes were fitted with (their ``.json``)."""
+    from ..analysis.run import Run
     from ..config import config_from_dict
 
-    for js in sorted(path.glob("probe_layer_*_seed_*.json")):
-        try:
-            meta = json.loads(js.read_text())
-        except (OSError, ValueError):
-            continue
+    for meta in Run.at(path).metadata().values():
         if isinstance(meta.get("config"), dict):
-            return config_from_dict(meta["config"], source=str(js))
+            return config_from_dict(meta["config"], source=str(path))
     raise NeedleprobeError(f"{path}: not a run directory (no probe_layer_L_seed_S.json with its config) and not a "
                            "monitor bundle (no monitor.json)")
 
@@ -535,7 +518,7 @@ def expected_architecture(model: ModelConfig) -> dict[str, Any]:
     digest of its first input-embedding rows (read alone, without loading the model)."""
     from transformers import AutoConfig
 
-    from ..hooks import model_location
+    from ..model.hooks import model_location
 
     where = model_location(model)
     try:

@@ -4,7 +4,7 @@
 the early stop) and the model's forward.  ``model.generate`` runs one forward over the prompts (the prefill) and one
 per new token (with the KV cache, over that token alone); after each, the watch reads the site's activations of the
 positions that forward computed, applies the probe, and feeds the running aggregate of each sequence
-(:class:`needleprobe.deploy.online.RunningAggregate`).  Which positions are real tokens comes from the forward's own
+(:class:`needleprobe.analysis.online.RunningAggregate`).  Which positions are real tokens comes from the forward's own
 ``attention_mask`` (left padding in a batch), so padded prompts are scored exactly on their tokens.
 
 Special tokens (BOS, padding, chat-template markers) are scored but not counted in the aggregate, as ``extract``
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import NeedleprobeError
-from .online import RunningAggregate
+from ..analysis.online import RunningAggregate
 
 
 @dataclass
@@ -85,8 +85,8 @@ class Watch:
     def __enter__(self) -> "Watch":
         import contextlib
 
-        from ..hooks import find_blocks
-        from ..sites import capture_sites
+        from ..model.hooks import find_blocks
+        from ..extract.sites import capture_sites
 
         if self.monitor._watch is not None:
             raise NeedleprobeError("this monitor is already watching a model (one watch at a time)")

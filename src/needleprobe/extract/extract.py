@@ -1,0 +1,750 @@
+"""Stage 1: run the model once and stream needle/negative rows into the cache.
+
+The order of work is chosen so that a mistake costs as little as possible:
+dataset and config checks, then the cache fingerprint ("up to date" returns
+before any model is loaded), then tokenization and labels, then the free disk
+space against the size the cache will take, then the model.
+
+``--repair`` reads every chunk of a finished (or resumable) cache and rewrites
+only the damaged ones: the small arrays from the plan, the activations by
+re-running just the batches whose rows the damaged chunks hold.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+import contextlib
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .batching import batch_plan, budget_message, device_budget
+from ..cache.format import BYTES_PER_VALUE, FIT_SPLITS, cache_path, doc_digest, fingerprint, fingerprint_fields, stale_reasons
+from ..cache.integrity import ChunkDamage, chunk_problem, verify_chunks, writable
+from ..cache.reader import ROW_ARRAYS, shard_name
+from ..cache.writer import CacheWriter, ChunkStream, SplitPlan, remove_cache, small_arrays
+from ..config import Config
+from ..data.documents import by_split, file_sha256, load_documents
+from ..errors import NeedleprobeError
+from ..model.hooks import (
+    TORCH_DTYPES,
+    check_layers,
+    check_positions,
+    find_blocks,
+    load_model,
+    load_tokenizer,
+    model_shape,
+)
+from ..io.console import console, human_bytes
+from ..io.files import FileLock
+from ..run.layout import lock_beside
+from ..run.record import versions
+from .runner import Forward, SplitBatches, host_later, row_index, run_batches
+from ..io.runtime import resolve_device
+from ..io.stores import is_url, open_group
+from ..cache.inspect import dir_size
+from ..data.tokens import TokenizedDoc, apply_caps, select_rows, tokenize_documents
+
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    fingerprint: str
+    status: str
+    """``extracted``, ``resumed``, ``repaired`` or ``up to date``."""
+    seconds: float = 0.0
+    tokens: int = 0
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    repaired: list[str] = field(default_factory=list)
+    """The damaged chunks ``--repair`` rewrote, as messages."""
+    sites: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Activation site → (its cache, its fingerprint): one cache per site, all filled by one forward pass."""
+
+
+def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Config) -> tuple[SplitPlan, list[np.ndarray]]:
+    """Rows of a split in processing (length-sorted) order, with their labels; and each doc's positions."""
+    p = cfg.probe
+    per_doc = [select_rows(td, p.negatives_per_doc, p.sampling_seed) for td in tdocs]
+    idx = [int(i) for i in order]
+    positions = [per_doc[i][0] for i in idx]
+    labels = np.concatenate([per_doc[i][1] for i in idx]) if idx else np.zeros(0, np.int8)
+    token_index = np.concatenate(positions).astype(np.int32) if idx else np.zeros(0, np.int32)
+    doc_index = np.concatenate([np.full(len(per_doc[i][0]), i, np.int32) for i in idx]) if idx else np.zeros(0, np.int32)
+    token_id = np.concatenate([tdocs[i].input_ids[per_doc[i][0]] for i in idx]).astype(np.int32) if idx else np.zeros(0, np.int32)
+    chars = np.concatenate([tdocs[i].offsets[per_doc[i][0]] for i in idx]).astype(np.int32) if idx else np.zeros((0, 2), np.int32)
+    n_pos = int(labels.sum())
+    stats = {
+        "docs": len(tdocs),
+        "docs_with_needles": sum(1 for td in tdocs if td.doc.needle_spans),
+        "tokens": int(sum(td.n_tokens for td in tdocs)),
+        "rows": int(labels.size),
+        "positives": n_pos,
+        "negatives": int(labels.size - n_pos),
+        "truncated_docs": sum(1 for td in tdocs if td.truncated),
+        "needles_lost_to_truncation": sum(td.needles_lost for td in tdocs),
+        "needle_tokens_lost_to_truncation": sum(td.needle_tokens_lost for td in tdocs),
+    }
+    return SplitPlan(
+        name=name,
+        doc_ids=[td.doc.doc_id for td in tdocs],
+        doc_n_tokens=np.array([td.n_tokens for td in tdocs], np.int32),
+        doc_n_needles=np.array([len(td.doc.needle_spans) for td in tdocs], np.int32),
+        labels=labels,
+        doc_index=doc_index,
+        token_index=token_index,
+        token_id=token_id,
+        stats=stats,
+        doc_digests=[doc_digest(td.doc) for td in tdocs],
+        char_start=chars[:, 0].copy(),
+        char_end=chars[:, 1].copy(),
+    ), [r for r, _ in per_doc]
+
+
+ROW_OVERHEAD_BYTES = 21
+"""Per row, besides the activations: labels (1 byte), doc_index, token_index, token_id, char_start, char_end (4 each),
+before zstd."""
+
+
+def stored_rows(split_rows: list[int], d_model: int, feature_dtype: str, world: int = 1) -> int:
+    """Activation rows a cache of splits of ``split_rows`` rows takes on disk: whole chunks, the last one of each split
+    (and of each process's share of it) written full (uncompressed), as Zarr stores an edge chunk."""
+    import math
+
+    from ..cache.format import chunk_rows_for
+
+    chunk = chunk_rows_for(d_model, feature_dtype)
+    return sum(world * math.ceil(math.ceil(n / world) / chunk) * chunk for n in split_rows)
+
+
+def cache_bytes(split_rows: list[int], n_layers: int, d_model: int, feature_dtype: str, world: int = 1) -> int:
+    """What splits of ``split_rows`` rows take on disk: activations (uncompressed, whole chunks) plus the per-row
+    arrays (measured on the demo: the estimate 85.3 MB, the cache 85.4 MB)."""
+    padded = stored_rows(split_rows, d_model, feature_dtype, world)
+    return padded * n_layers * d_model * BYTES_PER_VALUE[feature_dtype] + sum(split_rows) * ROW_OVERHEAD_BYTES
+
+
+def free_bytes(path) -> int | None:
+    """Free bytes on the filesystem that will hold ``path`` (its nearest existing parent); None on a remote store."""
+    if is_url(path):
+        return None
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def check_free_space(path, need: int, force: bool) -> None:
+    """Refuse, before the model loads, to start an extract that cannot fit (``--force`` tries anyway)."""
+    free = free_bytes(path)
+    if free is None or need <= free or force:
+        return
+    raise NeedleprobeError(
+        f"{path}: the cache needs {human_bytes(need)} more on disk but only {human_bytes(free)} is free there; "
+        "free some space or set probe.cache_dir elsewhere (--force tries anyway)"
+    )
+
+
+def gather_rows(
+    acts: dict[tuple[str, int], torch.Tensor], batch_rows: list[np.ndarray], feature_dtype: str
+) -> Callable[[], dict[tuple[str, int], np.ndarray]]:
+    """Stored rows of a batch per (site, layer), cast to the feature dtype and checked finite.
+
+    Only sampled rows leave the device (a few % of all positions).  On CUDA the
+    copy goes to pinned memory without blocking and the caller collects it
+    (``finish()``) once later forwards are queued, so the GPU never waits for
+    the host; on CPU ``finish`` just returns the arrays.
+    """
+    dev = next(iter(acts.values())).device
+    b_idx, t_idx = row_index(batch_rows, dev)
+    target = TORCH_DTYPES[feature_dtype]
+    rows = {layer: a[b_idx, t_idx].to(target) for layer, a in acts.items()}
+    rows["finite"] = torch.stack([torch.isfinite(r).all() for r in rows.values()])  # one check copied, not one per layer
+    collect = host_later(rows)
+
+    def finish() -> dict[str, np.ndarray]:
+        host = dict(collect())
+        finite = host.pop("finite")
+        out = {}
+        for ok, (key, r) in zip(finite.tolist(), host.items()):
+            if not ok:
+                hint = " (use feature_dtype: bfloat16 or float32)" if feature_dtype == "float16" else ""
+                site, layer = key
+                raise NeedleprobeError(
+                    f"{site} of layer {layer}: activations are not finite after casting to {feature_dtype}{hint}"
+                )
+            out[key] = (r.view(torch.uint16) if feature_dtype == "bfloat16" else r).numpy()
+        return out
+
+    return finish
+
+
+def _cache_state(path, cfg: Config, docs, overwrite: bool) -> tuple[str, Any]:
+    """("new" | "stale" | "resume" | "up to date", existing cache or None); refuses a stale cache."""
+    from ..cache.reader import open_cache
+
+    if not path.exists() or (is_url(path) and not (path / "zarr.json").is_file()):  # remote: leftovers of a removal
+        return "new", None
+    existing = open_cache(path, allow_incomplete=True)
+    diff = stale_reasons(existing, cfg, docs)
+    if diff and not overwrite:
+        raise NeedleprobeError(
+            f"{path}: cache was built with different settings ({'; '.join(diff)}); "
+            "rerun with --overwrite to rebuild it, or set probe.cache_dir elsewhere"
+        )
+    if diff:
+        return "stale", existing
+    return ("up to date" if existing.complete else "resume"), existing
+
+
+@dataclass
+class SplitWork:
+    """One split of an extract: what to run (``batches``) and what its group holds (``plan``)."""
+
+    batches: SplitBatches
+    plan: SplitPlan
+
+
+def prepare_plans(cfg: Config, tokenizer, docs, data_path, names: tuple[str, ...] = FIT_SPLITS) -> dict[str, SplitWork]:
+    """Tokenize, label, cap and batch each fit split (of ``names``); fails before any model is loaded."""
+    splits = by_split(docs)
+    plans: dict[str, SplitWork] = {}
+    for name in names:
+        cap_docs = getattr(cfg.probe, f"max_{name}_docs")
+        cap_tok = getattr(cfg.probe, f"max_{name}_tokens")
+        tdocs = apply_caps(
+            tokenize_documents(tokenizer, splits[name], cfg.model.max_length, cfg.model.chat_template), cap_docs, cap_tok
+        )
+        if not tdocs:
+            raise NeedleprobeError(f"{data_path}: split {name!r} has no documents (after caps)")
+        order, batches = batch_plan([td.n_tokens for td in tdocs], cfg.probe)
+        plan, rows_of = plan_split(name, tdocs, order, cfg)
+        if plan.stats["positives"] == 0:
+            raise NeedleprobeError(
+                f"{data_path}: split {name!r} has no needle tokens (no document has needle_spans that survive tokenization)"
+            )
+        plans[name] = SplitWork(SplitBatches(name, tdocs, rows_of, batches), plan)
+    return plans
+
+
+def extract(
+    cfg: Config, *, overwrite: bool = False, show_progress: bool = True, repair: bool = False, force: bool = False,
+    splits: tuple[str, ...] = FIT_SPLITS,
+) -> ExtractResult:
+    """Fill (or resume, or confirm, or repair) the activation cache for ``cfg``.
+
+    Everything that can fail on bad input (dataset, caps, layer range, too
+    little free disk space unless ``force``) fails before a directory is
+    created; a fresh cache that fails midway on a user error (float16
+    overflow, say) is removed, while a resumed one keeps its committed rows.  A
+    full disk keeps the committed rows and says so (run again to resume); any
+    other exception is recorded on the cache (``Cache.last_failure``).
+    ``repair`` rewrites the chunks that fail their checksum, or are missing,
+    recomputing only what they hold (see :func:`repair_chunks`).
+    Launched by ``torchrun`` (WORLD_SIZE > 1), each process writes its shard of
+    every split (see :mod:`needleprobe.extract.sharding`).
+    ``splits``: some of the cache's splits only (what ``evaluate`` scores): the cache then lists those as written
+    and stays incomplete, and a later full extract resumes it with the others.
+    """
+    from ..io.processes import Dist, launched_world
+
+    if tuple(splits) != FIT_SPLITS and (repair or launched_world()[1] > 1):
+        raise NeedleprobeError("extracting some splits only runs in one process, without --repair")
+    if repair and launched_world()[1] > 1:
+        raise NeedleprobeError(
+            "extract --repair runs in one process and repairs every shard: run it without torchrun"
+        )
+    dist = Dist.from_env()
+    try:
+        return _extract(cfg, overwrite, show_progress, dist, repair=repair, force=force, splits=tuple(splits))
+    finally:
+        dist.close()
+
+
+def _world_state(state: str, existing, world: int, overwrite: bool) -> str:
+    """Refuse to resume a cache started with another number of processes (``--overwrite`` rebuilds it)."""
+    if state != "resume":
+        return state
+    started = int(existing.attrs.get("world_size", 1))
+    if started == world:
+        return state
+    if overwrite:
+        return "stale"
+    raise NeedleprobeError(
+        f"{existing.path}: this interrupted cache was started by {started} process(es), this run has {world}; "
+        f"resume it with the same number (torchrun --nproc-per-node {started}, or no torchrun for 1), "
+        "or rerun with --overwrite to rebuild it"
+    )
+
+
+@dataclass
+class SiteJob:
+    """One activation site of an extract: its own cache, fingerprint, state and writer."""
+
+    site: str
+    cfg: Config
+    """The config for this site alone (``Config.for_site``)."""
+    path: Any
+    fields: dict[str, Any]
+    state: str
+    """``new``, ``stale``, ``resume`` or ``up to date``."""
+    existing: Any = None
+    writer: CacheWriter | None = None
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.fields["layers"])
+
+
+def _jobs(cfg: Config, docs, overwrite: bool, world: int) -> list[SiteJob]:
+    jobs = []
+    for site in cfg.probe.sites:
+        scfg = cfg.for_site(site)
+        path = cache_path(scfg)
+        state, existing = _cache_state(path, scfg, docs, overwrite)
+        state = _world_state(state, existing, world, overwrite)
+        fields = existing.fields if state in ("resume", "up to date") else fingerprint_fields(scfg, docs)
+        jobs.append(SiteJob(site, scfg, path, fields, state, existing))  # resume exactly what was started
+    return jobs
+
+
+class _SiteStreams:
+    """Takes a split's rows from ``runner.run_batches`` and hands each site's to its ChunkStream.
+
+    The run starts at the smallest commit point over the sites; each site
+    drops the rows it had already committed, so a kill between two sites'
+    flushes resumes every cache to the same bytes.
+    """
+
+    def __init__(self, streams: dict[str, tuple[ChunkStream, list[int], int]], start: int):
+        self.streams = streams  # site → (stream, layers, committed rows)
+        self.pos = start
+
+    def add(self, rows: dict[tuple[str, int], np.ndarray]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        for site, (stream, layers, committed) in self.streams.items():
+            skip = max(0, min(n, committed - self.pos))
+            if skip < n:
+                stream.add({f"layer_{layer}": rows[(site, layer)][skip:] for layer in layers})
+        self.pos += n
+
+
+def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False,
+             splits: tuple[str, ...] = FIT_SPLITS) -> ExtractResult:
+    from .sites import capture_sites, check_model_sites
+
+    t0 = time.perf_counter()
+    con = console()
+    data_path = cfg.dataset.resolved_path()
+    docs = load_documents(data_path, cfg.dataset.val_fraction)
+    jobs = _jobs(cfg, docs, overwrite, dist.world)
+    if repair:
+        for job in jobs:
+            if job.state in ("new", "stale"):
+                con.print(f"--repair: no cache with these settings at {job.path} yet, nothing to repair: extracting")
+        repair = any(job.state in ("resume", "up to date") for job in jobs)
+    if all(job.state == "up to date" for job in jobs) and not repair:
+        for job in jobs:
+            con.print(f"cache up to date: {job.path} (fingerprint {job.existing.fingerprint})")
+        return _result(jobs, "up to date")
+    tokenizer = load_tokenizer(cfg.model)
+    plans = prepare_plans(cfg, tokenizer, docs, data_path, splits)
+    legacy = {job.site for job in jobs if "documents" not in job.fields}  # caches from before per-document digests
+    n_layers, d_model_cfg, limit = model_shape(cfg)
+    for job in jobs:
+        if n_layers is not None:
+            check_layers(job.layers, n_layers, cfg.model.name)
+    check_model_sites(cfg, [(job.site, layer) for job in jobs for layer in job.layers])  # before anything is written
+    for work in plans.values():
+        check_positions(work.batches.tdocs, limit, cfg, data_path)
+    split_rows = [w.plan.n_rows for w in plans.values()]
+    total_rows = sum(split_rows)
+    if d_model_cfg is not None:
+        need = 0
+        for job in jobs:
+            if job.state != "up to date":
+                present = dir_size(job.path) if job.existing is not None and not is_url(job.path) else 0  # resumed rows stay
+                need += cache_bytes(split_rows, len(job.layers), d_model_cfg, cfg.probe.feature_dtype, dist.world) - present
+        check_free_space(jobs[0].path, need, force)
+    device = dist.device(resolve_device(cfg.probe.device))
+    show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
+
+    for job in jobs:
+        try:
+            job.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NeedleprobeError(f"{job.path.parent}: cannot create the cache directory ({e.strerror})") from None
+    # Under torchrun rank 0 holds the locks and decides; the others wait for its decision and follow.
+    with contextlib.ExitStack() as locks:
+        if dist.primary:
+            for job in sorted(jobs, key=lambda j: str(j.path)):
+                locks.enter_context(FileLock(lock_beside(job.path), what=f"extract of {job.path}"))
+            for job in jobs:  # again, now that we hold the locks
+                job.state, job.existing = _cache_state(job.path, job.cfg, docs, overwrite)
+                job.state = _world_state(job.state, job.existing, dist.world, overwrite)
+                if job.state == "stale":
+                    con.print(f"[yellow]--overwrite: removing the stale cache {job.path}")
+                    remove_cache(job.path)
+        decided = dist.broadcast([(j.state, j.existing.fingerprint if j.state == "up to date" else None) for j in jobs])
+        for job, (state, _) in zip(jobs, decided):
+            job.state = state
+        if all(job.state == "up to date" for job in jobs) and not repair:
+            return _result(jobs, "up to date")
+        loaded: dict[str, Any] = {}
+
+        def model_parts():
+            """(model, blocks, d_model), loaded on first use (a repair of small arrays needs no model)."""
+            if not loaded:
+                model = load_model(cfg.model, cfg.probe.model_dtype, device)
+                blocks = find_blocks(model)
+                for job in jobs:
+                    check_layers(job.layers, len(blocks), cfg.model.name)
+                loaded.update(model=model, blocks=blocks, d_model=int(model.config.get_text_config().hidden_size))
+            return loaded["model"], loaded["blocks"], loaded["d_model"]
+
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        repaired: list[str] = []
+        tokens = 0
+        if repair:
+            for job in jobs:
+                if job.state not in ("resume", "up to date"):
+                    continue
+                done, n = repair_chunks(con, job, plans, ModelRun(model_parts, pad_id, device, show_progress),
+                                        legacy=job.site in legacy)
+                repaired += done
+                tokens += n
+            if all(job.state == "up to date" for job in jobs):
+                status = "repaired" if repaired else "up to date"
+                res = _result(jobs, status, time.perf_counter() - t0, tokens)
+                res.repaired = repaired
+                return res
+        work_jobs = [job for job in jobs if job.state != "up to date"]
+        model, blocks, d_model = model_parts()
+        _auto_plan(con, cfg, plans, model, device, sum(len(job.layers) for job in work_jobs), dist)
+        status = "resumed" if any(job.state == "resume" for job in work_jobs) else "extracted"
+        free = free_bytes(work_jobs[0].path)
+        n_sites = len(work_jobs)
+        est = sum(cache_bytes(split_rows, len(job.layers), d_model, cfg.probe.feature_dtype, dist.world)
+                  for job in work_jobs)
+        padded = stored_rows(split_rows, d_model, cfg.probe.feature_dtype, dist.world)
+        into = ", ".join(str(job.path) for job in work_jobs)
+        con.print(
+            f"{'resuming' if status == 'resumed' else 'extracting'} into {into}\n  {total_rows:,} rows ({padded:,} "
+            f"in whole chunks) × {'' if n_sites == 1 else f'{n_sites} sites × '}{len(work_jobs[0].layers)} layers × "
+            f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B, + {ROW_OVERHEAD_BYTES} B of labels "
+            f"and indices per row = [bold]{human_bytes(est)}[/bold] on disk"
+            f"{'' if free is None else f' ({human_bytes(free)} free)'}; "
+            f"device {device}, model dtype {cfg.probe.model_dtype}"
+        )
+        for job in work_jobs:
+            metadata = {
+                "model_name": cfg.model.name,
+                "model_revision": cfg.model.revision,
+                "model_class": type(model).__name__,
+                "tokenizer_class": type(tokenizer).__name__,
+                "d_model": d_model,
+                "n_layers": len(blocks),
+                "layers": job.layers,
+                "activation_site": job.site,
+                "feature_dtype": cfg.probe.feature_dtype,
+                "dataset_sha256": file_sha256(data_path),
+                "versions": versions(),
+                "compute": compute_settings(device, dist.world),
+            }
+            job.writer = CacheWriter(job.path, job.fields, metadata, world_size=dist.world)
+        result = _result(jobs, status, tokens=tokens)
+        result.repaired = repaired
+        current = None
+        try:
+            for job in work_jobs:
+                current = job
+                if dist.primary:
+                    job.writer.open()  # creates the root group (its fingerprint and world size)
+            dist.barrier()
+            for job in work_jobs:
+                current = job
+                if not dist.primary:
+                    job.writer.open()
+                if dist.sharded:
+                    job.writer.split_parent = job.writer.root.require_group(shard_name(dist.rank, dist.world))
+                job.writer.clear_failure()
+            current = None
+            requests = [(job.site, layer) for job in work_jobs for layer in job.layers]
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool, torch.inference_mode():
+                with capture_sites(blocks, requests) as cap:
+                    fwd = Forward(model, cap, pad_id, device)
+                    for name, work in plans.items():
+                        plan, split = work.plan, work.batches
+                        if dist.sharded:
+                            plan, split = _shard(con, dist, plan, split)
+                        streams = {}
+                        for job in work_jobs:
+                            job_plan = replace(plan, doc_digests=None) if job.site in legacy else plan
+                            group, committed = job.writer.prepare_split(job_plan, job.layers, d_model, cfg.probe.feature_dtype)
+                            names = [f"layer_{layer}" for layer in job.layers]
+                            streams[job.site] = (ChunkStream(group, names, committed, pool), job.layers, committed)
+                        start = min(c for _, _, c in streams.values())
+                        result.tokens += run_batches(
+                            fwd, split, _SiteStreams(streams, start), start,
+                            partial(gather_rows, feature_dtype=cfg.probe.feature_dtype), show_progress,
+                        )
+                        for stream, _, _ in streams.values():
+                            stream.close()
+                        result.splits[name] = plan.stats
+                        if dist.primary:
+                            _report_truncation(con, name, plan.stats)
+            result.tokens = dist.total(result.tokens)  # waits for every shard
+            if dist.primary:
+                for job in work_jobs:
+                    _check_shards(job.writer, list(plans), dist.world)
+                    have = job.writer.committed(list(FIT_SPLITS))  # split → (committed rows, rows)
+                    done = [n for n in FIT_SPLITS if n in plans or (n in have and have[n][0] == have[n][1])]
+                    if set(done) == set(FIT_SPLITS):
+                        job.writer.finish(list(FIT_SPLITS), {})
+                    else:  # some splits only: listed as written, the cache left for a full extract to resume
+                        job.writer.root.attrs["splits"] = done
+        except NeedleprobeError as e:
+            for job in work_jobs:
+                if job.state != "resume" and not dist.sharded:  # sharded: others may still write; resume instead
+                    remove_cache(job.path)  # nothing half-written under the real name
+                elif job.writer is not None and job.writer.root is not None:
+                    job.writer.record_failure(e)
+            raise
+        except OSError as e:
+            for job in work_jobs:
+                if job.writer is not None and job.writer.root is not None:
+                    job.writer.record_failure(e)
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            job = current or next((j for j in work_jobs if j.writer.root is not None), work_jobs[0])
+            raise NeedleprobeError(_disk_full(job.path, job.writer, plans, e)) from None
+        except Exception as e:  # a bug, or a failing device: keep the committed rows, and say on the cache what happened
+            for job in work_jobs:
+                if job.writer is not None and job.writer.root is not None:
+                    job.writer.record_failure(e)
+            raise
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _auto_plan(con, cfg: Config, plans: dict[str, SplitWork], model, device, n_captured: int, dist) -> None:
+    """With no batch size set, on CUDA: batches of the token budget free memory allows (rank 0's under torchrun,
+    so that every process shards the same plan).  The row order, hence the cache, does not change."""
+    found = dist.broadcast(device_budget(cfg.probe, cfg.model.max_length, model, device, n_captured))
+    if found is None:
+        return
+    budget, free = found
+    for work in plans.values():
+        split = work.batches
+        split.batches = batch_plan([td.n_tokens for td in split.tdocs], cfg.probe, budget)[1]
+    if dist.primary:
+        con.print(budget_message(budget, free, device))
+
+
+def _result(jobs: list[SiteJob], status: str, seconds: float = 0.0, tokens: int = 0) -> ExtractResult:
+    """The extract's result: the first site's cache, with every site's (path, fingerprint) in ``sites``."""
+    fps = {j.site: (j.existing.fingerprint if j.state == "up to date" and j.existing is not None else fingerprint(j.fields))
+           for j in jobs}
+    res = ExtractResult(str(jobs[0].path), fps[jobs[0].site], status, seconds, tokens)
+    res.sites = {j.site: (str(j.path), fps[j.site]) for j in jobs}
+    return res
+
+
+def compute_settings(device: torch.device, world: int) -> dict[str, Any]:
+    """How the activations were computed: bit-identity across runs holds for equal settings (README, "Determinism")."""
+    out: dict[str, Any] = {"device": str(device), "processes": world, "torch": torch.__version__}
+    if device.type == "cpu":
+        out.update(torch_threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                   mkl_dynamic=os.environ.get("MKL_DYNAMIC"))
+    elif device.type == "cuda":
+        out.update(gpu=torch.cuda.get_device_name(device))
+    return out
+
+
+def _disk_full(path, writer: CacheWriter, plans: dict[str, SplitWork], e: OSError) -> str:
+    """One line for a full disk: what is kept (committed rows) and that running again resumes."""
+    if writer.root is None:
+        return f"{path}: disk full ({e.strerror}) before the cache was created; nothing was written: free some space and run extract again"
+    kept = writer.committed(list(plans))
+    done = sum(c for c, _ in kept.values())
+    parts = ", ".join(f"{name} {kept.get(name, (0, 0))[0]:,}/{kept[name][1] if name in kept else plans[name].plan.n_rows:,}"
+                      for name in plans)
+    return (
+        f"{path}: disk full ({e.strerror}); the {done:,} rows committed so far are kept ({parts}): "
+        "free some space and run extract again to resume"
+    )
+
+
+class _RowSink:
+    """Takes a split's rows [start, stop) from ``runner.run_batches`` (the role of a ChunkStream), in memory."""
+
+    def __init__(self, start: int, stop: int):
+        self.pos, self.stop = start, stop
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        n = next(iter(rows.values())).shape[0]
+        take = max(0, min(n, self.stop - self.pos))
+        for name, r in rows.items():
+            self.parts.setdefault(name, []).append(r[:take])
+        self.pos += n
+
+    def rows(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(p) for name, p in self.parts.items()}
+
+
+@dataclass
+class ModelRun:
+    """How this extract runs the model: loaded on first use (``parts()`` → model, blocks, d_model), its pad id,
+    device and progress bars."""
+
+    parts: Callable[[], tuple[Any, Any, int]]
+    pad_id: int
+    device: Any
+    show_progress: bool
+
+
+def repair_chunks(con, job: SiteJob, plans: dict[str, SplitWork], run: ModelRun, legacy: bool = False
+                  ) -> tuple[list[str], int]:
+    """Verify every chunk of ``job``'s cache and rewrite the damaged ones; returns (what was repaired, tokens run
+    through the model).
+
+    Small arrays come from the plan (no model).  A damaged activation chunk
+    covers rows [a, b) of its split (shards add their ``row_start``); only the
+    batches holding those rows run, and the rows are bit-identical to the first
+    extract's because a row never depends on its batch.  Undamaged chunks are
+    never written.
+    """
+    from rich.markup import escape
+
+    cfg, layers, site = job.cfg, job.layers, job.site
+    root = open_group(job.path, mode="r+")
+    model_parts, pad_id, device, show_progress = run.parts, run.pad_id, run.device, run.show_progress
+    v = verify_chunks(root, job.existing.format)
+    if not v.damaged:
+        con.print(f"--repair: all {v.chunks:,} chunks verified, nothing to repair")
+        return [], 0
+    con.print(f"--repair: {len(v.damaged)} of {v.chunks:,} chunks damaged")
+    done: list[str] = []
+    todo: dict[str, list[tuple[int, int, Any, ChunkDamage]]] = {}  # split → (split rows [g0, g1), array, damage)
+    for d in v.damaged:
+        con.print(f"  {escape(str(d))}", soft_wrap=True)
+        split = d.group.rpartition("/")[2]
+        if split not in plans:
+            raise NeedleprobeError(f"{d}: cannot repair it, {split!r} is not a split this config extracts")
+        group = root[d.group]
+        shard = group.attrs.get("shard")
+        offset = int(shard["row_start"]) if shard else 0
+        arr = writable(group[d.name])
+        if d.name.startswith("layer_"):
+            todo.setdefault(split, []).append((offset + d.start, offset + d.stop, arr, d))
+            continue
+        small = small_arrays(replace(plans[split].plan, doc_digests=None) if legacy else plans[split].plan)
+        if d.name not in small:
+            raise NeedleprobeError(f"{d}: cannot repair it (needleprobe does not write {d.name!r})")
+        values = small[d.name][0]
+        if d.name in ROW_ARRAYS:
+            values = values[offset : offset + arr.shape[0]]
+        if len(values) != arr.shape[0]:
+            raise NeedleprobeError(f"{d}: cannot repair it: the plan has {len(values)} entries, the array {arr.shape[0]}")
+        arr[d.start : d.stop] = values[d.start : d.stop]
+        done.append(str(d))
+    tokens = 0
+    if todo:
+        model, blocks, _ = model_parts()
+        from .sites import capture_sites
+
+        gather = partial(gather_rows, feature_dtype=cfg.probe.feature_dtype)
+
+        def to_rows(acts, batch_rows):  # rows named as the site group's arrays (layer_{L})
+            finish = gather(acts, batch_rows)
+            return lambda: {f"layer_{layer}": r for (_, layer), r in finish().items()}
+
+        with torch.inference_mode(), capture_sites(blocks, [(site, layer) for layer in layers]) as cap:
+            fwd = Forward(model, cap, pad_id, device)
+            for split, items in todo.items():
+                work = plans[split].batches
+                batches = work.batches
+                sizes = np.array([work.rows_in(b) for b in batches], dtype=np.int64)
+                ends = np.cumsum(sizes)
+                starts = ends - sizes
+                for g0, g1, group_items in _merged(items):
+                    b0 = int(np.searchsorted(ends, g0, side="right"))  # first batch ending after g0
+                    b1 = int(np.searchsorted(starts, g1, side="left"))  # first batch starting at or after g1
+                    sink = _RowSink(g0, g1)
+                    part = SplitBatches(split, work.tdocs, work.rows_of, batches[b0:b1])
+                    tokens += run_batches(fwd, part, sink, int(g0 - starts[b0]), to_rows, show_progress,
+                                          label=f"{split} (repair)")
+                    rows = sink.rows()
+                    for a, b, arr, d in group_items:
+                        arr[d.start : d.stop] = rows[d.name][a - g0 : b - g0]
+                        done.append(str(d))
+    for d in v.damaged:  # read back what was rewritten
+        if chunk_problem(root[d.group][d.name], d.chunk):
+            raise NeedleprobeError(f"{d}: still damaged after the repair (is the disk failing?)")
+    con.print(f"--repair: repaired {len(done)} chunk(s){f', {tokens:,} tokens through the model' if tokens else ''}")
+    return done, tokens
+
+
+def _merged(items: list[tuple[int, int, Any, ChunkDamage]]):
+    """Overlapping or adjacent row ranges merged: (g0, g1, the items inside), so each batch runs once."""
+    items = sorted(items, key=lambda x: (x[0], x[1]))
+    group: list = []
+    g0 = g1 = None
+    for it in items:
+        if group and it[0] <= g1:
+            g1 = max(g1, it[1])
+            group.append(it)
+            continue
+        if group:
+            yield g0, g1, group
+        g0, g1, group = it[0], it[1], [it]
+    if group:
+        yield g0, g1, group
+
+
+def _shard(con, dist, plan: SplitPlan, split: SplitBatches) -> tuple[SplitPlan, SplitBatches]:
+    from .sharding import shard_split
+
+    part, mine = shard_split(plan, split, dist.rank, dist.world)
+    s = part.shard
+    con.print(
+        f"rank {dist.rank}/{dist.world} {plan.name}: batches {s['batch_start']}–{s['batch_stop']} of {len(split.batches)}, "
+        f"rows {s['row_start']:,}–{s['row_stop']:,} of {plan.n_rows:,} → {shard_name(dist.rank, dist.world)}/{plan.name}"
+    )
+    return part, mine
+
+
+def _check_shards(writer: CacheWriter, splits: list[str], world: int) -> None:
+    """Before marking a sharded cache complete: every shard of every split is complete."""
+    if world == 1:
+        return
+    root = writer.root
+    for r in range(world):
+        for name in splits:
+            key = f"{shard_name(r, world)}/{name}"
+            try:
+                done = bool(root[key].attrs.get("complete"))
+            except KeyError:
+                done = False
+            if not done:
+                raise NeedleprobeError(f"{writer.path}: shard {key} is not complete; run the same torchrun again to resume")
+
+
+def _report_truncation(con, name: str, stats: dict[str, Any]) -> None:
+    if stats["truncated_docs"]:
+        con.print(
+            f"[yellow]{name}: {stats['truncated_docs']} document(s) truncated to model.max_length; "
+            f"lost {stats['needles_lost_to_truncation']} needle(s), {stats['needle_tokens_lost_to_truncation']} needle token(s)"
+        )
