@@ -313,16 +313,15 @@ class _Data:
             for a, Xg in self._groups():
                 out[a : a + Xg.shape[0]] = Xg @ Pt.T
             return out.to(_F64) + P[-1]
-        # np.dot into the output, not `@`: numpy's matmul holds the GIL for part of the call, which slowed the fit
-        # command's layer threads down (same BLAS call, same bits)
-        Pn, on = Pt.numpy(), out.numpy()
+        # One GEMV per column and group, the group read from memory once for all columns: a column's z has the
+        # same bits alone or beside others.  np.dot into the output, not `@`: numpy's matmul holds the GIL for
+        # part of the call, which slowed the fit command's layer threads down (same BLAS call, same bits).
+        Pn, on = Pt.numpy(), np.empty((K, self.n), dtype=Pt.numpy().dtype)
         for a, Xg in self._groups():
-            b = a + Xg.shape[0]
-            if K == 1:
-                np.dot(Xg.numpy(), Pn[0], out=on[a:b, 0])
-            else:
-                on[a:b] = np.dot(Xg.numpy(), Pn.T)
-        return out.to(_F64) + P[-1]
+            xg = Xg.numpy()
+            for k in range(K):
+                np.dot(xg, Pn[k], out=on[k, a : a + xg.shape[0]])
+        return torch.from_numpy(on).T.to(_F64) + P[-1]
 
     def _groups(self) -> Iterator[tuple[int, torch.Tensor]]:
         """(first row, X_g) for each group of :func:`group_rows` rows, from the row source or from memory."""
@@ -716,22 +715,21 @@ def _lbfgs_columns(data: _Data, l2: torch.Tensor, theta: torch.Tensor, *, tol: f
 def _refresh(data: _Data, theta: torch.Tensor, l2: torch.Tensor):
     """J and max |grad J| at theta, recomputed from X (no incremental state).
 
-    Column by column, so each value is computed with the very products a restart
-    of that column computes (a K-column GEMM rounds z differently from the
-    1-column GEMV, and the gradient by ~1e-8): the check that sends a column back
-    to the solver and the solver's own test then agree on which side of ``tol``
-    it is, instead of sending it back to stop at once, four times over.
+    Every column with the very operations a restart of that column computes (one
+    GEMV per column in both products, sums over rows column by column): the check
+    that sends a column back to the solver and the solver's own test then agree
+    on which side of ``tol`` it is (a K-column GEMM rounded the gradient ~1e-8
+    apart, which sent columns back to stop at once, four times over).  Both
+    products take every column in one pass over X.
     """
-    f, gmax = torch.empty_like(l2), torch.empty_like(l2)
-    for k in range(theta.shape[1]):
-        th = theta[:, k : k + 1]
-        Z = data.xp(th)
-        G = data_grad(data, data.residual(torch.sigmoid(Z)))
-        w = th[:-1]
-        G[:-1] += l2[k] * w
-        f[k] = data.loss(Z)[0] + 0.5 * l2[k] * (w * w).sum()
-        gmax[k] = G.abs().max()
-    return f, gmax
+    Z = data.xp(theta)
+    R = data.residual(torch.sigmoid(Z))
+    cols = range(theta.shape[1])
+    G = torch.cat([data.xtr(R), torch.stack([data.rowsum(R[:, k : k + 1])[0] for k in cols])[None]])
+    w = theta[:-1]
+    G[:-1] += l2 * w
+    f = torch.stack([data.loss(Z[:, k : k + 1])[0] + 0.5 * l2[k] * (w[:, k : k + 1] ** 2).sum() for k in cols])
+    return f, G.abs().amax(0)
 
 
 def _fit_path(data: _Data, l2_unique: np.ndarray, *, tol: float, max_iter: int,
