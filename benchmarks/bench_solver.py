@@ -105,17 +105,10 @@ def main(argv=None) -> None:
     ap.add_argument("--sk-max-iter", type=int, default=10_000)
     ap.add_argument("--no-sk-default", action="store_true",
                     help="skip the scikit-learn run at its default tol=1e-4")
-    ap.add_argument("--strategy", choices=["warm", "joint"], default=None,
-                    help="override the path strategy of needleprobe.fit.lbfgs (design comparison)")
     ap.add_argument("--ours-only", action="store_true", help="time fit_l2_path only")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads for torch and for scikit-learn's BLAS (default: torch's)")
     args = ap.parse_args(argv)
-
-    if args.strategy:
-        import needleprobe.fit.lbfgs as solvers
-
-        solvers._STRATEGY = args.strategy
 
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -12,7 +12,6 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from threadpoolctl import threadpool_limits
 
-from needleprobe.fit import lbfgs as solvers
 from needleprobe.fit.lbfgs import PathResult, fit_l2_path, objective
 
 GRID = [1e-4, 1e-3, 1e-2, 1e-1, 1.0]
@@ -173,20 +172,6 @@ def test_near_duplicate_warm_start_stops_only_when_converged():
         assert r.converged and r.grad_norm <= TOL
         assert np.abs(grad_J(X, y, s.astype(np.float64), r.weight.astype(np.float64), r.bias, r.l2)).max() <= 1.05 * TOL
     assert res[2].n_iter > 2
-
-
-def test_joint_strategy_agrees_with_warm():
-    X, y, s, _, _ = make_problem(5_000, 64, seed=5)
-    data = solvers._Data(torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(s))
-    grid = np.array(sorted(GRID, reverse=True))
-    with torch.no_grad():
-        th_w, _, conv_w, f_w, _ = solvers._fit_path(data, grid, tol=TOL, max_iter=1000,
-                                                     strategy="warm")
-        th_j, _, conv_j, f_j, _ = solvers._fit_path(data, grid, tol=TOL, max_iter=1000,
-                                                     strategy="joint")
-    assert conv_w.all() and conv_j.all()
-    np.testing.assert_allclose(f_w, f_j, rtol=1e-6)
-    assert (th_w - th_j).abs().max().item() < 1e-2
 
 
 def test_default_sample_weight_is_ones():

@@ -22,7 +22,7 @@ with ``X`` served by :class:`LayerRows`:
   and the L2 choice are the one-process ones; rank 0 writes the files.
 
 The float32 products are the in-memory ones (the solver groups rows by
-``solvers.group_rows``; blocks, held rows and shares start on group
+:func:`~needleprobe.fit.rows.group_rows`; blocks, held rows and shares start on group
 boundaries), so out of core on CPU a probe is the in-memory probe bit for bit,
 and across processes the only difference is the order in which float64
 partial sums are added (see ``tests/test_streaming.py``).
@@ -44,7 +44,8 @@ from ..cache.reader import Cache, SplitView
 from ..errors import NeedleprobeError
 from .probe import FitData, column_moments_of_blocks, feature_scale
 from ..io.console import human_bytes
-from .lbfgs import _MEMORY, fit_l2_path, group_rows
+from .lbfgs import MEMORY, fit_l2_path
+from .rows import group_rows
 
 SOLVER_ROW_BYTES = 48
 SOLVER_COLUMN_ROW_BYTES = 112
@@ -412,7 +413,7 @@ class LayerShape:
 
     def history_bytes(self) -> int:
         """L-BFGS pairs (S, Y) and their products (S^T Y, Y^T Y), float64."""
-        return 2 * _MEMORY * (self.d + 1 + _MEMORY) * 8
+        return 2 * MEMORY * (self.d + 1 + MEMORY) * 8
 
     def read_bytes(self, rows: int, subset: bool = False) -> int:
         """What reading ``rows`` rows at a time holds: the stored chunks and the decoded rows (and the copy of a
