@@ -69,7 +69,8 @@ def child(mode: str, path: str, budget: str) -> None:
     from needleprobe.config import parse_bytes
     from needleprobe.fit.fit import lbfgs_layer
     from needleprobe.fit.probe import fit_grid
-    from needleprobe.fit.streaming import Budget, LayerRows, choose, streamed_fit_data
+    from needleprobe.fit.plan import Budget, choose
+    from needleprobe.fit.streaming import LayerRows, streamed_fit_data
 
     cache = open_cache(path)
     cpu = torch.device("cpu")

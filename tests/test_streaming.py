@@ -19,7 +19,8 @@ from needleprobe.errors import NeedleprobeError
 from needleprobe.fit.fit import lbfgs_layer
 from needleprobe.fit.probe import fit_grid
 from needleprobe.io.runtime import fit_settings
-from needleprobe.fit.streaming import Budget, LayerShape, choose, streamed_fit_data
+from needleprobe.fit.plan import Budget, LayerShape, choose
+from needleprobe.fit.streaming import streamed_fit_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from synthetic_cache import write_synthetic_cache  # noqa: E402
@@ -159,7 +160,7 @@ class _ThreadComm:
         return t
 
     @property
-    def dist(self):  # what ``streaming.choose`` reads of ``FitComm.dist``
+    def dist(self):  # what ``plan.choose`` reads of ``FitComm.dist``
         return self
 
     def any(self, flag: bool) -> bool:
@@ -171,16 +172,16 @@ def test_a_share_too_big_for_the_budget_stops_every_process_with_a_message(synth
     error (that one says what it needs, the others point to it) instead of the others waiting on its sums."""
     import threading
 
-    import needleprobe.fit.streaming as streaming
+    import needleprobe.fit.plan as fit_plan
 
-    real = streaming.stream_plan
+    real = fit_plan.stream_plan
 
     def plan(*args, **kwargs):  # rank 1's share is refused, as a larger share under a tight budget would be
         if threading.current_thread().name == "rank-1":
             raise NeedleprobeError("a fit memory of 1 B cannot hold even two blocks of 64 rows: it needs at least 2 MiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(streaming, "stream_plan", plan)
+    monkeypatch.setattr(fit_plan, "stream_plan", plan)
     board, barrier, errors = [None, None], threading.Barrier(2, timeout=60), {}
 
     def rank(r: int) -> None:

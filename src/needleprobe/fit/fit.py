@@ -41,7 +41,8 @@ from .probe import FitData, LinearProbe, fit_grid, to_raw
 from ..io.console import console, human_bytes, results
 from ..io.files import FileLock, atomic_write_bytes, atomic_write_json
 from ..run.record import update_run_record
-from .streaming import Budget, LayerShape, SolverChoice, choose, fit_budget, streamed_fit_data
+from .plan import Budget, LayerShape, SolverChoice, choose, fit_budget
+from .streaming import streamed_fit_data
 
 AUROC_NOISE = 1e-4
 """How far one fit's val AUROC may move with the thread count, CPU or BLAS build (README "Determinism"): a re-fit
@@ -121,7 +122,7 @@ def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device)
 
 def choose_solver(cfg: Config, cache: Cache, layer: int, device: torch.device, budget: Budget | None = None,
                   comm=None) -> SolverChoice:
-    """Exact L-BFGS in memory, out of core or across processes (``streaming.choose``), or ``minibatch`` by name.
+    """Exact L-BFGS in memory, out of core or across processes (``plan.choose``), or ``minibatch`` by name.
 
     ``auto`` and ``lbfgs`` never fall back to an approximate solver: a layer
     whose rows exceed the budget (``probe.fit_memory``) is streamed from the cache.
@@ -156,7 +157,7 @@ class FitScale:
     io: dict[int, dict[str, Any]] = field(default_factory=dict)
     """layer → passes over its train rows, bytes read, timings (streamed fits; for the run record)"""
     modes: dict[int, str] = field(default_factory=dict)
-    """layer → how it was fitted (``streaming.SolverChoice.solver``; for the run record)"""
+    """layer → how it was fitted (``plan.SolverChoice.solver``; for the run record)"""
 
     @property
     def primary(self) -> bool:

@@ -43,22 +43,9 @@ from ..cache.format import to_float32
 from ..cache.reader import Cache, SplitView
 from ..errors import NeedleprobeError
 from .probe import FitData, column_moments_of_blocks, feature_scale
-from ..io.console import human_bytes
-from .lbfgs import MEMORY, fit_l2_path
+from .lbfgs import fit_l2_path
+from .plan import MOMENT_BLOCK_ROWS, LayerShape, SolverChoice, stream_plan
 from .rows import group_rows
-
-SOLVER_ROW_BYTES = 48
-SOLVER_COLUMN_ROW_BYTES = 112
-"""Vectors over rows the solver holds at once, per train row: 48 B (labels, weights) plus 112 B per L2 value
-(z, q, residuals and the line search's trials in float64; the final check scores every L2 value at once).
-Measured: a 60,000 × 768 layer with 5 L2 values peaked at ~560 B per row beyond the rows and buffers."""
-BLOCK_BYTES = 32 << 20
-"""Float32 rows per streamed block, at most (two such buffers): large reads, few Python calls."""
-MAX_PIECE_CHUNKS = 16
-"""Cache chunks read by one Zarr call, at most (Zarr fetches a call's chunks concurrently: an object store wants that)."""
-MOMENT_BLOCK_ROWS = 256
-"""Rows per float64 block of the streamed standardisation statistics (their sums do not depend on it)."""
-
 
 @dataclass
 class IOStats:
@@ -338,228 +325,6 @@ class LayerRows:
 
 
 # ---------------------------------------------------------------------------
-# the memory budget and the choice of solver
-
-
-@dataclass(frozen=True)
-class Budget:
-    """How much memory a fit may hold on its device, and where that number came from."""
-
-    bytes: int
-    source: str
-
-    def __str__(self) -> str:
-        return f"{human_bytes(self.bytes)} ({self.source})"
-
-
-def available_host_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def fit_budget(fit_memory: str | None, device: torch.device, processes_here: int = 1) -> Budget:
-    """``probe.fit_memory`` when set, else half the free memory of ``device`` (host memory shared by this host's
-    ``torchrun`` processes; a GPU's own)."""
-    from ..config import parse_bytes
-
-    if fit_memory is not None:
-        return Budget(parse_bytes(fit_memory), "--fit-memory / probe.fit_memory")
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-        return Budget(int(0.5 * free), f"half the free memory of {device}")
-    free = available_host_memory()
-    if processes_here > 1:
-        return Budget(int(0.5 * free / processes_here),
-                      f"half the free host memory shared by {processes_here} processes")
-    return Budget(int(0.5 * free), "half the free host memory")
-
-
-def zarr_reader_threads() -> int:
-    """Threads Zarr reads chunk files on (its ``threading.max_workers``, else asyncio's default pool size)."""
-    import os
-
-    import zarr
-
-    n = zarr.config.get("threading.max_workers", None)
-    return int(n) if n else min(32, (os.cpu_count() or 1) + 4)
-
-
-@dataclass(frozen=True)
-class LayerShape:
-    """What the memory arithmetic needs to know about one layer of a cache."""
-
-    n_train: int
-    n_val: int
-    d: int
-    itemsize: int
-    """bytes per stored value (2 for bfloat16 and float16, 4 for float32)"""
-    chunk_rows: int
-    columns: int = 5
-    """distinct L2 values of the grid (the solver's vectors over rows grow with them)"""
-
-    @classmethod
-    def of(cls, cache: Cache, layer: int, columns: int = 5) -> "LayerShape":
-        arr = cache.split("train").activations(layer)
-        return cls(int(arr.shape[0]), int(cache.split("val").n_rows), int(arr.shape[1]),
-                   int(np.dtype(arr.dtype).itemsize), int(arr.chunks[0]), columns)
-
-    def history_bytes(self) -> int:
-        """L-BFGS pairs (S, Y) and their products (S^T Y, Y^T Y), float64."""
-        return 2 * MEMORY * (self.d + 1 + MEMORY) * 8
-
-    def read_bytes(self, rows: int, subset: bool = False) -> int:
-        """What reading ``rows`` rows at a time holds: the stored chunks and the decoded rows (and the copy of a
-        row subset), two chunks more (a read runs to the end of its last chunk, and the rest of that chunk is
-        kept for the next read), plus a chunk kept by each of Zarr's reader threads (freed memory that their own
-        malloc arenas keep for the next read: measured 32 MB for 4 MiB chunks and 6 threads)."""
-        c = self.chunk_rows
-        kept = min(zarr_reader_threads(), -(-rows // c) + 1)  # threads a read of ``rows`` rows keeps busy
-        return ((3 if subset else 2) * rows + (kept + 2) * c) * self.d * self.itemsize
-
-    def fixed_bytes(self, n_rows: int) -> int:
-        """Held whatever the layout: solver vectors, L-BFGS history, the statistics' float64 block."""
-        return (n_rows * (SOLVER_ROW_BYTES + SOLVER_COLUMN_ROW_BYTES * self.columns) + self.history_bytes()
-                + (MOMENT_BLOCK_ROWS + 1) * self.d * 8)
-
-    def in_memory_bytes(self) -> int:
-        """One process, every train and val row in float32 (``FitData.from_arrays``), read 16 chunks at a time."""
-        rows = self.n_train + self.n_val
-        return (rows * self.d * 4 + self.fixed_bytes(self.n_train)
-                + self.read_bytes(min(max(self.n_train, self.n_val), 16 * self.chunk_rows)))
-
-
-@dataclass(frozen=True)
-class StreamPlan:
-    """How a process lays its rows out in the budget: rows held, block and Zarr-read sizes (rows)."""
-
-    held_rows: int
-    block_rows: int
-    piece_rows: int
-    group: int
-    subset: bool = False
-
-    def bytes(self, shape: LayerShape, n_rows: int) -> int:
-        return (shape.fixed_bytes(n_rows) + (self.held_rows + 2 * self.block_rows) * shape.d * 4
-                + shape.read_bytes(self.piece_rows, self.subset))
-
-
-def stream_plan(shape: LayerShape, n_rows: int, group: int, budget: int, hold_all: bool = False,
-                subset: bool = False) -> StreamPlan:
-    """The largest ``held_rows`` (multiple of ``group``) that fits ``budget`` beside two blocks of at most
-    ``BLOCK_BYTES``; ``hold_all`` asks for every row held (a process's share in memory); ``subset``: the rows
-    are a subset (downsample) picked from what is read.
-
-    Raises :class:`NeedleprobeError` when not even two blocks of one group fit.
-    """
-    c = shape.chunk_rows
-
-    def piece(block: int) -> int:
-        return c * max(1, min(MAX_PIECE_CHUNKS, block // c))
-
-    block = max(group, (BLOCK_BYTES // (4 * shape.d)) // group * group)
-    block = min(block, max(group, -(-n_rows // group) * group))  # never more than the rows, rounded up
-    while block > group and StreamPlan(0, block, piece(block), group, subset).bytes(shape, n_rows) > budget:
-        block = max(group, block // 2 // group * group)
-    plan = StreamPlan(0, block, piece(block), group, subset)
-    need = plan.bytes(shape, n_rows)
-    if need > budget:
-        raise NeedleprobeError(
-            f"a fit memory of {human_bytes(budget)} cannot hold even two blocks of {block:,} rows of this layer "
-            f"beside the solver's {human_bytes(shape.fixed_bytes(n_rows))} for {n_rows:,} rows: it needs at least "
-            f"{human_bytes(need)} (raise --fit-memory / probe.fit_memory, or split the rows over processes with torchrun)"
-        )
-    spare = budget - need
-    held = min(n_rows, spare // (4 * shape.d) // group * group)
-    if hold_all or held >= n_rows:
-        held = n_rows
-    return StreamPlan(held, block, plan.piece_rows, group, subset)
-
-
-@dataclass
-class SolverChoice:
-    """Which solver fits a layer, why (said on the terminal), and how this process lays its rows out."""
-
-    solver: str
-    """``lbfgs``, ``lbfgs-out-of-core``, ``lbfgs-distributed``, ``lbfgs-distributed-out-of-core`` or ``minibatch``"""
-    why: str
-    budget: Budget | None = None
-    plan: StreamPlan | None = None
-    """None: the in-memory form (one process) or minibatch"""
-    train_range: tuple[int, int] = (0, 0)
-    val_range: tuple[int, int] = (0, 0)
-
-    @property
-    def streamed(self) -> bool:
-        return self.plan is not None
-
-
-def choose(solver: str, cache: Cache, layer: int, device: torch.device, budget: Budget, comm=None,
-           columns: int = 5) -> SolverChoice:
-    """In memory, out of core or across processes, from the rows, the budget, the processes (see module doc) and
-    the grid's ``columns`` (distinct L2 values)."""
-    shape = LayerShape.of(cache, layer, columns)
-    rows = human_bytes((shape.n_train + shape.n_val) * shape.d * 4)
-    if solver == "minibatch":
-        if comm is not None:
-            raise NeedleprobeError("solver minibatch runs in one process: run fit without torchrun, or use lbfgs")
-        return SolverChoice("minibatch", "asked for by name (approximate: Adam on minibatches)")
-    group = group_rows(shape.n_train, device.type == "cuda")
-    if comm is None:
-        need = shape.in_memory_bytes()
-        if need <= budget.bytes:
-            return SolverChoice("lbfgs", f"exact L-BFGS in memory: train + val rows ({rows} in float32) and the "
-                                f"solver ({human_bytes(need)} in all) fit the budget of {budget}", budget)
-        plan = stream_plan(shape, shape.n_train, group, budget.bytes)
-        return SolverChoice(
-            "lbfgs-out-of-core",
-            f"exact L-BFGS out of core: train + val rows ({rows} in float32; {human_bytes(need)} with the solver) "
-            f"exceed the budget of {budget}; {plan.held_rows:,} of {shape.n_train:,} train rows held in memory, the "
-            f"rest read from the cache at every pass in {plan.block_rows:,}-row blocks, one block read ahead",
-            budget, plan, (0, shape.n_train), (0, shape.n_val))
-    dist = comm.dist
-    train, val = cache.split("train"), cache.split("val")
-    train_bounds = _shard_bounds(train, cache, dist.world)
-    val_bounds = _shard_bounds(val, cache, dist.world)
-    from .comm import row_shares
-
-    t0, t1 = row_shares(shape.n_train, dist.world, group, train_bounds)[dist.rank]
-    v0, v1 = row_shares(shape.n_val, dist.world, 1, val_bounds)[dist.rank]
-    try:
-        plan, refused = stream_plan(shape, t1 - t0, group, budget.bytes), None
-    except NeedleprobeError as e:
-        plan, refused = None, NeedleprobeError(f"rank {dist.rank}: {e}")
-    if comm.any(refused is not None):  # every process stops with a message, none waits on the others' sums
-        raise refused or NeedleprobeError(
-            f"rank {dist.rank}: another process's share of the train rows does not fit the budget of {budget}; its "
-            "own message says what it needs: raise --fit-memory / probe.fit_memory, or run more processes")
-    held_all = plan.held_rows >= t1 - t0
-    out_of_core = comm.any(not held_all)
-    own = "each its shard of the cache" if train_bounds is not None else "each a contiguous share"
-    mine = (f"rank {dist.rank}: train rows {t0:,}–{t1:,} ({plan.held_rows:,} held"
-            f"{'' if held_all else f', the rest read in {plan.block_rows:,}-row blocks'}), val rows {v0:,}–{v1:,}")
-    return SolverChoice(
-        "lbfgs-distributed-out-of-core" if out_of_core else "lbfgs-distributed",
-        f"exact L-BFGS across {dist.world} processes ({own}; sums over rows all-reduced), "
-        f"{'out of core on at least one' if out_of_core else 'every share in memory'} (budget {budget}); {mine}",
-        budget, plan, (t0, t1), (v0, v1))
-
-
-def _shard_bounds(view: SplitView, cache: Cache, world: int) -> list[int] | None:
-    """Row boundaries of a split's shards when the cache was written by ``world`` processes, else None."""
-    if cache.world_size != world or world == 1:
-        return None
-    return [int(x) for x in view.activations(cache.layers[0]).bounds]
-
-
-# ---------------------------------------------------------------------------
 # the streamed forms of FitData
 
 
@@ -573,90 +338,101 @@ def streamed_fit_data(cache: Cache, layer: int, grid: Sequence[float], device: t
     and val scores are gathered, so every process holds the same ``FitData``
     numbers as one process would.
     """
-    train, val = cache.split("train"), cache.split("val")
-    plan = choice.plan
-    assert plan is not None
-    (t0, t1), (v0, v1) = choice.train_range, choice.val_range
-    stats = IOStats()
-    n_train = train.n_rows
-    host_plan = dict(block_rows=plan.block_rows, piece_rows=plan.piece_rows, stats=stats)
+    layer_fit = _StreamedLayer(cache, layer, grid, device, choice, comm)
+    val = cache.split("val")
+    return FitData(layer_fit.y_train, val.labels, val.doc_index, layer_fit.mean, layer_fit.std, layer_fit.fit_path,
+                   layer_fit.val_scores, solver=choice.solver, train_scores=layer_fit.train_scores, io=layer_fit.stats)
 
-    moments_rows = LayerRows(train, layer, t0, t1, **host_plan)
-    try:
-        mean, std = column_moments_of_blocks(lambda: (b for _, b in moments_rows.blocks()), n_train,
-                                             moments_rows.d, MOMENT_BLOCK_ROWS,
-                                             None if comm is None else comm.allsum)
-    finally:
-        moments_rows.close()
-    std = feature_scale(mean, std)
-    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
-    y_train = train.labels
 
-    def local_rows(rows: np.ndarray | None) -> tuple[int, int, np.ndarray | None, int]:
+class _StreamedLayer:
+    """The steps of a streamed :class:`FitData`: the statistics (read once, here), then per fit a row source."""
+
+    def __init__(self, cache: Cache, layer: int, grid: Sequence[float], device: torch.device, choice: SolverChoice,
+                 comm=None):
+        assert choice.plan is not None
+        self.cache, self.layer, self.grid, self.device, self.choice, self.comm = cache, layer, grid, device, choice, comm
+        self.train, self.val = cache.split("train"), cache.split("val")
+        self.plan = choice.plan
+        (self.t0, self.t1), (self.v0, self.v1) = choice.train_range, choice.val_range
+        self.stats = IOStats()
+        self.n_train = self.train.n_rows
+        self.host_plan = dict(block_rows=self.plan.block_rows, piece_rows=self.plan.piece_rows, stats=self.stats)
+        self.mean, self.std = self._moments()
+        self.mean32, self.std32 = self.mean.astype(np.float32), self.std.astype(np.float32)
+        self.y_train = self.train.labels
+
+    def _moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """Standardisation statistics over every train row (all processes), one streamed pass."""
+        comm = self.comm
+        moments_rows = LayerRows(self.train, self.layer, self.t0, self.t1, **self.host_plan)
+        try:
+            mean, std = column_moments_of_blocks(lambda: (b for _, b in moments_rows.blocks()), self.n_train,
+                                                 moments_rows.d, MOMENT_BLOCK_ROWS,
+                                                 None if comm is None else comm.allsum)
+        finally:
+            moments_rows.close()
+        return mean, feature_scale(mean, std)
+
+    def local_rows(self, rows: np.ndarray | None) -> tuple[int, int, np.ndarray | None, int]:
         """(lo, hi, index, n_fit): this process's train rows of a fit on all rows or on the subset ``rows``."""
         if rows is None:
-            return t0, t1, None, n_train
+            return self.t0, self.t1, None, self.n_train
         # a row subset (downsample): this process's part of it, on group boundaries of the subset
         from .comm import row_shares
 
+        comm = self.comm
         n_fit = int(rows.size)
-        group = group_rows(n_fit, device.type == "cuda")
+        group = group_rows(n_fit, self.device.type == "cuda")
         if comm is None:
             a, b = 0, n_fit
         else:
-            cuts = [int(np.searchsorted(rows, x)) for x in _range_cuts(choice, n_train, comm)]
+            cuts = [int(np.searchsorted(rows, x)) for x in _range_cuts(self.choice, self.n_train, comm)]
             a, b = row_shares(n_fit, comm.dist.world, group, cuts)[comm.dist.rank]
-        return 0, n_train, rows[a:b], n_fit
+        return 0, self.n_train, rows[a:b], n_fit
 
-    def source(rows: np.ndarray | None, held: bool = True) -> LayerRows:
-        lo, hi, index, n_fit = local_rows(rows)
-        group = group_rows(n_fit, device.type == "cuda")
+    def source(self, rows: np.ndarray | None, held: bool = True) -> LayerRows:
+        lo, hi, index, n_fit = self.local_rows(rows)
+        group = group_rows(n_fit, self.device.type == "cuda")
         local = (hi - lo) if index is None else index.size
+        choice, plan = self.choice, self.plan
         sub_plan = plan if index is None else stream_plan(
-            LayerShape.of(cache, layer, len(set(grid))), local, group, choice.budget.bytes if choice.budget else 0,
-            hold_all=plan.held_rows >= t1 - t0, subset=True)
-        return LayerRows(train, layer, lo, hi, index=index, mean32=mean32, std32=std32,
+            LayerShape.of(self.cache, self.layer, len(set(self.grid))), local, group,
+            choice.budget.bytes if choice.budget else 0, hold_all=plan.held_rows >= self.t1 - self.t0, subset=True)
+        return LayerRows(self.train, self.layer, lo, hi, index=index, mean32=self.mean32, std32=self.std32,
                          block_rows=sub_plan.block_rows, piece_rows=sub_plan.piece_rows,
-                         held_rows=sub_plan.held_rows if held else 0, device=device, stats=stats, check_stored=False)
+                         held_rows=sub_plan.held_rows if held else 0, device=self.device, stats=self.stats,
+                         check_stored=False)
 
-    def fit_path(rows: np.ndarray | None, weights: np.ndarray | None, seed: int):
-        src = source(rows)
-        stats.pass_bytes = src.pass_bytes
+    def fit_path(self, rows: np.ndarray | None, weights: np.ndarray | None, seed: int):
+        src = self.source(rows)
+        self.stats.pass_bytes = src.pass_bytes
         try:
             pick = slice(src.start, src.stop) if src.index is None else src.index
-            y = torch.from_numpy(y_train[pick].astype(np.float32)).to(device)
-            sw = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights[pick])).to(device)
-            out = fit_l2_path(src, y, list(grid), sample_weight=sw, comm=comm)
+            y = torch.from_numpy(self.y_train[pick].astype(np.float32)).to(self.device)
+            sw = None if weights is None else torch.from_numpy(np.ascontiguousarray(weights[pick])).to(self.device)
+            out = fit_l2_path(src, y, list(self.grid), sample_weight=sw, comm=self.comm)
         finally:
             src.close()
-        if comm is not None and not comm.same_everywhere(np.stack([r.weight for r in out])):
+        if self.comm is not None and not self.comm.same_everywhere(np.stack([r.weight for r in out])):
             raise NeedleprobeError("the processes of a distributed fit ended with different weights (a bug: "
                                    "please report it with the command line)")
         return out
 
-    def train_scores(rows: np.ndarray | None, w_std: np.ndarray, b_std: np.ndarray) -> np.ndarray:
+    def train_scores(self, rows: np.ndarray | None, w_std: np.ndarray, b_std: np.ndarray) -> np.ndarray:
         """Logits of the train rows the fit used (one more pass, read block by block; every process's gathered)."""
-        src = source(rows, held=False)
-        try:
-            out = np.empty((src.n, w_std.shape[1]), dtype=np.float32)
-            for a, block in src.blocks():  # numpy's BLAS, as the in-memory form scores on CPU (rows alike in any block)
-                out[a : a + block.shape[0]] = block @ w_std + b_std
-        finally:
-            src.close()
-        return out if comm is None else comm.gather_rows(out)
+        return self._scores(self.source(rows, held=False), w_std, b_std)
 
-    def val_scores(w: np.ndarray, b: np.ndarray) -> np.ndarray:
-        rows = LayerRows(val, layer, v0, v1, **host_plan)
+    def val_scores(self, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self._scores(LayerRows(self.val, self.layer, self.v0, self.v1, **self.host_plan), w, b)
+
+    def _scores(self, rows: LayerRows, w: np.ndarray, b: np.ndarray) -> np.ndarray:
         try:
-            out = np.empty((v1 - v0, w.shape[1]), dtype=np.float32)
-            for a, block in rows.blocks():
+            out = np.empty((rows.n, w.shape[1]), dtype=np.float32)
+            for a, block in rows.blocks():  # numpy's BLAS, as the in-memory form scores on CPU (rows alike in any block)
                 out[a : a + block.shape[0]] = block @ w + b
         finally:
             rows.close()
-        return out if comm is None else comm.gather_rows(out)
-
-    return FitData(y_train, val.labels, val.doc_index, mean, std, fit_path, val_scores, solver=choice.solver,
-                   train_scores=train_scores, io=stats)
+        return out if self.comm is None else self.comm.gather_rows(out)
 
 
 def _range_cuts(choice: SolverChoice, n_train: int, comm) -> list[int]:
