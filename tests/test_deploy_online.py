@@ -8,7 +8,8 @@ import pytest
 from needleprobe.config import MonitorConfig
 from needleprobe.analysis.online import (RunningAggregate, detection_summary, first_crossing, needle_runs,
                                        running_values, span_latencies)
-from needleprobe.analysis.monitor import AGGREGATIONS, MonitorTokens, aggregate, document_metrics
+from needleprobe.analysis.aggregation import AGGREGATIONS, aggregate, document_metrics
+from needleprobe.analysis.logits import MonitorTokens
 
 
 @pytest.mark.parametrize("method", AGGREGATIONS)

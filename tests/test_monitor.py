@@ -20,8 +20,9 @@ from conftest import probe_files
 from needleprobe.cli import main
 from needleprobe.config import MonitorConfig, load_config
 from needleprobe.run.layout import Layout
-from needleprobe.analysis.monitor import (AGGREGATIONS, LogitStore, MonitorTokens, aggregate, document_metrics, monitor, probe_refs,
-                                 recommend, stored_tokens)
+from needleprobe.analysis.aggregation import AGGREGATIONS, aggregate, document_metrics, recommend
+from needleprobe.analysis.logits import LogitStore, MonitorTokens, probe_refs, stored_tokens
+from needleprobe.analysis.monitor import monitor
 from needleprobe.fit.probe import LinearProbe
 from needleprobe.analysis.run import Run
 
@@ -248,7 +249,7 @@ def test_monitor_of_another_split_calibrates_on_val_and_stores_both(monitored, t
     the unresolvable FPRs are a warning, and the recommendation is val's best AUROC reported on train."""
     import shutil
 
-    from needleprobe.analysis.monitor import document_scores
+    from needleprobe.analysis.aggregation import document_scores
 
     cfg_path, cfg, _ = monitored
     raw = yaml.safe_load(cfg_path.read_text())
@@ -307,7 +308,8 @@ def test_a_small_calibration_set_still_gives_an_operating_point_with_an_honest_f
     from scipy.stats import binom
 
     from needleprobe.metrics import clean_docs_to_bound, fpr_upper_bound
-    from needleprobe.analysis.monitor import _print, operating_point
+    from needleprobe.analysis.calibration import operating_point
+    from needleprobe.analysis.monitor import _print
 
     rng = np.random.default_rng(3)
     val_y, test_y = np.r_[np.zeros(9), np.ones(6)].astype(int), np.r_[np.zeros(12), np.ones(10)].astype(int)

@@ -94,7 +94,7 @@ def run(tmp_path_factory):
 def _stored_tokens(cfg, split: str, run: str | None = None):
     """The token logits the monitor stored in the run for all of its probes on ``split`` (no model run)."""
     from needleprobe.run.layout import Layout
-    from needleprobe.analysis.monitor import LogitStore, probe_refs, stored_tokens
+    from needleprobe.analysis.logits import LogitStore, probe_refs, stored_tokens
     from needleprobe.analysis.run import Run
 
     layout = Layout.from_config(cfg, run)
@@ -186,7 +186,7 @@ def test_probe_roc_rescored_from_cache_matches_json(run):
 
 def test_monitor_roc_matches_monitor_outputs(run):
     from needleprobe.run.layout import Layout
-    from needleprobe.analysis.monitor import AGGREGATIONS, aggregation_label
+    from needleprobe.analysis.aggregation import AGGREGATIONS, aggregation_label
 
     el, cfg = run["el"], run["cfg"]
     curves = el.find("path", "roc", svg="roc-monitor")
@@ -411,7 +411,8 @@ def test_the_report_shows_the_monitors_own_recommendation(run, tmp_path):
     store still holds the logits of every probe (a report that chose by val AUROC would show the best layer)."""
     import dataclasses
 
-    from needleprobe.analysis.monitor import AGGREGATIONS, aggregation_label, monitor
+    from needleprobe.analysis.aggregation import AGGREGATIONS, aggregation_label
+    from needleprobe.analysis.monitor import monitor
     from needleprobe.analysis.report.html import build_html
     from needleprobe.analysis.run import Run
 

@@ -169,7 +169,9 @@ def evaluate(target: Config, probes: str | os.PathLike, *, split: str = "val", s
     Returns what ``eval_metrics.json`` holds, and where it is (``output_dir``); ``show``: print the table on stdout.
     """
     from ..data.documents import file_sha256
-    from .monitor import LogitStore, ProbeRef, document_metrics, score_tokens, truncation_line, write_rows_csv
+    from .aggregation import document_metrics
+    from .logits import LogitStore, ProbeRef, score_tokens, truncation_line
+    from .monitor import write_rows_csv
 
     source = load_source(probes, source_run)
     if source.identity.site not in target.probe.sites:

@@ -24,7 +24,7 @@ from ..config import MonitorConfig
 def running_values(logits: np.ndarray, method: str, mon: MonitorConfig, start: int = 0,
                    stop: int | None = None) -> np.ndarray:
     """Running aggregates float64 [stop - start]: entry i is ``aggregate(logits[: start + i + 1])``."""
-    from .monitor import aggregate
+    from .aggregation import aggregate
 
     x = np.asarray(logits, dtype=np.float64)
     stop = x.size if stop is None else min(stop, x.size)

@@ -33,7 +33,7 @@ _EMBEDDING_NAMES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight
 
 def method_of(aggregation: str) -> str:
     """``topk_mean(k=5)`` → ``topk_mean`` (the CSV's labels and the plain names both work)."""
-    from ..analysis.monitor import AGGREGATIONS
+    from ..analysis.aggregation import AGGREGATIONS
 
     name = aggregation.split("(", 1)[0].strip()
     if name not in AGGREGATIONS:
@@ -141,7 +141,7 @@ class Monitor:
     @classmethod
     def _from_config(cls, cfg: Config, run: str | None, layer: int | None, seed: int | None, aggregation: str | None,
                      fpr: float, run_dir: Path | None = None) -> "Monitor":
-        from ..analysis.monitor import ProbeRef
+        from ..analysis.logits import ProbeRef
         from ..analysis.run import Run
         from ..data.documents import file_sha256
         from ..run.layout import Layout
@@ -203,12 +203,12 @@ class Monitor:
 
     @property
     def label(self) -> str:
-        from ..analysis.monitor import aggregation_label
+        from ..analysis.aggregation import aggregation_label
 
         return aggregation_label(self.aggregation, self.params)
 
     def aggregate(self, logits: np.ndarray) -> float:
-        from ..analysis.monitor import aggregate
+        from ..analysis.aggregation import aggregate
 
         return aggregate(logits, self.aggregation, self.params)
 
@@ -312,7 +312,7 @@ class Monitor:
 
         from ..extract.batching import batch_plan
         from ..model.hooks import find_blocks
-        from ..analysis.monitor import logit_rows
+        from ..analysis.logits import logit_rows
         from ..extract.runner import Forward, SplitBatches, run_batches
         from ..extract.sites import capture_sites
 
@@ -431,7 +431,9 @@ def calibration_thresholds(cfg: Config, layout, ref, how: str) -> dict[str, dict
     """Thresholds of every aggregation at :data:`FPRS` from the probe's stored logits on the calibration split, set
     exactly as ``monitor`` sets them (``monitor.calibrated_rates``)."""
     from ..metrics import fpr_upper_bound
-    from ..analysis.monitor import AGGREGATIONS, LogitStore, calibrated_rates, doc_labels, document_scores, stored_tokens
+    from ..analysis.aggregation import AGGREGATIONS, doc_labels, document_scores
+    from ..analysis.calibration import calibrated_rates
+    from ..analysis.logits import LogitStore, stored_tokens
 
     split = cfg.monitor.calibration_split
     cal = stored_tokens(cfg, LogitStore(layout.monitor_store), split, [ref])
@@ -461,7 +463,8 @@ def calibration_thresholds(cfg: Config, layout, ref, how: str) -> dict[str, dict
 def _metrics(layout, monitored: dict[str, dict], layer: int, seed: int, method: str, mon: MonitorConfig,
              probe) -> dict[str, Any]:
     """The probe's validation metrics (token level, from fit) and the monitor's document metrics per split."""
-    from ..analysis.monitor import aggregation_label, read_rows_csv
+    from ..analysis.aggregation import aggregation_label
+    from ..analysis.monitor import read_rows_csv
 
     out: dict[str, Any] = {"token_val": probe.metadata_.get("val_metrics")}
     label = aggregation_label(method, mon)

@@ -45,6 +45,7 @@ class Plot:
     """A minimal x/y chart: scales, grid, axes, legend; callers add marks in data coordinates."""
 
     def __init__(self, chart_id: str, label: str, xlim: tuple[float, float], ylim: tuple[float, float], *,
+                 # 9 parameters: a chart's id, axes and frame, the layout ones keyword-only with defaults
                  xlog: bool = False, width: int = 760, height: int = 360, legend_width: int = 200,
                  legend_inside: bool = False):
         self.id, self.label = chart_id, label

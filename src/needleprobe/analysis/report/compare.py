@@ -130,7 +130,7 @@ def transfer_section(views: list[RunView], run: str | None) -> tuple[str, list[s
 def _monitor_table(views: list[RunView]) -> str:
     """Per run, the document monitor it recommends: aggregation, document AUROC with CI, TPR at the thresholds set on
     the clean calibration documents, and the operating point that any number of them gives."""
-    from ..monitor import operating_point
+    from ..calibration import operating_point
     from ...fit.verdict import one_row_per_probe
 
     rows, data, notes = [], [], []

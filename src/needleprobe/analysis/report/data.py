@@ -102,7 +102,7 @@ def choose_monitor_tokens(cfg: Config, run: str | None, probes: list[ProbeInfo])
     """
     from ...data.documents import file_sha256
     from ...run.layout import Layout
-    from ..monitor import LogitStore, ProbeRef, stored_tokens
+    from ..logits import LogitStore, ProbeRef, stored_tokens
 
     layout = Layout.from_config(cfg, run)
     refs = [ProbeRef(p.layer, p.seed, p.pt, file_sha256(p.pt)) for p in probes]
@@ -157,7 +157,8 @@ def monitor_view(cfg: Config, split: str, tokens, probes: list[ProbeInfo], store
     from sklearn.metrics import roc_auc_score
 
     from ...fit.verdict import one_row_per_probe, ranked_layers
-    from ..monitor import AGGREGATIONS, TARGET_FPRS, aggregation_label, doc_labels, document_scores
+    from ..aggregation import AGGREGATIONS, aggregation_label, doc_labels, document_scores
+    from ..calibration import TARGET_FPRS
 
     rows, rec = stored
     cols = [(int(p["layer"]), int(p["seed"])) for p in tokens.probes]

@@ -178,7 +178,7 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
         classes.append("best" if r["method"] == view.chosen else "")
     out += table(["aggregation", "doc AUROC", "95% CI (docs)", "TPR @ 1% FPR", "TPR @ 5% FPR",
                   "TPR above every clean one"], rows, row_classes=classes)
-    from ..monitor import TARGET_FPRS, clean_docs_needed
+    from ..calibration import TARGET_FPRS, clean_docs_needed
 
     held = "held out" if view.calibration_split != view.split else "the same split"
     missing = [f"{fpr:.0%} FPR needs at least {clean_docs_needed(fpr)}" for fpr, name in TARGET_FPRS
@@ -193,7 +193,7 @@ def monitor_roc_html(view: MonitorView) -> tuple[str, str]:
     shown = [(layer, seed, per) for layer, seed, per in view.all_probe_aurocs
              if not view.seeds or (layer, seed) in view.seeds]  # identical seeds once
     if len(shown) > 1:
-        from ..monitor import AGGREGATIONS
+        from ..aggregation import AGGREGATIONS
 
         out += "<h3>Every monitored probe (document AUROC)</h3>"
         rows = [[str(layer), ", ".join(map(str, view.seeds.get((layer, seed), [seed])))]
@@ -291,7 +291,7 @@ def heatmap_picks(view: MonitorView) -> list[tuple[int, str]]:
 
 
 def heatmaps_section(cfg: Config, view: MonitorView) -> str:
-    from ..monitor import aggregation_label
+    from ..aggregation import aggregation_label
 
     tok = view.tokens
     y = np.asarray(tok.doc_n_needles) > 0
@@ -493,7 +493,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
                         "to score whole documents, then write the report again.")
         heat_html, mon_tables = mon_html, ""
     else:
-        from ..monitor import truncation_line
+        from ..logits import truncation_line
 
         cut = truncation_line(view.split, view.tokens, cfg.model.max_length)
         extra = "".join(note(n, kind="warn") for n in mon_notes + ([f"Truncation: {cut}."] if cut else []))
