@@ -292,7 +292,7 @@ def test_the_size_printed_before_extract_is_the_size_on_disk(minilm_run):
     """Zarr writes each split's last chunk whole, so the estimate counts whole chunks: within 10% of the cache on
     disk (the demo: 81.3 MiB printed, 81.4 MiB written); a 1.5-chunk split is not counted as 1.5 chunks."""
     from needleprobe.cache.format import chunk_rows_for
-    from needleprobe.extract.extract import cache_bytes
+    from needleprobe.extract.space import cache_bytes
     from needleprobe.cache.inspect import dir_size
 
     cache = open_cache(minilm_run[1])

@@ -202,13 +202,15 @@ def test_repair_rewrites_only_damaged_chunks_and_equals_an_undamaged_cache(run, 
         _damage(cache_dir / rel, how)
     before = _stats(cache_dir)
     calls = []
-    real = ex.run_batches
+    import needleprobe.extract.repair as repair
+
+    real = repair.run_batches
 
     def spy(fwd, split, *a, **k):
         calls.append((k.get("label") or split.name, split.tokens_in(split.batches)))
         return real(fwd, split, *a, **k)
 
-    monkeypatch.setattr(ex, "run_batches", spy)
+    monkeypatch.setattr(repair, "run_batches", spy)
     res = ex.extract(load_config(cfg_path), repair=True, show_progress=False)
     assert res.status == "repaired" and len(res.repaired) == 5
     # one model run per damaged row range (train 192–255 and 320–350, val 0–63), each a few batches only
@@ -284,10 +286,11 @@ def test_format_1_cache_stays_readable_and_up_to_date(reference, tmp_path, monke
 
 def test_too_little_free_space_is_refused_before_the_model_loads(reference, tmp_path, monkeypatch, capsys):
     import needleprobe.extract.extract as ex
+    import needleprobe.extract.space as space
 
     data, _, _ = reference
     cfg_path = write_config(tmp_path, data, layers_to_probe=LAYERS)
-    monkeypatch.setattr(ex, "free_bytes", lambda path: 1000)
+    monkeypatch.setattr(space, "free_bytes", lambda path: 1000)
     with monkeypatch.context() as mp:
         mp.setattr(ex, "load_model", lambda *a, **k: pytest.fail("the model loaded before the disk check"))
         assert main(["extract", "--config", str(cfg_path), "--no-progress"]) == 2

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 import contextlib
 from dataclasses import dataclass, field, replace
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,9 +26,8 @@ import torch
 
 from .batching import batch_plan, budget_message, device_budget
 from ..cache.format import BYTES_PER_VALUE, FIT_SPLITS, cache_path, doc_digest, fingerprint, fingerprint_fields, stale_reasons
-from ..cache.integrity import ChunkDamage, chunk_problem, verify_chunks, writable
-from ..cache.reader import ROW_ARRAYS, shard_name
-from ..cache.writer import CacheWriter, ChunkStream, SplitPlan, remove_cache, small_arrays
+from ..cache.reader import shard_name
+from ..cache.writer import CacheWriter, ChunkStream, SplitPlan, remove_cache
 from ..config import Config
 from ..data.documents import by_split, file_sha256, load_documents
 from ..errors import NeedleprobeError
@@ -47,12 +44,13 @@ from ..io.console import console, human_bytes
 from ..io.files import FileLock
 from ..run.layout import lock_beside
 from ..run.record import versions
+from .repair import ModelRun, repair_chunks
+from .space import ROW_OVERHEAD_BYTES, cache_bytes, check_free_space, free_bytes, stored_rows
 from .runner import Forward, SplitBatches, host_later, row_index, run_batches
 from ..io.runtime import resolve_device
-from ..io.stores import is_url, open_group
+from ..io.stores import is_url
 from ..cache.inspect import dir_size
 from ..data.tokens import TokenizedDoc, apply_caps, select_rows, tokenize_documents
-
 
 
 @dataclass
@@ -107,53 +105,6 @@ def plan_split(name: str, tdocs: list[TokenizedDoc], order: np.ndarray, cfg: Con
         char_start=chars[:, 0].copy(),
         char_end=chars[:, 1].copy(),
     ), [r for r, _ in per_doc]
-
-
-ROW_OVERHEAD_BYTES = 21
-"""Per row, besides the activations: labels (1 byte), doc_index, token_index, token_id, char_start, char_end (4 each),
-before zstd."""
-
-
-def stored_rows(split_rows: list[int], d_model: int, feature_dtype: str, world: int = 1) -> int:
-    """Activation rows a cache of splits of ``split_rows`` rows takes on disk: whole chunks, the last one of each split
-    (and of each process's share of it) written full (uncompressed), as Zarr stores an edge chunk."""
-    import math
-
-    from ..cache.format import chunk_rows_for
-
-    chunk = chunk_rows_for(d_model, feature_dtype)
-    return sum(world * math.ceil(math.ceil(n / world) / chunk) * chunk for n in split_rows)
-
-
-def cache_bytes(split_rows: list[int], n_layers: int, d_model: int, feature_dtype: str, world: int = 1) -> int:
-    """What splits of ``split_rows`` rows take on disk: activations (uncompressed, whole chunks) plus the per-row
-    arrays (measured on the demo: the estimate 85.3 MB, the cache 85.4 MB)."""
-    padded = stored_rows(split_rows, d_model, feature_dtype, world)
-    return padded * n_layers * d_model * BYTES_PER_VALUE[feature_dtype] + sum(split_rows) * ROW_OVERHEAD_BYTES
-
-
-def free_bytes(path) -> int | None:
-    """Free bytes on the filesystem that will hold ``path`` (its nearest existing parent); None on a remote store."""
-    if is_url(path):
-        return None
-    p = Path(path).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free
-    except OSError:
-        return None
-
-
-def check_free_space(path, need: int, force: bool) -> None:
-    """Refuse, before the model loads, to start an extract that cannot fit (``--force`` tries anyway)."""
-    free = free_bytes(path)
-    if free is None or need <= free or force:
-        return
-    raise NeedleprobeError(
-        f"{path}: the cache needs {human_bytes(need)} more on disk but only {human_bytes(free)} is free there; "
-        "free some space or set probe.cache_dir elsewhere (--force tries anyway)"
-    )
 
 
 def gather_rows(
@@ -340,6 +291,8 @@ class _SiteStreams:
         self.pos += n
 
 
+# Long (~200 lines) on purpose for now: one ordered sequence whose order is the contract (every check before the
+# model loads, decisions under the locks, writers, streams, commit or a failure recorded on the cache).
 def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False,
              splits: tuple[str, ...] = FIT_SPLITS) -> ExtractResult:
     from .sites import capture_sites, check_model_sites
@@ -584,134 +537,6 @@ def _disk_full(path, writer: CacheWriter, plans: dict[str, SplitWork], e: OSErro
         f"{path}: disk full ({e.strerror}); the {done:,} rows committed so far are kept ({parts}): "
         "free some space and run extract again to resume"
     )
-
-
-class _RowSink:
-    """Takes a split's rows [start, stop) from ``runner.run_batches`` (the role of a ChunkStream), in memory."""
-
-    def __init__(self, start: int, stop: int):
-        self.pos, self.stop = start, stop
-        self.parts: dict[str, list[np.ndarray]] = {}
-
-    def add(self, rows: dict[str, np.ndarray]) -> None:
-        n = next(iter(rows.values())).shape[0]
-        take = max(0, min(n, self.stop - self.pos))
-        for name, r in rows.items():
-            self.parts.setdefault(name, []).append(r[:take])
-        self.pos += n
-
-    def rows(self) -> dict[str, np.ndarray]:
-        return {name: np.concatenate(p) for name, p in self.parts.items()}
-
-
-@dataclass
-class ModelRun:
-    """How this extract runs the model: loaded on first use (``parts()`` → model, blocks, d_model), its pad id,
-    device and progress bars."""
-
-    parts: Callable[[], tuple[Any, Any, int]]
-    pad_id: int
-    device: Any
-    show_progress: bool
-
-
-def repair_chunks(con, job: SiteJob, plans: dict[str, SplitWork], run: ModelRun, legacy: bool = False
-                  ) -> tuple[list[str], int]:
-    """Verify every chunk of ``job``'s cache and rewrite the damaged ones; returns (what was repaired, tokens run
-    through the model).
-
-    Small arrays come from the plan (no model).  A damaged activation chunk
-    covers rows [a, b) of its split (shards add their ``row_start``); only the
-    batches holding those rows run, and the rows are bit-identical to the first
-    extract's because a row never depends on its batch.  Undamaged chunks are
-    never written.
-    """
-    from rich.markup import escape
-
-    cfg, layers, site = job.cfg, job.layers, job.site
-    root = open_group(job.path, mode="r+")
-    model_parts, pad_id, device, show_progress = run.parts, run.pad_id, run.device, run.show_progress
-    v = verify_chunks(root, job.existing.format)
-    if not v.damaged:
-        con.print(f"--repair: all {v.chunks:,} chunks verified, nothing to repair")
-        return [], 0
-    con.print(f"--repair: {len(v.damaged)} of {v.chunks:,} chunks damaged")
-    done: list[str] = []
-    todo: dict[str, list[tuple[int, int, Any, ChunkDamage]]] = {}  # split → (split rows [g0, g1), array, damage)
-    for d in v.damaged:
-        con.print(f"  {escape(str(d))}", soft_wrap=True)
-        split = d.group.rpartition("/")[2]
-        if split not in plans:
-            raise NeedleprobeError(f"{d}: cannot repair it, {split!r} is not a split this config extracts")
-        group = root[d.group]
-        shard = group.attrs.get("shard")
-        offset = int(shard["row_start"]) if shard else 0
-        arr = writable(group[d.name])
-        if d.name.startswith("layer_"):
-            todo.setdefault(split, []).append((offset + d.start, offset + d.stop, arr, d))
-            continue
-        small = small_arrays(replace(plans[split].plan, doc_digests=None) if legacy else plans[split].plan)
-        if d.name not in small:
-            raise NeedleprobeError(f"{d}: cannot repair it (needleprobe does not write {d.name!r})")
-        values = small[d.name][0]
-        if d.name in ROW_ARRAYS:
-            values = values[offset : offset + arr.shape[0]]
-        if len(values) != arr.shape[0]:
-            raise NeedleprobeError(f"{d}: cannot repair it: the plan has {len(values)} entries, the array {arr.shape[0]}")
-        arr[d.start : d.stop] = values[d.start : d.stop]
-        done.append(str(d))
-    tokens = 0
-    if todo:
-        model, blocks, _ = model_parts()
-        from .sites import capture_sites
-
-        gather = partial(gather_rows, feature_dtype=cfg.probe.feature_dtype)
-
-        def to_rows(acts, batch_rows):  # rows named as the site group's arrays (layer_{L})
-            finish = gather(acts, batch_rows)
-            return lambda: {f"layer_{layer}": r for (_, layer), r in finish().items()}
-
-        with torch.inference_mode(), capture_sites(blocks, [(site, layer) for layer in layers]) as cap:
-            fwd = Forward(model, cap, pad_id, device)
-            for split, items in todo.items():
-                work = plans[split].batches
-                batches = work.batches
-                sizes = np.array([work.rows_in(b) for b in batches], dtype=np.int64)
-                ends = np.cumsum(sizes)
-                starts = ends - sizes
-                for g0, g1, group_items in _merged(items):
-                    b0 = int(np.searchsorted(ends, g0, side="right"))  # first batch ending after g0
-                    b1 = int(np.searchsorted(starts, g1, side="left"))  # first batch starting at or after g1
-                    sink = _RowSink(g0, g1)
-                    part = SplitBatches(split, work.tdocs, work.rows_of, batches[b0:b1])
-                    tokens += run_batches(fwd, part, sink, int(g0 - starts[b0]), to_rows, show_progress,
-                                          label=f"{split} (repair)")
-                    rows = sink.rows()
-                    for a, b, arr, d in group_items:
-                        arr[d.start : d.stop] = rows[d.name][a - g0 : b - g0]
-                        done.append(str(d))
-    for d in v.damaged:  # read back what was rewritten
-        if chunk_problem(root[d.group][d.name], d.chunk):
-            raise NeedleprobeError(f"{d}: still damaged after the repair (is the disk failing?)")
-    con.print(f"--repair: repaired {len(done)} chunk(s){f', {tokens:,} tokens through the model' if tokens else ''}")
-    return done, tokens
-
-
-def _merged(items: list[tuple[int, int, Any, ChunkDamage]]):
-    """Overlapping or adjacent row ranges merged: (g0, g1, the items inside), so each batch runs once."""
-    items = sorted(items, key=lambda x: (x[0], x[1]))
-    group: list = []
-    g0 = g1 = None
-    for it in items:
-        if group and it[0] <= g1:
-            g1 = max(g1, it[1])
-            group.append(it)
-            continue
-        if group:
-            yield g0, g1, group
-        g0, g1, group = it[0], it[1], [it]
-    if group:
-        yield g0, g1, group
 
 
 def _shard(con, dist, plan: SplitPlan, split: SplitBatches) -> tuple[SplitPlan, SplitBatches]:
