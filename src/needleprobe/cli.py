@@ -308,6 +308,38 @@ def _run_config(args, cfg):
     return run_config(cfg, getattr(args, "run", None), _given(args))
 
 
+def _extract_stage(args, cfg, con) -> None:
+    """``extract`` (and ``train``'s first step): refuse another model's run, extract, record each site's run."""
+    from .io.processes import is_primary
+    from .extract.extract import extract
+    from .run.layout import Layout
+    from .run.record import update_run_record
+
+    layouts = {site: Layout.from_config(cfg.for_site(site), getattr(args, "run", None)) for site in cfg.probe.sites}
+    if is_primary():  # before the model runs: a run of another model would be refused after it
+        for layout in layouts.values():
+            layout.refuse_foreign(args.command, args.overwrite, record_only=args.command == "extract")
+    res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
+    if is_primary() and res.status != "up to date":
+        for site, (path, fp) in res.sites.items():
+            update_run_record(
+                layouts[site],
+                cfg.for_site(site),
+                "repair" if res.status == "repaired" else "extract",
+                {
+                    "status": res.status,
+                    "cache_path": path,
+                    "cache_fingerprint": fp,
+                    **({"sites_in_one_pass": list(res.sites)} if len(res.sites) > 1 else {}),
+                    "seconds": round(res.seconds, 3),
+                    "tokens": res.tokens,
+                    "tokens_per_second": round(res.tokens / res.seconds, 1) if res.seconds else None,
+                    "splits": res.splits,
+                },
+            )
+        con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {', '.join(p for p, _ in res.sites.values())}")
+
+
 def run(args) -> int:
     from rich.markup import escape
 
@@ -342,35 +374,9 @@ def run(args) -> int:
     from .io.processes import is_primary
 
     if args.command in ("extract", "train"):
-        from .extract.extract import extract
-        from .run.layout import Layout
-        from .run.record import update_run_record
-
-        layouts = {site: Layout.from_config(cfg.for_site(site), getattr(args, "run", None)) for site in cfg.probe.sites}
-        if is_primary():  # before the model runs: a run of another model would be refused after it
-            for layout in layouts.values():
-                layout.refuse_foreign(args.command, args.overwrite, record_only=args.command == "extract")
-        res = extract(cfg, overwrite=args.overwrite, show_progress=not args.no_progress, repair=args.repair, force=args.force)
+        _extract_stage(args, cfg, con)
         if not is_primary() and args.command != "train":
             return 0  # under torchrun, rank 0 records the run and does everything after extract but fit
-        if is_primary() and res.status != "up to date":
-            for site, (path, fp) in res.sites.items():
-                update_run_record(
-                    layouts[site],
-                    cfg.for_site(site),
-                    "repair" if res.status == "repaired" else "extract",
-                    {
-                        "status": res.status,
-                        "cache_path": path,
-                        "cache_fingerprint": fp,
-                        **({"sites_in_one_pass": list(res.sites)} if len(res.sites) > 1 else {}),
-                        "seconds": round(res.seconds, 3),
-                        "tokens": res.tokens,
-                        "tokens_per_second": round(res.tokens / res.seconds, 1) if res.seconds else None,
-                        "splits": res.splits,
-                    },
-                )
-            con.print(f"extract: {res.tokens:,} tokens in {res.seconds:.1f} s → {', '.join(p for p, _ in res.sites.values())}")
     if not is_primary() and args.command not in ("fit", "train"):
         return 0  # torchrun shards extract and fit; every other stage runs once, on rank 0
     if args.command == "evaluate":  # the probes' site picks the target's

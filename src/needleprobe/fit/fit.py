@@ -90,7 +90,7 @@ def lbfgs_layer(cache: Cache, layer: int, grid: list[float], device: torch.devic
 
 
 def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device) -> FitData:
-    from .minibatch import fit_minibatch, streaming_moments
+    from .minibatch import AdamSettings, BlockRows, fit_minibatch, streaming_moments
 
     train, val = cache.split("train"), cache.split("val")
     block = train.activations(layer).chunks[0] * 4
@@ -102,8 +102,8 @@ def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device)
     def fit_path(rows, weights, seed):
         if rows is not None:
             raise NeedleprobeError("probe.class_balance: downsample needs solver lbfgs (row subsets are not streamed)")
-        return fit_minibatch(read, n, block, train.labels, weights, mean, std, p.l2_grid, batch_size=p.batch_size,
-                             num_epochs=p.num_epochs, learning_rate=p.learning_rate, seed=seed, device=device)
+        return fit_minibatch(BlockRows(read, n, block, mean, std), train.labels, weights, p.l2_grid,
+                             AdamSettings(p.batch_size, p.num_epochs, p.learning_rate), seed=seed, device=device)
 
     def val_scores(w, b):
         out = []
@@ -249,15 +249,7 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
     t_start = time.perf_counter()
     con = console()
     layout = Layout.from_config(cfg, run)
-    cache = open_cache(cfg)
-    verify_cache(cfg, cache)
-    missing = [layer for layer in cfg.probe.layers_to_probe if layer not in cache.layers]
-    if missing:
-        raise NeedleprobeError(f"layers {missing} are not in the cache {cache.path} (cached: {cache.layers})")
-    for name in ("train", "val"):
-        labels = cache.split(name).labels
-        if labels.sum() == 0 or labels.sum() == labels.size:
-            raise NeedleprobeError(f"{cache.path}: split {name!r} has only one class; cannot fit or validate a probe")
+    cache = _fittable_cache(cfg)
     dev = dist.device(resolve_device(device or cfg.probe.device))
     layout.refuse_foreign("fit", overwrite)
     out = layout.run_dir
@@ -321,6 +313,20 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
         )
     _print_table(con, cfg, result)
     return result
+
+
+def _fittable_cache(cfg: Config) -> Cache:
+    """The config's cache, verified, holding every layer to probe and both classes in train and val."""
+    cache = open_cache(cfg)
+    verify_cache(cfg, cache)
+    missing = [layer for layer in cfg.probe.layers_to_probe if layer not in cache.layers]
+    if missing:
+        raise NeedleprobeError(f"layers {missing} are not in the cache {cache.path} (cached: {cache.layers})")
+    for name in ("train", "val"):
+        labels = cache.split(name).labels
+        if labels.sum() == 0 or labels.sum() == labels.size:
+            raise NeedleprobeError(f"{cache.path}: split {name!r} has only one class; cannot fit or validate a probe")
+    return cache
 
 
 def _lowered(before: dict[tuple[int, int], dict[str, Any]], after: dict[tuple[int, int], LinearProbe]) -> list[str]:

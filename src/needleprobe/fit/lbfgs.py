@@ -256,6 +256,7 @@ def data_grad(data: RowData, R: torch.Tensor) -> torch.Tensor:
     return torch.cat([data.xtr(R), data.rowsum(R)[None]])
 
 
+# Long (~100 lines) on purpose: one vectorised strong-Wolfe search; its operations are the fit's bits.
 def _line_search(data: RowData, st: _State, P: torch.Tensor, Q: torch.Tensor,
                  newton_start: torch.Tensor):
     """Strong-Wolfe search along P for every column; each trial is O(n) per column.
@@ -359,6 +360,7 @@ def _line_search(data: RowData, st: _State, P: torch.Tensor, Q: torch.Tensor,
     return out_t, out_ok, out_Z, out_sig, out_loss
 
 
+# Long (~80 lines) on purpose: one L-BFGS loop (test, direction, search, retry, update); its order is the bits.
 def _lbfgs_columns(data: RowData, l2: torch.Tensor, theta: torch.Tensor, *, tol: float,
                    max_iter: int, memory: int, n_iter0=None, state: _State | None = None):
     """Minimise J for each column of theta [D, K] jointly (each with its own L-BFGS).

@@ -16,6 +16,7 @@ the whole split are reported so the gap is visible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
@@ -41,23 +42,42 @@ def streaming_moments(read: ReadBlock, n: int, block_rows: int) -> tuple[np.ndar
     return mean, feature_scale(mean, std)
 
 
+@dataclass(frozen=True)
+class BlockRows:
+    """A split's train rows as the minibatch solver reads them: ``read`` blocks of ``block_rows`` of ``n`` raw rows,
+    standardised with (``mean``, ``std``)."""
+
+    read: ReadBlock
+    n: int
+    block_rows: int
+    mean: np.ndarray
+    std: np.ndarray
+
+
+@dataclass(frozen=True)
+class AdamSettings:
+    """The optimiser's settings (``probe.batch_size``, ``probe.num_epochs``, ``probe.learning_rate``) and the shuffle
+    buffer, in blocks."""
+
+    batch_size: int
+    num_epochs: int
+    learning_rate: float
+    shuffle_blocks: int = 4
+
+
 def fit_minibatch(
-    read: ReadBlock,
-    n: int,
-    block_rows: int,
+    rows: BlockRows,
     y: np.ndarray,
     sample_weight: np.ndarray | None,
-    mean: np.ndarray,
-    std: np.ndarray,
     l2_grid: Sequence[float],
+    settings: AdamSettings,
     *,
-    batch_size: int,
-    num_epochs: int,
-    learning_rate: float,
     seed: int,
     device: torch.device | str = "cpu",
-    shuffle_blocks: int = 4,
 ) -> list[PathResult]:
+    read, n, block_rows, mean, std = rows.read, rows.n, rows.block_rows, rows.mean, rows.std
+    batch_size, num_epochs, learning_rate = settings.batch_size, settings.num_epochs, settings.learning_rate
+    shuffle_blocks = settings.shuffle_blocks
     dev = torch.device(device)
     d, K = mean.shape[0], len(l2_grid)
     gen = torch.Generator().manual_seed(seed)

@@ -281,6 +281,7 @@ class LinearProbe:
 
     @classmethod
     def fit_path(cls, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, l2_grid: Sequence[float],
+                 # 9 parameters: public API, data as scikit-learn's fit takes it, the rest keyword-only config keys
                  *, class_balance: str = "weighted", seed: int = 0, val_groups: np.ndarray | None = None,
                  device: str = "cpu") -> "LinearProbe":
         """A probe fitted over ``l2_grid`` with validation selection: exactly what ``needleprobe fit`` does per layer."""

@@ -113,6 +113,8 @@ class LayerRows:
     """
 
     def __init__(self, view: SplitView, layer: int, start: int, stop: int, *, block_rows: int, piece_rows: int,
+                 # 13 parameters: which rows, then keyword-only layout (plan), standardiser and device; each caller
+                 # (statistics, fit, scores, tests) sets a different subset
                  index: np.ndarray | None = None, mean32: np.ndarray | None = None, std32: np.ndarray | None = None,
                  held_rows: int = 0, device: torch.device | str = "cpu", stats: IOStats | None = None,
                  check_stored: bool = True):

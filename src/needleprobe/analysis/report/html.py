@@ -442,40 +442,30 @@ def errors_html(cfg: Config, run: str | None, view: "MonitorView | None") -> str
     return "".join(out)
 
 
-def build_html(cfg: Config, run: str | None = None) -> str:
+def _cache_and_facts(cfg: Config, probes, warnings: list[str]):
+    """(cache, its facts) or (None, None) when it cannot be opened; what the reader should know goes to ``warnings``."""
     from ...cache.reader import open_cache
-    from ...run.layout import Layout
 
-    from ...run.record import run_config
-
-    cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
-    layout = Layout.from_config(cfg, run)
-    probes, missing = load_probe_infos(cfg, run)
-    if not probes:
-        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `{command('fit', cfg, run)}` first)")
-    best = best_overall(probes)
-    per_layer = best_per_layer(probes)
-    warnings: list[str] = [f"probe missing: {m} (run `{command('fit', cfg, run)}`)" for m in missing]
     try:
         cache = open_cache(cfg)
     except NeedleprobeError as e:
-        cache, facts = None, None
         warnings.append(str(e))
-    else:
-        from ...cache.inspect import cache_facts
+        return None, None
+    from ...cache.inspect import cache_facts
 
-        facts = cache_facts(cfg)
-        if facts["damaged"]:  # a report from a damaged cache would mislead: the one-line error instead
-            raise NeedleprobeError(facts["damaged"][0])
-        if facts["matches_config"] is False:
-            warnings.append("the cache is stale for this config (" + "; ".join(facts["differences"]) + "): run `needleprobe extract`")
-        other = sorted({p.meta.get("cache_fingerprint") for p in probes} - {cache.fingerprint})
-        if other:
-            warnings.append(f"some probes were fitted on another cache ({', '.join(map(str, other))}): refit with `needleprobe fit`")
+    facts = cache_facts(cfg)
+    if facts["damaged"]:  # a report from a damaged cache would mislead: the one-line error instead
+        raise NeedleprobeError(facts["damaged"][0])
+    if facts["matches_config"] is False:
+        warnings.append("the cache is stale for this config (" + "; ".join(facts["differences"]) + "): run `needleprobe extract`")
+    other = sorted({p.meta.get("cache_fingerprint") for p in probes} - {cache.fingerprint})
+    if other:
+        warnings.append(f"some probes were fitted on another cache ({', '.join(map(str, other))}): refit with `needleprobe fit`")
+    return cache, facts
 
-    roc_probes, w = probe_roc_section(cfg, cache, probes)
-    warnings += w
 
+def _monitor_sections(cfg: Config, run: str | None, layout, probes):
+    """(the monitor's view or None, its ROC html, its tables, the heatmaps html), from the monitor's stored results."""
     view, mon_notes = None, []
     found, mon_notes = choose_monitor_tokens(cfg, run, probes)
     if found is not None:
@@ -491,15 +481,32 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         why = ("; ".join(mon_notes) + ". ") if mon_notes else ""
         mon_html = note(f"No up-to-date monitor results. {why}Run `{command('monitor', cfg, run)}` "
                         "to score whole documents, then write the report again.")
-        heat_html, mon_tables = mon_html, ""
-    else:
-        from ..logits import truncation_line
+        return None, mon_html, "", mon_html
+    from ..logits import truncation_line
 
-        cut = truncation_line(view.split, view.tokens, cfg.model.max_length)
-        extra = "".join(note(n, kind="warn") for n in mon_notes + ([f"Truncation: {cut}."] if cut else []))
-        mon_html, mon_tables = monitor_roc_html(view)
-        mon_html = extra + mon_html
-        heat_html = heatmaps_section(cfg, view)
+    cut = truncation_line(view.split, view.tokens, cfg.model.max_length)
+    extra = "".join(note(n, kind="warn") for n in mon_notes + ([f"Truncation: {cut}."] if cut else []))
+    mon_html, mon_tables = monitor_roc_html(view)
+    return view, extra + mon_html, mon_tables, heatmaps_section(cfg, view)
+
+
+def build_html(cfg: Config, run: str | None = None) -> str:
+    from ...run.layout import Layout
+
+    from ...run.record import run_config
+
+    cfg = run_config(cfg, run)  # the layers and seeds the run was fitted with
+    layout = Layout.from_config(cfg, run)
+    probes, missing = load_probe_infos(cfg, run)
+    if not probes:
+        raise NeedleprobeError(f"{layout.run_dir}: no probes for this config (run `{command('fit', cfg, run)}` first)")
+    best = best_overall(probes)
+    per_layer = best_per_layer(probes)
+    warnings: list[str] = [f"probe missing: {m} (run `{command('fit', cfg, run)}`)" for m in missing]
+    cache, facts = _cache_and_facts(cfg, probes, warnings)
+    roc_probes, w = probe_roc_section(cfg, cache, probes)
+    warnings += w
+    view, mon_html, mon_tables, heat_html = _monitor_sections(cfg, run, layout, probes)
 
     seed_note = ("" if any(p.meta.get("seed_dependent") for p in probes) or len({p.seed for p in probes}) < 2 else
                  " With <code>class_balance: weighted</code> the fit does not depend on the seed, so the seeds coincide.")
