@@ -45,6 +45,7 @@ from ..io.files import FileLock
 from ..run.layout import lock_beside
 from ..run.record import versions
 from .repair import ModelRun, repair_chunks
+from .sharding import announce_shard, check_shards
 from .space import ROW_OVERHEAD_BYTES, cache_bytes, check_free_space, free_bytes, stored_rows
 from .runner import Forward, SplitBatches, host_later, row_index, run_batches
 from ..io.runtime import resolve_device
@@ -291,11 +292,11 @@ class _SiteStreams:
         self.pos += n
 
 
-# Long (~200 lines) on purpose for now: one ordered sequence whose order is the contract (every check before the
-# model loads, decisions under the locks, writers, streams, commit or a failure recorded on the cache).
+# Long (~100 lines) on purpose: one ordered sequence whose order is the contract (every check before the model
+# loads, decisions under the locks, writers, the split streams, then commit or a failure recorded on the cache).
 def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False,
              splits: tuple[str, ...] = FIT_SPLITS) -> ExtractResult:
-    from .sites import capture_sites, check_model_sites
+    from .sites import capture_sites
 
     t0 = time.perf_counter()
     con = console()
@@ -314,22 +315,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
     tokenizer = load_tokenizer(cfg.model)
     plans = prepare_plans(cfg, tokenizer, docs, data_path, splits)
     legacy = {job.site for job in jobs if "documents" not in job.fields}  # caches from before per-document digests
-    n_layers, d_model_cfg, limit = model_shape(cfg)
-    for job in jobs:
-        if n_layers is not None:
-            check_layers(job.layers, n_layers, cfg.model.name)
-    check_model_sites(cfg, [(job.site, layer) for job in jobs for layer in job.layers])  # before anything is written
-    for work in plans.values():
-        check_positions(work.batches.tdocs, limit, cfg, data_path)
-    split_rows = [w.plan.n_rows for w in plans.values()]
-    total_rows = sum(split_rows)
-    if d_model_cfg is not None:
-        need = 0
-        for job in jobs:
-            if job.state != "up to date":
-                present = dir_size(job.path) if job.existing is not None and not is_url(job.path) else 0  # resumed rows stay
-                need += cache_bytes(split_rows, len(job.layers), d_model_cfg, cfg.probe.feature_dtype, dist.world) - present
-        check_free_space(jobs[0].path, need, force)
+    split_rows = _preflight(cfg, jobs, plans, data_path, dist.world, force)
     device = dist.device(resolve_device(cfg.probe.device))
     show_progress = show_progress and dist.primary  # one bar (rank 0's shard), not one per process
 
@@ -340,43 +326,15 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
             raise NeedleprobeError(f"{job.path.parent}: cannot create the cache directory ({e.strerror})") from None
     # Under torchrun rank 0 holds the locks and decides; the others wait for its decision and follow.
     with contextlib.ExitStack() as locks:
-        if dist.primary:
-            for job in sorted(jobs, key=lambda j: str(j.path)):
-                locks.enter_context(FileLock(lock_beside(job.path), what=f"extract of {job.path}"))
-            for job in jobs:  # again, now that we hold the locks
-                job.state, job.existing = _cache_state(job.path, job.cfg, docs, overwrite)
-                job.state = _world_state(job.state, job.existing, dist.world, overwrite)
-                if job.state == "stale":
-                    con.print(f"[yellow]--overwrite: removing the stale cache {job.path}")
-                    remove_cache(job.path)
-        decided = dist.broadcast([(j.state, j.existing.fingerprint if j.state == "up to date" else None) for j in jobs])
-        for job, (state, _) in zip(jobs, decided):
-            job.state = state
+        _decide(locks, con, jobs, docs, overwrite, dist)
         if all(job.state == "up to date" for job in jobs) and not repair:
             return _result(jobs, "up to date")
-        loaded: dict[str, Any] = {}
-
-        def model_parts():
-            """(model, blocks, d_model), loaded on first use (a repair of small arrays needs no model)."""
-            if not loaded:
-                model = load_model(cfg.model, cfg.probe.model_dtype, device)
-                blocks = find_blocks(model)
-                for job in jobs:
-                    check_layers(job.layers, len(blocks), cfg.model.name)
-                loaded.update(model=model, blocks=blocks, d_model=int(model.config.get_text_config().hidden_size))
-            return loaded["model"], loaded["blocks"], loaded["d_model"]
-
+        model_parts = _model_loader(cfg, device, jobs)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         repaired: list[str] = []
         tokens = 0
         if repair:
-            for job in jobs:
-                if job.state not in ("resume", "up to date"):
-                    continue
-                done, n = repair_chunks(con, job, plans, ModelRun(model_parts, pad_id, device, show_progress),
-                                        legacy=job.site in legacy)
-                repaired += done
-                tokens += n
+            repaired, tokens = _repair_all(con, jobs, plans, ModelRun(model_parts, pad_id, device, show_progress), legacy)
             if all(job.state == "up to date" for job in jobs):
                 status = "repaired" if repaired else "up to date"
                 res = _result(jobs, status, time.perf_counter() - t0, tokens)
@@ -386,36 +344,11 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
         model, blocks, d_model = model_parts()
         _auto_plan(con, cfg, plans, model, device, sum(len(job.layers) for job in work_jobs), dist)
         status = "resumed" if any(job.state == "resume" for job in work_jobs) else "extracted"
-        free = free_bytes(work_jobs[0].path)
-        n_sites = len(work_jobs)
-        est = sum(cache_bytes(split_rows, len(job.layers), d_model, cfg.probe.feature_dtype, dist.world)
-                  for job in work_jobs)
-        padded = stored_rows(split_rows, d_model, cfg.probe.feature_dtype, dist.world)
-        into = ", ".join(str(job.path) for job in work_jobs)
-        con.print(
-            f"{'resuming' if status == 'resumed' else 'extracting'} into {into}\n  {total_rows:,} rows ({padded:,} "
-            f"in whole chunks) × {'' if n_sites == 1 else f'{n_sites} sites × '}{len(work_jobs[0].layers)} layers × "
-            f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B, + {ROW_OVERHEAD_BYTES} B of labels "
-            f"and indices per row = [bold]{human_bytes(est)}[/bold] on disk"
-            f"{'' if free is None else f' ({human_bytes(free)} free)'}; "
-            f"device {device}, model dtype {cfg.probe.model_dtype}"
-        )
+        _announce(con, cfg, work_jobs, split_rows, d_model, device, dist.world, status)
         for job in work_jobs:
-            metadata = {
-                "model_name": cfg.model.name,
-                "model_revision": cfg.model.revision,
-                "model_class": type(model).__name__,
-                "tokenizer_class": type(tokenizer).__name__,
-                "d_model": d_model,
-                "n_layers": len(blocks),
-                "layers": job.layers,
-                "activation_site": job.site,
-                "feature_dtype": cfg.probe.feature_dtype,
-                "dataset_sha256": file_sha256(data_path),
-                "versions": versions(),
-                "compute": compute_settings(device, dist.world),
-            }
-            job.writer = CacheWriter(job.path, job.fields, metadata, world_size=dist.world)
+            job.writer = CacheWriter(job.path, job.fields, _cache_metadata(cfg, job, (model, blocks, d_model), tokenizer,
+                                                                           data_path, device, dist.world),
+                                     world_size=dist.world)
         result = _result(jobs, status, tokens=tokens)
         result.repaired = repaired
         current = None
@@ -440,7 +373,7 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
                     for name, work in plans.items():
                         plan, split = work.plan, work.batches
                         if dist.sharded:
-                            plan, split = _shard(con, dist, plan, split)
+                            plan, split = announce_shard(con, dist, plan, split)
                         streams = {}
                         for job in work_jobs:
                             job_plan = replace(plan, doc_digests=None) if job.site in legacy else plan
@@ -459,36 +392,150 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
                             _report_truncation(con, name, plan.stats)
             result.tokens = dist.total(result.tokens)  # waits for every shard
             if dist.primary:
-                for job in work_jobs:
-                    _check_shards(job.writer, list(plans), dist.world)
-                    have = job.writer.committed(list(FIT_SPLITS))  # split → (committed rows, rows)
-                    done = [n for n in FIT_SPLITS if n in plans or (n in have and have[n][0] == have[n][1])]
-                    if set(done) == set(FIT_SPLITS):
-                        job.writer.finish(list(FIT_SPLITS), {})
-                    else:  # some splits only: listed as written, the cache left for a full extract to resume
-                        job.writer.root.attrs["splits"] = done
-        except NeedleprobeError as e:
-            for job in work_jobs:
-                if job.state != "resume" and not dist.sharded:  # sharded: others may still write; resume instead
-                    remove_cache(job.path)  # nothing half-written under the real name
-                elif job.writer is not None and job.writer.root is not None:
-                    job.writer.record_failure(e)
-            raise
-        except OSError as e:
-            for job in work_jobs:
-                if job.writer is not None and job.writer.root is not None:
-                    job.writer.record_failure(e)
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            job = current or next((j for j in work_jobs if j.writer.root is not None), work_jobs[0])
-            raise NeedleprobeError(_disk_full(job.path, job.writer, plans, e)) from None
+                _finish_caches(work_jobs, plans, dist.world)
         except Exception as e:  # a bug, or a failing device: keep the committed rows, and say on the cache what happened
-            for job in work_jobs:
-                if job.writer is not None and job.writer.root is not None:
-                    job.writer.record_failure(e)
+            _on_failure(e, work_jobs, plans, dist, current)
             raise
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _preflight(cfg: Config, jobs: list[SiteJob], plans: dict[str, SplitWork], data_path, world: int,
+               force: bool) -> list[int]:
+    """Every check that needs no model, before anything is written: layers, sites, positions, free disk space.
+    Returns each split's row count."""
+    from .sites import check_model_sites
+
+    n_layers, d_model_cfg, limit = model_shape(cfg)
+    for job in jobs:
+        if n_layers is not None:
+            check_layers(job.layers, n_layers, cfg.model.name)
+    check_model_sites(cfg, [(job.site, layer) for job in jobs for layer in job.layers])  # before anything is written
+    for work in plans.values():
+        check_positions(work.batches.tdocs, limit, cfg, data_path)
+    split_rows = [w.plan.n_rows for w in plans.values()]
+    if d_model_cfg is not None:
+        need = 0
+        for job in jobs:
+            if job.state != "up to date":
+                present = dir_size(job.path) if job.existing is not None and not is_url(job.path) else 0  # resumed rows stay
+                need += cache_bytes(split_rows, len(job.layers), d_model_cfg, cfg.probe.feature_dtype, world) - present
+        check_free_space(jobs[0].path, need, force)
+    return split_rows
+
+
+def _decide(locks: contextlib.ExitStack, con, jobs: list[SiteJob], docs, overwrite: bool, dist) -> None:
+    """Under torchrun rank 0 takes the locks and decides each cache's state again; the others follow its decision."""
+    if dist.primary:
+        for job in sorted(jobs, key=lambda j: str(j.path)):
+            locks.enter_context(FileLock(lock_beside(job.path), what=f"extract of {job.path}"))
+        for job in jobs:  # again, now that we hold the locks
+            job.state, job.existing = _cache_state(job.path, job.cfg, docs, overwrite)
+            job.state = _world_state(job.state, job.existing, dist.world, overwrite)
+            if job.state == "stale":
+                con.print(f"[yellow]--overwrite: removing the stale cache {job.path}")
+                remove_cache(job.path)
+    decided = dist.broadcast([(j.state, j.existing.fingerprint if j.state == "up to date" else None) for j in jobs])
+    for job, (state, _) in zip(jobs, decided):
+        job.state = state
+
+
+def _model_loader(cfg: Config, device, jobs: list[SiteJob]) -> Callable[[], tuple[Any, Any, int]]:
+    """``() -> (model, blocks, d_model)``, loaded on first use (a repair of small arrays needs no model)."""
+    loaded: dict[str, Any] = {}
+
+    def model_parts():
+        if not loaded:
+            model = load_model(cfg.model, cfg.probe.model_dtype, device)
+            blocks = find_blocks(model)
+            for job in jobs:
+                check_layers(job.layers, len(blocks), cfg.model.name)
+            loaded.update(model=model, blocks=blocks, d_model=int(model.config.get_text_config().hidden_size))
+        return loaded["model"], loaded["blocks"], loaded["d_model"]
+
+    return model_parts
+
+
+def _repair_all(con, jobs: list[SiteJob], plans: dict[str, SplitWork], run: ModelRun, legacy: set[str]
+                ) -> tuple[list[str], int]:
+    """``--repair`` on every cache that exists: (chunks repaired, tokens through the model)."""
+    repaired: list[str] = []
+    tokens = 0
+    for job in jobs:
+        if job.state not in ("resume", "up to date"):
+            continue
+        done, n = repair_chunks(con, job, plans, run, legacy=job.site in legacy)
+        repaired += done
+        tokens += n
+    return repaired, tokens
+
+
+def _announce(con, cfg: Config, work_jobs: list[SiteJob], split_rows: list[int], d_model: int, device, world: int,
+              status: str) -> None:
+    """One line before the model runs: what will be written where, its size on disk and the free space."""
+    free = free_bytes(work_jobs[0].path)
+    n_sites = len(work_jobs)
+    est = sum(cache_bytes(split_rows, len(job.layers), d_model, cfg.probe.feature_dtype, world) for job in work_jobs)
+    padded = stored_rows(split_rows, d_model, cfg.probe.feature_dtype, world)
+    into = ", ".join(str(job.path) for job in work_jobs)
+    con.print(
+        f"{'resuming' if status == 'resumed' else 'extracting'} into {into}\n  {sum(split_rows):,} rows ({padded:,} "
+        f"in whole chunks) × {'' if n_sites == 1 else f'{n_sites} sites × '}{len(work_jobs[0].layers)} layers × "
+        f"d_model {d_model} × {BYTES_PER_VALUE[cfg.probe.feature_dtype]} B, + {ROW_OVERHEAD_BYTES} B of labels "
+        f"and indices per row = [bold]{human_bytes(est)}[/bold] on disk"
+        f"{'' if free is None else f' ({human_bytes(free)} free)'}; "
+        f"device {device}, model dtype {cfg.probe.model_dtype}"
+    )
+
+
+def _cache_metadata(cfg: Config, job: SiteJob, parts: tuple[Any, Any, int], tokenizer, data_path, device,
+                    world: int) -> dict[str, Any]:
+    """What a site's cache records about the model, the data and the machine that wrote it."""
+    model, blocks, d_model = parts
+    return {
+        "model_name": cfg.model.name,
+        "model_revision": cfg.model.revision,
+        "model_class": type(model).__name__,
+        "tokenizer_class": type(tokenizer).__name__,
+        "d_model": d_model,
+        "n_layers": len(blocks),
+        "layers": job.layers,
+        "activation_site": job.site,
+        "feature_dtype": cfg.probe.feature_dtype,
+        "dataset_sha256": file_sha256(data_path),
+        "versions": versions(),
+        "compute": compute_settings(device, world),
+    }
+
+
+def _finish_caches(work_jobs: list[SiteJob], plans: dict[str, SplitWork], world: int) -> None:
+    """Mark each cache complete when every split is written (every shard, under torchrun), else list what is."""
+    for job in work_jobs:
+        check_shards(job.writer, list(plans), world)
+        have = job.writer.committed(list(FIT_SPLITS))  # split → (committed rows, rows)
+        done = [n for n in FIT_SPLITS if n in plans or (n in have and have[n][0] == have[n][1])]
+        if set(done) == set(FIT_SPLITS):
+            job.writer.finish(list(FIT_SPLITS), {})
+        else:  # some splits only: listed as written, the cache left for a full extract to resume
+            job.writer.root.attrs["splits"] = done
+
+
+def _on_failure(e: Exception, work_jobs: list[SiteJob], plans: dict[str, SplitWork], dist, current) -> None:
+    """Before the error propagates: nothing half-written under the real name (a new cache is removed), else the
+    failure recorded on the cache; a full disk becomes one line that says what is kept."""
+    if isinstance(e, NeedleprobeError):
+        for job in work_jobs:
+            if job.state != "resume" and not dist.sharded:  # sharded: others may still write; resume instead
+                remove_cache(job.path)  # nothing half-written under the real name
+            elif job.writer is not None and job.writer.root is not None:
+                job.writer.record_failure(e)
+        return
+    for job in work_jobs:
+        if job.writer is not None and job.writer.root is not None:
+            job.writer.record_failure(e)
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        job = current or next((j for j in work_jobs if j.writer.root is not None), work_jobs[0])
+        raise NeedleprobeError(_disk_full(job.path, job.writer, plans, e)) from None
 
 
 def _auto_plan(con, cfg: Config, plans: dict[str, SplitWork], model, device, n_captured: int, dist) -> None:
@@ -537,34 +584,6 @@ def _disk_full(path, writer: CacheWriter, plans: dict[str, SplitWork], e: OSErro
         f"{path}: disk full ({e.strerror}); the {done:,} rows committed so far are kept ({parts}): "
         "free some space and run extract again to resume"
     )
-
-
-def _shard(con, dist, plan: SplitPlan, split: SplitBatches) -> tuple[SplitPlan, SplitBatches]:
-    from .sharding import shard_split
-
-    part, mine = shard_split(plan, split, dist.rank, dist.world)
-    s = part.shard
-    con.print(
-        f"rank {dist.rank}/{dist.world} {plan.name}: batches {s['batch_start']}–{s['batch_stop']} of {len(split.batches)}, "
-        f"rows {s['row_start']:,}–{s['row_stop']:,} of {plan.n_rows:,} → {shard_name(dist.rank, dist.world)}/{plan.name}"
-    )
-    return part, mine
-
-
-def _check_shards(writer: CacheWriter, splits: list[str], world: int) -> None:
-    """Before marking a sharded cache complete: every shard of every split is complete."""
-    if world == 1:
-        return
-    root = writer.root
-    for r in range(world):
-        for name in splits:
-            key = f"{shard_name(r, world)}/{name}"
-            try:
-                done = bool(root[key].attrs.get("complete"))
-            except KeyError:
-                done = False
-            if not done:
-                raise NeedleprobeError(f"{writer.path}: shard {key} is not complete; run the same torchrun again to resume")
 
 
 def _report_truncation(con, name: str, stats: dict[str, Any]) -> None:

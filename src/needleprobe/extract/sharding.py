@@ -24,10 +24,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..cache.reader import shard_name
 from ..cache.writer import SplitPlan
 from ..data.tokens import bucket_length
+from ..errors import NeedleprobeError
 
 if TYPE_CHECKING:
+    from ..cache.writer import CacheWriter
     from .runner import SplitBatches
 
 
@@ -69,3 +72,30 @@ def shard_split(plan: SplitPlan, split: "SplitBatches", rank: int, world: int) -
         shard=shard,
     )
     return part, replace(split, batches=batches[b0:b1])
+
+
+def announce_shard(con, dist, plan: SplitPlan, split: SplitBatches) -> tuple[SplitPlan, SplitBatches]:
+    """This rank's part of a split (:func:`shard_split`), said on the terminal."""
+    part, mine = shard_split(plan, split, dist.rank, dist.world)
+    s = part.shard
+    con.print(
+        f"rank {dist.rank}/{dist.world} {plan.name}: batches {s['batch_start']}–{s['batch_stop']} of {len(split.batches)}, "
+        f"rows {s['row_start']:,}–{s['row_stop']:,} of {plan.n_rows:,} → {shard_name(dist.rank, dist.world)}/{plan.name}"
+    )
+    return part, mine
+
+
+def check_shards(writer: CacheWriter, splits: list[str], world: int) -> None:
+    """Before marking a sharded cache complete: every shard of every split is complete."""
+    if world == 1:
+        return
+    root = writer.root
+    for r in range(world):
+        for name in splits:
+            key = f"{shard_name(r, world)}/{name}"
+            try:
+                done = bool(root[key].attrs.get("complete"))
+            except KeyError:
+                done = False
+            if not done:
+                raise NeedleprobeError(f"{writer.path}: shard {key} is not complete; run the same torchrun again to resume")
