@@ -191,6 +191,27 @@ def test_minibatch_streams_blocks_and_approaches_lbfgs(small_dataset, tmp_path, 
     assert probe_paths(mb, 1, 0, "again")[0].read_bytes() == first
 
 
+def test_minibatch_standardises_with_the_in_memory_statistics_to_the_bit(small_dataset, tmp_path, monkeypatch):
+    """One standardiser: the minibatch solver's streamed mean and scale are the in-memory fit's, bit for bit."""
+    from conftest import write_config
+
+    from needleprobe.cache.reader import open_cache
+    from needleprobe.cli import main
+    from needleprobe.config import load_config
+    from needleprobe.fit.fit import lbfgs_layer, minibatch_layer
+
+    monkeypatch.setenv("NEEDLEPROBE_CHUNK_ROWS", "64")  # blocks of 4 chunks: many blocks, so the sums are streamed
+    path = write_config(tmp_path, small_dataset, layers_to_probe=[1], train_seeds=[0])
+    assert main(["extract", "--config", str(path), "--no-progress"]) == 0
+    cfg = load_config(path)
+    cache = open_cache(cfg)
+    assert cache.split("train").n_rows > 4 * 64
+    streamed = minibatch_layer(cache, 1, cfg, torch.device("cpu"))
+    in_memory = lbfgs_layer(cache, 1, list(cfg.probe.l2_grid), torch.device("cpu"))
+    np.testing.assert_array_equal(streamed.mean, in_memory.mean)
+    np.testing.assert_array_equal(streamed.std, in_memory.std)
+
+
 @pytest.mark.parametrize("n", [1, 1023, 1024, 5000])
 def test_column_moments_equal_numpy_to_the_bit(n):
     """Blockwise, yet numpy's own two-pass numbers: probes stay the same bytes."""

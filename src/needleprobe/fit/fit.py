@@ -37,7 +37,7 @@ from ..config import Config
 from ..data.documents import file_sha256
 from ..errors import NeedleprobeError
 from ..run.layout import Layout
-from .probe import FitData, LinearProbe, fit_grid, to_raw
+from .probe import FitData, LinearProbe, column_moments_of_blocks, feature_scale, fit_grid, to_raw
 from ..io.console import console, human_bytes, results
 from ..io.files import FileLock, atomic_write_bytes, atomic_write_json
 from ..run.record import update_run_record
@@ -90,13 +90,17 @@ def lbfgs_layer(cache: Cache, layer: int, grid: list[float], device: torch.devic
 
 
 def minibatch_layer(cache: Cache, layer: int, cfg: Config, device: torch.device) -> FitData:
-    from .minibatch import AdamSettings, BlockRows, fit_minibatch, streaming_moments
+    from .minibatch import AdamSettings, BlockRows, fit_minibatch
+    from .plan import MOMENT_BLOCK_ROWS
 
     train, val = cache.split("train"), cache.split("val")
     block = train.activations(layer).chunks[0] * 4
     n = train.n_rows
     read = lambda a, b: train.to_numpy(layer, rows=slice(a, b))  # noqa: E731
-    mean, std = streaming_moments(read, n, block)
+    # the one standardiser (two passes, as in memory and out of core)
+    mean, std = column_moments_of_blocks(lambda: (read(a, min(n, a + block)) for a in range(0, n, block)), n,
+                                         int(train.activations(layer).shape[1]), MOMENT_BLOCK_ROWS)
+    std = feature_scale(mean, std)
     p = cfg.probe
 
     def fit_path(rows, weights, seed):

@@ -28,20 +28,6 @@ ReadBlock = Callable[[int, int], np.ndarray]
 """(start, stop) → float32 raw rows [stop - start, d] of the train split."""
 
 
-def streaming_moments(read: ReadBlock, n: int, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation per feature in one pass (float64 sums; constant features get std 1, see ``probe.feature_scale``)."""
-    s = s2 = None
-    for start in range(0, n, block_rows):
-        x = read(start, min(n, start + block_rows)).astype(np.float64)
-        s = x.sum(0) if s is None else s + x.sum(0)
-        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
-    mean = s / n
-    std = np.sqrt(np.maximum(s2 / n - mean * mean, 0.0))
-    from .probe import feature_scale
-
-    return mean, feature_scale(mean, std)
-
-
 @dataclass(frozen=True)
 class BlockRows:
     """A split's train rows as the minibatch solver reads them: ``read`` blocks of ``block_rows`` of ``n`` raw rows,
