@@ -165,3 +165,13 @@ def test_long_functions_and_long_signatures_say_why():
     assert long - set(LONG_ALLOWED) == set()
     assert wide - set(WIDE_ALLOWED) == set()
     assert set(LONG_ALLOWED) - long == set() and set(WIDE_ALLOWED) - wide == set()
+
+
+def test_one_place_forwards_documents_through_the_hooks():
+    """extract, its repair, the monitor and ``Monitor.score`` run documents through ``extract.runner.forwarding``;
+    only the watch hooks a model itself (it scores the forwards of the user's own ``generate``)."""
+    def callers(call: str) -> list[str]:
+        return sorted(str(p.relative_to(PKG)) for p in PKG.rglob("*.py") if call in p.read_text())
+
+    assert callers("capture_sites(") == ["deploy/watch.py", "extract/runner.py", "extract/sites.py"]
+    assert callers(" Forward(") == ["extract/runner.py"]

@@ -269,9 +269,8 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     """
     from ..model.hooks import check_layers, check_positions, find_blocks, load_model, load_tokenizer, model_shape
     from ..io.runtime import resolve_device
-    from ..extract.sites import capture_sites
     from ..extract.batching import batch_plan, budget_message, device_budget
-    from ..extract.runner import Forward, SplitBatches, run_batches
+    from ..extract.runner import SplitBatches, forwarding, run_batches
     from ..data.tokens import tokenize_documents
 
     con = console()
@@ -327,9 +326,9 @@ def score_tokens(cfg: Config, store: LogitStore, split: str, probes: list[ProbeR
     con.print(f"monitor: scoring {len(tdocs)} {split} documents with {len(missing)} probe(s) on {device}")
     site = cfg.single_site("the monitor").probe.activation_site
     requests = [(site, layer) for layer in sorted({p.layer for p in missing})]
-    with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode(), capture_sites(blocks, requests) as cap:
+    with ThreadPoolExecutor(max_workers=1) as pool, forwarding(model, requests, pad_id, device) as fwd:
         stream = ChunkStream(pg, ["logits"], committed, pool)
-        run_batches(Forward(model, cap, pad_id, device), SplitBatches(split, tdocs, rows_of, batches), stream, committed,
+        run_batches(fwd, SplitBatches(split, tdocs, rows_of, batches), stream, committed,
                     partial(logit_rows, weights=mats), show_progress)
         stream.close()
     pg.attrs["complete"] = True

@@ -224,5 +224,5 @@ def _print(rows: list[dict[str, Any]], split: str, best: dict[str, Any] | None =
         out.print(escape(
             f"needle detection at that threshold: {op['detected_spans']}/{op['n_needle_spans']} needle spans "
             f"({op['detection_rate']:.0%}) have the running aggregate above it before the span ends, "
-            f"{op['latency_median']:g} tokens after the span's first token (median; 90th percentile "
-            f"{op['latency_p90']:g})"))
+            f"{op['latency_median']:g} token{'' if op['latency_median'] == 1 else 's'} after the span's first token "
+            f"(median; 90th percentile {op['latency_p90']:g})"))

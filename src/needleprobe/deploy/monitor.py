@@ -311,10 +311,8 @@ class Monitor:
         import torch
 
         from ..extract.batching import batch_plan
-        from ..model.hooks import find_blocks
         from ..analysis.logits import logit_rows
-        from ..extract.runner import Forward, SplitBatches, run_batches
-        from ..extract.sites import capture_sites
+        from ..extract.runner import SplitBatches, forwarding, run_batches
 
         if not tdocs:
             return []
@@ -324,9 +322,8 @@ class Monitor:
         w = torch.from_numpy(np.ascontiguousarray(self.weight, dtype=np.float32))[:, None].to(device)
         b = torch.tensor([self.bias], dtype=torch.float32).to(device)
         sink = _Rows()
-        blocks = find_blocks(model)
-        with torch.inference_mode(), capture_sites(blocks, [(self.site, self.layer)]) as cap:
-            run_batches(Forward(model, cap, pad_id, device), SplitBatches("score", tdocs, rows_of, batches), sink, 0,
+        with forwarding(model, [(self.site, self.layer)], pad_id, device) as fwd:
+            run_batches(fwd, SplitBatches("score", tdocs, rows_of, batches), sink, 0,
                         partial(logit_rows, weights=[(self.layer, w, b)]), False)
         flat = np.concatenate(sink.rows)[:, 0] if sink.rows else np.zeros(0, np.float32)
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(tdocs)

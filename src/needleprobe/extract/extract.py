@@ -47,7 +47,7 @@ from ..run.record import versions
 from .repair import ModelRun, repair_chunks
 from .sharding import announce_shard, check_shards
 from .space import ROW_OVERHEAD_BYTES, cache_bytes, check_free_space, free_bytes, stored_rows
-from .runner import Forward, SplitBatches, host_later, row_index, run_batches
+from .runner import SplitBatches, forwarding, host_later, row_index, run_batches
 from ..io.runtime import resolve_device
 from ..io.stores import is_url
 from ..cache.inspect import dir_size
@@ -296,8 +296,6 @@ class _SiteStreams:
 # loads, decisions under the locks, writers, the split streams, then commit or a failure recorded on the cache).
 def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bool = False, force: bool = False,
              splits: tuple[str, ...] = FIT_SPLITS) -> ExtractResult:
-    from .sites import capture_sites
-
     t0 = time.perf_counter()
     con = console()
     data_path = cfg.dataset.resolved_path()
@@ -367,9 +365,8 @@ def _extract(cfg: Config, overwrite: bool, show_progress: bool, dist, repair: bo
                 job.writer.clear_failure()
             current = None
             requests = [(job.site, layer) for job in work_jobs for layer in job.layers]
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool, torch.inference_mode():
-                with capture_sites(blocks, requests) as cap:
-                    fwd = Forward(model, cap, pad_id, device)
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="zarr-writer") as pool:
+                with forwarding(model, requests, pad_id, device) as fwd:
                     for name, work in plans.items():
                         plan, split = work.plan, work.batches
                         if dist.sharded:

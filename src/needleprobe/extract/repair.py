@@ -12,14 +12,13 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
 
 from ..cache.integrity import ChunkDamage, chunk_problem, verify_chunks, writable
 from ..cache.reader import ROW_ARRAYS
 from ..cache.writer import small_arrays
 from ..errors import NeedleprobeError
 from ..io.stores import open_group
-from .runner import Forward, SplitBatches, run_batches
+from .runner import SplitBatches, forwarding, run_batches
 
 if TYPE_CHECKING:
     from .extract import SiteJob, SplitWork
@@ -112,7 +111,6 @@ def _rerun_batches(job: SiteJob, plans: dict[str, SplitWork], run: ModelRun,
     model_parts, pad_id, device, show_progress = run.parts, run.pad_id, run.device, run.show_progress
     tokens = 0
     model, blocks, _ = model_parts()
-    from .sites import capture_sites
 
     from .extract import gather_rows  # looked up at call time: the extract module owns it
 
@@ -122,8 +120,7 @@ def _rerun_batches(job: SiteJob, plans: dict[str, SplitWork], run: ModelRun,
         finish = gather(acts, batch_rows)
         return lambda: {f"layer_{layer}": r for (_, layer), r in finish().items()}
 
-    with torch.inference_mode(), capture_sites(blocks, [(site, layer) for layer in layers]) as cap:
-        fwd = Forward(model, cap, pad_id, device)
+    with forwarding(model, [(site, layer) for layer in layers], pad_id, device) as fwd:
         for split, items in todo.items():
             work = plans[split].batches
             batches = work.batches

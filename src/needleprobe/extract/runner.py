@@ -10,14 +10,15 @@ in-memory one for a repair) takes them in row order.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 import torch
 
 from ..errors import NeedleprobeError
-from ..model.hooks import model_inputs, run_forward
+from ..model.hooks import find_blocks, model_inputs, run_forward
 from ..io.console import console, progress_bar
 from ..data.tokens import TokenizedDoc, bucket_length
 
@@ -50,6 +51,16 @@ class Forward:
     device: torch.device
     max_tokens: int | None = None
     """Padded tokens per forward after the device ran out of memory (kept for later batches and splits)."""
+
+
+@contextmanager
+def forwarding(model, requests: list[tuple[str, int]], pad_id: int, device: torch.device) -> Iterator[Forward]:
+    """The one way documents reach the model (extract, its repair, the monitor, ``Monitor.score``): no autograd,
+    hooks on the requested (site, layer) pairs for the duration, and a :class:`Forward` for :func:`run_batches`."""
+    from .sites import capture_sites
+
+    with torch.inference_mode(), capture_sites(find_blocks(model), requests) as cap:
+        yield Forward(model, cap, pad_id, device)
 
 
 IN_FLIGHT = 2
