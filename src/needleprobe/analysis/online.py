@@ -1,6 +1,6 @@
 """Running document aggregates: the value an aggregation has after each token of a stream.
 
-The running value after token t is, by definition, the offline aggregate (:func:`needleprobe.monitor.aggregate`)
+The running value after token t is, by definition, the offline aggregate (:func:`needleprobe.analysis.aggregation.aggregate`)
 of the tokens up to t, so after the last token it equals the document score exactly (the same floating-point
 operations, not merely close).  ``max`` and ``rolling_max`` are computed in one vectorised pass whose every value
 is bit-identical to the offline one (a running maximum; the same sequential cumulative sum); ``mean``,

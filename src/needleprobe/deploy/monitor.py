@@ -4,7 +4,7 @@
 threshold it would set at a false-positive rate on the calibration split's clean documents, from a config, a run
 directory, or an exported bundle (:mod:`.bundle`, which needs neither the run nor the dataset).  ``score`` runs the
 model exactly as ``extract`` and ``monitor`` do (the same tokenisation, chat template, truncation, bucketed
-batches and hooks: :mod:`needleprobe.runner`), so a document's score is the one ``monitor`` stored for it.
+batches and hooks: :func:`needleprobe.extract.runner.forwarding`), so a document's score is the one ``monitor`` stored for it.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Monitor:
     """float32 [d_model]: coefficients on raw activations (standardisation folded in)."""
     bias: float
     aggregation: str
-    """One of ``monitor.AGGREGATIONS``."""
+    """One of ``analysis.aggregation.AGGREGATIONS``."""
     params: MonitorConfig
     """Its parameters (top_k, window, temperature)."""
     fpr: float

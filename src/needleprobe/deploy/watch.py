@@ -1,6 +1,6 @@
 """Scoring a model's own forward passes while it generates: no second forward.
 
-:class:`Watch` hooks the probed site (the same taps as ``extract``: :func:`needleprobe.sites.capture_sites`, without
+:class:`Watch` hooks the probed site (the same taps as ``extract``: :func:`needleprobe.extract.sites.capture_sites`, without
 the early stop) and the model's forward.  ``model.generate`` runs one forward over the prompts (the prefill) and one
 per new token (with the KV cache, over that token alone); after each, the watch reads the site's activations of the
 positions that forward computed, applies the probe, and feeds the running aggregate of each sequence

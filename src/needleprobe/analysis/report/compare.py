@@ -251,7 +251,7 @@ def _comparison_html(views: list[RunView], run: str | None) -> str:
         "<h3>The runs</h3>",
         _runs_table(views),
         "</section>",
-        f"<footer>Written by <code>needleprobe.report.write_comparison</code> from "
+        f"<footer>Written by <code>needleprobe report --config A --config B</code> from "
         f"{esc(', '.join(str(v.layout.run_dir) for v in views))}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
     ]

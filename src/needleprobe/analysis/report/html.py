@@ -551,7 +551,7 @@ def build_html(cfg: Config, run: str | None = None) -> str:
         "(misses) of the best probe on the cached val rows, in their text: the same lists as <code>"
         + esc(command("errors", cfg, run)) + "</code>. A document id links to its heatmap above when it is shown there.</p>"
         + errors_html(cfg, run, view) + "</section>",
-        f'<footer>Written by <code>needleprobe.report.write_report</code> from {esc(str(layout.run_dir))}'
+        f'<footer>Written by <code>needleprobe report</code> from {esc(str(layout.run_dir))}'
         f"{'' if cache is None else ' and ' + esc(cache.path)}. Self-contained: no scripts, no external resources.</footer>",
         "</main>",
     ]
