@@ -251,6 +251,42 @@ def test_parallel_fit_writes_the_same_bytes(scale_setup, tmp_path, class_balance
     assert record["stages"]["fit"]["devices"] == ["cpu", "cpu"]
 
 
+def test_layers_side_by_side_read_their_rows_one_at_a_time(scale_setup, tmp_path, monkeypatch, one_thread):
+    """Two workers never read two layers' rows at once (read together, both waited on the GIL and neither started
+    fitting); one fits while the other reads."""
+    import threading
+    import time
+
+    import needleprobe.fit.fit as fit_module
+
+    tmp, _, _, _ = scale_setup
+    raw = yaml.safe_load((tmp / "ref" / "config.yaml").read_text())
+    raw["probe"].update(layers_to_probe=LAYERS, output_dir=str(tmp_path / "probes"), run_record_dir=str(tmp_path / "rr"))
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    spans: dict[str, list[tuple[float, float]]] = {"read": [], "fit": []}
+    lock = threading.Lock()
+
+    def timed(kind, f, pause):
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            time.sleep(pause)  # long enough for the other worker to overlap, were it allowed to
+            out = f(*a, **k)
+            with lock:
+                spans[kind].append((t0, time.perf_counter()))
+            return out
+        return run
+
+    monkeypatch.setattr(fit_module, "lbfgs_layer", timed("read", fit_module.lbfgs_layer, 0.1))
+    monkeypatch.setattr(fit_module, "fit_grid", timed("fit", fit_module.fit_grid, 0.3))
+    fit(load_config(cfg_path), devices=[torch.device("cpu"), torch.device("cpu")])
+    reads = sorted(spans["read"])
+    assert len(reads) == len(LAYERS) >= 2
+    assert all(a[1] <= b[0] for a, b in zip(reads, reads[1:])), reads  # one at a time
+    overlap = max(min(r1, f1) - max(r0, f0) for r0, r1 in reads for f0, f1 in spans["fit"])
+    assert overlap > 0.05, spans  # a layer is read while another fits
+
+
 # ---------------------------------------------------------------------------
 # exact fits beyond memory and across processes
 

@@ -1,7 +1,5 @@
 """``python -m needleprobe`` (also what ``torchrun -m needleprobe`` runs)."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

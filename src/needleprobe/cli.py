@@ -8,6 +8,7 @@ and writes, in the README's words.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from typing import Sequence
@@ -451,6 +452,7 @@ def _run_site(args, cfg, con, answers: dict[str, dict], problems: list[str]) -> 
     if args.command in ("fit", "train"):
         from .fit.fit import fit
 
+        _imports_done()
         fit(cfg, run=args.run, overwrite=args.overwrite)
     if args.command == "monitor":
         from .analysis.monitor import monitor
@@ -525,5 +527,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             one_malloc_arena(0)
 
 
+_PROGRAM = False
+"""True in the ``needleprobe`` program itself (:func:`entry`), False where another program calls :func:`main`."""
+
+
+def _imports_done() -> None:
+    """In the program, after a command's imports: what is alive now lives until exit, so the garbage collector
+    need not walk it again (``gc.freeze``).  Torch's module graph cost a fit ~0.2 s of collections, on both of
+    its threads' time (2 CPU cores); other programs calling :func:`main` keep their collector as it was."""
+    if _PROGRAM:
+        gc.freeze()
+
+
+def entry() -> None:
+    """The ``needleprobe`` program: :func:`main`, then exit without the ~0.4 s that tearing torch's objects down
+    one by one took (they die with the process; files are closed and the streams flushed by then)."""
+    global _PROGRAM
+    _PROGRAM = True
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
