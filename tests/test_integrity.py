@@ -153,6 +153,28 @@ def test_damaged_chunk_is_named_on_every_read_path(run, how, capsys):
     assert "1 of 50 chunks are damaged" in err
 
 
+def test_rows_read_from_the_chunk_files_are_zarrs_bytes(run, monkeypatch):
+    """Activations on a local disk are read straight from their chunk files: the bytes Zarr reads, for any rows."""
+    from needleprobe.cache import integrity
+
+    cfg_path, _, _ = run
+    train = open_cache(cfg_path).split("train")
+    rows = train.activations(1)
+    arr = rows.parts[0]
+    direct = []
+    real = integrity._read_chunk_files
+    monkeypatch.setattr(integrity, "_read_chunk_files", lambda *a: direct.append(a[1:3]) or real(*a))
+    n, c = arr.shape[0], arr.chunks[0]
+    assert n % c  # a padded edge chunk
+    zarrs = arr[:]  # Zarr's own reader
+    spans = [(0, n), (0, 1), (c - 1, c + 1), (c, 2 * c), (5, n - 3), (n - 1, n), (n - c // 2, n)]
+    for a, b in spans:
+        got = rows.read(a, b, out=np.empty((b - a, arr.shape[1]), arr.dtype))
+        assert got.tobytes() == zarrs[a:b].tobytes(), (a, b)
+    assert direct == spans
+    assert train.to_numpy(4).tobytes() == train.activations(4).parts[0][:].tobytes()
+
+
 def test_undamaged_cache_verifies(run, capsys):
     cfg_path, _, _ = run
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0

@@ -1,12 +1,15 @@
 """A cache's chunks: checksums, damage and its one-line messages, verification, and reading rows that names
 any damage (format 2 caches; format 1 caches have no checksums and read as before)."""
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.storage import LocalStore
 
 from ..errors import NeedleprobeError
 from .format import FIT_SPLITS
@@ -143,6 +146,9 @@ def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tu
     key = (slice(start, stop), *cols)
     if stop <= start:
         return arr[key]
+    if out is not None and not cols and _plain_chunk_files(arr, out):
+        _read_chunk_files(arr, start, stop, out)
+        return out
     c = arr.chunks[0]
     ks = range(start // c, (stop - 1) // c + 1)
     if check_stored and _must_be_stored(arr):
@@ -162,6 +168,51 @@ def read_rows(arr: zarr.Array, start: int = 0, stop: int | None = None, cols: tu
             if why:
                 raise CacheDamaged(damage_of(arr, k, why)) from None
         raise
+
+
+def _plain_chunk_files(arr: zarr.Array, out: np.ndarray) -> bool:
+    """Can ``out`` be read straight from the chunk files?  Yes for a cache's activations on a local disk: chunks of
+    whole rows, each file the rows' raw little-endian bytes and their crc32c (a format-2 cache), read as stored."""
+    codecs = getattr(arr.metadata, "codecs", ())
+    return (isinstance(arr.store, LocalStore) and len(codecs) == 2 and isinstance(codecs[0], BytesCodec)
+            and isinstance(codecs[1], Crc32cCodec) and sys.byteorder == "little"
+            and (codecs[0].endian is None or codecs[0].endian.value == "little")
+            and tuple(arr.chunks[1:]) == tuple(arr.shape[1:]) and out.dtype == arr.dtype and out.flags.c_contiguous)
+
+
+def _read_chunk_files(arr: zarr.Array, start: int, stop: int, out: np.ndarray) -> None:
+    """Rows [start, stop) into ``out``, each whole chunk read into place and its crc32c checked (what Zarr's codecs
+    do, found by Zarr's own chunk key).
+
+    Zarr's reader needs the GIL at every step of every chunk, so beside a busy thread it waits its turn again and
+    again: measured on 2 cores, 4 layers of 54,709 × 384 rows took 0.3 s alone and 5.0 s beside a Python loop
+    (0.11 s and 1.5 s this way), and ``fit`` reads a layer while another fits.  Damage is named as on Zarr's path.
+    """
+    import google_crc32c
+
+    c = arr.chunks[0]
+    root = Path(arr.store.root) / arr.path
+    spare = None
+    crc = np.empty(1, "<u4")
+    for k in range(start // c, (stop - 1) // c + 1):
+        a, b = _chunk_rows(arr, k)
+        lo, hi = max(a, start), min(b, stop)
+        whole = (lo, hi, b - a) == (a, b, c)  # the edge chunk's file is padded to a whole chunk
+        if not whole and spare is None:
+            spare = np.empty((c, *arr.shape[1:]), arr.dtype)
+        buf = out[lo - start : hi - start] if whole else spare
+        try:
+            with open(root / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1)), "rb", buffering=0) as f:
+                n = f.readinto(memoryview(buf).cast("B")) + f.readinto(memoryview(crc).cast("B"))
+                longer = bool(f.read(1))
+        except FileNotFoundError:
+            raise CacheDamaged(damage_of(arr, k, "chunk file missing")) from None
+        except OSError as e:
+            raise CacheDamaged(damage_of(arr, k, _reason(e))) from None
+        if n != buf.nbytes + 4 or longer or google_crc32c.value(buf.reshape(-1).view(np.uint8)) != int(crc[0]):
+            raise CacheDamaged(damage_of(arr, k, chunk_problem(arr, k) or "checksum mismatch"))
+        if not whole:
+            out[lo - start : hi - start] = spare[lo - a : hi - a]
 
 
 @dataclass

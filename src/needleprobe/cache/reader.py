@@ -42,6 +42,8 @@ class SplitView:
         arr = self.activations(layer)
         start, stop, _ = (rows or slice(None)).indices(arr.shape[0])
         out = np.empty((stop - start, arr.shape[1]), dtype=dtype)
+        if out.dtype == arr.dtype:  # stored as wanted: read into place
+            return arr.read(start, stop, out=out)
         step = arr.chunks[0] * 16
         for s in range(start, stop, step):
             e = min(stop, s + step)
