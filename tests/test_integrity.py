@@ -175,6 +175,33 @@ def test_rows_read_from_the_chunk_files_are_zarrs_bytes(run, monkeypatch):
     assert train.to_numpy(4).tobytes() == train.activations(4).parts[0][:].tobytes()
 
 
+def test_fit_has_the_disk_read_its_layers_ahead_as_far_as_the_budget_holds_them(run, monkeypatch):
+    """``fit`` asks the kernel to read every chunk file of the layers it will hold in memory (train and val), in fit
+    order, and stops at the first layer its memory budget cannot hold."""
+    from needleprobe.fit.fit import _read_ahead
+    from needleprobe.fit.plan import Budget, LayerShape
+
+    cfg_path, cache_dir, _ = run
+    hinted = []
+
+    def fadvise(fd, offset, length, advice):
+        assert (offset, length, advice) == (0, 0, os.POSIX_FADV_WILLNEED)
+        hinted.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    cfg = load_config(cfg_path)
+    cache = open_cache(cfg)
+    files = {layer: sorted(str(p.resolve()) for split in ("train", "val")
+                           for p in (cache_dir / split / f"layer_{layer}" / "c").rglob("*") if p.is_file())
+             for layer in LAYERS}
+    _read_ahead(cfg, cache, Budget(1 << 40, "test"))
+    assert sorted(hinted) == sorted(f for layer in LAYERS for f in files[layer]) and len(hinted) > 2 * len(LAYERS)
+    hinted.clear()
+    first = LayerShape.of(cache, LAYERS[0], len(set(cfg.probe.l2_grid))).in_memory_bytes()
+    _read_ahead(cfg, cache, Budget(first, "test"))  # room for the first layer only
+    assert sorted(hinted) == files[LAYERS[0]]
+
+
 def test_undamaged_cache_verifies(run, capsys):
     cfg_path, _, _ = run
     assert main(["inspect", "--config", str(cfg_path), "--verify"]) == 0

@@ -1,6 +1,7 @@
 """A cache's chunks: checksums, damage and its one-line messages, verification, and reading rows that names
 any damage (format 2 caches; format 1 caches have no checksums and read as before)."""
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,7 +192,6 @@ def _read_chunk_files(arr: zarr.Array, start: int, stop: int, out: np.ndarray) -
     import google_crc32c
 
     c = arr.chunks[0]
-    root = Path(arr.store.root) / arr.path
     spare = None
     crc = np.empty(1, "<u4")
     for k in range(start // c, (stop - 1) // c + 1):
@@ -202,7 +202,7 @@ def _read_chunk_files(arr: zarr.Array, start: int, stop: int, out: np.ndarray) -
             spare = np.empty((c, *arr.shape[1:]), arr.dtype)
         buf = out[lo - start : hi - start] if whole else spare
         try:
-            with open(root / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1)), "rb", buffering=0) as f:
+            with open(_chunk_file(arr, k), "rb", buffering=0) as f:
                 n = f.readinto(memoryview(buf).cast("B")) + f.readinto(memoryview(crc).cast("B"))
                 longer = bool(f.read(1))
         except FileNotFoundError:
@@ -213,6 +213,27 @@ def _read_chunk_files(arr: zarr.Array, start: int, stop: int, out: np.ndarray) -
             raise CacheDamaged(damage_of(arr, k, chunk_problem(arr, k) or "checksum mismatch"))
         if not whole:
             out[lo - start : hi - start] = spare[lo - a : hi - a]
+
+
+def _chunk_file(arr: zarr.Array, k: int) -> Path:
+    """Chunk ``k``'s file of an array on a local disk (named by Zarr's chunk key encoding)."""
+    return Path(arr.store.root) / arr.path / arr.metadata.encode_chunk_key((k,) + (0,) * (arr.ndim - 1))
+
+
+def read_ahead(arr: zarr.Array) -> None:
+    """Ask the kernel to start reading the array's chunk files (a local disk; elsewhere nothing): a read soon after
+    finds them in memory instead of waiting on the disk."""
+    if not isinstance(arr.store, LocalStore) or not hasattr(os, "posix_fadvise"):
+        return
+    for k in range(-(-arr.shape[0] // arr.chunks[0])):
+        try:
+            fd = os.open(_chunk_file(arr, k), os.O_RDONLY)
+        except OSError:
+            continue  # a missing chunk is named when it is read
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from ..config import Config, load_config
 from ..errors import NeedleprobeError
 from ..io.stores import as_path, is_url, open_group
 from .format import FAILURE_ATTR, cache_path, to_float32
-from .integrity import Verification, array_location, checksummed, read_rows, verify_chunks
+from .integrity import Verification, array_location, checksummed, read_ahead, read_rows, verify_chunks
 
 
 class SplitView:
@@ -186,6 +186,11 @@ class RowArray:
         if not got:
             return self.parts[0][0:0]
         return got[0] if len(got) == 1 else np.concatenate(got)
+
+    def read_ahead(self) -> None:
+        """Start the disk reading these rows' chunks in the background (``integrity.read_ahead``)."""
+        for part in self.parts:
+            read_ahead(part)
 
     def chunk_end(self, row: int) -> int:
         """The row after the stored chunk that holds ``row`` (a chunk never spans two parts)."""

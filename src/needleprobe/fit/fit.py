@@ -276,6 +276,9 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
         if not overwrite:
             _refuse_partial_run(layout, cfg, before)
         dist.barrier()  # every process checked the run directory before rank 0 writes into it
+        ahead = threading.Thread(target=_read_ahead, args=(cfg, cache, scale.budget), name="read-ahead", daemon=True)
+        if not dist.sharded:
+            ahead.start()
         with fit_settings(cpu=all(d.type == "cpu" for d in workers)):
             if len(workers) == 1:
                 for layer in sorted(cfg.probe.layers_to_probe):
@@ -287,6 +290,8 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
                     result.timings[f"layer_{layer}"] = round(time.perf_counter() - t0, 3)
             else:
                 _fit_parallel(cfg, cache, layout, grid, workers, result, scale.share(len(workers)))
+        if ahead.is_alive():
+            ahead.join()
         if not dist.primary:
             return result
         for key in sorted(set(before) - set(result.probes)):  # --overwrite: the run is this fit, whole
@@ -322,6 +327,19 @@ def _fit(cfg: Config, run: str | None, overwrite: bool, device: str | None, devi
         )
     _print_table(con, cfg, result)
     return result
+
+
+def _read_ahead(cfg: Config, cache: Cache, budget: Budget) -> None:
+    """Have the disk read the layers' rows in the background, in fit order and as far as the budget holds them in
+    memory: a layer fitted after the first then waits on memory, not on the disk (a cache read a while ago, or on a
+    slow disk; on this project's 2-core machine the kernel drops pages unused for a minute)."""
+    held = 0
+    for layer in sorted(cfg.probe.layers_to_probe):
+        held += LayerShape.of(cache, layer, len(set(cfg.probe.l2_grid))).in_memory_bytes()
+        if held > budget.bytes:
+            return
+        for split in ("train", "val"):
+            cache.split(split).activations(layer).read_ahead()
 
 
 def _fittable_cache(cfg: Config) -> Cache:
