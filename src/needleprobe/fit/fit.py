@@ -165,8 +165,8 @@ class FitScale:
     """layer → how it was fitted (``plan.SolverChoice.solver``; for the run record)"""
     reading: Any = field(default_factory=threading.Lock)
     """Held while a layer's rows are read into memory: layers fitted side by side read one at a time, so the
-    first starts fitting while the next is read (read together, both waited on the GIL, which Zarr's reader
-    holds for much of its work: 0.6-0.8 s before either started, against ~0.3 s per layer alone)."""
+    first starts fitting while the next is read (read together, through Zarr's reader, both waited on the GIL
+    and neither started for 0.6-0.8 s, against ~0.3 s for one layer alone)."""
 
     @property
     def primary(self) -> bool:
